@@ -1,0 +1,28 @@
+"""What pruning reports back: one LayerReport per pruned linear, one BlockReport per decoder block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class LayerReport:
+    name: str  # full module name, e.g. "model.layers.0.self_attn.q_proj"
+    sparsity: float  # fraction of exact zeros in the weight after pruning
+    seconds: float  # time spent choosing the mask and updating the weight (no forward passes)
+    error: float | None  # SparseGPT's summed OBS loss (the reference's `error`); None for the other methods
+    damping: float | None  # SparseGPT: damping actually used, as a fraction of mean(diag H); None otherwise
+
+
+@dataclass
+class BlockReport:
+    index: int  # position of the block in the decoder's ModuleList
+    seconds: float  # wall time for the whole block: forward passes, statistics and pruning
+    reconstruction_error: float  # ||out_dense - out_pruned||^2 / ||out_dense||^2 over all calibration tokens;
+    # NaN when no calibration forward pass was run (magnitude)
+
+
+def layer_report(name: str, weight, seconds: float, error: float | None = None, damping: float | None = None):
+    """A LayerReport for `weight` as it is now (counts its exact zeros)."""
+    zeros = int((weight == 0).sum())
+    return LayerReport(name, zeros / weight.numel(), seconds, error, damping)

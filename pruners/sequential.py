@@ -1,0 +1,492 @@
+"""The layer-by-layer driver (DESIGN.md, "The sequential driver"): prune any HF decoder one block at a time.
+
+1. Find the decoder blocks from the model itself: the ModuleList whose children are the class named in
+   `model._no_split_modules` (model.layers for LLaMA-likes, model.decoder.layers for OPT, ...).
+2. Capture what the model feeds every block, once per calibration batch: the hidden states entering block 0 and
+   every keyword argument (attention_mask, position_embeddings, position_ids, cache_position, ...), with forward
+   pre-hooks (with_kwargs=True). The capture runs with use_cache=False and never keeps a cache object. Blocks
+   other than the last are made pass-throughs during the capture, so it costs one embedding pass per batch,
+   and the pre-hook on the last block stops the forward with a private exception. Keyword arguments are
+   recorded for every block because hybrid models pass per-block values (Gemma2 and Qwen2 give sliding-window
+   blocks their own mask).
+3. For each block: move it to `device`; hook its target linears; run every calibration batch through the dense
+   block (statistics; its outputs are kept as the reference for the reconstruction error); prune; run the
+   batches again through the pruned block to make the next block's inputs; move it back; report.
+   With true_sequential, the block's linears are split into groups that consume the same input tensor, in the
+   order they run ([q,k,v] -> [o] -> [gate,up] -> [down]), and statistics are recollected after each group.
+Linears fed the very same input tensor share one set of statistics (q, k and v share one Hessian).
+Magnitude needs no forward pass at all.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from pruners import PRUNERS
+from pruners.masks import SparsityPattern
+from pruners.reports import BlockReport, LayerReport
+
+__all__ = [
+    "BlockReport",
+    "LayerReport",
+    "PrunerOptionError",
+    "UnsupportedModelError",
+    "find_decoder_blocks",
+    "prunable_linears",
+    "prune_model",
+]
+
+_CACHE_KEYS = frozenset({"cache", "past_key_value", "past_key_values", "layer_past"})
+
+
+class UnsupportedModelError(ValueError):
+    """The model's decoder blocks cannot be found (or its forward never reaches them)."""
+
+
+class PrunerOptionError(ValueError):
+    """An option of prune_model that cannot work: unknown method, missing calibration data, bad regex, ..."""
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass early (capture, true-sequential partial passes)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finding blocks and linears
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return (name, blocks): the ModuleList whose children are all of a class in `model._no_split_modules`.
+
+    With several such lists the longest one wins. Raises UnsupportedModelError when there is none.
+    """
+    wanted = set(getattr(model, "_no_split_modules", None) or ())
+    found = [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0
+        and all(type(child).__name__ in wanted for child in module)
+    ]
+    if not found:
+        declared = ", ".join(sorted(wanted)) if wanted else "<nothing: _no_split_modules is empty>"
+        raise UnsupportedModelError(
+            f"no decoder blocks found: {type(model).__name__} has no ModuleList of {declared} "
+            "(the decoder-layer class its _no_split_modules names); use a Hugging Face causal LM"
+        )
+    return max(found, key=lambda item: len(item[1]))
+
+
+def _compile(regex: str | None, option: str) -> re.Pattern | None:
+    if regex is None:
+        return None
+    try:
+        return re.compile(regex)
+    except re.error as error:
+        raise PrunerOptionError(f"{option} {regex!r} is not a valid regular expression ({error})") from None
+
+
+def prunable_linears(model: nn.Module, targets: str | None = None, ignore: str | None = None
+                     ) -> dict[str, nn.Linear]:
+    """Full module name -> nn.Linear for every linear inside the decoder blocks, in module order.
+
+    `targets` keeps only names matching it, `ignore` drops names matching it (re.search on the full name).
+    Embeddings and lm_head live outside the blocks, so they are never returned.
+    """
+    prefix, blocks = find_decoder_blocks(model)
+    keep, drop = _compile(targets, "--targets"), _compile(ignore, "--ignore")
+    found = {}
+    for index, block in enumerate(blocks):
+        for sub_name, module in block.named_modules():
+            name = f"{prefix}.{index}.{sub_name}"
+            if (isinstance(module, nn.Linear) and (keep is None or keep.search(name))
+                    and (drop is None or not drop.search(name))):
+                found[name] = module
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# capturing what the model passes to its blocks
+
+
+def _is_cache(value: Any) -> bool:
+    return any(cls.__name__.endswith("Cache") for cls in type(value).__mro__)
+
+
+class _ValuePool:
+    """Moves captured keyword values to the compute device once, reusing equal tensors across batches/blocks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._by_key: dict[str, list[torch.Tensor]] = {}
+        self._this_forward: dict[int, Any] = {}  # id -> interned value, valid while the forward holds them
+
+    def new_forward(self) -> None:
+        self._this_forward.clear()
+
+    def intern(self, key: str, value: Any) -> Any:
+        if id(value) in self._this_forward:
+            return self._this_forward[id(value)][1]
+        if isinstance(value, torch.Tensor):
+            result = self._intern_tensor(key, value)
+        elif isinstance(value, (tuple, list)):
+            result = type(value)(self.intern(key, item) for item in value)
+        elif isinstance(value, dict):
+            result = {k: self.intern(f"{key}.{k}", v) for k, v in value.items()}
+        else:
+            return value
+        self._this_forward[id(value)] = (value, result)  # keep `value` alive so its id stays unique
+        return result
+
+    def _intern_tensor(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        moved = value.detach().to(self.device)
+        seen = self._by_key.setdefault(key, [])
+        for known in seen[-4:]:
+            if known.shape == moved.shape and known.dtype == moved.dtype and torch.equal(known, moved):
+                return known
+        seen.append(moved)
+        return moved
+
+
+class _Captured:
+    """Block-0 inputs of every calibration sample and, per block and batch, the (args, kwargs) to replay."""
+
+    def __init__(self, hidden: torch.Tensor, calls: list[list[tuple[tuple, dict]]]) -> None:
+        self.hidden = hidden  # (nsamples, seqlen, hidden_size), on the activation device
+        self.calls = calls  # calls[block][batch] = (extra positional args, keyword args) on the compute device
+
+
+def _passthrough(*args: Any, **kwargs: Any) -> Any:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calibration_ids: torch.Tensor,
+                         batches: list[slice], device: torch.device,
+                         choose_storage: Callable[[torch.Size, torch.dtype], torch.device]) -> _Captured:
+    """Run the model on each batch of `calibration_ids` far enough to record what every block receives.
+
+    `choose_storage(shape, dtype)` picks the device that holds the captured hidden states.
+    """
+    last = len(blocks) - 1
+    pool = _ValuePool(device)
+    calls: list[list] = [[None] * len(batches) for _ in blocks]
+    state: dict[str, Any] = {"batch": 0, "hidden": None}
+
+    def make_hook(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            extra = tuple(pool.intern(f"arg{k}", value) for k, value in enumerate(args[1:]))
+            kept = {key: pool.intern(key, value) for key, value in kwargs.items()
+                    if key not in _CACHE_KEYS and not _is_cache(value)}
+            calls[index][state["batch"]] = (extra, kept)
+            if index == 0:
+                if state["hidden"] is None:
+                    shape = (calibration_ids.shape[0], *hidden.shape[1:])
+                    state["hidden"] = torch.empty(shape, dtype=hidden.dtype, device=choose_storage(shape, hidden.dtype))
+                state["hidden"][batches[state["batch"]]].copy_(hidden)
+            if index == last:
+                raise _StopForward
+        return hook
+
+    input_device = model.get_input_embeddings().weight.device
+    handles, saved_forwards = [], []
+    try:
+        for index, block in enumerate(blocks):
+            handles.append(block.register_forward_pre_hook(make_hook(index), with_kwargs=True))
+            if index < last:  # skip the block's work during the capture; its pre-hook has recorded everything
+                saved_forwards.append((block, block.__dict__.get("forward")))
+                block.forward = _passthrough
+        for batch_index, batch in enumerate(batches):
+            state["batch"] = batch_index
+            pool.new_forward()
+            try:
+                model(input_ids=calibration_ids[batch].to(input_device), use_cache=False)
+            except _StopForward:
+                continue
+            raise UnsupportedModelError(
+                f"{type(model).__name__}'s forward never reached its last decoder block; it cannot be pruned "
+                "block by block"
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block, forward in saved_forwards:
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+        pool.new_forward()
+    return _Captured(state["hidden"], calls)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running a block and observing its linears
+
+
+def _block_outputs(block: nn.Module, inputs: torch.Tensor, calls: list[tuple[tuple, dict]], batches: list[slice],
+                   device: torch.device, after_batch: Callable[[], None] | None = None
+                   ) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield (batch slice, block output on `device`) for every batch; a batch stopped by a hook yields nothing."""
+    for batch, (args, kwargs) in zip(batches, calls):
+        try:
+            out = block(inputs[batch].to(device), *args, **kwargs)
+        except _StopForward:
+            out = None
+        finally:
+            if after_batch is not None:
+                after_batch()
+        if out is None:
+            continue
+        yield batch, out[0] if isinstance(out, (tuple, list)) else out  # transformers < 5 return a tuple
+
+
+class _LinearObserver:
+    """Forward hooks on a block's target linears: feed `add_batch`, record call order and shared inputs.
+
+    Linears called one after another on the very same input tensor form a group and share the first one's
+    statistics (`owner`). Groups are numbered in call order; only owners in an `active` group collect.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], make_pruner: Callable[[str], Any],
+                 active: Callable[[int], bool] = lambda group: True, stop_after: str | None = None) -> None:
+        self.make_pruner = make_pruner
+        self.active = active
+        self.stop_after = stop_after
+        self.pruners: dict[str, Any] = {}
+        self.owner: dict[str, str] = {}  # name -> name of the linear whose statistics it uses
+        self.group: dict[str, int] = {}  # name -> group index, in call order
+        self._groups = 0
+        self._last_input: torch.Tensor | None = None
+        self._last_owner: str | None = None
+        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in linears.items()]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            inp = args[0]
+            shared = inp is self._last_input
+            owner = self._last_owner if shared else name
+            if name not in self.owner:
+                self.owner[name] = owner
+                self.group[name] = self.group[owner] if shared else self._new_group()
+            elif self.owner[name] != owner:
+                raise RuntimeError(f"{name} changed which linear it shares its input with between batches")
+            if not shared:
+                self._last_input, self._last_owner = inp, name
+            if owner == name and self.active(self.group[name]):
+                if name not in self.pruners:
+                    self.pruners[name] = self.make_pruner(name)
+                self.pruners[name].add_batch(inp)
+            if name == self.stop_after:
+                raise _StopForward
+        return hook
+
+    def _new_group(self) -> int:
+        self._groups += 1
+        return self._groups - 1
+
+    def end_batch(self) -> None:
+        self._last_input = self._last_owner = None
+
+    def groups(self) -> list[list[str]]:
+        """Names per group, groups and names in call order."""
+        ordered: list[list[str]] = [[] for _ in range(self._groups)]
+        for name, group in self.group.items():
+            ordered[group].append(name)
+        return ordered
+
+    def prune(self, names: list[str], pattern: SparsityPattern) -> list[LayerReport]:
+        """Prune `names` (owners first get their statistics shared with the rest of their group)."""
+        reports = []
+        for name in names:
+            if name not in self.pruners:
+                if name not in self.owner or self.owner[name] not in self.pruners:
+                    raise RuntimeError(f"no calibration input reached {name}")
+                self.pruners[name] = self.make_pruner(name)
+                self.pruners[name].share_statistics(self.pruners[self.owner[name]])
+        for name in names:
+            reports.append(self.pruners.pop(name).prune(pattern))
+        return reports
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.end_batch()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the driver
+
+
+def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: str, pattern: SparsityPattern, *,
+                targets: str | None = None, ignore: str | None = None, device: str | torch.device = "cpu",
+                true_sequential: bool = False, use_variant: bool = False, batch_size: int = 1,
+                on_block: Callable[[BlockReport], None] | None = None) -> list[LayerReport]:
+    """Prune every target linear of every decoder block of `model` in place, one block at a time.
+
+    calibration_ids: LongTensor (nsamples, seqlen); None is allowed for magnitude only (it is ignored there).
+    device: where each block is computed; the model stays on its original device. Calibration activations stay on
+    `device` when it is a GPU with room for them, otherwise on CPU.
+    batch_size: calibration samples per forward (1 reproduces the references' statistics order).
+    Returns one LayerReport per pruned linear, in block order and, within a block, the order they were pruned.
+    Raises PatternError, UnsupportedModelError, PrunerOptionError (all ValueError) on bad input before any
+    weight changes, and CholeskyError (RuntimeError) when SparseGPT fails.
+    """
+    if method not in PRUNERS:
+        raise PrunerOptionError(f"unknown pruning method {method!r}: use one of {', '.join(PRUNERS)}")
+    pruner_class = PRUNERS[method]
+    if use_variant and method != "wanda":
+        raise PrunerOptionError(f"use_variant is a wanda option; {method} has no variant")
+    if true_sequential and not pruner_class.needs_calibration:
+        raise PrunerOptionError(f"true_sequential needs calibration statistics; {method} uses none")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PrunerOptionError(f"batch_size {batch_size!r} is invalid: use an integer >= 1")
+    prefix, blocks = find_decoder_blocks(model)
+    linears = prunable_linears(model, targets, ignore)
+    if not linears:
+        raise PrunerOptionError(
+            f"no linear layer inside {prefix} matches targets={targets!r} ignore={ignore!r}: loosen the regexes"
+        )
+    for name, linear in linears.items():
+        pattern.check_width(linear.in_features, name)
+    per_block: list[dict[str, nn.Linear]] = [{} for _ in blocks]
+    for name, linear in linears.items():
+        per_block[int(name[len(prefix) + 1:].split(".", 1)[0])][name] = linear
+    device = torch.device(device)
+    options = {"use_variant": use_variant} if method == "wanda" else {}
+
+    def make_pruner(name: str) -> Any:
+        return pruner_class(linears[name], name, **options)
+
+    was_training = model.training
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    model.eval()
+    torch.backends.cuda.matmul.allow_tf32 = False  # the references keep TF32 off (spec §1.2)
+    try:
+        with torch.no_grad():  # not inference_mode: the weights must stay usable by autograd afterwards
+            if not pruner_class.needs_calibration:
+                return _prune_without_data(blocks, per_block, make_pruner, pattern, device, on_block)
+            _check_calibration(calibration_ids, method)
+            return _prune_with_data(model, blocks, per_block, make_pruner, pattern, device, calibration_ids,
+                                    batch_size, true_sequential, on_block)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        model.train(was_training)
+
+
+def _check_calibration(calibration_ids: Any, method: str) -> None:
+    if calibration_ids is None:
+        raise PrunerOptionError(f"{method} needs calibration data: pass token ids of shape (nsamples, seqlen)")
+    if (not isinstance(calibration_ids, torch.Tensor) or calibration_ids.dim() != 2
+            or calibration_ids.dtype not in (torch.int64, torch.int32) or calibration_ids.numel() == 0):
+        shape = tuple(calibration_ids.shape) if isinstance(calibration_ids, torch.Tensor) else type(calibration_ids)
+        raise PrunerOptionError(
+            f"calibration ids must be a non-empty integer tensor (nsamples, seqlen), got {shape}"
+        )
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _prune_without_data(blocks, per_block, make_pruner, pattern, device, on_block) -> list[LayerReport]:
+    reports = []
+    for index, block in enumerate(blocks):
+        if not per_block[index]:
+            continue
+        start = time.perf_counter()
+        home = _module_device(block)
+        block.to(device)
+        reports += [make_pruner(name).prune(pattern) for name in per_block[index]]
+        block.to(home)
+        if on_block is not None:
+            on_block(BlockReport(index, time.perf_counter() - start, math.nan))
+    return reports
+
+
+def _storage_chooser(device: torch.device, blocks: nn.ModuleList, per_block) -> Callable:
+    """Keep both activation buffers on a GPU `device` when they fit next to one block and its statistics."""
+
+    def choose(shape: torch.Size, dtype: torch.dtype) -> torch.device:
+        if device.type != "cuda":
+            return torch.device("cpu")
+        buffers = 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        block_bytes = max(sum(p.numel() * p.element_size() for p in block.parameters()) for block in blocks)
+        statistics = max((sum(4 * lin.in_features**2 for lin in linears.values()) for linears in per_block),
+                         default=0)
+        free = torch.cuda.mem_get_info(device)[0]
+        return device if buffers + block_bytes + 2 * statistics < 0.8 * free else torch.device("cpu")
+
+    return choose
+
+
+def _prune_with_data(model, blocks, per_block, make_pruner, pattern, device, calibration_ids, batch_size,
+                     true_sequential, on_block) -> list[LayerReport]:
+    nsamples = calibration_ids.shape[0]
+    batches = [slice(s, min(s + batch_size, nsamples)) for s in range(0, nsamples, batch_size)]
+    captured = capture_block_inputs(model, blocks, calibration_ids, batches, device,
+                                    _storage_chooser(device, blocks, per_block))
+    inputs, outputs = captured.hidden, torch.empty_like(captured.hidden)
+    last_pruned = max(i for i, linears in enumerate(per_block) if linears)
+    reports: list[LayerReport] = []
+    for index in range(last_pruned + 1):
+        start = time.perf_counter()
+        block, calls = blocks[index], captured.calls[index]
+        home = _module_device(block)
+        block.to(device)
+        if per_block[index]:
+            block_reports, error = _prune_block(block, per_block[index], make_pruner, pattern, inputs, outputs,
+                                                calls, batches, device, true_sequential)
+            reports += block_reports
+        else:  # nothing to prune here: just make the next block's inputs
+            for batch, out in _block_outputs(block, inputs, calls, batches, device):
+                outputs[batch].copy_(out)
+            error = 0.0
+        block.to(home)
+        inputs, outputs = outputs, inputs
+        if on_block is not None and per_block[index]:
+            on_block(BlockReport(index, time.perf_counter() - start, error))
+    return reports
+
+
+def _prune_block(block, linears, make_pruner, pattern, inputs, outputs, calls, batches, device, true_sequential
+                 ) -> tuple[list[LayerReport], float]:
+    """Prune one block (already on `device`); leave its pruned outputs in `outputs`; return reports and error."""
+    # dense pass: statistics (of the first group only, when true_sequential) and the dense outputs
+    first_group_only = (lambda group: group == 0) if true_sequential else (lambda group: True)
+    observer = _LinearObserver(linears, make_pruner, active=first_group_only)
+    try:
+        for batch, out in _block_outputs(block, inputs, calls, batches, device, observer.end_batch):
+            outputs[batch].copy_(out)
+    finally:
+        observer.remove()
+    groups = observer.groups()
+    never_called = [name for name in linears if name not in observer.owner]
+    if never_called:
+        raise RuntimeError(f"no calibration input reached {', '.join(never_called)}")
+    if not true_sequential:
+        reports = observer.prune([name for group in groups for name in group], pattern)
+    else:
+        reports = observer.prune(groups[0], pattern)
+        for group in groups[1:]:  # statistics again, from the block whose earlier groups are pruned
+            partial = _LinearObserver({name: linears[name] for name in group}, make_pruner, stop_after=group[-1])
+            try:
+                for _ in _block_outputs(block, inputs, calls, batches, device, partial.end_batch):
+                    pass
+            finally:
+                partial.remove()
+            reports += partial.prune(group, pattern)
+
+    # pruned pass: next block's inputs, and the relative reconstruction error against the dense outputs
+    squared_error, squared_norm = 0.0, 0.0
+    for batch, out in _block_outputs(block, inputs, calls, batches, device):
+        dense = outputs[batch].to(out.device).float()
+        squared_error += float((out.float() - dense).square().sum())
+        squared_norm += float(dense.square().sum())
+        outputs[batch].copy_(out)
+    return reports, squared_error / squared_norm if squared_norm > 0 else 0.0

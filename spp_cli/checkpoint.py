@@ -1,0 +1,248 @@
+"""Load and save HF checkpoint directories safely, and the spp.json manifest that travels with them.
+
+Saving is atomic: everything is written into a hidden staging directory next to the target and renamed into
+place only when complete, so a crash never leaves a directory that looks like a finished checkpoint. A
+directory is complete when it holds `spp.json` with a `manifest_sha256` (see `is_complete`).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from spp_cli.errors import BadInput
+from spp_cli.masks_hash import layer_record
+
+MANIFEST = "spp.json"
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN_MODELS = {"tiny-llama": ASSETS / "tiny-llama"}
+UNHASHED_KEYS = ("seconds", "created", "manifest_sha256")
+PARENT_FILES = ("generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def resolve_model_path(name: str) -> str:
+    """`builtin:NAME` -> the packaged directory; anything else unchanged."""
+    if name.startswith("builtin:"):
+        key = name.split(":", 1)[1]
+        if key not in BUILTIN_MODELS:
+            raise BadInput(f"unknown builtin model '{name}': use one of {', '.join('builtin:' + k for k in BUILTIN_MODELS)}")
+        if not (BUILTIN_MODELS[key] / "config.json").exists():
+            raise BadInput(f"builtin model '{name}' is missing from the package: reinstall spp (pip install -e .)")
+        return str(BUILTIN_MODELS[key])
+    return name
+
+
+def check_model_dir(path: Path, allow_pickle: bool) -> None:
+    """One clear line for the usual ways a local model directory is unusable."""
+    if not path.is_dir():
+        raise BadInput(f"model directory '{path}' does not exist: check the path (or give a hub id like org/name)")
+    if not (path / "config.json").is_file():
+        raise BadInput(f"'{path}' has no config.json: point at a directory written by save_pretrained")
+    has_safetensors = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin"))
+    if not has_safetensors and not has_pickle:
+        raise BadInput(f"'{path}' has a config but no weights (*.safetensors): copy the weight files there")
+    if not has_safetensors and not allow_pickle:
+        raise BadInput(f"'{path}' has only pickle .bin weights, which can run code when loaded: pass --allow-pickle if you trust them")
+    for weights in path.glob("*.safetensors"):
+        _check_safetensors(weights)
+
+
+def _check_safetensors(path: Path) -> None:
+    """A truncated or corrupt file fails here with one line instead of deep inside transformers."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_size)) if 0 < header_size < size else None
+    except (OSError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        raise BadInput(f"'{path}' is not a readable safetensors file: re-download or re-save it")
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if 8 + header_size + end > size:
+        raise BadInput(f"'{path}' is truncated ({size} bytes, needs {8 + header_size + end}): re-download or re-save it")
+
+
+def torch_dtype(name: str):
+    if name in (None, "auto"):
+        return "auto"
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise BadInput(f"unknown dtype '{name}': use auto, float32, bfloat16 or float16") from None
+
+
+def load_model(
+    path_or_id: str,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """(model, tokenizer) from a local directory, `builtin:NAME`, or a hub id. Only safetensors unless allowed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(path_or_id)
+    local = Path(path).exists() or path.startswith((".", "/")) or path.count("/") != 1
+    if local:
+        check_model_dir(Path(path), allow_pickle)
+    options = {"trust_remote_code": trust_remote_code}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype(dtype), use_safetensors=None if allow_pickle else True, **options
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, **options)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BadInput(f"could not load model '{path_or_id}': {first_line}") from None
+    model.eval()
+    model.spp_stored_dtype = stored_dtype(path, model)
+    return model.to(device), tokenizer
+
+
+def stored_dtype(path: str, model) -> torch.dtype:
+    """The dtype the checkpoint is stored in (what a stage saves back), whatever dtype it computes in."""
+    config_file = Path(path) / "config.json"
+    name = None
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        name = config.get("dtype") or config.get("torch_dtype")
+    stored = getattr(torch, name, None) if isinstance(name, str) else None
+    return stored if isinstance(stored, torch.dtype) else next(model.parameters()).dtype
+
+
+def read_manifest(model_dir: str | Path) -> dict | None:
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise BadInput(f"'{path}' is not valid JSON: restore it or rerun the stage with --overwrite") from None
+
+
+def is_complete(directory: str | Path) -> bool:
+    manifest = read_manifest(directory) if Path(directory).is_dir() else None
+    return bool(manifest and manifest.get("manifest_sha256"))
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """sha256 of the manifest's content: `seconds`, `created`, the hash itself and the parent's *location* are
+    left out, so identical runs give identical hashes wherever they are written."""
+    content = {key: value for key, value in manifest.items() if key not in UNHASHED_KEYS}
+    if isinstance(content.get("parent"), dict):
+        content["parent"] = {key: value for key, value in content["parent"].items() if key != "path"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def layers_record(model, names: list[str]) -> dict[str, dict]:
+    modules = dict(model.named_modules())
+    return {name: layer_record(modules[name].weight) for name in names}
+
+
+def overall_sparsity(layers: dict[str, dict]) -> float:
+    total = sum(record["shape"][0] * record["shape"][1] for record in layers.values())
+    zeros = sum(record["sparsity"] * record["shape"][0] * record["shape"][1] for record in layers.values())
+    return round(zeros / total, 6) if total else 0.0
+
+
+def parent_record(parent: str, parent_manifest: dict | None) -> dict:
+    revision = None
+    if not Path(parent).exists() and parent.count("/") == 1:
+        revision = _hub_revision(parent)
+    return {
+        "path": str(Path(parent).resolve()) if Path(parent).exists() else parent,
+        "revision": revision,
+        "manifest_sha256": parent_manifest.get("manifest_sha256") if parent_manifest else None,
+    }
+
+
+def _hub_revision(repo_id: str) -> str | None:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        for repo in scan_cache_dir().repos:
+            if repo.repo_id == repo_id:
+                return max(repo.revisions, key=lambda revision: revision.last_modified).commit_hash
+    except Exception:  # the cache is optional provenance, never a reason to fail a stage
+        return None
+    return None
+
+
+def finish_manifest(manifest: dict, seconds: float) -> dict:
+    """Add `manifest_sha256`, `seconds` and `created` to a manifest whose content is final."""
+    manifest = dict(manifest)
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
+    manifest["seconds"] = round(seconds, 2)
+    manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return manifest
+
+
+def staging_dir(out_dir: Path, purpose: str = "saving") -> Path:
+    """A hidden sibling of `out_dir`, on the same filesystem so the final rename is atomic."""
+    return out_dir.parent / f".{out_dir.name}.{purpose}-{os.getpid()}"
+
+
+def publish(staging: Path, out_dir: Path) -> None:
+    """Move a finished staging directory into place, replacing an old output only after the new one is whole."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def parent_shard_size(parent_dir: Path | None) -> str:
+    """Keep the parent's shard layout: shards no larger than the parent's largest shard."""
+    if parent_dir is None or not parent_dir.is_dir():
+        return "5GB"
+    sizes = [path.stat().st_size for path in parent_dir.glob("*.safetensors")]
+    if len(sizes) <= 1:
+        return "1000GB"
+    return f"{max(sizes) // 1_000_000 + 1}MB"
+
+
+def save_checkpoint(
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    manifest: dict,
+    *,
+    parent_dir: str | Path | None = None,
+    started: float | None = None,
+    extra_dirs: dict[str, Path] | None = None,
+) -> dict:
+    """Write model + tokenizer + spp.json atomically to `out_dir`; return the finished manifest.
+
+    `extra_dirs` maps a subdirectory name (e.g. "adapter") to an existing directory to move in with it.
+    """
+    out_dir = Path(out_dir)
+    parent_dir = Path(parent_dir) if parent_dir else None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir(out_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging, max_shard_size=parent_shard_size(parent_dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for name in PARENT_FILES:
+            if parent_dir is not None and (parent_dir / name).is_file() and not (staging / name).exists():
+                shutil.copy2(parent_dir / name, staging / name)
+        for name, source in (extra_dirs or {}).items():
+            shutil.copytree(source, staging / name)
+        finished = finish_manifest(manifest, time.time() - started if started else 0.0)
+        (staging / MANIFEST).write_text(json.dumps(finished, indent=2) + "\n", encoding="utf-8")
+        publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return finished

@@ -1,0 +1,306 @@
+"""The `spp` command line: parse, call the library, print. Heavy imports live inside the commands so that
+`spp --help` answers at once; every failure becomes one line on stderr and an exit code (DESIGN.md)."""
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from spp_cli.errors import SppError
+
+app = typer.Typer(
+    name="spp",
+    help="Prune a Hugging Face causal LM one-shot, recover it with SPP (sparsity-preserving PEFT), evaluate it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class OutputFormat(str, Enum):
+    human = "human"
+    json = "json"
+
+
+class Method(str, Enum):
+    magnitude = "magnitude"
+    wanda = "wanda"
+    sparsegpt = "sparsegpt"
+
+
+class TuneMethod(str, Enum):
+    spp = "spp"
+    lora = "lora"
+
+
+FormatOption = Annotated[OutputFormat, typer.Option("--format", help="human tables, or JSON for scripts.")]
+TrustOption = Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own Python code (off: only trusted architectures).")]
+PickleOption = Annotated[bool, typer.Option("--allow-pickle", help="Also read pickle .bin weights, which can run code when loaded (off: safetensors only).")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output made with other options.")]
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(file=sys.stderr if stderr else sys.stdout, highlight=False, soft_wrap=True)
+
+
+def _emit(result, output_format: OutputFormat, render) -> None:
+    if output_format == OutputFormat.json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        render(_console(), result)
+
+
+@app.callback(invoke_without_command=True)
+def root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)] = False,
+) -> None:
+    if version:
+        from spp_cli.environment import package_version
+
+        typer.echo(f"spp {package_version('spp')}")
+        raise typer.Exit()
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "    spp prune builtin:tiny-llama --method wanda --sparsity 0.5 --calib builtin:python-docs --out runs/w50\n\n"
+    "    spp prune meta-llama/Llama-2-7b-hf --method sparsegpt --pattern 2:4 --seqlen 4096 --out llama2-7b-2of4\n\n"
+    "    spp prune ./my-model --method magnitude --sparsity 0.7 --ignore 'down_proj' --out my-model-mag70",
+)
+def prune(
+    model: Annotated[str, typer.Argument(help="Hub id, local HF directory, or builtin:tiny-llama.")],
+    method: Annotated[Method, typer.Option("--method", help="Pruning algorithm.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (written atomically).")],
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help="Fraction of zeros in (0, 1); N/M for N:M.")] = None,
+    pattern: Annotated[str, typer.Option("--pattern", help="unstructured, or N:M (N zeros in every M inputs: 2:4, 4:8).")] = "unstructured",
+    calib: Annotated[str, typer.Option("--calib", help="Calibration SOURCE: c4 (online), a .jsonl/.json/.txt file, builtin:python-docs.")] = "c4",
+    nsamples: Annotated[int, typer.Option("--nsamples", help="Calibration windows.")] = 128,
+    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per window [default: min(2048, max positions)].")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration sampling.")] = 0,
+    targets: Annotated[str | None, typer.Option("--targets", help="Regex: prune only the linears whose name matches.")] = None,
+    ignore: Annotated[str | None, typer.Option("--ignore", help="Regex: skip the linears whose name matches.")] = None,
+    use_variant: Annotated[bool, typer.Option("--use-variant", help="Wanda: the paper's cumulative-metric variant.")] = False,
+    true_sequential: Annotated[bool, typer.Option("--true-sequential", help="SparseGPT: re-collect statistics after each group of sub-layers.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    overwrite: OverwriteOption = False,
+    trust_remote_code: TrustOption = False,
+    allow_pickle: PickleOption = False,
+    output_format: FormatOption = OutputFormat.human,
+) -> None:
+    """Prune a model one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M) into an HF checkpoint + spp.json."""
+    from spp_cli.prune_stage import prune as run_prune
+    from spp_cli.render import block_progress, render_prune
+
+    manifest = run_prune(
+        model, out, method=method.value, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples,
+        seqlen=seqlen, seed=seed, targets=targets, ignore=ignore, use_variant=use_variant,
+        true_sequential=true_sequential, device=device, dtype=dtype, overwrite=overwrite,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, on_block=block_progress(_console(stderr=True)),
+    )
+    _emit(manifest, output_format, lambda console, result: render_prune(console, result, out))
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "    spp finetune runs/w50 --data builtin:python-docs --max-steps 100 --batch-size 16 --micro-batch-size 8 --seqlen 256 --out runs/w50-spp\n\n"
+    "    spp finetune llama2-7b-2of4 --data alpaca-gpt4 --out llama2-7b-2of4-spp\n\n"
+    "    accelerate launch --config_file recipes/launch/ddp.yaml -m spp_cli finetune llama2-7b-2of4 --data alpaca-gpt4 --out out/",
+)
+def finetune(
+    model_dir: Annotated[str, typer.Argument(help="A pruned model directory (with spp.json).")],
+    data: Annotated[str, typer.Option("--data", help="Training SOURCE: alpaca/chat/text .json(l), alpaca-gpt4 (online), builtin:python-docs.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory: merged model + adapter/ + spp.json.")],
+    method: Annotated[TuneMethod, typer.Option("--method", help="spp keeps every zero; lora is the dense baseline.")] = TuneMethod.spp,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps (overrides --epochs).")] = None,
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data.")] = 3.0,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (SPP's default 4e-3).")] = 4e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch = micro x accumulation x GPUs.")] = 128,
+    micro_batch_size: Annotated[int, typer.Option("--micro-batch-size", help="Per-device batch.")] = 8,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per example (cutoff).")] = 512,
+    seed: Annotated[int, typer.Option("--seed")] = 42,
+    groups: Annotated[int, typer.Option("--groups", help="SPP row groups G (alpha has shape G x in).")] = 16,
+    dropout: Annotated[float, typer.Option("--dropout", help="Dropout on the SPP branch input; 0 allows --forward fused.")] = 0.05,
+    forward: Annotated[str, typer.Option("--forward", help="SPP forward: auto (fastest exact), naive, grouped, fused (needs --dropout 0).")] = "auto",
+    mask_prompt: Annotated[bool, typer.Option("--mask-prompt", help="No loss on prompt tokens.")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing")] = False,
+    val_size: Annotated[int | None, typer.Option("--val-size", help="Held-out examples [default: min(2000, 5%)].")] = None,
+    no_merge: Annotated[bool, typer.Option("--no-merge", help="Keep only the adapter; merge later with spp merge.")] = False,
+    report_to: Annotated[str, typer.Option("--report-to", help="none, tensorboard or wandb.")] = "none",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    overwrite: OverwriteOption = False,
+    trust_remote_code: TrustOption = False,
+    allow_pickle: PickleOption = False,
+    output_format: FormatOption = OutputFormat.human,
+) -> None:
+    """Fine-tune a pruned model with SPP (or LoRA) and merge: the merged model keeps exactly the same zeros."""
+    from spp_cli.finetune_stage import finetune as run_finetune
+    from spp_cli.render import render_finetune
+
+    manifest = run_finetune(
+        model_dir, out, data=data, method=method.value, max_steps=max_steps, epochs=epochs, lr=lr,
+        batch_size=batch_size, micro_batch_size=micro_batch_size, seqlen=seqlen, seed=seed, groups=groups,
+        dropout=dropout, forward=forward, mask_prompt=mask_prompt, gradient_checkpointing=gradient_checkpointing,
+        val_size=val_size, no_merge=no_merge, report_to=report_to, device=device, dtype=dtype,
+        overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        console=_console(stderr=True),
+    )
+    _emit(manifest, output_format, lambda console, result: render_finetune(console, result, out))
+
+
+@app.command(epilog="Example:\n\n    spp finetune runs/w50 --data d.jsonl --no-merge --out runs/w50-spp && spp merge runs/w50-spp/adapter --out runs/w50-merged")
+def merge(
+    adapter_dir: Annotated[str, typer.Argument(help="An SPP adapter directory (adapter_config.json).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for the merged model.")],
+    overwrite: OverwriteOption = False,
+    allow_pickle: PickleOption = False,
+    output_format: FormatOption = OutputFormat.human,
+) -> None:
+    """Merge a --no-merge SPP adapter into its base model, with the same zero checks as finetune."""
+    from spp_cli.finetune_stage import merge_adapter
+    from spp_cli.render import render_finetune
+
+    manifest = merge_adapter(adapter_dir, out, overwrite=overwrite, allow_pickle=allow_pickle)
+    _emit(manifest, output_format, lambda console, result: render_finetune(console, result, out))
+
+
+@app.command(
+    "eval",
+    epilog="Examples:\n\n"
+    "    spp eval runs/w50 --tasks wikitext2,boolq --data-dir ../shared/data --limit 100 --out results.json\n\n"
+    "    spp eval builtin:tiny-llama runs/w50 --tasks ppl:builtin:python-docs:test --seqlen 256 --out r.json\n\n"
+    "    spp eval meta-llama/Llama-2-7b-hf --tasks wikitext2,boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa --seqlen 4096 --out r.json",
+)
+def eval_command(
+    models: Annotated[list[str], typer.Argument(help="One or more model directories, hub ids or builtin:NAME.")],
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: wikitext2, c4, ppl:SOURCE, lm-eval task names.")],
+    out: Annotated[Path, typer.Option("--out", help="results.json to write.")],
+    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Perplexity window [default: min(2048, max positions)].")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="At most N examples per zero-shot task.")] = None,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="Run the tasks from local files laid out like shared/data.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward.")] = 1,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    trust_remote_code: TrustOption = False,
+    allow_pickle: PickleOption = False,
+    output_format: FormatOption = OutputFormat.human,
+) -> None:
+    """Evaluate models: the papers' token perplexity and lm-eval zero-shot tasks, online or from --data-dir."""
+    from spp_cli.eval_stage import evaluate_models
+    from spp_cli.render import render_eval
+
+    results = evaluate_models(
+        {name: name for name in models}, [t.strip() for t in tasks.split(",") if t.strip()], out,
+        seqlen=seqlen, limit=limit, data_dir=data_dir, batch_size=batch_size, device=device, dtype=dtype,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+    )
+    _emit(results, output_format, render_eval)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "    spp run recipes/quickstart.yaml\n\n"
+    "    spp run recipes/llama2-7b-wanda.yaml stages.prune.sparsity=0.6 output_dir=runs/w60\n\n"
+    "    spp run recipes/quickstart.yaml --dry-run",
+)
+def run(
+    recipe: Annotated[Path, typer.Argument(help="A recipe YAML file.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value or stages.NAME.KEY=value overrides.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and validate only; load no model.")] = False,
+    overwrite: OverwriteOption = False,
+    output_format: FormatOption = OutputFormat.human,
+) -> None:
+    """Run a recipe's stages in order; a finished stage with the same options is skipped, a broken one resumed."""
+    from spp_cli.pipeline import run_recipe
+    from spp_cli.render import render_run
+
+    summary = run_recipe(recipe, overrides or [], dry_run=dry_run, overwrite=overwrite, console=_console(stderr=True))
+    _emit(summary, output_format, render_run)
+
+
+@app.command(epilog="Examples:\n\n    spp verify runs/quickstart/finetune --against runs/quickstart/prune\n\n    spp verify runs/w50")
+def verify(
+    directory: Annotated[Path, typer.Argument(help="A model directory with spp.json.")],
+    against: Annotated[Path | None, typer.Option("--against", help="Parent directory whose zeros must all survive.")] = None,
+    output_format: FormatOption = OutputFormat.human,
+) -> None:
+    """Check the declared pattern and that no zero was lost (exit 1 lists the layers; extra zeros are counted)."""
+    from spp_cli.render import render_verify
+    from spp_cli.verify import verify_checkpoint
+
+    report = verify_checkpoint(directory, against)
+    _emit(report, output_format, render_verify)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command(epilog="Example:\n\n    spp report runs/quickstart")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A `spp run` output directory.")],
+    output_format: FormatOption = OutputFormat.human,
+) -> None:
+    """Write report.md and PNG plots (metrics per stage, per-layer sparsity, fine-tune loss) for a run."""
+    from spp_cli.report import write_report
+
+    result = write_report(run_dir)
+    _emit(result, output_format, lambda console, r: console.print(f"report written: {r['report']}"))
+
+
+@app.command(epilog="Example:\n\n    spp env --format json")
+def env(output_format: FormatOption = OutputFormat.human) -> None:
+    """Versions, devices and cache locations."""
+    from spp_cli.environment import environment_report
+
+    result = environment_report()
+    _emit(result, output_format, lambda console, r: console.print_json(data=r))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; errors become one line on stderr (DESIGN.md exit codes)."""
+    command = typer.main.get_command(app)
+    debug = os.environ.get("SPP_DEBUG") == "1"
+    try:
+        result = command.main(args=argv, prog_name="spp", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as exit_:
+        return exit_.exit_code
+    except click.UsageError as error:
+        where = f"spp {error.ctx.info_name}" if error.ctx and error.ctx.info_name != "spp" else "spp"
+        sys.stderr.write(f"spp: error: {_one_line(error.format_message())} (see '{where} --help')\n")
+        return 2
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        sys.stderr.write("spp: interrupted: rerun the same command to resume\n")
+        return 130
+    except SppError as error:
+        if debug:
+            raise
+        sys.stderr.write(f"spp: error: {_one_line(error)}\n")
+        return error.exit_code
+    except Exception as error:
+        if debug:
+            raise
+        if "out of memory" in str(error).lower():
+            sys.stderr.write(f"spp: error: out of memory ({_one_line(error)[:200]}): use a smaller batch or seqlen\n")
+            return 3
+        sys.stderr.write(f"spp: error: {type(error).__name__}: {_one_line(error)[:300]} (rerun with SPP_DEBUG=1 for the traceback)\n")
+        return 3
+
+
+def main() -> None:
+    sys.exit(run_cli(sys.argv[1:]))

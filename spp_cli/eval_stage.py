@@ -1,0 +1,114 @@
+"""The eval stage: evaluate one or more models and write results.json (DESIGN.md layout).
+
+One model gives one results object; several give one object each under "models". Models are evaluated one
+after another so that only one is in memory at a time.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+from spp_cli import checkpoint
+from spp_cli.environment import resolve_device, versions
+from spp_cli.errors import BadInput
+from spp_cli.outputs import existing_output, fingerprint
+
+
+def _manifest_sha(path: str) -> str:
+    """What identifies a model for the eval fingerprint: its manifest hash, else its name."""
+    resolved = checkpoint.resolve_model_path(path)
+    manifest = checkpoint.read_manifest(resolved) if Path(resolved).is_dir() else None
+    return (manifest or {}).get("manifest_sha256") or path
+
+
+def model_summary(path: str, manifest: dict | None) -> dict:
+    manifest = manifest or {}
+    return {
+        "path": path,
+        "stage": manifest.get("stage", "dense"),
+        "method": manifest.get("method"),
+        "pattern": manifest.get("pattern"),
+        "sparsity": manifest.get("overall_sparsity"),
+        "dense": manifest.get("dense", not manifest),
+        "manifest_sha256": manifest.get("manifest_sha256"),
+    }
+
+
+def results_entries(results: dict) -> dict:
+    """name -> results object, whether the file holds one model or several."""
+    if "models" in results:
+        return results["models"]
+    name = Path(results.get("model", {}).get("path") or "model").name
+    return {name: results}
+
+
+def write_json_atomic(path: Path, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    temporary.write_text(json.dumps(content, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def evaluate_models(
+    models: dict[str, str],
+    tasks: list[str],
+    out: str | Path,
+    *,
+    seqlen: int | None = None,
+    limit: int | None = None,
+    data_dir: str | None = None,
+    batch_size: int = 1,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    skip_if_done: bool = False,
+    overwrite: bool = True,
+) -> dict:
+    """Evaluate every model (name -> path) on `tasks`; write `out` (results.json) and return
+    {"models": {name: results object}, "notes": [...]}."""
+    from spp_cli.evaluate import evaluate, validate_tasks
+
+    if not tasks:
+        raise BadInput("no tasks given: use --tasks wikitext2,boolq,... (or ppl:SOURCE)")
+    if batch_size < 1:
+        raise BadInput(f"batch size {batch_size} is invalid: use at least 1")
+    if limit is not None and limit < 1:
+        raise BadInput(f"limit {limit} is invalid: use at least 1 example per task")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise BadInput(f"--data-dir '{data_dir}' is not a directory: point it at a folder laid out like shared/data")
+    validate_tasks(tasks, data_dir=data_dir)
+    out = Path(out)
+    config = {"tasks": tasks, "seqlen": seqlen, "limit": limit, "data_dir": data_dir, "batch_size": batch_size,
+              "dtype": dtype}
+    parents = {name: _manifest_sha(path) for name, path in models.items()}
+    stage_fingerprint = fingerprint(config, json.dumps(parents, sort_keys=True))
+    if skip_if_done and out.is_file():
+        stored = json.loads(out.read_text(encoding="utf-8"))
+        if existing_output(out, stage_fingerprint, overwrite, stored=stored):
+            return {"models": results_entries(stored), "notes": stored.get("notes", []), "out": str(out), "skipped": True}
+    compute_device = resolve_device(device)
+    entries, notes = {}, []
+    for name, path in models.items():
+        started = time.time()
+        model, tokenizer = checkpoint.load_model(
+            path, dtype=dtype, device=compute_device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        )
+        resolved = checkpoint.resolve_model_path(path)
+        manifest = checkpoint.read_manifest(resolved) if Path(resolved).is_dir() else None
+        result = evaluate(
+            model, tokenizer, tasks, seqlen=seqlen, limit=limit, data_dir=data_dir, batch_size=batch_size,
+            device=compute_device,
+        )
+        result["model"] = model_summary(path, manifest)
+        result["config"] = config
+        result["versions"] = versions()
+        result["seconds"] = round(time.time() - started, 2)
+        entries[name] = result
+        notes += [note for note in result.get("notes", []) if note not in notes]
+        del model
+    content = entries[next(iter(entries))] if len(entries) == 1 else {"models": entries, "config": config}
+    content = {**content, "fingerprint": stage_fingerprint}
+    write_json_atomic(out, content)
+    return {"models": entries, "notes": notes, "out": str(out)}

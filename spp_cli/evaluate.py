@@ -1,0 +1,176 @@
+"""`spp eval` for one in-memory model: paper-protocol token perplexity plus lm-eval zero-shot tasks.
+
+Task names (DESIGN.md): `wikitext2` and `c4` are the papers' token perplexity (spp_cli/perplexity.py),
+`ppl:SOURCE` token perplexity on any spp data source, and every other name is an lm-eval task run through its
+Python API (spp_cli/zeroshot.py). With `data_dir`, wikitext2 and the eight tasks of zeroshot.BUNDLE_TASKS read
+local files laid out like shared/data, so an air-gapped machine evaluates without the Hub.
+
+The result is one model's object of results.json (DESIGN.md):
+    {"results": {task: {"alias", "acc,none", "acc_stderr,none", "acc_norm,none", ...}},   # lm-eval's layout
+     "perplexity": {task: {"value", "protocol", "seqlen", "windows", "tokens", "source"}},
+     "mean_acc_7": float | None, "n-samples": {task: {"original", "effective"}},
+     "task_versions": {task: version}, "sources": {task: where its data came from}, "notes": [str]}
+The caller adds "model", "config" and "versions" and writes the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import torch
+
+from spp_cli.errors import BadInput
+from spp_cli.perplexity import check_available, perplexity_stream, token_perplexity
+from spp_cli.zeroshot import BUNDLE_TASKS, lm_eval_task_names, mean_acc_7, render_bundle_task, run_zeroshot
+
+PERPLEXITY_TASKS = ("wikitext2", "c4")
+DEFAULT_SEQLEN = 2048
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: list[str],
+    *,
+    seqlen: int | None = None,
+    limit: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    batch_size: int = 1,
+    device=None,
+) -> dict:
+    """Evaluate `model` on `tasks`; returns one results object (module docstring).
+
+    seqlen: perplexity window, default min(2048, max_position_embeddings); printed with every number.
+    limit: first N examples per zero-shot task and first N windows per perplexity task (quick runs; a note
+        says the numbers are not the full protocol).
+    batch_size: windows (perplexity) or requests (lm-eval) per forward pass.
+    device: None keeps the model where it is; "auto", "cpu", "cuda[:i]" move it there (in place).
+    All task names and local files are checked before any model work (BadInput).
+    """
+    perplexity_tasks, zeroshot_tasks = validate_tasks(tasks, data_dir=data_dir)
+    if limit is not None and limit < 1:
+        raise BadInput(f"--limit {limit} is invalid: use a positive number of examples per task")
+    if batch_size < 1:
+        raise BadInput(f"--batch-size {batch_size} is invalid: use 1 or more")
+    seqlen = resolve_seqlen(model.config, seqlen)
+    if device is not None:
+        model.to(resolve_device(device))
+
+    result = {"results": {}, "perplexity": {}, "mean_acc_7": None, "n-samples": {}, "task_versions": {},
+              "sources": {}, "notes": []}
+    for task in perplexity_tasks:
+        stream, source = perplexity_stream(task, tokenizer, seqlen, data_dir)
+        result["perplexity"][task] = token_perplexity(model, stream, seqlen, batch_size, max_windows=limit)
+        result["perplexity"][task]["source"] = source
+        if limit is not None:
+            result["perplexity"][task]["limit"] = limit
+    if zeroshot_tasks:
+        zeroshot = run_zeroshot(model, tokenizer, zeroshot_tasks, data_dir=data_dir, limit=limit,
+                                batch_size=batch_size)
+        for key in ("results", "n-samples", "task_versions", "sources"):
+            result[key] |= zeroshot[key]
+        result["notes"] += zeroshot["notes"]
+        result["mean_acc_7"] = mean_acc_7(result["results"])
+    if limit is not None:
+        result["notes"].append(
+            f"limit {limit}: only the first {limit} examples (zero-shot) or windows (perplexity) per task were "
+            "scored; not comparable with full-protocol numbers"
+        )
+    return result
+
+
+def validate_tasks(tasks: list[str], *, data_dir: str | os.PathLike | None = None) -> tuple[list[str], list[str]]:
+    """Check task names and local files without a model: returns (perplexity tasks, zero-shot tasks).
+
+    BadInput for an unknown name (close names suggested), a missing data file under `data_dir`, or a Hub-only
+    perplexity task while offline without `data_dir`. Callers run it before loading any model.
+    """
+    perplexity_tasks, zeroshot_tasks = resolve_tasks(tasks)
+    check_data(perplexity_tasks, zeroshot_tasks, data_dir)
+    return perplexity_tasks, zeroshot_tasks
+
+
+def resolve_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
+    """Split task names into (perplexity, zero-shot), in order, duplicates dropped.
+
+    Raises BadInput for an empty list or an unknown name, suggesting close names (spp's and lm-eval's).
+    """
+    if not tasks:
+        raise BadInput("no tasks given: pass e.g. --tasks wikitext2,boolq")
+    perplexity, zeroshot = [], []
+    for task in dict.fromkeys(name.strip() for name in tasks):
+        if task in PERPLEXITY_TASKS or task.startswith("ppl:"):
+            if task == "ppl:":
+                raise BadInput("task ppl: needs a source: use ppl:SOURCE, e.g. ppl:builtin:python-docs:test")
+            perplexity.append(task)
+        elif task in BUNDLE_TASKS or task in lm_eval_task_names():
+            zeroshot.append(task)
+        else:
+            raise BadInput(_unknown_task_message(task))
+    return perplexity, zeroshot
+
+
+def _unknown_task_message(task: str) -> str:
+    spp_names = [*PERPLEXITY_TASKS, "ppl:SOURCE", *BUNDLE_TASKS]
+    close = difflib.get_close_matches(task, [*spp_names, *lm_eval_task_names()], n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return (
+        f"unknown task '{task}': {hint}(tasks: wikitext2, c4, ppl:SOURCE, or an lm-eval task name such as "
+        f"{', '.join(BUNDLE_TASKS)})"
+    )
+
+
+def check_data(perplexity_tasks: list[str], zeroshot_tasks: list[str], data_dir) -> None:
+    """Fail fast (BadInput) on local files that are missing, before any model work."""
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise BadInput(f"--data-dir {data_dir} is not a directory: point it at a directory laid out like shared/data")
+    for task in zeroshot_tasks:
+        if data_dir is not None and task in BUNDLE_TASKS:
+            render_bundle_task(task, data_dir)
+    for task in perplexity_tasks:
+        check_available(task, data_dir)
+
+
+def max_positions(config) -> int | None:
+    """The model's position limit (max_position_embeddings, n_positions or n_ctx), or None if it has none."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_seqlen(config, seqlen: int | None) -> int:
+    """seqlen, default min(2048, the model's position limit); BadInput beyond that limit or below 2."""
+    limit = max_positions(config)
+    if seqlen is None:
+        return min(DEFAULT_SEQLEN, limit) if limit else DEFAULT_SEQLEN
+    if seqlen < 2:
+        raise BadInput(f"--seqlen {seqlen} is too small: use at least 2")
+    if limit is not None and seqlen > limit:
+        raise BadInput(f"--seqlen {seqlen} exceeds the model's {limit} positions: use --seqlen {limit} or less")
+    return seqlen
+
+
+def resolve_device(device) -> torch.device:
+    """"auto" -> cuda if available else cpu; anything torch.device accepts otherwise (BadInput if not)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BadInput(f"--device {device} is not a device: use auto, cpu or cuda[:i]") from None
+
+
+def format_metric_label(task: str, seqlen: int | None = None) -> str:
+    """The console label of a task's headline number, protocol and seqlen included.
+
+    "wikitext2" -> "wikitext2 token ppl @2048"; "wikitext" -> "wikitext word ppl (lm-eval)"; "boolq" -> "boolq acc".
+    """
+    if task in PERPLEXITY_TASKS or task.startswith("ppl:"):
+        return f"{task} token ppl @{seqlen}"
+    if task == "wikitext":
+        return "wikitext word ppl (lm-eval)"
+    return f"{task} acc"

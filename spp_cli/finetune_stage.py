@@ -1,0 +1,265 @@
+"""The finetune stage: SPP (or the LoRA baseline) on a pruned model, merge, check every zero, save.
+
+Output layout (DESIGN.md): OUT/ is the merged HF model + spp.json, OUT/adapter/ the adapter. With --no-merge,
+OUT/ holds only adapter/ and spp.json; `spp merge` makes the model later with the same checks. Trainer
+checkpoints live in a hidden work directory beside OUT until the stage completes, so rerunning the same
+command resumes from the last one.
+"""
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from spp_cli import checkpoint
+from spp_cli.environment import resolve_device, versions
+from spp_cli.errors import BadInput, CheckFailed
+from spp_cli.masks_hash import zeros_sha256
+from spp_cli.outputs import check_output_path, existing_output, fingerprint
+
+
+def work_dir_for(out: Path) -> Path:
+    """Stable (not per-process) so that a rerun finds the previous run's Trainer checkpoints."""
+    return out.parent / f".{out.name}.partial"
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _compute_dtype(dtype: str, device: str) -> str:
+    """fp32 on CPU; the checkpoint's dtype elsewhere (autocast handles bf16/fp16 on GPUs)."""
+    if dtype == "auto" and device == "cpu":
+        return "float32"
+    return dtype
+
+
+def finetune(
+    model_dir: str,
+    out: str | Path,
+    *,
+    data: str,
+    method: str = "spp",
+    max_steps: int | None = None,
+    epochs: float = 3.0,
+    lr: float = 4e-3,
+    batch_size: int = 128,
+    micro_batch_size: int = 8,
+    seqlen: int = 512,
+    seed: int = 42,
+    groups: int = 16,
+    dropout: float = 0.05,
+    forward: str = "auto",
+    mask_prompt: bool = False,
+    gradient_checkpointing: bool = False,
+    val_size: int | None = None,
+    weight_decay: float = 0.001,
+    warmup_ratio: float = 0.03,
+    no_merge: bool = False,
+    report_to: str = "none",
+    save_steps: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    console=None,
+) -> dict:
+    """Fine-tune `model_dir` on `data` into `out`; returns the manifest. Skips a finished identical output."""
+    from spp_cli.data import read_records
+    from spp_cli.finetune import FinetuneConfig, run_finetune
+    from spp_cli.spp import SPPConfig, default_targets
+
+    started = time.time()
+    out = Path(out)
+    if method not in ("spp", "lora"):
+        raise BadInput(f"unknown fine-tuning method '{method}': use spp or lora")
+    model_path = checkpoint.resolve_model_path(model_dir)
+    parent_manifest = checkpoint.read_manifest(model_path) if Path(model_path).is_dir() else None
+    options = {
+        "data": data, "method": method, "max_steps": max_steps, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+        "micro_batch_size": micro_batch_size, "seqlen": seqlen, "seed": seed, "groups": groups, "dropout": dropout,
+        "forward": forward, "mask_prompt": mask_prompt, "gradient_checkpointing": gradient_checkpointing,
+        "val_size": val_size, "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "no_merge": no_merge,
+        "dtype": dtype,
+    }
+    spp_config = SPPConfig(groups=groups, dropout=dropout, forward=forward)
+    spp_config.validate()
+    train_config = FinetuneConfig(
+        method=method, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
+        micro_batch_size=micro_batch_size, seqlen=seqlen, seed=seed, groups=groups, dropout=dropout, forward=forward,
+        mask_prompt=mask_prompt, gradient_checkpointing=gradient_checkpointing, val_size=val_size,
+        weight_decay=weight_decay, warmup_ratio=warmup_ratio, report_to=report_to, device=resolve_device(device), save_steps=save_steps,
+    )
+    stage_fingerprint = fingerprint(options, parent_manifest.get("manifest_sha256") if parent_manifest else model_dir)
+    check_output_path(out, [model_path])
+    if existing_output(out, stage_fingerprint, overwrite):
+        return {**checkpoint.read_manifest(out), "skipped": True}
+    records = read_records(data)
+
+    compute_device = resolve_device(device)
+    model, tokenizer = checkpoint.load_model(
+        model_dir, dtype=_compute_dtype(dtype, compute_device), trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )
+    if parent_manifest is None and console is not None:
+        console.print(f"warning: '{model_dir}' has no spp.json: its current zeros define the mask to keep")
+    targets = default_targets(model, parent_manifest)
+    spp_config.target_modules = targets
+    modules = dict(model.named_modules())
+    parent_zeros = {name: zeros_sha256(modules[name].weight) for name in targets}
+
+    work_dir = work_dir_for(out)
+    if overwrite and work_dir.exists() and not (work_dir / "fingerprint").exists():
+        shutil.rmtree(work_dir)
+    _claim_work_dir(work_dir, stage_fingerprint)
+    result = run_finetune(model, tokenizer, records, train_config, work_dir, target_names=targets)
+    if not is_main_process():
+        return {}  # rank 0 merges, checks and saves on the full weights
+
+    trained = result.model
+    adapter_dir = work_dir / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    if method == "spp":
+        from spp_cli.spp import merge_spp, save_spp_adapter
+
+        save_spp_adapter(
+            trained, adapter_dir, spp_config, base_path=str(Path(model_path).resolve()),
+            base_manifest_sha256=parent_manifest.get("manifest_sha256") if parent_manifest else None,
+        )
+    else:
+        trained.save_pretrained(adapter_dir)
+    training = {
+        "steps": result.steps, "loss_curve": result.loss_curve, "eval_loss": result.eval_loss,
+        "train_seconds": round(result.seconds, 2), "examples": result.examples,
+    }
+    manifest = {
+        "stage": "finetune",
+        "parent": checkpoint.parent_record(model_path, parent_manifest),
+        "method": method,
+        "pattern": (parent_manifest or {}).get("pattern"),
+        "target_sparsity": (parent_manifest or {}).get("target_sparsity"),
+        "dense": method == "lora",
+        "merged": not no_merge,
+        "adapter": asdict(spp_config) if method == "spp" else {"peft_type": "LORA", "r": 8, "lora_alpha": 16},
+        "training": training,
+        "config": options,
+        "fingerprint": stage_fingerprint,
+        "versions": versions(),
+    }
+    if no_merge:
+        manifest["layers"] = {}
+        manifest = _save_adapter_only(out, adapter_dir, manifest, started)
+    else:
+        if method == "spp":
+            merge_spp(trained)
+        else:
+            trained = trained.merge_and_unload()
+        model_out = trained.to(model.spp_stored_dtype)
+        layers = checkpoint.layers_record(model_out, targets)
+        if method == "spp":
+            check_zeros_kept(model_out, layers, parent_zeros, model_path)
+        manifest["layers"] = layers
+        manifest["overall_sparsity"] = checkpoint.overall_sparsity(layers)
+        manifest = checkpoint.save_checkpoint(
+            model_out, tokenizer, out, manifest, parent_dir=model_path, started=started,
+            extra_dirs={"adapter": adapter_dir},
+        )
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return manifest
+
+
+def _claim_work_dir(work_dir: Path, stage_fingerprint: str) -> None:
+    """Reuse a work dir only for the same stage (resume); a different run's leftovers are cleared."""
+    marker = work_dir / "fingerprint"
+    if work_dir.exists() and (not marker.exists() or marker.read_text() != stage_fingerprint):
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(stage_fingerprint)
+
+
+def check_zeros_kept(model, layers: dict[str, dict], parent_zeros: dict[str, str], parent_dir: str) -> None:
+    """Every zero of the parent must still be zero (CheckFailed, exit 1, otherwise). Extra zeros are allowed:
+    an fp16 underflow of W·(1 + s·M) can add some, never remove one."""
+    changed = [name for name, record in layers.items() if record["zeros_sha256"] != parent_zeros[name]]
+    if not changed:
+        return
+    from spp_cli.verify import open_weights
+
+    # the hashes differ: count lost zeros exactly against the parent's stored weights
+    handles = open_weights(Path(parent_dir))
+    modules = dict(model.named_modules())
+    lost = []
+    for name in changed:
+        parent = handles[f"{name}.weight"].get_tensor(f"{name}.weight")
+        if bool(((parent == 0) & (modules[name].weight.detach().cpu() != 0)).any()):
+            lost.append(name)
+    if lost:
+        raise CheckFailed(f"the merge lost zeros in {len(lost)} layers ({', '.join(lost[:3])}...): not saved")
+
+
+def _save_adapter_only(out: Path, adapter_dir: Path, manifest: dict, started: float) -> dict:
+    import json
+
+    staging = checkpoint.staging_dir(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(adapter_dir, staging / "adapter")
+    finished = checkpoint.finish_manifest(manifest, time.time() - started)
+    (staging / checkpoint.MANIFEST).write_text(json.dumps(finished, indent=2) + "\n")
+    checkpoint.publish(staging, out)
+    return finished
+
+
+def merge_adapter(adapter_dir: str | Path, out: str | Path, *, overwrite: bool = False, allow_pickle: bool = False) -> dict:
+    """`spp merge`: load the adapter's base, check its masks, merge, check the zeros, save."""
+    from spp_cli.spp import load_spp_adapter, merge_spp, read_adapter_config
+
+    started = time.time()
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    if (adapter_dir / "adapter").is_dir() and not (adapter_dir / "adapter_config.json").exists():
+        adapter_dir = adapter_dir / "adapter"
+    config = read_adapter_config(adapter_dir)
+    base = config.get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise BadInput(f"the adapter's base model '{base}' is not a directory here: move it back or re-run finetune")
+    stage_manifest = checkpoint.read_manifest(adapter_dir.parent) or {}
+    parent_manifest = checkpoint.read_manifest(base)
+    options = {"adapter": str(adapter_dir.resolve())}
+    stage_fingerprint = fingerprint(options, config.get("base_manifest_sha256"))
+    check_output_path(out, [base, adapter_dir])
+    if existing_output(out, stage_fingerprint, overwrite):
+        return {**checkpoint.read_manifest(out), "skipped": True}
+    model, tokenizer = checkpoint.load_model(base, dtype="float32", allow_pickle=allow_pickle)
+    modules = dict(model.named_modules())
+    spp_config = load_spp_adapter(model, adapter_dir)
+    targets = list(spp_config.target_modules)
+    parent_zeros = {name: zeros_sha256(modules[name].weight) for name in targets}
+    merge_spp(model)
+    model.to(model.spp_stored_dtype)
+    layers = checkpoint.layers_record(model, targets)
+    check_zeros_kept(model, layers, parent_zeros, base)
+    manifest = {
+        "stage": "merge",
+        "parent": checkpoint.parent_record(base, parent_manifest),
+        "method": "spp",
+        "pattern": (parent_manifest or {}).get("pattern"),
+        "target_sparsity": (parent_manifest or {}).get("target_sparsity"),
+        "dense": False,
+        "merged": True,
+        "adapter": asdict(spp_config),
+        "training": stage_manifest.get("training"),
+        "layers": layers,
+        "overall_sparsity": checkpoint.overall_sparsity(layers),
+        "config": options,
+        "fingerprint": stage_fingerprint,
+        "versions": versions(),
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        adapter_copy = Path(scratch) / "adapter"
+        shutil.copytree(adapter_dir, adapter_copy)
+        return checkpoint.save_checkpoint(
+            model, tokenizer, out, manifest, parent_dir=base, started=started, extra_dirs={"adapter": adapter_copy}
+        )
+

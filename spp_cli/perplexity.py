@@ -1,0 +1,209 @@
+"""Token perplexity as the pruning papers measure it (spec/pruners.md §3; SparseGPT and Wanda).
+
+The text is tokenized ONCE into one stream [1, L] (so one BOS at the very start), cut into
+nsamples = L // seqlen non-overlapping windows (the tail is dropped), and each window is scored on its own,
+with no context from the previous one:
+
+    nll_i = CrossEntropy(logits_i[:-1], window_i[1:]).mean() * seqlen      (seqlen - 1 targets per window)
+    ppl   = exp(sum_i nll_i / (nsamples * seqlen))
+
+This is *token* perplexity over a concatenated stream. lm-eval's `wikitext` task reports *word* perplexity
+per document instead; the two are not comparable (spec/ecosystem.md §3), so every number carries its protocol
+and seqlen ("wikitext2 token ppl @2048").
+
+Streams: `wikitext2` (WikiText-2 raw test rows joined with "\\n\\n"), `c4` (SparseGPT's C4 validation protocol:
+the first 1100 documents of en/c4-validation.00000-of-00008.json.gz joined with " ", truncated to 256 * seqlen
+tokens) and `ppl:SOURCE` (any spp data source, documents joined with "\\n\\n").
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from spp_cli.errors import BadInput
+
+PROTOCOL = "token, non-overlapping windows"
+
+WIKITEXT2_FILE = "wikitext-2-raw-v1/test.jsonl"
+WIKITEXT2_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+C4_SHARD = "en/c4-validation.00000-of-00008.json.gz"
+C4_FILE = "c4/c4-validation.00000-of-00008.json.gz"
+C4_DOCUMENTS = 1100
+C4_WINDOWS = 256
+# task -> (file under --data-dir, what it is)
+_LOCAL_FILES = {
+    "wikitext2": (WIKITEXT2_FILE, 'WikiText-2 raw test, one {"text"} row per line'),
+    "c4": (C4_FILE, f"the allenai/c4 shard {C4_SHARD}"),
+}
+
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def is_offline() -> bool:
+    """True when the Hugging Face offline switches are set (then nothing is downloaded)."""
+    return any(os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"} for name in _OFFLINE_VARIABLES)
+
+
+@torch.inference_mode()
+def token_perplexity(
+    model: torch.nn.Module,
+    stream: torch.LongTensor,
+    seqlen: int,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+) -> dict:
+    """Perplexity of `model` on `stream` [1, L] in non-overlapping windows of `seqlen` tokens.
+
+    Windows are scored `batch_size` at a time on the model's device; every window is independent (no padding,
+    no attention across windows), so the result does not depend on `batch_size` beyond fp32 round-off. The
+    cross-entropy is computed in fp32 whatever the model dtype, and the sum over windows in float64.
+    `max_windows` scores only the first windows (a quick run, not the paper protocol). Puts the model in eval
+    mode. Returns {"value", "windows", "seqlen", "protocol", "tokens"} where `tokens` is L, the stream length
+    before the tail (L mod seqlen tokens) is dropped.
+    """
+    if stream.dim() != 2 or stream.shape[0] != 1:
+        raise ValueError(f"stream must have shape [1, L], got {list(stream.shape)}")
+    if seqlen < 2:
+        raise BadInput(f"seqlen {seqlen} is too small: use at least 2 tokens per window")
+    if batch_size < 1:
+        raise BadInput(f"batch size {batch_size} is invalid: use 1 or more windows per forward")
+    total_tokens = stream.shape[1]
+    nsamples = total_tokens // seqlen
+    if nsamples == 0:
+        raise BadInput(
+            f"the text has {total_tokens} tokens, fewer than one window of seqlen {seqlen}: "
+            "use more text or a smaller --seqlen"
+        )
+    if max_windows is not None:
+        nsamples = min(nsamples, max_windows)
+    windows = stream[0, : nsamples * seqlen].view(nsamples, seqlen)  # [nsamples, seqlen]
+
+    model.eval()
+    device = next(model.parameters()).device
+    nll_sum = 0.0  # Python float = float64: sum_i nll_i
+    for start in range(0, nsamples, batch_size):
+        batch = windows[start : start + batch_size].to(device)  # [b, seqlen]
+        logits = model(input_ids=batch, use_cache=False).logits  # [b, seqlen, vocab]
+        for row in range(batch.shape[0]):
+            # mean CE over the seqlen-1 shifted targets of one window, then * seqlen as the reference does
+            loss = F.cross_entropy(logits[row, :-1].float(), batch[row, 1:])
+            nll_sum += loss.double().item() * seqlen
+        del logits
+    value = math.exp(nll_sum / (nsamples * seqlen))
+    return {"value": value, "windows": nsamples, "seqlen": seqlen, "protocol": PROTOCOL, "tokens": total_tokens}
+
+
+def tokenize_once(tokenizer, text: str) -> torch.LongTensor:
+    """The whole text in ONE tokenizer call -> [1, L] (BOS only at the start, if the tokenizer adds one)."""
+    return tokenizer(text, return_tensors="pt", verbose=False).input_ids
+
+
+def check_available(task: str, data_dir: str | os.PathLike | None) -> None:
+    """BadInput now if `wikitext2`/`c4` cannot be read: the local file is missing, or offline without data_dir."""
+    if task in _LOCAL_FILES:
+        if data_dir is not None:
+            _local_file(task, data_dir)
+        elif is_offline():
+            raise BadInput(
+                f"{task} needs its data from the Hub, but Hugging Face offline mode is set: "
+                f"pass --data-dir DIR with DIR/{_LOCAL_FILES[task][0]}"
+            )
+
+
+def wikitext2_text(data_dir: str | os.PathLike | None) -> tuple[str, str]:
+    """WikiText-2 raw test rows joined with "\\n\\n" (the exact string GPTQ/SparseGPT/Wanda tokenize), and its source.
+
+    From DATA_DIR/wikitext-2-raw-v1/test.jsonl (rows {"text"}) when `data_dir` is given, else from the Hub.
+    """
+    if data_dir is not None:
+        path = _local_file("wikitext2", data_dir)
+        return "\n\n".join(_read_jsonl_texts(path)), str(path)
+    check_available("wikitext2", None)
+    name, config, split = WIKITEXT2_HUB
+    rows = _load_hub_texts("wikitext2", name, config, split=split)
+    return "\n\n".join(rows), f"hf:{name}/{config}:{split}"
+
+
+def c4_stream(tokenizer, seqlen: int, data_dir: str | os.PathLike | None) -> tuple[torch.LongTensor, str]:
+    """SparseGPT's C4 validation stream: first 1100 documents joined with " ", truncated to 256 * seqlen tokens.
+
+    From DATA_DIR/c4/c4-validation.00000-of-00008.json.gz when `data_dir` is given, else allenai/c4 online.
+    """
+    if data_dir is not None:
+        path = _local_file("c4", data_dir)
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            texts = []
+            for line in handle:
+                texts.append(json.loads(line)["text"])
+                if len(texts) == C4_DOCUMENTS:
+                    break
+        source = str(path)
+    else:
+        check_available("c4", None)
+        dataset = _load_hub_texts("c4", "allenai/c4", None, data_files={"validation": C4_SHARD}, split="validation")
+        texts, source = dataset[:C4_DOCUMENTS], f"hf:allenai/c4/{C4_SHARD}"
+    stream = tokenize_once(tokenizer, " ".join(texts))[:, : C4_WINDOWS * seqlen]
+    return stream, source
+
+
+def source_text(source: str) -> str:
+    """Documents of any spp data source (spp_cli.data.read_texts), joined with "\\n\\n"."""
+    from spp_cli.data import read_texts
+
+    return "\n\n".join(read_texts(source))
+
+
+def perplexity_stream(task: str, tokenizer, seqlen: int, data_dir=None) -> tuple[torch.LongTensor, str]:
+    """The token stream [1, L] for a perplexity task (`wikitext2`, `c4`, `ppl:SOURCE`) and where it came from."""
+    if task == "wikitext2":
+        text, source = wikitext2_text(data_dir)
+    elif task == "c4":
+        return c4_stream(tokenizer, seqlen, data_dir)
+    elif task.startswith("ppl:"):
+        source = task[len("ppl:") :]
+        text = source_text(source)
+    else:
+        raise ValueError(f"not a perplexity task: {task}")
+    return tokenize_once(tokenizer, text), source
+
+
+def _read_jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise BadInput(f"{path} line {number}: expected a JSON object with \"text\" ({error})") from None
+    return texts
+
+
+def _local_file(task: str, data_dir: str | os.PathLike) -> Path:
+    relative, what = _LOCAL_FILES[task]
+    path = Path(data_dir) / relative
+    if not path.is_file():
+        raise BadInput(
+            f"{task} needs {path} ({what}), which is missing: put it there or point --data-dir at a directory "
+            "laid out like shared/data"
+        )
+    return path
+
+
+def _load_hub_texts(task: str, name: str, config: str | None, **kwargs) -> list[str]:
+    """The "text" column of a Hub dataset, or BadInput saying how to run offline."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, **kwargs)["text"]
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise BadInput(
+            f"{task}: could not load {name} ({reason}): pass --data-dir DIR with DIR/{_LOCAL_FILES[task][0]}"
+        ) from None

@@ -1,0 +1,110 @@
+"""`spp run`: the recipe's stages in order, each into <output_dir>/<stage name>/.
+
+Each stage is the same library call as its CLI command, so a finished stage with the same options and parent
+is skipped, an interrupted one resumes, and a changed one is rerun; a changed stage changes its manifest, so
+every later stage (whose fingerprint includes its parent's manifest) is rerun too.
+"""
+
+import json
+import time
+from pathlib import Path
+
+from spp_cli.errors import BadInput
+from spp_cli.recipe import EvalStage, FinetuneStage, PruneStage, Recipe, dump_resolved, load_recipe
+
+RESULTS = "results.json"
+
+
+def stage_output(recipe: Recipe, stage) -> Path:
+    directory = Path(recipe.output_dir) / stage.name
+    return directory / RESULTS if isinstance(stage, EvalStage) else directory
+
+
+def model_path(recipe: Recipe, reference: str) -> str:
+    """A stage's model reference -> what to load: dense is the recipe's model, a stage name its output."""
+    if reference == "dense":
+        return recipe.model
+    if reference in recipe.stage_names:
+        return str(Path(recipe.output_dir) / reference)
+    return reference
+
+
+def owned_by_spp(directory: Path) -> bool:
+    """A stage folder spp wrote before: replacing it when the recipe changed is the point of `spp run`."""
+    return (directory / "spp.json").exists() or (directory / RESULTS).exists() or not directory.exists()
+
+
+def run_stage(recipe: Recipe, stage, overwrite: bool, console) -> dict:
+    from spp_cli.eval_stage import evaluate_models
+    from spp_cli.finetune_stage import finetune
+    from spp_cli.prune_stage import prune
+    from spp_cli.render import block_progress
+
+    directory = Path(recipe.output_dir) / stage.name
+    replace = overwrite or owned_by_spp(directory)
+    common = {"dtype": stage.dtype, "device": stage.device, "trust_remote_code": recipe.trust_remote_code,
+              "allow_pickle": recipe.allow_pickle}
+    if isinstance(stage, PruneStage):
+        return prune(
+            model_path(recipe, stage.input), directory, method=stage.method, sparsity=stage.sparsity,
+            pattern=stage.pattern, calib=stage.calib, nsamples=stage.nsamples, seqlen=stage.seqlen, seed=stage.seed,
+            targets=stage.targets, ignore=stage.ignore, use_variant=stage.use_variant,
+            true_sequential=stage.true_sequential, overwrite=replace, on_block=block_progress(console), **common,
+        )
+    if isinstance(stage, FinetuneStage):
+        return finetune(
+            model_path(recipe, stage.input), directory, data=stage.data, method=stage.method,
+            max_steps=stage.max_steps, epochs=stage.epochs, lr=stage.lr, batch_size=stage.batch_size,
+            micro_batch_size=stage.micro_batch_size, seqlen=stage.seqlen, seed=stage.seed, groups=stage.groups,
+            dropout=stage.dropout, forward=stage.forward, mask_prompt=stage.mask_prompt,
+            gradient_checkpointing=stage.gradient_checkpointing, val_size=stage.val_size, no_merge=stage.no_merge,
+            weight_decay=stage.weight_decay, warmup_ratio=stage.warmup_ratio, report_to=stage.report_to,
+            save_steps=stage.save_steps, overwrite=replace, console=console, **common,
+        )
+    models = {name: model_path(recipe, name) for name in stage.models}
+    return evaluate_models(
+        models, stage.tasks, directory / RESULTS, seqlen=stage.seqlen, limit=stage.limit, data_dir=stage.data_dir,
+        batch_size=stage.batch_size, skip_if_done=True, overwrite=replace, **common,
+    )
+
+
+def run_recipe(recipe_file: str | Path, overrides: list[str], *, dry_run: bool = False, overwrite: bool = False,
+               console=None) -> dict:
+    """Run (or with dry_run only validate) a recipe; returns a summary of every stage and the last evaluation."""
+    recipe = load_recipe(recipe_file, overrides)
+    summary = {"recipe": str(recipe_file), "output_dir": recipe.output_dir, "dry_run": dry_run, "stages": []}
+    if dry_run:
+        summary["stages"] = [
+            {"name": s.name, "type": s.TYPE, "output": str(stage_output(recipe, s)), "options": s.options()}
+            for s in recipe.stages
+        ]
+        return summary
+    output_dir = Path(recipe.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stage in recipe.stages:
+        if console is not None:
+            console.print(f"stage {stage.name} ({stage.TYPE}) ...")
+        started = time.time()
+        result = run_stage(recipe, stage, overwrite, console)
+        seconds = time.time() - started
+        output = stage_output(recipe, stage)
+        skipped = bool(result.get("skipped"))
+        (output.parent if output.suffix else output).mkdir(parents=True, exist_ok=True)
+        (output.parent if output.suffix else output).joinpath("recipe.yaml").write_text(dump_resolved(recipe, stage))
+        summary["stages"].append({
+            "name": stage.name, "type": stage.TYPE, "output": str(output), "skipped": skipped,
+            "seconds": round(result.get("seconds", seconds) if skipped else seconds, 2),
+        })
+        if isinstance(stage, EvalStage):
+            summary["evaluation"] = result["models"]
+    for stage_summary in summary["stages"]:
+        if stage_summary["name"] in (summary.get("evaluation") or {}):
+            summary["evaluation"][stage_summary["name"]].setdefault("stage_seconds", stage_summary["seconds"])
+    (output_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    try:
+        from spp_cli.report import write_report
+
+        summary["report"] = write_report(output_dir)["report"]
+    except BadInput as error:
+        summary["report_error"] = str(error)
+    return summary

@@ -1,0 +1,804 @@
+"""Recipes: the YAML file `spp run` executes (DESIGN.md, Recipe).
+
+A recipe names a model, an output folder and a list of typed stages (prune, finetune, eval). This module reads it
+with a YAML loader that avoids YAML 1.1's traps, applies `key.path=value` overrides, checks every key against the
+schema tables below (errors are one line naming the key path and what is allowed), fills in defaults, stage
+references and absolute paths, and computes the fingerprint `spp run` uses to skip unchanged stages.
+Pure Python (no torch), so `spp run --dry-run` answers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, NoReturn
+
+import yaml
+
+from spp_cli.errors import BadInput
+
+# ---------------------------------------------------------------------------------------------- YAML loading
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 scalars, because YAML 1.1's surprise people:
+
+    - no sexagesimal numbers: a bare `2:4` is the string "2:4", not the integer 124;
+    - `4e-3` and `1e5` are floats (YAML 1.1 wants a dot: `4.0e-3`), not strings;
+    - only true/false are booleans: yes/no/on/off stay strings (bool keys accept them);
+    - 010 is the integer 10, not octal 8;
+    - a key written twice in one mapping is an error, not "the last one wins".
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        self.flatten_mapping(node)
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys are left to SafeLoader's own error
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_REPLACED_TAGS = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+RecipeLoader.add_implicit_resolver(  # decimal (010 is ten, not YAML 1.1's octal eight), 0x.., 0o.., 0b..; no 2:4
+    "tag:yaml.org,2002:int",
+    re.compile(r"^[-+]?(?:0b[01_]+|0o[0-7_]+|0x[0-9a-fA-F_]+|[0-9][0-9_]*)$"),
+    list("-+0123456789"),
+)
+RecipeLoader.add_implicit_resolver(  # a dot or an exponent makes a float: 0.5, .5, 4e-3, 1E5, .inf, .nan
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _construct_int(loader: RecipeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    return int(text, 0) if text.lstrip("+-")[:2].lower() in ("0b", "0o", "0x") else int(text)
+
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> Python objects with RecipeLoader; a syntax error is BadInput naming `source` and the line."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader)  # RecipeLoader is a SafeLoader
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        where = f"{source} line {mark.line + 1}" if mark is not None else source
+        problem = getattr(error, "problem", None) or getattr(error, "context", None) or "invalid syntax"
+        problem = " ".join(str(problem).split())
+        fix = "write each key once" if "duplicate key" in problem else "check the indentation and quoting"
+        raise BadInput(f"{where}: could not parse YAML ({problem}); {fix}") from None
+
+
+# ---------------------------------------------------------------------------------------------- the schema
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DATASET_NAMES = ("c4", "wikitext2", "alpaca", "alpaca-gpt4")  # online dataset names, never paths
+_PATH_SUFFIXES = (".json", ".jsonl", ".txt", ".yaml", ".yml")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+Fail = Callable[..., NoReturn]  # fail(message, key) raises BadInput naming the key path
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+
+
+@dataclass(frozen=True)
+class Option:
+    """What one recipe key accepts. Lives in the dataclass field's metadata, so the table is the code."""
+
+    kind: str  # str | int | float | bool | list | regex | pattern | device | stages
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: low itself is excluded
+    high_open: bool = False
+    required: bool = False
+    nullable: bool = False
+    path: str = ""  # how to resolve: "source" (SOURCE or model), "dir" (always a path), "model" (a model ref), "task"
+    text: str = ""  # what is allowed, in words, when the kind alone does not say it
+    default_text: str = ""  # the default, in words, when it is computed
+
+    def allowed(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.text:
+            return self.text
+        if self.kind in ("int", "float"):
+            noun = "an integer" if self.kind == "int" else "a number"
+            if self.low is not None and self.high is not None:
+                left, right = "(["[not self.low_open], ")]"[not self.high_open]
+                return f"{noun} in {left}{self.low:g}, {self.high:g}{right}"
+            if self.low is not None:
+                return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
+            return noun
+        return {
+            "bool": "true or false",
+            "list": "a list of strings (or one comma-separated string)",
+            "regex": "a Python regular expression",
+            "pattern": "unstructured or N:M with 0 < N < M (e.g. 2:4)",
+            "device": "auto, cpu, cuda, cuda:N or mps",
+        }.get(self.kind, "a string")
+
+    def in_range(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+
+def _key(default: Any = None, kind: str = "str", *, required: bool = False, **option: Any) -> Any:
+    """A dataclass field that is a recipe key; `default=None` (and not required) means null is allowed."""
+    spec = Option(kind, required=required, nullable=default is None and not required, **option)
+    return field(default=default, metadata={"spp": spec})
+
+
+def _device_key() -> Any:
+    return _key(None, "device", default_text="recipe's device")
+
+
+def _dtype_key() -> Any:
+    return _key(None, choices=DTYPES, default_text="recipe's dtype")
+
+
+_MODEL_REF = "dense (the recipe's model), an earlier prune/finetune stage's name, a local model folder or a hub id"
+
+
+@dataclass
+class Stage:
+    """Keys every stage has. After loading, `input` is "dense", an earlier stage's name, or a path / hub id."""
+
+    TYPE: ClassVar[str] = ""
+    name: str = _key(
+        "", text="a name of letters, digits, _ and - (the folder <output_dir>/<name>)", default_text="its type"
+    )
+    input: str | None = _key(None, path="model", text=_MODEL_REF, default_text="previous model stage, else dense")
+
+    def options(self) -> dict[str, Any]:
+        """The resolved options, in schema order: what the manifest's `config` and the fingerprint record."""
+        values = dataclasses.asdict(self)
+        return {"name": values.pop("name"), "type": self.TYPE, **values}
+
+    def reads(self) -> list[str]:
+        """The models this stage reads: "dense", stage names, paths or hub ids."""
+        return [self.input] if self.input is not None else []
+
+    def check(self, fail: Fail) -> None:
+        """Checks across keys (may fill a default that depends on another key); `fail(message, key)` raises."""
+
+
+@dataclass
+class PruneStage(Stage):
+    """One-shot pruning (`spp prune`)."""
+
+    TYPE: ClassVar[str] = "prune"
+    method: str = _key(required=True, choices=("magnitude", "wanda", "sparsegpt"))
+    sparsity: float | None = _key(
+        None, "float", low=0, high=1, low_open=True, high_open=True, default_text="N/M if N:M"
+    )
+    pattern: str = _key("unstructured", "pattern")
+    calib: str = _key("c4", path="source", text="a SOURCE: a .txt/.jsonl/.json path, builtin:NAME[:SPLIT] or c4")
+    nsamples: int = _key(128, "int", low=1)
+    seqlen: int | None = _key(None, "int", low=1, default_text="min(2048, model's max positions)")
+    seed: int | None = _key(None, "int", low=0, default_text="recipe's seed")
+    targets: str | None = _key(None, "regex", default_text="every linear in the decoder blocks")
+    ignore: str | None = _key(None, "regex")
+    use_variant: bool = _key(False, "bool")
+    true_sequential: bool = _key(False, "bool")
+    device: str | None = _device_key()
+    dtype: str | None = _dtype_key()
+
+    def check(self, fail: Fail) -> None:
+        if ":" in self.pattern:
+            n, m = (int(part) for part in self.pattern.split(":"))
+            if self.sparsity is None:
+                self.sparsity = n / m
+            elif not math.isclose(self.sparsity, n / m, abs_tol=1e-9):
+                fail(
+                    f"{self.sparsity:g} contradicts pattern {self.pattern} (= {n / m:g}); "
+                    f"drop sparsity or make it {n / m:g}",
+                    "sparsity",
+                )
+        elif self.sparsity is None:
+            fail("missing; pattern unstructured needs a sparsity, a number in (0, 1)", "sparsity")
+
+
+@dataclass
+class FinetuneStage(Stage):
+    """Sparsity-preserving fine-tuning (`spp finetune`)."""
+
+    TYPE: ClassVar[str] = "finetune"
+    method: str = _key("spp", choices=("spp", "lora"))
+    data: str = _key(
+        required=True,
+        path="source",
+        text="a SOURCE: a .txt/.jsonl/.json path, builtin:NAME[:SPLIT], alpaca, alpaca-gpt4 or hf:ORG/NAME[:SPLIT]",
+    )
+    max_steps: int | None = _key(None, "int", low=1, default_text="from epochs")
+    epochs: float = _key(3.0, "float", low=0, low_open=True)
+    lr: float = _key(4e-3, "float", low=0, low_open=True)
+    batch_size: int = _key(128, "int", low=1)  # global: micro_batch_size x accumulation x world size
+    micro_batch_size: int = _key(8, "int", low=1)  # per device
+    seqlen: int = _key(512, "int", low=1)
+    seed: int = _key(42, "int", low=0)
+    groups: int = _key(16, "int", low=1)
+    dropout: float = _key(0.05, "float", low=0, high=1, high_open=True)
+    forward: str = _key("auto", choices=("auto", "naive", "grouped", "fused"))
+    mask_prompt: bool = _key(False, "bool")
+    gradient_checkpointing: bool = _key(False, "bool")
+    no_merge: bool = _key(False, "bool")
+    val_size: int | None = _key(None, "int", low=0, default_text="min(2000, 5%)")
+    weight_decay: float = _key(0.001, "float", low=0)
+    warmup_ratio: float = _key(0.03, "float", low=0, high=1, high_open=True)
+    report_to: str = _key("none", choices=("none", "tensorboard", "wandb"))
+    save_steps: int | None = _key(None, "int", low=1, default_text="Trainer's")
+    device: str | None = _device_key()
+    dtype: str | None = _dtype_key()
+
+    def check(self, fail: Fail) -> None:
+        if self.batch_size % self.micro_batch_size:
+            fail(
+                f"{self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}; "
+                "the global batch is micro_batch_size x accumulation steps x world size",
+                "batch_size",
+            )
+
+
+@dataclass
+class EvalStage(Stage):
+    """Perplexity and zero-shot evaluation (`spp eval`) of one or more models."""
+
+    TYPE: ClassVar[str] = "eval"
+    models: list[str] | None = _key(
+        None,
+        "list",
+        path="model",
+        default_text="[input]",
+        text="a list of models: dense, earlier stage names, local folders or hub ids",
+    )
+    tasks: list[str] = _key(
+        required=True,
+        kind="list",
+        path="task",
+        text="a list of tasks (lm-eval names, wikitext2, c4, ppl:SOURCE) or one comma-separated string",
+    )
+    seqlen: int | None = _key(None, "int", low=1, default_text="min(2048, model's max positions)")
+    limit: int | None = _key(None, "int", low=1)
+    data_dir: str | None = _key(None, path="dir", text="a folder laid out like the offline task bundle")
+    batch_size: int = _key(1, "int", low=1)
+    device: str | None = _device_key()
+    dtype: str | None = _dtype_key()
+
+    def reads(self) -> list[str]:
+        return list(self.models or [])
+
+
+STAGE_TYPES: dict[str, type[Stage]] = {cls.TYPE: cls for cls in (PruneStage, FinetuneStage, EvalStage)}
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: every default filled in, stage references checked, paths absolute."""
+
+    model: str = _key(required=True, path="source", text="a hub id, a local model folder or builtin:tiny-llama")
+    output_dir: str = _key(
+        None,
+        path="dir",
+        text="a folder (relative to the recipe's folder)",
+        default_text="runs/<recipe stem>",
+    )
+    seed: int = _key(0, "int", low=0)
+    dtype: str = _key("auto", choices=DTYPES)
+    device: str = _key("auto", "device")
+    trust_remote_code: bool = _key(False, "bool")
+    allow_pickle: bool = _key(False, "bool")
+    stages: list[Stage] = field(
+        default_factory=list,
+        metadata={
+            "spp": Option(
+                "stages", required=True, text="a non-empty list of stages, each with type: prune, finetune or eval"
+            )
+        },
+    )
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    def stage_dir(self, name: str) -> Path:
+        return Path(self.output_dir) / name
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data; `load_recipe` on its YAML gives back an equal Recipe."""
+        top = {f.name: getattr(self, f.name) for f in _schema_fields(Recipe) if f.name != "stages"}
+        return {**top, "stages": [stage.options() for stage in self.stages]}
+
+
+def _schema_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "spp" in f.metadata]
+
+
+def describe_schema() -> list[tuple[str, str, str, str, str]]:
+    """Rows (stage type or "recipe", key, type, default, allowed) for the README's recipe reference."""
+    rows = []
+    for section, cls in [("recipe", Recipe), *STAGE_TYPES.items()]:
+        for f in _schema_fields(cls):
+            option: Option = f.metadata["spp"]
+            if option.required:
+                default = "required"
+            elif option.default_text:
+                default = option.default_text
+            else:
+                default = yaml.safe_dump(f.default, default_flow_style=True).removesuffix("\n...\n").strip()
+            rows.append((section, f.name, str(f.type), default, option.allowed()))
+            if f.name == "name" and section != "recipe":
+                rows.append((section, "type", "str", "required", section))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML: 'text', 0.5, true, null."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value)
+    return json.dumps(value, default=str)
+
+
+_KEY_ALIASES = {  # names people bring from other tools -> ours
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "steps": "max_steps",
+    "num_samples": "nsamples",
+    "n_samples": "nsamples",
+    "calibration": "calib",
+    "calib_data": "calib",
+    "seq_len": "seqlen",
+    "max_seq_len": "seqlen",
+    "max_length": "seqlen",
+    "sequence_length": "seqlen",
+    "per_device_train_batch_size": "micro_batch_size",
+    "model_name_or_path": "model",
+    "output": "output_dir",
+    "out": "output_dir",
+    "lora_dropout": "dropout",
+    "dataset": "data",
+    "sparsity_ratio": "sparsity",
+    "prune_method": "method",
+    "eval_tasks": "tasks",
+    "model": "models",
+}
+
+
+def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
+    normal = word.replace("-", "_").lower()
+    guess = _KEY_ALIASES.get(normal) if _KEY_ALIASES.get(normal) in candidates else None
+    guess = guess or (normal if normal in candidates else None)
+    guess = guess or next(iter(difflib.get_close_matches(normal, candidates, n=1, cutoff=0.6)), None)
+    return f"; did you mean {guess!r}?" if guess else ""
+
+
+class _Reporter:
+    """Raises BadInput as `<where>: <key path>: <problem and fix>`, where is the file or the override."""
+
+    def __init__(self, source: str, origins: dict[tuple[int | None, str], str]):
+        self.source = source
+        self.origins = origins  # (stage index or None, key) -> the override that set it
+
+    def fail(
+        self, message: str, index: int | None = None, key: str | None = None, label: str = "", show_key: bool = True
+    ) -> NoReturn:
+        origin = self.origins.get((index, key or ""))
+        where = f"override {origin}" if origin else self.source
+        path = "" if index is None else f"stages[{index}]" + (f" ({label})" if label else "")
+        if key and show_key:
+            path = f"{path}.{key}" if path else key
+        raise BadInput(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+
+    def for_stage(self, index: int, label: str) -> Callable[..., NoReturn]:
+        """fail(message, key=None, show_key=True) for stages[index]."""
+
+        def fail(message: str, key: str | None = None, show_key: bool = True) -> NoReturn:
+            self.fail(message, index, key, label, show_key)
+
+        return fail
+
+
+def _coerce(value: Any, option: Option, fail: Fail) -> Any:
+    """Checks one value against its Option and returns it normalised; `fail(message)` raises."""
+    allowed = option.allowed()
+    if value is None:
+        if option.nullable:
+            return None
+        fail(f"null is not allowed; use {allowed}")
+    kind = option.kind
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
+        fail(f"{_show(value)} is not true or false")
+    if kind in ("int", "float"):
+        if isinstance(value, bool):  # bool is an int subclass: `sparsity: yes` must not become 1
+            fail(f"{_show(value)} is a boolean, not a number; use {allowed}")
+        if not isinstance(value, (int, float)):
+            fail(f"{_show(value)} is not a number; use {allowed}")
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                fail(f"{_show(value)} is not an integer; use {allowed}")
+            value = int(value)
+        if not option.in_range(value):
+            fail(f"{_show(value)} is out of range; use {allowed}")
+        return float(value) if kind == "float" else value
+    if kind == "list":
+        items = [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(i, str) and i.strip() for i in items):
+            fail(f"{_show(value)} is not {allowed}")
+        return [item.strip() for item in items]
+    if option.choices:
+        if value not in option.choices:
+            suggestion = _did_you_mean(value, option.choices) if isinstance(value, str) else ""
+            fail(f"{_show(value)} is not {allowed}{suggestion}")
+        return value
+    if kind == "pattern" and isinstance(value, int) and not isinstance(value, bool):
+        fail(
+            f'{value} is a number; write the pattern as a quoted string such as "2:4" '
+            "(YAML 1.1 reads a bare 2:4 as 124)"
+        )
+    if not isinstance(value, str):
+        quote = " (quote it to keep it as text)" if isinstance(value, (int, float)) else ""
+        fail(f"{_show(value)} is not a string; use {allowed}{quote}")
+    if not value.strip():
+        fail(f"empty; use {allowed}")
+    value = value.strip()
+    if kind == "regex":
+        try:
+            re.compile(value)
+        except re.error as error:
+            fail(f"{_show(value)} is not a valid regular expression ({error})")
+    if kind == "device" and not _DEVICE.fullmatch(value):
+        fail(f"{_show(value)} is not {allowed}")
+    if kind == "pattern":
+        return _normalise_pattern(value, fail)
+    return value
+
+
+def _normalise_pattern(text: str, fail: Fail) -> str:
+    """'unstructured' or 'N:M' with 0 < N < M -> its canonical spelling ("unstructured", "2:4")."""
+    if text.lower() == "unstructured":
+        return "unstructured"
+    match = re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)
+    if not match:
+        fail(f"{_show(text)} is not unstructured or N:M (e.g. 2:4)")
+    n, m = int(match[1]), int(match[2])
+    if not 0 < n < m:
+        fail(f"N:M {n}:{m} is invalid; need 0 < N < M (e.g. 2:4)")
+    return f"{n}:{m}"
+
+
+def _unknown_keys(raw: dict, allowed: Sequence[str], fail: Fail, other_owner: dict[str, str]) -> None:
+    for key in raw:
+        if key not in allowed:
+            hint = _did_you_mean(str(key), allowed)
+            if not hint and key in other_owner:
+                hint = f"; {key!r} is a key of {other_owner[key]}"
+            fail(f"unknown key {key!r}{hint} (allowed: {', '.join(allowed)})", key)
+
+
+def _read_fields(cls: type, raw: dict, fail: Fail, skip: Sequence[str] = ()) -> dict[str, Any]:
+    values = {}
+    for f in _schema_fields(cls):
+        if f.name in skip:
+            continue
+        option: Option = f.metadata["spp"]
+        if f.name not in raw:
+            if option.required:
+                fail(f"missing; use {option.allowed()}", f.name)
+            continue
+        values[f.name] = _coerce(raw[f.name], option, lambda message, key=f.name: fail(message, key))
+    return values
+
+
+def _owners() -> dict[str, str]:
+    """key -> which sections have it, for 'unknown key' hints."""
+    owners: dict[str, list[str]] = {}
+    for section, cls in [("the recipe's top level", Recipe)] + [(f"{t} stages", c) for t, c in STAGE_TYPES.items()]:
+        for f in _schema_fields(cls):
+            owners.setdefault(f.name, []).append(section)
+    return {key: " and ".join(sections) for key, sections in owners.items()}
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+def _local_path(value: str, base: Path) -> str | None:
+    """`value` as an absolute path when it looks like a local path, else None (builtin:, hf:, hub ids, datasets)."""
+    if value in DATASET_NAMES or value == "dense":
+        return None
+    if re.match(r"[A-Za-z][\w+.-]*:", value) and not re.match(r"[A-Za-z]:[\\/]", value):
+        return None  # builtin:NAME, hf:ORG/NAME, ppl:SOURCE
+    if value.startswith("~"):
+        return os.path.expanduser(value)
+    if os.path.isabs(value):
+        return os.path.normpath(value)
+    if value.startswith(("./", "../")) or value.endswith(_PATH_SUFFIXES) or (base / value).exists():
+        return os.path.abspath(base / value)
+    return None
+
+
+def _resolve_reference(value: str, index: int, stages: list[Stage], base: Path, fail: Fail, key: str) -> str:
+    """A model reference in stages[index].key: dense, an earlier prune/finetune stage, a path or a hub id."""
+    names = [stage.name for stage in stages]
+    if value == "dense":
+        return value
+    if value in names:
+        position = names.index(value)
+        if position == index:
+            fail(f"{value!r} is this stage itself; use dense or an earlier stage", key)
+        if position > index:
+            fail(
+                f"{value!r} names a later stage (stages[{position}]); a stage can only read dense or an earlier stage",
+                key,
+            )
+        if stages[position].TYPE == "eval":
+            fail(f"{value!r} is an eval stage and writes no model; use dense or a prune/finetune stage", key)
+        return value
+    path = _local_path(value, base)
+    if path is not None:
+        return path
+    if "/" in value or ":" in value:
+        return value  # a hub id (org/name) or builtin:NAME
+    earlier = ", ".join(["dense", *(stage.name for stage in stages[:index] if stage.TYPE != "eval")])
+    fail(
+        f"{value!r} is not a stage, a local folder or a hub id{_did_you_mean(value, names[:index])} "
+        f"(earlier models: {earlier})",
+        key,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override, validate and resolve a recipe file. Raises BadInput with one line naming the key path.
+
+    overrides: "stages.<name>.<key>=value" or "<key>=value"; values parse as YAML scalars with RecipeLoader.
+    Relative paths in the file resolve against the file's folder; those given in overrides against the
+    current directory.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput(f"{source}: no such recipe file; check the path") from None
+    except IsADirectoryError:
+        raise BadInput(f"{source}: is a folder; pass the recipe's .yaml file") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{source}: is not UTF-8 text; save the recipe as UTF-8") from None
+    return parse_recipe(
+        parse_yaml(text, source), base_dir=path.parent, source=source, stem=path.stem, overrides=overrides
+    )
+
+
+def parse_recipe(
+    data: Any,
+    *,
+    base_dir: str | Path = ".",
+    source: str = "recipe",
+    stem: str = "recipe",
+    overrides: Sequence[str] = (),
+) -> Recipe:
+    """Validate and resolve recipe data already read from YAML (see load_recipe)."""
+    if not isinstance(data, dict):
+        got = "nothing (the file is empty)" if data is None else f"a {type(data).__name__}"
+        raise BadInput(f"{source}: expected a mapping with model: and stages: at the top level, got {got}")
+    data = dict(data)  # overrides must not change the caller's data
+    if isinstance(data.get("stages"), list):
+        data["stages"] = [dict(stage) if isinstance(stage, dict) else stage for stage in data["stages"]]
+    origins = _apply_overrides(data, overrides)
+    report = _Reporter(source, origins)
+    owners = _owners()
+
+    def top_fail(message: str, key: str | None = None) -> NoReturn:
+        report.fail(message, key=key)
+
+    _unknown_keys(
+        data,
+        [f.name for f in _schema_fields(Recipe)],
+        lambda message, key: report.fail(message, key=key, show_key=False),
+        owners,
+    )
+    top = _read_fields(Recipe, data, top_fail, skip=("stages",))
+    raw_stages = data.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        top_fail(
+            f"{'missing' if raw_stages is None else _show(raw_stages) + ' is not allowed'}; "
+            f"use {Recipe.__dataclass_fields__['stages'].metadata['spp'].allowed()}",
+            "stages",
+        )
+    stages = [_read_stage(raw, index, report, owners) for index, raw in enumerate(raw_stages)]
+
+    cwd = Path.cwd()
+    base = Path(base_dir)
+
+    def base_for(index: int | None, key: str) -> Path:
+        return cwd if (index, key) in origins else base
+
+    top["output_dir"] = _dir_path(top.get("output_dir") or f"runs/{stem}", base_for(None, "output_dir"))
+    top["model"] = _local_path(top["model"], base_for(None, "model")) or top["model"]
+    recipe = Recipe(**top, stages=stages)
+    _resolve_stages(recipe, report, base_for)
+    return recipe
+
+
+def _dir_path(value: str, base: Path) -> str:
+    return os.path.abspath(base / os.path.expanduser(value))
+
+
+def _read_stage(raw: Any, index: int, report: _Reporter, owners: dict[str, str]) -> Stage:
+    if not isinstance(raw, dict):
+        report.fail(f"expected a mapping with type: prune, finetune or eval, got {_show(raw)}", index)
+    kind = raw.get("type")
+    if kind not in STAGE_TYPES:
+        message = "missing; use" if kind is None else f"{_show(kind)} is not"
+        hint = _did_you_mean(kind, list(STAGE_TYPES)) if isinstance(kind, str) else ""
+        report.fail(f"{message} one of {', '.join(STAGE_TYPES)}{hint}", index, "type")
+    cls = STAGE_TYPES[kind]
+    fail = report.for_stage(index, raw["name"] if isinstance(raw.get("name"), str) and raw["name"] else kind)
+
+    keys = ["name", "type", *(f.name for f in _schema_fields(cls) if f.name != "name")]
+    _unknown_keys(raw, keys, lambda message, key: fail(message, key, show_key=False), owners)
+    stage = cls(**_read_fields(cls, raw, fail))
+    stage.name = stage.name or kind
+    if stage.name == "dense":
+        fail("'dense' is reserved for the recipe's model; pick another name", "name")
+    if not _STAGE_NAME.fullmatch(stage.name):
+        fail(
+            f"{_show(stage.name)} is not a valid stage name; use letters, digits, _ and - "
+            "(it names the folder <output_dir>/<name>)",
+            "name",
+        )
+    stage.check(fail)
+    return stage
+
+
+def _resolve_stages(recipe: Recipe, report: _Reporter, base_for: Callable[[int | None, str], Path]) -> None:
+    """Fill defaults that depend on other stages or the top level; check references; make paths absolute."""
+    first_use: dict[str, int] = {}
+    previous_model = "dense"
+    for index, stage in enumerate(recipe.stages):
+        fail = report.for_stage(index, stage.name)
+        if stage.name in first_use:
+            fail(
+                f"{stage.name!r} is already used by stages[{first_use[stage.name]}]; give each stage a unique name",
+                "name",
+            )
+        first_use[stage.name] = index
+        for f in _schema_fields(type(stage)):
+            value, kind, base = getattr(stage, f.name), f.metadata["spp"].path, base_for(index, f.name)
+            if value is None:
+                continue
+            if kind == "source":
+                value = _local_path(value, base) or value
+            elif kind == "dir":
+                value = _dir_path(value, base)
+            elif kind == "task":
+                value = [f"ppl:{_local_path(t[4:], base) or t[4:]}" if t.startswith("ppl:") else t for t in value]
+            elif kind == "model" and isinstance(value, list):
+                value = [_resolve_reference(v, index, recipe.stages, base, fail, f.name) for v in value]
+                repeated = sorted({v for v in value if value.count(v) > 1})
+                if repeated:
+                    fail(f"{repeated[0]!r} is listed twice; list each model once", f.name)
+            elif kind == "model":
+                value = _resolve_reference(value, index, recipe.stages, base, fail, f.name)
+            setattr(stage, f.name, value)
+        stage.input = stage.input or previous_model
+        if isinstance(stage, EvalStage):
+            stage.models = stage.models or [stage.input]
+        else:
+            previous_model = stage.name
+        if isinstance(stage, PruneStage) and stage.seed is None:
+            stage.seed = recipe.seed
+        stage.device = stage.device or recipe.device
+        stage.dtype = stage.dtype or recipe.dtype
+
+
+def _apply_overrides(data: dict, overrides: Sequence[str]) -> dict[tuple[int | None, str], str]:
+    """Set each `key.path=value` in `data` (in place); returns where each overridden key came from."""
+    origins: dict[tuple[int | None, str], str] = {}
+    for text in overrides:
+        key_path, equals, raw_value = text.partition("=")
+        parts = key_path.strip().split(".")
+        if not equals or not all(parts):
+            raise BadInput(f"override {text!r} is not KEY=VALUE; use e.g. stages.prune.sparsity=0.6 or seed=1")
+        value = parse_yaml(raw_value, f"override {text}")
+        if len(parts) == 1:
+            data[parts[0]] = value
+            origins[(None, parts[0])] = text
+        elif len(parts) == 3 and parts[0] == "stages":
+            index = _find_stage(data.get("stages"), parts[1], text)
+            data["stages"][index][parts[2]] = value
+            origins[(index, parts[2])] = text
+        else:
+            raise BadInput(f"override {text!r}: use stages.<stage name>.<key>=value or <top-level key>=value")
+    return origins
+
+
+def _find_stage(stages: Any, name: str, text: str) -> int:
+    """The index of the stage `name` (its name, else its type; or a number) in raw recipe data."""
+    stages = stages if isinstance(stages, list) else []
+    names = [str(s.get("name") or s.get("type")) if isinstance(s, dict) else "" for s in stages]
+    if name in names:
+        return names.index(name)
+    if name.isdigit() and int(name) < len(stages) and isinstance(stages[int(name)], dict):
+        return int(name)
+    raise BadInput(
+        f"override {text}: no stage named {name!r}{_did_you_mean(name, names)} (stages: {', '.join(names) or 'none'})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+
+
+def stage_fingerprint(recipe: Recipe, stage: Stage, parent_manifest_sha256: str | Sequence[str | None] | None) -> str:
+    """sha256 (hex) of what determines a stage's output: its resolved options except `device`, the recipe's model
+    when the stage reads dense, and the parent's manifest_sha256 (for eval: one per model read, in order).
+    The recipe's seed and dtype enter through the stage's resolved options."""
+    options = {key: value for key, value in stage.options().items() if key != "device"}
+    payload = {
+        "fingerprint": 1,
+        "stage": options,
+        "model": recipe.model if "dense" in stage.reads() else None,
+        "parent": parent_manifest_sha256
+        if parent_manifest_sha256 is None or isinstance(parent_manifest_sha256, str)
+        else list(parent_manifest_sha256),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def dump_resolved(recipe: Recipe, stage: Stage) -> str:
+    """The resolved recipe as YAML, to save in `stage`'s folder; `spp run` on it reproduces the run."""
+    header = f"# spp: the resolved recipe, saved by stage {stage.name!r} ({stage.TYPE}); defaults filled in\n"
+    return header + yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False, allow_unicode=True, width=120)

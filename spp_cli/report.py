@@ -1,0 +1,153 @@
+"""`spp report RUN_DIR`: a markdown report and PNG plots from what the stages wrote (spp.json, results.json).
+
+Plots: metrics per evaluated model, per-layer sparsity of every model stage, and the fine-tune loss curve.
+Nothing is recomputed: the report reads the stage folders only.
+"""
+
+import json
+from pathlib import Path
+
+from spp_cli.errors import BadInput
+
+
+def read_stages(run_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(model stages: name -> spp.json, evaluations: model name -> results object), in folder order."""
+    from spp_cli.eval_stage import results_entries
+
+    manifests, evaluations = {}, {}
+    summary_file = run_dir / "run.json"
+    order = [s["name"] for s in json.loads(summary_file.read_text())["stages"]] if summary_file.exists() else None
+    folders = [run_dir / name for name in order] if order else sorted(p for p in run_dir.iterdir() if p.is_dir())
+    for folder in folders:
+        if (folder / "spp.json").is_file():
+            manifests[folder.name] = json.loads((folder / "spp.json").read_text())
+        if (folder / "results.json").is_file():
+            evaluations.update(results_entries(json.loads((folder / "results.json").read_text())))
+    return manifests, evaluations
+
+
+def plot_metrics(evaluations: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spp_cli.render import metric_columns, metric_value
+
+    columns = [c for c in metric_columns(evaluations) if c[1] != "mean_acc_7"]
+    if not columns:
+        return False
+    figure, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.6), squeeze=False)
+    for axis, (title, section, key) in zip(axes[0], columns, strict=True):
+        names = list(evaluations)
+        values = [float(v) if v != "-" else 0.0 for v in (metric_value(evaluations[n], section, key) for n in names)]
+        bars = axis.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"][: len(names)])
+        axis.bar_label(bars, fmt="%.3g")
+        axis.set_title(title, fontsize=10)
+        axis.tick_params(axis="x", labelrotation=20)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def plot_layer_sparsity(manifests: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = {name: m for name, m in manifests.items() if m.get("layers")}
+    if not stages:
+        return False
+    figure, axis = plt.subplots(figsize=(max(6, 0.12 * max(len(m["layers"]) for m in stages.values())), 3.6))
+    for name, manifest in stages.items():
+        layers = manifest["layers"]
+        axis.plot(range(len(layers)), [record["sparsity"] for record in layers.values()], marker=".", label=name)
+        labels = [n.split("layers.")[-1] if "layers." in n else n for n in layers]
+    axis.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+    axis.set_ylabel("fraction of zero weights")
+    axis.set_title("per-layer sparsity of the pruned linears")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def plot_loss(manifests: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {n: m["training"]["loss_curve"] for n, m in manifests.items() if (m.get("training") or {}).get("loss_curve")}
+    if not curves:
+        return False
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    for name, curve in curves.items():
+        axis.plot([p["step"] for p in curve], [p["loss"] for p in curve], label=f"{name} train loss")
+        eval_loss = manifests[name]["training"].get("eval_loss")
+        if isinstance(eval_loss, float):
+            axis.axhline(eval_loss, linestyle="--", color="gray", label=f"{name} held-out loss (end)")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("cross-entropy (nats/token)")
+    axis.set_title("fine-tune loss")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def markdown_table(evaluations: dict, manifests: dict) -> str:
+    from spp_cli.render import metric_columns, metric_value
+
+    columns = metric_columns(evaluations)
+    header = ["model", "sparsity of pruned linears", *(title for title, _, _ in columns), "stage seconds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in evaluations.items():
+        sparsity = (entry.get("model") or {}).get("sparsity")
+        seconds = (manifests.get(name) or {}).get("seconds")
+        row = [name, f"{sparsity:.4f}" if isinstance(sparsity, float) else "0 (dense)"]
+        row += [metric_value(entry, section, key) for _, section, key in columns]
+        row.append(f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> dict:
+    """Write RUN_DIR/report.md and its PNGs; returns their paths."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise BadInput(f"run directory '{run_dir}' does not exist: give the output_dir of a `spp run`")
+    manifests, evaluations = read_stages(run_dir)
+    if not manifests and not evaluations:
+        raise BadInput(f"'{run_dir}' holds no stage output (spp.json or results.json): run `spp run RECIPE` first")
+    sections = [f"# spp report: {run_dir.name}\n"]
+    if evaluations:
+        sections.append("## Evaluation\n\n" + markdown_table(evaluations, manifests) + "\n")
+        notes = {note for entry in evaluations.values() for note in entry.get("notes", [])}
+        sections += [f"- note: {note}" for note in sorted(notes)]
+        if plot_metrics(evaluations, run_dir / "metrics.png"):
+            sections.append("\n![metrics per model](metrics.png)\n")
+    sections.append("## Stages\n")
+    for name, manifest in manifests.items():
+        parent = (manifest.get("parent") or {}).get("path")
+        training = manifest.get("training") or {}
+        detail = f", {training.get('steps')} steps" if training else ""
+        sparsity = manifest.get("overall_sparsity")
+        sparsity_text = f"sparsity {sparsity:.4f}" if isinstance(sparsity, float) else "no merged model"
+        dense_text = " — dense after the LoRA merge" if manifest.get("dense") else ""
+        sections.append(
+            f"- **{name}** ({manifest.get('stage')}, {manifest.get('method')}, pattern {manifest.get('pattern')}): "
+            f"{sparsity_text}{dense_text}{detail}, {manifest.get('seconds', 0):.1f} s; parent `{parent}`; "
+            f"manifest `{manifest.get('manifest_sha256', '')[:16]}`"
+        )
+    if plot_layer_sparsity(manifests, run_dir / "sparsity.png"):
+        sections.append("\n![per-layer sparsity](sparsity.png)\n")
+    if plot_loss(manifests, run_dir / "loss.png"):
+        sections.append("## Fine-tuning\n\n![fine-tune loss](loss.png)\n")
+    report = run_dir / "report.md"
+    report.write_text("\n".join(sections) + "\n", encoding="utf-8")
+    return {"report": str(report), "plots": [str(p) for p in sorted(run_dir.glob("*.png"))]}

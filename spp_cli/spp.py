@@ -1,0 +1,523 @@
+"""The SPP adapter: a sparsity-preserving, parameter-efficient update of a frozen pruned linear layer.
+
+Spec: ../shared/spec/spp-method.md §1. For a frozen pruned weight W (out × in, zeros = pruned):
+
+    M  = β[:, None] · Rep(α)           # (out, in); Rep repeats row g of α (G, in) for out/G contiguous rows
+    ΔW = W ⊙ M                         # zero wherever W is zero
+    y  = x Wᵀ + b + s · D(x) ΔWᵀ        # s = lora_alpha / r (16 / 8 = 2), D = dropout (p = 0.05)
+
+α is kaiming-uniform (a=√5), β is zero, so the adapted model starts exactly at the pruned one. Merging writes
+W ← W ⊙ (1 + s·M), so every zero of W stays zero.
+
+Forward variants (`SPPConfig.forward`), all the same function of the parameters:
+- "naive":     builds M and ΔW in the autograd graph (the reference; keeps out×in tensors for backward).
+- "recompute": a custom autograd function; ΔW is rebuilt in backward instead of saved (5 GEMMs per layer).
+- "grouped":   a custom autograd function that saves u = D(x)(W⊙Rep α)ᵀ and takes the α/input gradients
+               from one per-group product (h_g W_g, h = g·β) instead of the dense gᵀD(x) (4 GEMMs per layer).
+- "fused":     y = x (W ⊙ (1 + s·M))ᵀ + b in one GEMM; exact only without dropout on the branch.
+- "auto":      "fused" when dropout is 0, else the fastest exact faithful variant (FAITHFUL_DEFAULT).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spp_cli.errors import BadInput
+
+FORWARD_VARIANTS = ("auto", "naive", "recompute", "grouped", "fused")
+FAITHFUL_DEFAULT = "recompute"  # fastest exact variant with dropout on CPU fp32 (see scripts/bench_finetune.py)
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+@dataclass
+class SPPConfig:
+    """Hyper-parameters of the SPP adapter (spec §1; defaults are the paper code's)."""
+
+    groups: int = 16  # G: rows of α; α row g is shared by out/G contiguous output rows
+    lora_alpha: float = 16  # only sets the scale s = lora_alpha / r
+    r: int = 8  # LoRA's rank knob, kept for the scale only (SPP has no rank)
+    dropout: float = 0.05  # dropout on the branch input
+    target_modules: list[str] = field(default_factory=list)
+    forward: str = "auto"
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.r
+
+    def resolved_forward(self) -> str:
+        """The variant actually run: "auto" becomes "fused" without dropout, else FAITHFUL_DEFAULT."""
+        if self.forward not in FORWARD_VARIANTS:
+            raise BadInput(f"--forward {self.forward!r} is unknown: use one of {', '.join(FORWARD_VARIANTS)}")
+        if self.forward == "fused" and self.dropout > 0:
+            raise BadInput(
+                f"--forward fused needs --dropout 0 (it merges the branch into one GEMM, which cannot apply "
+                f"dropout {self.dropout} to the branch input): pass --dropout 0 or drop --forward fused"
+            )
+        if self.forward == "auto":
+            return "fused" if self.dropout == 0 else FAITHFUL_DEFAULT
+        return self.forward
+
+    def validate(self) -> None:
+        if self.groups < 1:
+            raise BadInput(f"--groups {self.groups} is invalid: use a positive integer (default 16)")
+        if not 0 <= self.dropout < 1:
+            raise BadInput(f"--dropout {self.dropout} is out of range: use a value in [0, 1)")
+        if self.r <= 0:
+            raise BadInput(f"r {self.r} is invalid: use a positive integer (default 8)")
+        self.resolved_forward()
+
+
+# ---- the math: pure functions (tensors in, tensors out) ----
+
+
+def repeat_groups(alpha: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Rep(α): (G, in) -> (out, in), row g repeated out/G times in a contiguous block (repeat_interleave)."""
+    return alpha.repeat_interleave(out_features // alpha.shape[0], dim=0)
+
+
+def scaled_by_groups(weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """W ⊙ Rep(α) in fp32 without materialising Rep(α): (out, in)."""
+    groups = alpha.shape[0]
+    out_features, in_features = weight.shape
+    blocks = weight.float().view(groups, out_features // groups, in_features)
+    return (blocks * alpha.float()[:, None, :]).view(out_features, in_features)
+
+
+def delta_weight(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """ΔW = W ⊙ β[:, None] ⊙ Rep(α), fp32, (out, in)."""
+    return scaled_by_groups(weight, alpha) * beta.float()[:, None]
+
+
+def merged_weight(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float) -> torch.Tensor:
+    """W ⊙ (1 + s·β·Rep(α)) computed in fp32 and cast back to W's dtype; every zero of W stays zero."""
+    return (weight.float() + scale * delta_weight(weight, alpha, beta)).to(weight.dtype)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls run in: autocast's when it is on for x's device, else x's own."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _alpha_beta_grads(grad_delta: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor,
+                      beta: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of α (G, in) and β (out,) from P = ∂L/∂(s·ΔW) (out, in), all fp32.
+
+    ∂α_g = s Σ_{i∈g} P_ij W_ij β_i ;  ∂β_i = s Σ_j P_ij W_ij Rep(α)_ij
+    """
+    groups = alpha.shape[0]
+    out_features, in_features = weight.shape
+    pw = (grad_delta.float() * weight.float()).view(groups, out_features // groups, in_features)
+    grad_alpha = (pw * beta.float().view(groups, -1, 1)).sum(1) * scale
+    grad_beta = (pw * alpha.float()[:, None, :]).sum(-1).reshape(out_features) * scale
+    return grad_alpha.to(alpha.dtype), grad_beta.to(beta.dtype)
+
+
+class _RecomputeBranch(torch.autograd.Function):
+    """s · xd ΔWᵀ with ΔW rebuilt in backward instead of kept (peak: one out×in temp at a time).
+
+    forward: 1 GEMM; backward: ∂xd = s·g ΔW and P = gᵀ xd (2 GEMMs) reduced against W for ∂α, ∂β.
+    """
+
+    @staticmethod
+    def forward(ctx, xd, weight, alpha, beta, scale):
+        dtype = _compute_dtype(xd)
+        delta = scaled_by_groups(weight, alpha).mul_(beta.float()[:, None]).to(dtype)  # ΔW, freed on return
+        ctx.save_for_backward(xd, weight, alpha, beta)
+        ctx.scale, ctx.dtype = scale, dtype
+        return F.linear(xd.to(dtype), delta) * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xd, weight, alpha, beta = ctx.saved_tensors
+        scale, dtype = ctx.scale, ctx.dtype
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (B, out)
+        grad_xd = grad_alpha = grad_beta = None
+        if ctx.needs_input_grad[0]:
+            delta = scaled_by_groups(weight, alpha).mul_(beta.float()[:, None]).to(dtype)
+            grad_xd = (grad_out.to(dtype) @ delta).mul_(scale).to(xd.dtype)
+            del delta
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            p = g.t() @ xd.reshape(-1, xd.shape[-1]).to(dtype)  # (out, in) = ∂L/∂(s·ΔW)/s
+            grad_alpha, grad_beta = _alpha_beta_grads(p, weight, alpha, beta, scale)
+        return grad_xd, None, grad_alpha, grad_beta, None
+
+
+class _GroupedBranch(torch.autograd.Function):
+    """s · β ⊙ (xd (W⊙Rep α)ᵀ) saving u = xd (W⊙Rep α)ᵀ (B × out) for ∂β.
+
+    backward: v_g = (g·β)_g W_g per group (one bmm, the cost of one GEMM) gives both
+    ∂xd = s Σ_g α_g ⊙ v_g and ∂α_g = s Σ_t xd_t ⊙ v_g,t; ∂β = s Σ_t g ⊙ u.
+    """
+
+    @staticmethod
+    def forward(ctx, xd, weight, alpha, beta, scale):
+        dtype = _compute_dtype(xd)
+        u = F.linear(xd.to(dtype), scaled_by_groups(weight, alpha).to(dtype))  # (..., out)
+        ctx.save_for_backward(xd, u, weight, alpha, beta)
+        ctx.scale, ctx.dtype = scale, dtype
+        return u * (beta.to(dtype) * scale)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xd, u, weight, alpha, beta = ctx.saved_tensors
+        scale, dtype = ctx.scale, ctx.dtype
+        groups = alpha.shape[0]
+        out_features, in_features = weight.shape
+        g = grad_out.reshape(-1, out_features).to(dtype)  # (B, out)
+        x2 = xd.reshape(-1, in_features).to(dtype)  # (B, in)
+        grad_beta = ((g.float() * u.reshape(-1, out_features).float()).sum(0) * scale).to(beta.dtype)
+        h = (g * beta.to(dtype)).view(-1, groups, out_features // groups).transpose(0, 1)  # (G, B, out/G)
+        v = torch.bmm(h, weight.to(dtype).view(groups, out_features // groups, in_features))  # (G, B, in)
+        grad_alpha = (torch.einsum("gbi,bi->gi", v.float(), x2.float()) * scale).to(alpha.dtype)
+        grad_xd = None
+        if ctx.needs_input_grad[0]:
+            grad_xd = (torch.einsum("gbi,gi->bi", v, alpha.to(dtype)) * scale).view_as(xd).to(xd.dtype)
+        return grad_xd, None, grad_alpha, grad_beta, None
+
+
+def _merged_for_matmul(weight, alpha, beta, scale, dtype):
+    """W + s·ΔW in `dtype` with a single out×in fp32 temp (no grad tracking: autograd.Function internals)."""
+    return scaled_by_groups(weight, alpha).mul_(beta.float()[:, None] * scale).add_(weight.float()).to(dtype)
+
+
+class _FusedLinear(torch.autograd.Function):
+    """x (W ⊙ (1 + s·M))ᵀ + b in one GEMM; the merged weight is rebuilt in backward, never kept."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, alpha, beta, scale):
+        dtype = _compute_dtype(x)
+        merged = _merged_for_matmul(weight, alpha, beta, scale, dtype)
+        ctx.save_for_backward(x, weight, alpha, beta)
+        ctx.scale, ctx.dtype = scale, dtype
+        return F.linear(x.to(dtype), merged, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, alpha, beta = ctx.saved_tensors
+        scale, dtype = ctx.scale, ctx.dtype
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            merged = _merged_for_matmul(weight, alpha, beta, scale, dtype)
+            grad_x = (grad_out.to(dtype) @ merged).to(x.dtype)
+            del merged
+        p = g.t() @ x.reshape(-1, x.shape[-1]).to(dtype)  # (out, in) = ∂L/∂W_merged
+        grad_alpha, grad_beta = _alpha_beta_grads(p, weight, alpha, beta, scale)
+        return grad_x, None, None, grad_alpha, grad_beta, None
+
+
+# ---- the layer ----
+
+
+class SPPLinear(nn.Module):
+    """A frozen (pruned) nn.Linear plus the SPP branch: spp_alpha (G, in), spp_beta (out,), both fp32.
+
+    The base module is kept as `self.base` (its weight is never modified until `merge`).
+    """
+
+    def __init__(self, base: nn.Linear, config: SPPConfig, name: str = "linear"):
+        super().__init__()
+        out_features, in_features = base.weight.shape
+        if out_features % config.groups != 0:
+            divisors = [d for d in range(config.groups, 0, -1) if out_features % d == 0]
+            raise BadInput(
+                f"layer {name} has out_features {out_features}, not divisible by --groups {config.groups}: "
+                f"use --groups {divisors[0]} (or another divisor of {out_features})"
+            )
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(False)
+        self.scale = config.scale
+        self.dropout_p = config.dropout
+        self.variant = config.resolved_forward()
+        device = base.weight.device
+        self.spp_alpha = nn.Parameter(torch.empty(config.groups, in_features, dtype=torch.float32, device=device))
+        self.spp_beta = nn.Parameter(torch.zeros(out_features, dtype=torch.float32, device=device))
+        nn.init.kaiming_uniform_(self.spp_alpha, a=math.sqrt(5))  # U(-1/sqrt(in), 1/sqrt(in))
+
+    # Some model code reads `module.weight` / `.bias` (dtype checks, tied weights): answer with the base's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.base.weight, self.base.bias
+        if self.variant == "fused":
+            return _FusedLinear.apply(x, weight, bias, self.spp_alpha, self.spp_beta, self.scale)
+        result = F.linear(x, weight, bias)
+        xd = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
+        if self.variant == "naive":
+            delta = delta_weight(weight, self.spp_alpha, self.spp_beta).to(_compute_dtype(x))
+            branch = F.linear(xd.to(delta.dtype), delta) * self.scale
+        elif self.variant == "grouped":
+            branch = _GroupedBranch.apply(xd, weight, self.spp_alpha, self.spp_beta, self.scale)
+        else:
+            branch = _RecomputeBranch.apply(xd, weight, self.spp_alpha, self.spp_beta, self.scale)
+        return result + branch.to(result.dtype)
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """The base nn.Linear with W ← W ⊙ (1 + s·β·Rep(α)) written into it (fp32 math, W's dtype)."""
+        self.base.weight.copy_(merged_weight(self.base.weight, self.spp_alpha, self.spp_beta, self.scale))
+        return self.base
+
+    def extra_repr(self) -> str:
+        groups, in_features = self.spp_alpha.shape
+        return (f"in={in_features}, out={self.spp_beta.shape[0]}, groups={groups}, scale={self.scale}, "
+                f"dropout={self.dropout_p}, forward={self.variant}")
+
+
+# ---- model surgery ----
+
+
+def _resolve_targets(model: nn.Module, target_names: list[str]) -> list[str]:
+    """Full module names for `target_names`: exact names, or suffixes (PEFT-style `name.endswith(target)`)."""
+    modules = dict(model.named_modules())
+    resolved: list[str] = []
+    for target in target_names:
+        if target in modules:
+            hits = [target]
+        else:
+            hits = [n for n in modules if n.endswith("." + target)]
+        if not hits:
+            raise BadInput(f"target module {target!r} is not in the model: name a linear layer the model has")
+        for name in hits:
+            if not isinstance(modules[name], (nn.Linear, SPPLinear)):
+                raise BadInput(f"target {name} is a {type(modules[name]).__name__}, not nn.Linear: SPP adapts "
+                               "linear layers only; remove it from the targets")
+            if name not in resolved:
+                resolved.append(name)
+    return resolved
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def inject_spp(model: nn.Module, target_names: list[str], config: SPPConfig) -> dict[str, SPPLinear]:
+    """Replace the named nn.Linear modules by SPPLinear, in place; freeze every non-`spp_` parameter.
+
+    `target_names` are full module names (or PEFT-style suffixes such as "q_proj"). Layers already wrapped
+    are kept as they are. Returns {full module name: SPPLinear}. Raises BadInput on a layer whose
+    out_features is not divisible by config.groups.
+    """
+    config.validate()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    layers: dict[str, SPPLinear] = {}
+    for name in _resolve_targets(model, target_names):
+        module = model.get_submodule(name)
+        if not isinstance(module, SPPLinear):
+            module = SPPLinear(module, config, name=name)
+            _set_submodule(model, name, module)
+        layers[name] = module
+    for layer in layers.values():
+        layer.spp_alpha.requires_grad_(True)
+        layer.spp_beta.requires_grad_(True)
+    config.target_modules = list(layers)
+    return layers
+
+
+def spp_layers(model: nn.Module) -> dict[str, SPPLinear]:
+    """{full module name: SPPLinear} for every injected layer, in module order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, SPPLinear)}
+
+
+def merge_spp(model: nn.Module) -> None:
+    """Merge every SPP layer into its base weight in place and put the plain nn.Linear back.
+
+    Afterwards the model has its original module tree, so `save_pretrained` writes the original key names.
+    Under FSDP / ZeRO-3, call this on rank 0 on the full gathered (unwrapped) model, never on shards.
+    """
+    for name, layer in spp_layers(model).items():
+        _set_submodule(model, name, layer.merged_linear())
+
+
+def default_targets(model: nn.Module, manifest: dict | None) -> list[str]:
+    """The layers to adapt: the manifest's pruned layers if known, else every decoder linear with a zero.
+
+    Raises BadInput when nothing is pruned ("nothing to preserve").
+    """
+    if manifest and manifest.get("layers"):
+        return list(manifest["layers"])
+    try:
+        from pruners.sequential import prunable_linears
+
+        candidates = prunable_linears(model)
+    except ImportError:
+        candidates = _decoder_linears(model)
+    targets = [name for name, linear in candidates.items() if bool((linear.weight == 0).any())]
+    if not targets:
+        raise BadInput("nothing to preserve: the model has no zero weights in its decoder linears; "
+                       "prune first, or use --method lora")
+    return targets
+
+
+def _decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Fallback for pruners.sequential.prunable_linears: nn.Linear modules inside the decoder-block ModuleList."""
+    block_classes = set(getattr(model, "_no_split_modules", None) or [])
+    best_name, best_list = None, None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if type(module[0]).__name__ in block_classes or (best_list is None or len(module) > len(best_list)):
+                best_name, best_list = name, module
+                if type(module[0]).__name__ in block_classes:
+                    break
+    if best_list is None:
+        raise BadInput("no decoder blocks found: the model has no ModuleList of blocks; pass the targets explicitly")
+    return {f"{best_name}.{name}": module for name, module in best_list.named_modules()
+            if isinstance(module, nn.Linear)}
+
+
+# ---- adapter files (PEFT's layout) ----
+
+
+def _atomic_write_dir(target: Path, write) -> None:
+    """Run write(tmp_dir) in a temp dir next to `target`, then move it into place (old one removed after)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "dir")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{"<module>.spp_alpha": (G, in), "<module>.spp_beta": (out,)} as contiguous CPU tensors."""
+    state = {}
+    for name, layer in spp_layers(model).items():
+        state[f"{name}.spp_alpha"] = layer.spp_alpha.detach().cpu().contiguous().clone()
+        state[f"{name}.spp_beta"] = layer.spp_beta.detach().cpu().contiguous().clone()
+    return state
+
+
+def save_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, config: SPPConfig, *, base_path: str,
+                     base_manifest_sha256: str | None) -> None:
+    """Write adapter_dir/{adapter_config.json, adapter_model.safetensors} atomically (temp dir + rename).
+
+    The config records the base's manifest sha and the zeros_sha256 of every target, so a load onto a base
+    with another mask is refused. Call on rank 0 with the full (unwrapped) model.
+    """
+    from safetensors.torch import save_file
+
+    from spp_cli.masks_hash import zeros_sha256
+
+    layers = spp_layers(model)
+    if not layers:
+        raise BadInput("the model has no SPP layers to save: inject (or train) an adapter first")
+    adapter_config = {
+        "peft_type": "SPP",
+        "groups": config.groups,
+        "scale": config.scale,
+        "lora_alpha": config.lora_alpha,
+        "r": config.r,
+        "dropout": config.dropout,
+        "target_modules": list(layers),
+        "forward": config.forward,
+        "base_model_name_or_path": base_path,
+        "base_manifest_sha256": base_manifest_sha256,
+        "base_zeros_sha256": {name: zeros_sha256(layer.base.weight) for name, layer in layers.items()},
+    }
+    state = adapter_state_dict(model)
+
+    def write(tmp: Path) -> None:
+        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
+        save_file(state, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+
+    _atomic_write_dir(Path(adapter_dir), write)
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
+    """The adapter_config.json of an SPP adapter directory (BadInput when missing or not SPP)."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
+    if not path.is_file():
+        raise BadInput(f"{path} not found: point at a directory written by `spp finetune` (its adapter/ folder)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadInput(f"{path}: not valid JSON ({error}): the adapter directory is damaged") from None
+    if data.get("peft_type") != "SPP":
+        raise BadInput(f"{path}: peft_type is {data.get('peft_type')!r}, not 'SPP': this is not an SPP adapter")
+    return data
+
+
+def load_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *,
+                     base_manifest_sha256: str | None = None) -> SPPConfig:
+    """Inject SPP layers into `model` and load the adapter's α/β; returns the adapter's SPPConfig.
+
+    Refuses (BadInput) a base whose target zero masks (zeros_sha256) differ from those the adapter was trained
+    on, or whose manifest sha differs when both are known. Checks happen before the model is modified.
+    """
+    from safetensors.torch import load_file
+
+    from spp_cli.masks_hash import zeros_sha256
+
+    data = read_adapter_config(adapter_dir)
+    recorded_manifest = data.get("base_manifest_sha256")
+    if base_manifest_sha256 and recorded_manifest and base_manifest_sha256 != recorded_manifest:
+        raise BadInput(f"adapter {adapter_dir} was trained on base manifest {recorded_manifest[:12]}..., this base "
+                       f"is {base_manifest_sha256[:12]}...: load it onto {data.get('base_model_name_or_path')}")
+    targets = _resolve_targets(model, data["target_modules"])
+    for name in targets:
+        module = model.get_submodule(name)
+        weight = module.base.weight if isinstance(module, SPPLinear) else module.weight
+        expected = data.get("base_zeros_sha256", {}).get(name)
+        if expected is not None and zeros_sha256(weight) != expected:
+            raise BadInput(f"adapter {adapter_dir} does not fit this base: layer {name} has a different zero mask; "
+                           f"load it onto the model it was trained on ({data.get('base_model_name_or_path')})")
+    config = SPPConfig(groups=data["groups"], lora_alpha=data["lora_alpha"], r=data["r"], dropout=data["dropout"],
+                       target_modules=list(targets), forward=data.get("forward", "auto"))
+    weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise BadInput(f"{weights_path} not found: the adapter directory is incomplete")
+    state = load_file(str(weights_path))
+    layers = inject_spp(model, targets, config)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for key, parameter in ((f"{name}.spp_alpha", layer.spp_alpha), (f"{name}.spp_beta", layer.spp_beta)):
+                if key not in state or state[key].shape != parameter.shape:
+                    raise BadInput(f"{weights_path}: {key} is missing or has the wrong shape: the adapter is damaged")
+                parameter.copy_(state[key])
+    return config
+
+
+def config_dict(config: SPPConfig) -> dict:
+    """The SPPConfig as a plain dict, scale included (for manifests and logs)."""
+    return {**asdict(config), "scale": config.scale}

@@ -1,0 +1,165 @@
+"""Zero-shot tasks through lm-eval's Python API, with the model already in memory, online or from local files.
+
+Online, task names are lm-eval's own (boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa,
+piqa, its `wikitext` word perplexity, any other task it knows) and lm-eval downloads their datasets.
+
+Offline (`data_dir`), the eight tasks of BUNDLE_TASKS run from local files laid out like shared/data, through
+the task bundle in spp_cli/tasks/: lm-eval YAMLs with the same names, metrics and prompts as the built-in tasks,
+whose data paths are made absolute and written to a temporary directory at run time (`render_bundle`).
+
+HellaSwag caveat: the local hellaswag file (shared/data/SOURCES.md) was extracted by klosax, not by lm-eval's
+`process_docs`: the first word of ctx_b is not capitalized ("... on a roof. he" where lm-eval has "He") and
+18 of 10042 lines keep [bracketed] text that lm-eval deletes. Offline hellaswag scores are therefore close
+to, but not bit-identical with, lm-eval's `hellaswag`; results.json says so in results["hellaswag"]["note"]
+and in "notes" (the text comes from hellaswag.yaml's `metadata.spp_note`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from spp_cli.errors import BadInput
+
+BUNDLE_DIR = Path(__file__).parent / "tasks"
+BUNDLE_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
+# The seven tasks Wanda and SPP report; mean_acc_7 is the mean of their `acc` (not acc_norm).
+MEAN_ACC_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
+def bundle_templates(task: str) -> list[Path]:
+    """The bundle's YAMLs for `task`: `<task>.yaml` first, then its `<task>.<variant>.yaml` alternatives."""
+    return [BUNDLE_DIR / f"{task}.yaml", *sorted(BUNDLE_DIR.glob(f"{task}.*.yaml"))]
+
+
+def render_bundle_task(task: str, data_dir: str | os.PathLike) -> dict:
+    """The lm-eval config of one bundle task with absolute data paths (the first variant whose files exist).
+
+    Raises BadInput naming the missing file and --data-dir when no variant's files are in `data_dir`.
+    """
+    data_dir = Path(data_dir).resolve()
+    missing = []
+    for template in bundle_templates(task):
+        config = yaml.safe_load(template.read_text(encoding="utf-8"))
+        data_files = config["dataset_kwargs"]["data_files"]
+        absolute = {split: data_dir / relative for split, relative in data_files.items()}
+        absent = [str(path) for path in absolute.values() if not path.is_file()]
+        if not absent:
+            config["dataset_kwargs"]["data_files"] = {split: str(path) for split, path in absolute.items()}
+            return config
+        missing += absent
+    raise BadInput(
+        f"{task} needs {' or '.join(missing)}, which is missing: point --data-dir at a directory laid out "
+        "like shared/data (see its SOURCES.md)"
+    )
+
+
+def render_bundle(tasks: list[str], data_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, dict]:
+    """Write `out_dir/<task>.yaml` for each of `tasks` (absolute data paths); returns {task: config written}.
+
+    Usable with `TaskManager(include_path=out_dir)` or `lm_eval --include_path out_dir`: the tasks keep the
+    built-in names and override the built-in tasks.
+    """
+    configs = {}
+    for task in tasks:
+        configs[task] = render_bundle_task(task, data_dir)
+        text = yaml.safe_dump(configs[task], sort_keys=False, allow_unicode=True)
+        (Path(out_dir) / f"{task}.yaml").write_text(text, encoding="utf-8")
+    return configs
+
+
+@functools.cache
+def default_task_manager():
+    """lm-eval's TaskManager over its built-in tasks (indexing ~15k YAMLs takes seconds, so built once)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def lm_eval_task_names() -> list[str]:
+    """Every task, group and tag name lm-eval knows."""
+    return default_task_manager().all_tasks
+
+
+def run_zeroshot(
+    model,
+    tokenizer,
+    tasks: list[str],
+    *,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    batch_size: int = 1,
+) -> dict:
+    """Run lm-eval zero-shot `tasks` on an in-memory HF model; bundle tasks come from `data_dir` when given.
+
+    Names must already be validated (evaluate.resolve_tasks). The model stays on its device (lm-eval takes
+    `model.device`) and is put in eval mode; the tokenizer is copied, because lm-eval sets a pad token on it.
+    Returns {"results", "n-samples", "task_versions", "sources", "notes"}, results in lm-eval's layout
+    ({task: {"alias", "acc,none", "acc_stderr,none", ...}}).
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    bundle = [task for task in tasks if data_dir is not None and task in BUNDLE_TASKS]
+    online = [task for task in tasks if task not in bundle]
+    notes, sources = [], {}
+    with tempfile.TemporaryDirectory(prefix="spp-tasks-") as tmp:
+        configs = render_bundle(bundle, data_dir, tmp) if bundle else {}
+        for task, config in configs.items():
+            sources[task] = ", ".join(config["dataset_kwargs"]["data_files"].values())
+            if note := config.get("metadata", {}).get("spp_note"):
+                notes.append(f"{task}: {note}")
+        sources |= {task: "lm-eval built-in task (dataset from the Hub or the datasets cache)" for task in online}
+        # Bundle tasks go in as YAML paths, so a bundle-only run never indexes lm-eval's 15k built-in YAMLs.
+        specs = [str(Path(tmp) / f"{task}.yaml") if task in configs else task for task in tasks]
+        task_manager = default_task_manager() if online else TaskManager(include_defaults=False)
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        try:
+            output = lm_eval.simple_evaluate(
+                model=lm, tasks=specs, num_fewshot=0, limit=limit, log_samples=False, task_manager=task_manager
+            )
+        except ConnectionError as error:
+            raise BadInput(_download_failure(error, online)) from None
+    results = output["results"]
+    for task, config in configs.items():
+        if note := config.get("metadata", {}).get("spp_note"):
+            results[task]["note"] = note
+    return {
+        "results": results,
+        "n-samples": output["n-samples"],
+        "task_versions": output["versions"],
+        "sources": sources,
+        "notes": notes,
+    }
+
+
+def _download_failure(error: ConnectionError, online: list[str]) -> str:
+    """One line for a dataset lm-eval could not fetch: the local files that --data-dir would supply instead."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    local = [f"DIR/{_primary_data_file(task)}" for task in online if task in BUNDLE_TASKS]
+    if local:
+        return f"lm-eval could not download a dataset ({reason}): pass --data-dir DIR with {', '.join(local)}"
+    return (
+        f"lm-eval could not download a dataset ({reason}): {', '.join(online)} need the network or the datasets "
+        f"cache; only {', '.join(BUNDLE_TASKS)} run from --data-dir"
+    )
+
+
+def _primary_data_file(task: str) -> str:
+    """The data file of `<task>.yaml`, relative to the data directory (e.g. boolq/boolq.jsonl)."""
+    config = yaml.safe_load(bundle_templates(task)[0].read_text(encoding="utf-8"))
+    return ", ".join(config["dataset_kwargs"]["data_files"].values())
+
+
+def mean_acc_7(results: dict) -> float | None:
+    """Mean `acc` over MEAN_ACC_TASKS (Wanda's and SPP's seven tasks); None unless all seven are present."""
+    values = [results.get(task, {}).get("acc,none") for task in MEAN_ACC_TASKS]
+    if any(value is None for value in values):
+        return None
+    return float(sum(values) / len(values))

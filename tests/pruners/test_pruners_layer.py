@@ -1,0 +1,342 @@
+"""One nn.Linear at a time: magnitude, Wanda and SparseGPT against formulas and the reference solver (fp32)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pruners import CholeskyError, MagnitudePruner, SparseGPTPruner, WandaPruner, parse_pattern
+from pruners.sparsegpt import inverse_cholesky_upper
+from pruners.wanda import variant_mask, wanda_score
+
+
+def make_layer(rows, cols, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.Linear(cols, rows, bias=False)
+    return layer
+
+
+def make_inputs(cols, samples=16, tokens=32, seed=1, outliers=(3, 17)):
+    """(samples, tokens, cols) with a few large input channels, as real LLM activations have."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(samples, tokens, cols, generator=generator)
+    inputs *= torch.rand(cols, generator=generator) + 0.2
+    for channel in outliers:
+        inputs[..., channel] *= 50
+    return inputs
+
+
+def observe(pruner, inputs):
+    for sample in inputs:  # one sequence per call, as the references do
+        pruner.add_batch(sample.unsqueeze(0))
+
+
+def zeros(layer):
+    return (layer.weight == 0).numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reference code, transcribed from spec/pruners.md §1.2-1.4 and §2.1-2.2
+
+
+def reference_hessian(inputs):
+    cols = inputs.shape[-1]
+    hessian, nsamples = torch.zeros(cols, cols), 0
+    for sample in inputs:
+        inp = sample.reshape(-1, cols).t()
+        hessian *= nsamples / (nsamples + 1)
+        nsamples += 1
+        inp = math.sqrt(2 / nsamples) * inp.float()
+        hessian += inp.matmul(inp.t())
+    return hessian
+
+
+def reference_fasterprune(weight, hessian, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.01):
+    """SparseGPT's `fasterprune`, column by column, as the reference repository writes it."""
+    W = weight.clone().float()
+    H = hessian.clone()
+    rows, columns = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Losses = torch.zeros(rows)
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(columns)
+    H[diag, diag] += damp
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    H = torch.linalg.cholesky(H, upper=True)
+    Hinv = H
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        if prunen == 0:
+            tmp = W1**2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+            thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+            mask1 = tmp <= thresh
+        else:
+            mask1 = torch.zeros_like(W1) == 1
+        for i in range(count):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if prunen != 0 and i % prunem == 0:
+                tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            Losses1[:, i] = (w - q) ** 2 / d**2
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        Losses += torch.sum(Losses1, 1) / 2
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W, Losses
+
+
+def reference_wanda_variant(W_metric, sparsity_ratio):
+    def return_given_alpha(alpha, sort_res, W_metric, tmp_metric, sum_before):
+        thres_cumsum = sum_before * alpha
+        sort_mask = tmp_metric <= thres_cumsum.reshape((-1, 1))
+        thres = torch.gather(sort_res[0], dim=1, index=sort_mask.sum(dim=1, keepdims=True) - 1)
+        W_mask = W_metric <= thres
+        cur_sparsity = (W_mask == True).sum() / W_mask.numel()  # noqa: E712 (transcribed)
+        return W_mask, cur_sparsity
+
+    sort_res = torch.sort(W_metric, dim=-1, stable=True)
+    tmp_metric = torch.cumsum(sort_res[0], dim=1)
+    sum_before = W_metric.sum(dim=1)
+    alpha, alpha_hist = 0.4, [0.0, 0.8]
+    W_mask, cur_sparsity = return_given_alpha(alpha, sort_res, W_metric, tmp_metric, sum_before)
+    while (torch.abs(cur_sparsity - sparsity_ratio) > 0.001) and (alpha_hist[1] - alpha_hist[0] >= 0.001):
+        if cur_sparsity > sparsity_ratio:
+            alpha_new = (alpha + alpha_hist[0]) / 2.0
+            alpha_hist[1] = alpha
+        else:
+            alpha_new = (alpha + alpha_hist[1]) / 2.0
+            alpha_hist[0] = alpha
+        alpha = alpha_new
+        W_mask, cur_sparsity = return_given_alpha(alpha, sort_res, W_metric, tmp_metric, sum_before)
+    return W_mask
+
+
+def output_error(weight, pruned, inputs):
+    x = inputs.reshape(-1, inputs.shape[-1])
+    return float((x @ weight.t() - x @ pruned.t()).norm())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# magnitude
+
+
+def test_magnitude_unstructured_is_one_threshold_per_matrix():
+    layer = make_layer(48, 96)
+    absolute = layer.weight.detach().abs().numpy().copy()
+    report = MagnitudePruner(layer, "lin").prune(parse_pattern("unstructured", 0.6))
+    threshold = np.sort(absolute.ravel())[int(absolute.size * 0.6)]
+    assert np.array_equal(zeros(layer), absolute <= threshold)
+    assert report.sparsity == (int(absolute.size * 0.6) + 1) / absolute.size
+    assert report.error is None and report.damping is None
+
+
+def test_magnitude_nm_per_row_groups():
+    layer = make_layer(8, 32)
+    absolute = layer.weight.detach().abs().numpy().copy()
+    MagnitudePruner(layer, "lin").prune(parse_pattern("2:4"))
+    expected = np.zeros_like(absolute, dtype=bool)
+    for row in range(8):
+        for start in range(0, 32, 4):
+            expected[row, start + np.argsort(absolute[row, start:start + 4])[:2]] = True
+    assert np.array_equal(zeros(layer), expected)
+
+
+def test_magnitude_is_idempotent():
+    layer = make_layer(32, 64)
+    pattern = parse_pattern("unstructured", 0.5)
+    MagnitudePruner(layer, "lin").prune(pattern)
+    first = layer.weight.detach().clone()
+    MagnitudePruner(layer, "lin").prune(pattern)
+    assert torch.equal(first, layer.weight)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# wanda
+
+
+def wanda_formula_mask(weight, inputs, sparsity):
+    """|W_ij| * ||X_j||_2 over every token; per row, the int(c*s) smallest (stable argsort)."""
+    norms = np.sqrt((inputs.reshape(-1, inputs.shape[-1]).double().numpy() ** 2).sum(axis=0))
+    metric = np.abs(weight.double().numpy()) * norms[None, :]
+    count = int(weight.shape[1] * sparsity)
+    mask = np.zeros(metric.shape, dtype=bool)
+    for row in range(metric.shape[0]):
+        mask[row, np.argsort(metric[row], kind="stable")[:count]] = True
+    return mask
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.3, 0.75])
+def test_wanda_unstructured_equals_formula_with_exact_row_counts(sparsity):
+    layer, inputs = make_layer(40, 96), make_inputs(96)
+    weight = layer.weight.detach().clone()
+    pruner = WandaPruner(layer, "lin")
+    observe(pruner, inputs)
+    pruner.prune(parse_pattern("unstructured", sparsity))
+    assert np.array_equal(zeros(layer), wanda_formula_mask(weight, inputs, sparsity))
+    assert (zeros(layer).sum(axis=1) == int(96 * sparsity)).all()
+    # outlier channels make Wanda differ from magnitude
+    magnitude = make_layer(40, 96)
+    MagnitudePruner(magnitude, "lin").prune(parse_pattern("unstructured", sparsity))
+    assert (zeros(layer) != zeros(magnitude)).sum() > 100
+
+
+def test_wanda_statistics_match_reference_scaler_row():
+    layer, inputs = make_layer(8, 24), make_inputs(24, samples=5, outliers=())
+    pruner = WandaPruner(layer, "lin")
+    observe(pruner, inputs)
+    expected = (inputs.reshape(-1, 24) ** 2).sum(0) / 5  # (1/N_seq) * sum over tokens of x_j^2
+    assert torch.allclose(pruner.scaler_row, expected, rtol=1e-5)
+    assert pruner.nsamples == 5
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8)])
+def test_wanda_nm_groups_valid_and_equal_formula(n, m):
+    layer, inputs = make_layer(24, 64), make_inputs(64)
+    weight = layer.weight.detach().clone()
+    pruner = WandaPruner(layer, "lin")
+    observe(pruner, inputs)
+    pruner.prune(parse_pattern(f"{n}:{m}"))
+    norms = (inputs.reshape(-1, 64).double() ** 2).sum(0).sqrt().numpy()
+    metric = np.abs(weight.double().numpy()) * norms
+    expected = np.zeros(metric.shape, dtype=bool)
+    for row in range(24):
+        for start in range(0, 64, m):
+            expected[row, start + np.argsort(metric[row, start:start + m])[:n]] = True
+    assert np.array_equal(zeros(layer), expected)
+    assert (zeros(layer).reshape(24, -1, m).sum(-1) == n).all()
+
+
+def test_wanda_variant_equals_reference_loop():
+    layer, inputs = make_layer(32, 128), make_inputs(128)
+    pruner = WandaPruner(layer, "lin", use_variant=True)
+    observe(pruner, inputs)
+    score = wanda_score(layer.weight.detach(), pruner.scaler_row)
+    expected = reference_wanda_variant(score, 0.5)
+    pruner.prune(parse_pattern("unstructured", 0.5))
+    assert torch.equal(layer.weight == 0, expected)
+    assert abs(float(expected.float().mean()) - 0.5) <= 0.0011
+    assert len(set((layer.weight == 0).sum(1).tolist())) > 1  # rows differ, unlike the default rule
+
+
+def test_wanda_variant_row_with_nothing_under_alpha_prunes_nothing():
+    score = torch.tensor([[100.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    mask = variant_mask(score, 0.5)
+    assert mask.dtype == torch.bool and mask.shape == score.shape
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sparsegpt
+
+
+def run_sparsegpt(rows, cols, pattern, inputs=None, dead=()):
+    layer = make_layer(rows, cols)
+    if inputs is None:
+        inputs = make_inputs(cols)
+    inputs = inputs.clone()
+    for channel in dead:
+        inputs[..., channel] = 0
+    weight = layer.weight.detach().clone()
+    pruner = SparseGPTPruner(layer, "lin")
+    observe(pruner, inputs)
+    hessian = pruner.hessian.clone()
+    report = pruner.prune(pattern)
+    return layer, weight, hessian, inputs, report
+
+
+@pytest.mark.parametrize(
+    ("cols", "pattern", "sparsity", "dead"),
+    [
+        (256, "unstructured", 0.5, ()),
+        (256, "2:4", None, ()),
+        (256, "4:8", None, ()),
+        (200, "unstructured", 0.5, ()),
+        (200, "2:4", None, ()),
+        (192, "1:4", None, ()),
+        (256, "unstructured", 0.5, (5, 130)),
+        (160, "unstructured", 0.3, ()),
+    ],
+)
+def test_sparsegpt_equals_reference_solver(cols, pattern, sparsity, dead):
+    parsed = parse_pattern(pattern, sparsity)
+    layer, weight, hessian, inputs, report = run_sparsegpt(64, cols, parsed, dead=dead)
+    assert torch.allclose(hessian, reference_hessian(inputs), rtol=1e-5, atol=1e-4 * float(hessian.abs().max()))
+    expected, losses = reference_fasterprune(
+        weight, reference_hessian(inputs), parsed.sparsity,
+        prunen=parsed.n or 0, prunem=parsed.m or 0,
+    )
+    assert torch.equal(layer.weight == 0, expected == 0)
+    scale = float(expected.abs().max())
+    assert float((layer.weight - expected).abs().max()) <= 1e-5 * scale
+    assert report.error == pytest.approx(float(losses.sum()), rel=1e-4)
+    assert report.damping == 0.01
+    for channel in dead:
+        assert (layer.weight[:, channel] == 0).all()
+
+
+def test_sparsegpt_unstructured_zero_count_per_block():
+    layer, _, _, _, report = run_sparsegpt(128, 256, parse_pattern("unstructured", 0.5))
+    assert int((layer.weight == 0).sum()) == 2 * 8193  # int(128*128*0.5)+1 per 128-column block
+    layer, _, _, _, _ = run_sparsegpt(64, 200, parse_pattern("unstructured", 0.5))
+    assert int((layer.weight == 0).sum()) == (int(64 * 128 * 0.5) + 1) + (int(64 * 72 * 0.5) + 1)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(pattern):
+    parsed = parse_pattern(pattern, 0.5)
+    inputs = make_inputs(128, samples=24)
+    errors = {}
+    for name, pruner_class in [("magnitude", MagnitudePruner), ("wanda", WandaPruner),
+                               ("sparsegpt", SparseGPTPruner)]:
+        layer = make_layer(64, 128)
+        weight = layer.weight.detach().clone()
+        pruner = pruner_class(layer, "lin")
+        observe(pruner, inputs)
+        pruner.prune(parsed)
+        errors[name] = output_error(weight, layer.weight.detach(), inputs)
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"]
+
+
+def test_sparsegpt_casts_back_to_layer_dtype():
+    layer = make_layer(32, 128).to(torch.bfloat16)
+    pruner = SparseGPTPruner(layer, "lin")
+    observe(pruner, make_inputs(128).to(torch.bfloat16))
+    assert pruner.hessian.dtype == torch.float32
+    pruner.prune(parse_pattern("2:4"))
+    assert layer.weight.dtype == torch.bfloat16
+    assert ((layer.weight == 0).reshape(32, -1, 4).sum(-1) == 2).all()
+
+
+def test_cholesky_retries_with_more_damping_then_fails():
+    generator = torch.Generator().manual_seed(3)
+    basis, _ = torch.linalg.qr(torch.randn(32, 32, generator=generator))
+    eigenvalues = torch.ones(32)
+    eigenvalues[0] = -0.05  # 1% damping leaves it indefinite, 10% does not
+    hessian = basis @ torch.diag(eigenvalues) @ basis.t()
+    upper, damping = inverse_cholesky_upper(hessian.clone())
+    assert damping == pytest.approx(0.1)
+    assert torch.allclose(upper.t() @ upper, torch.linalg.inv(hessian + 0.1 * hessian.diagonal().mean() * torch.eye(32)),
+                          atol=1e-4)
+    layer = make_layer(8, 32)
+    pruner = SparseGPTPruner(layer, "model.layers.3.mlp.up_proj")
+    pruner.hessian = torch.full((32, 32), float("nan"))
+    pruner.nsamples = 1
+    with pytest.raises(CholeskyError, match=r"model\.layers\.3\.mlp\.up_proj") as caught:
+        pruner.prune(parse_pattern("unstructured", 0.5))
+    assert isinstance(caught.value, RuntimeError)
