@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -115,15 +116,42 @@ def unstructured_threshold_mask(score: torch.Tensor, sparsity: float) -> torch.T
     """
     flat = score.reshape(-1)
     k = int(flat.numel() * sparsity)  # index into the ascending sort, as the reference computes it
-    threshold = torch.kthvalue(flat, k + 1).values  # == sort(flat)[k], without a full sort
-    return score <= threshold
+    return score <= kth_smallest(flat, k)
+
+
+def kth_smallest(values: torch.Tensor, k: int, dim: int = 0) -> torch.Tensor:
+    """sort(values, dim)[k] along `dim` (0-based k) without a full sort; `dim` removed from the shape.
+
+    On CPU numpy's introselect is ~20x faster than torch.kthvalue; bfloat16 is widened to float32 first
+    (exact and order-preserving).
+    """
+    if values.device.type != "cpu":
+        return torch.kthvalue(values, k + 1, dim=dim).values
+    values = values.detach()
+    array = (values.float() if values.dtype == torch.bfloat16 else values).numpy()
+    return torch.from_numpy(np.asarray(np.take(np.partition(array, k, axis=dim), k, axis=dim)))
 
 
 def per_row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune exactly int(cols*sparsity) entries per row: the lowest scores, ties broken by column (stable)."""
-    count = int(score.shape[1] * sparsity)
-    order = torch.sort(score, dim=-1, stable=True).indices[:, :count]
-    return torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter_(1, order, True)
+    """Prune exactly int(cols*sparsity) entries per row: the lowest scores, ties broken by column.
+
+    The same mask as taking the first int(cols*sparsity) indices of a stable ascending sort of each row (the
+    reference), found with a selection instead of a sort: everything below the row's k-th smallest value, then
+    as many of the entries equal to it as there is room for, leftmost first.
+    """
+    rows, cols = score.shape
+    count = int(cols * sparsity)
+    if count == 0:
+        return torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+    kth = kth_smallest(score, count - 1, dim=1).reshape(rows, 1)
+    below = score < kth
+    tied = score == kth
+    room = count - below.sum(dim=1, keepdim=True)  # >= 1, and <= the number of ties in the row
+    crowded = (tied.sum(dim=1, keepdim=True) > room).reshape(-1).nonzero().reshape(-1)
+    if crowded.numel():  # keep only the leftmost `room` ties in those rows
+        some = tied[crowded]
+        tied[crowded] = some & (torch.cumsum(some, dim=1, dtype=torch.int32) <= room[crowded])
+    return below | tied
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:

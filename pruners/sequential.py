@@ -233,7 +233,7 @@ def _block_outputs(block: nn.Module, inputs: torch.Tensor, calls: list[tuple[tup
                    device: torch.device, after_batch: Callable[[], None] | None = None
                    ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield (batch slice, block output on `device`) for every batch; a batch stopped by a hook yields nothing."""
-    for batch, (args, kwargs) in zip(batches, calls):
+    for batch, (args, kwargs) in zip(batches, calls, strict=True):
         try:
             out = block(inputs[batch].to(device), *args, **kwargs)
         except _StopForward:

@@ -8,10 +8,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from spp_cli.errors import SppError
+
+try:  # recent Typer vendors its own Click; older releases use the click package
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import UsageError
 
 app = typer.Typer(
     name="spp",
@@ -278,13 +282,15 @@ def run_cli(argv: list[str] | None = None) -> int:
     try:
         result = command.main(args=argv, prog_name="spp", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as exit_:
+    except typer.Exit as exit_:
         return exit_.exit_code
-    except click.UsageError as error:
+    except UsageError as error:
+        if not error.format_message().strip():  # `spp` alone: the help was shown, nothing went wrong
+            return 0
         where = f"spp {error.ctx.info_name}" if error.ctx and error.ctx.info_name != "spp" else "spp"
         sys.stderr.write(f"spp: error: {_one_line(error.format_message())} (see '{where} --help')\n")
         return 2
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         sys.stderr.write("spp: interrupted: rerun the same command to resume\n")
         return 130
     except SppError as error:

@@ -19,8 +19,7 @@ import difflib
 import os
 from pathlib import Path
 
-import torch
-
+from spp_cli.environment import resolve_device
 from spp_cli.errors import BadInput
 from spp_cli.perplexity import check_available, perplexity_stream, token_perplexity
 from spp_cli.zeroshot import BUNDLE_TASKS, lm_eval_task_names, mean_acc_7, render_bundle_task, run_zeroshot
@@ -97,10 +96,11 @@ def resolve_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
 
     Raises BadInput for an empty list or an unknown name, suggesting close names (spp's and lm-eval's).
     """
-    if not tasks:
+    names = [name.strip() for name in tasks if name.strip()]
+    if not names:
         raise BadInput("no tasks given: pass e.g. --tasks wikitext2,boolq")
     perplexity, zeroshot = [], []
-    for task in dict.fromkeys(name.strip() for name in tasks):
+    for task in dict.fromkeys(names):
         if task in PERPLEXITY_TASKS or task.startswith("ppl:"):
             if task == "ppl:":
                 raise BadInput("task ppl: needs a source: use ppl:SOURCE, e.g. ppl:builtin:python-docs:test")
@@ -152,16 +152,6 @@ def resolve_seqlen(config, seqlen: int | None) -> int:
     if limit is not None and seqlen > limit:
         raise BadInput(f"--seqlen {seqlen} exceeds the model's {limit} positions: use --seqlen {limit} or less")
     return seqlen
-
-
-def resolve_device(device) -> torch.device:
-    """"auto" -> cuda if available else cpu; anything torch.device accepts otherwise (BadInput if not)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise BadInput(f"--device {device} is not a device: use auto, cpu or cuda[:i]") from None
 
 
 def format_metric_label(task: str, seqlen: int | None = None) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from spp_cli.data import read_texts, token_stream
 from spp_cli.errors import BadInput
 
 PROTOCOL = "token, non-overlapping windows"
@@ -100,11 +101,6 @@ def token_perplexity(
     return {"value": value, "windows": nsamples, "seqlen": seqlen, "protocol": PROTOCOL, "tokens": total_tokens}
 
 
-def tokenize_once(tokenizer, text: str) -> torch.LongTensor:
-    """The whole text in ONE tokenizer call -> [1, L] (BOS only at the start, if the tokenizer adds one)."""
-    return tokenizer(text, return_tensors="pt", verbose=False).input_ids
-
-
 def check_available(task: str, data_dir: str | os.PathLike | None) -> None:
     """BadInput now if `wikitext2`/`c4` cannot be read: the local file is missing, or offline without data_dir."""
     if task in _LOCAL_FILES:
@@ -117,18 +113,15 @@ def check_available(task: str, data_dir: str | os.PathLike | None) -> None:
             )
 
 
-def wikitext2_text(data_dir: str | os.PathLike | None) -> tuple[str, str]:
-    """WikiText-2 raw test rows joined with "\\n\\n" (the exact string GPTQ/SparseGPT/Wanda tokenize), and its source.
-
-    From DATA_DIR/wikitext-2-raw-v1/test.jsonl (rows {"text"}) when `data_dir` is given, else from the Hub.
-    """
+def wikitext2_rows(data_dir: str | os.PathLike | None) -> tuple[list[str], str]:
+    """The 4358 WikiText-2 raw test rows, empty ones included (joined with "\\n\\n" they are the exact string
+    GPTQ/SparseGPT/Wanda tokenize), and their source: DATA_DIR/wikitext-2-raw-v1/test.jsonl, else the Hub."""
     if data_dir is not None:
         path = _local_file("wikitext2", data_dir)
-        return "\n\n".join(_read_jsonl_texts(path)), str(path)
+        return _read_jsonl_texts(path), str(path)
     check_available("wikitext2", None)
     name, config, split = WIKITEXT2_HUB
-    rows = _load_hub_texts("wikitext2", name, config, split=split)
-    return "\n\n".join(rows), f"hf:{name}/{config}:{split}"
+    return _load_hub_texts("wikitext2", name, config, split=split), f"hf:{name}/{config}:{split}"
 
 
 def c4_stream(tokenizer, seqlen: int, data_dir: str | os.PathLike | None) -> tuple[torch.LongTensor, str]:
@@ -149,29 +142,24 @@ def c4_stream(tokenizer, seqlen: int, data_dir: str | os.PathLike | None) -> tup
         check_available("c4", None)
         dataset = _load_hub_texts("c4", "allenai/c4", None, data_files={"validation": C4_SHARD}, split="validation")
         texts, source = dataset[:C4_DOCUMENTS], f"hf:allenai/c4/{C4_SHARD}"
-    stream = tokenize_once(tokenizer, " ".join(texts))[:, : C4_WINDOWS * seqlen]
-    return stream, source
-
-
-def source_text(source: str) -> str:
-    """Documents of any spp data source (spp_cli.data.read_texts), joined with "\\n\\n"."""
-    from spp_cli.data import read_texts
-
-    return "\n\n".join(read_texts(source))
+    return token_stream(tokenizer, texts, joiner=" ")[:, : C4_WINDOWS * seqlen], source
 
 
 def perplexity_stream(task: str, tokenizer, seqlen: int, data_dir=None) -> tuple[torch.LongTensor, str]:
-    """The token stream [1, L] for a perplexity task (`wikitext2`, `c4`, `ppl:SOURCE`) and where it came from."""
+    """The token stream [1, L] for a perplexity task (`wikitext2`, `c4`, `ppl:SOURCE`) and where it came from.
+
+    The text is tokenized in ONE call (spp_cli.data.token_stream), so a BOS appears only at the very start.
+    `ppl:SOURCE` takes the documents of spp_cli.data.read_texts(SOURCE) (empty ones dropped) joined with "\\n\\n".
+    """
     if task == "wikitext2":
-        text, source = wikitext2_text(data_dir)
-    elif task == "c4":
+        rows, source = wikitext2_rows(data_dir)
+        return token_stream(tokenizer, rows, joiner="\n\n"), source
+    if task == "c4":
         return c4_stream(tokenizer, seqlen, data_dir)
-    elif task.startswith("ppl:"):
+    if task.startswith("ppl:"):
         source = task[len("ppl:") :]
-        text = source_text(source)
-    else:
-        raise ValueError(f"not a perplexity task: {task}")
-    return tokenize_once(tokenizer, text), source
+        return token_stream(tokenizer, read_texts(source), joiner="\n\n"), source
+    raise ValueError(f"not a perplexity task: {task}")
 
 
 def _read_jsonl_texts(path: Path) -> list[str]:
@@ -183,6 +171,20 @@ def _read_jsonl_texts(path: Path) -> list[str]:
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise BadInput(f"{path} line {number}: expected a JSON object with \"text\" ({error})") from None
     return texts
+
+
+def download_errors() -> tuple[type[BaseException], ...]:
+    """What `datasets`/`huggingface_hub` raise when a dataset cannot be fetched (offline, no network, not found)."""
+    import datasets
+    import huggingface_hub.errors
+
+    errors = [ConnectionError, datasets.exceptions.DatasetNotFoundError, huggingface_hub.errors.LocalEntryNotFoundError]
+    for module_name, class_name in (("requests", "ConnectionError"), ("httpx", "TransportError")):
+        try:
+            errors.append(getattr(__import__(module_name), class_name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 def _local_file(task: str, data_dir: str | os.PathLike) -> Path:
@@ -202,7 +204,7 @@ def _load_hub_texts(task: str, name: str, config: str | None, **kwargs) -> list[
 
     try:
         return datasets.load_dataset(name, config, **kwargs)["text"]
-    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+    except download_errors() as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise BadInput(
             f"{task}: could not load {name} ({reason}): pass --data-dir DIR with DIR/{_LOCAL_FILES[task][0]}"

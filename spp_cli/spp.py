@@ -11,11 +11,13 @@ W ← W ⊙ (1 + s·M), so every zero of W stays zero.
 
 Forward variants (`SPPConfig.forward`), all the same function of the parameters:
 - "naive":     builds M and ΔW in the autograd graph (the reference; keeps out×in tensors for backward).
-- "recompute": a custom autograd function; ΔW is rebuilt in backward instead of saved (5 GEMMs per layer).
-- "grouped":   a custom autograd function that saves u = D(x)(W⊙Rep α)ᵀ and takes the α/input gradients
-               from one per-group product (h_g W_g, h = g·β) instead of the dense gᵀD(x) (4 GEMMs per layer).
-- "fused":     y = x (W ⊙ (1 + s·M))ᵀ + b in one GEMM; exact only without dropout on the branch.
-- "auto":      "fused" when dropout is 0, else the fastest exact faithful variant (FAITHFUL_DEFAULT).
+- "recompute": one custom autograd function for the whole layer; ΔW is rebuilt in backward instead of kept
+               (2 GEMMs forward, 3 backward; nothing out×in is saved). The faithful default.
+- "fused":     y = x (W ⊙ (1 + s·M))ᵀ + b in one GEMM (1 forward, 2 backward); exact only without dropout on
+               the branch, so it requires dropout 0.
+- "auto":      "fused" when dropout is 0, else "recompute".
+A per-group form (spec §1.2: concat_g[(x ⊙ α_g) W_gᵀ] ⊙ β, with a per-group backward) was measured too: 3-10×
+slower than "recompute" on CPU (G small GEMMs plus G·B·in elementwise passes), so it is not offered.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import nn
 
 from spp_cli.errors import BadInput
 
-FORWARD_VARIANTS = ("auto", "naive", "recompute", "grouped", "fused")
+FORWARD_VARIANTS = ("auto", "naive", "recompute", "fused")
 FAITHFUL_DEFAULT = "recompute"  # fastest exact variant with dropout on CPU fp32 (see scripts/bench_finetune.py)
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -114,79 +116,53 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _alpha_beta_grads(grad_delta: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor,
                       beta: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of α (G, in) and β (out,) from P = ∂L/∂(s·ΔW) (out, in), all fp32.
+    """Gradients of α (G, in) and β (out,) from P = ∂L/∂ΔW' (out, in), where the layer uses s·ΔW' = s·W⊙β⊙Rep(α).
 
-    ∂α_g = s Σ_{i∈g} P_ij W_ij β_i ;  ∂β_i = s Σ_j P_ij W_ij Rep(α)_ij
+    ∂α_g = s Σ_{i∈g} P_ij W_ij β_i ;  ∂β_i = s Σ_j P_ij W_ij Rep(α)_ij     (overwrites grad_delta)
     """
     groups = alpha.shape[0]
     out_features, in_features = weight.shape
-    pw = (grad_delta.float() * weight.float()).view(groups, out_features // groups, in_features)
-    grad_alpha = (pw * beta.float().view(groups, -1, 1)).sum(1) * scale
-    grad_beta = (pw * alpha.float()[:, None, :]).sum(-1).reshape(out_features) * scale
+    pw = grad_delta.float().mul_(weight).view(groups, out_features // groups, in_features)  # (G, out/G, in)
+    grad_alpha = torch.bmm(pw.transpose(1, 2), beta.float().view(groups, -1, 1)).squeeze(-1) * scale
+    grad_beta = torch.bmm(pw, alpha.float().unsqueeze(-1)).reshape(out_features) * scale
     return grad_alpha.to(alpha.dtype), grad_beta.to(beta.dtype)
 
 
-class _RecomputeBranch(torch.autograd.Function):
-    """s · xd ΔWᵀ with ΔW rebuilt in backward instead of kept (peak: one out×in temp at a time).
+class _SPPLinearFunction(torch.autograd.Function):
+    """y = x Wᵀ + b + s · xd ΔWᵀ, ΔW = W ⊙ β ⊙ Rep(α), with ΔW rebuilt in backward instead of kept.
 
-    forward: 1 GEMM; backward: ∂xd = s·g ΔW and P = gᵀ xd (2 GEMMs) reduced against W for ∂α, ∂β.
+    xd is the dropped-out branch input (x itself without dropout). Saved for backward: xd and the parameters,
+    never an out×in tensor. forward: 2 GEMMs; backward: ∂x = g W, ∂xd = s·g ΔW, P = gᵀ xd (3 GEMMs), then
+    P is reduced against W for ∂α, ∂β.
     """
 
     @staticmethod
-    def forward(ctx, xd, weight, alpha, beta, scale):
-        dtype = _compute_dtype(xd)
+    def forward(ctx, x, xd, weight, bias, alpha, beta, scale):
+        dtype = _compute_dtype(x)
         delta = scaled_by_groups(weight, alpha).mul_(beta.float()[:, None]).to(dtype)  # ΔW, freed on return
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        out = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
+        out.addmm_(xd.reshape(-1, xd.shape[-1]).to(dtype), delta.t(), alpha=scale)
         ctx.save_for_backward(xd, weight, alpha, beta)
-        ctx.scale, ctx.dtype = scale, dtype
-        return F.linear(xd.to(dtype), delta) * scale
+        ctx.scale, ctx.dtype, ctx.x_dtype = scale, dtype, x.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         xd, weight, alpha, beta = ctx.saved_tensors
         scale, dtype = ctx.scale, ctx.dtype
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (B, out)
-        grad_xd = grad_alpha = grad_beta = None
+        grad_x = grad_xd = grad_alpha = grad_beta = None
         if ctx.needs_input_grad[0]:
-            delta = scaled_by_groups(weight, alpha).mul_(beta.float()[:, None]).to(dtype)
-            grad_xd = (grad_out.to(dtype) @ delta).mul_(scale).to(xd.dtype)
+            grad_x = (g @ weight.to(dtype)).view(*grad_out.shape[:-1], -1).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            delta = scaled_by_groups(weight, alpha).mul_(beta.float()[:, None] * scale).to(dtype)
+            grad_xd = (g @ delta).view_as(xd).to(xd.dtype)
             del delta
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            p = g.t() @ xd.reshape(-1, xd.shape[-1]).to(dtype)  # (out, in) = ∂L/∂(s·ΔW)/s
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            p = g.t() @ xd.reshape(-1, xd.shape[-1]).to(dtype)  # (out, in) = ∂L/∂ΔW / s
             grad_alpha, grad_beta = _alpha_beta_grads(p, weight, alpha, beta, scale)
-        return grad_xd, None, grad_alpha, grad_beta, None
-
-
-class _GroupedBranch(torch.autograd.Function):
-    """s · β ⊙ (xd (W⊙Rep α)ᵀ) saving u = xd (W⊙Rep α)ᵀ (B × out) for ∂β.
-
-    backward: v_g = (g·β)_g W_g per group (one bmm, the cost of one GEMM) gives both
-    ∂xd = s Σ_g α_g ⊙ v_g and ∂α_g = s Σ_t xd_t ⊙ v_g,t; ∂β = s Σ_t g ⊙ u.
-    """
-
-    @staticmethod
-    def forward(ctx, xd, weight, alpha, beta, scale):
-        dtype = _compute_dtype(xd)
-        u = F.linear(xd.to(dtype), scaled_by_groups(weight, alpha).to(dtype))  # (..., out)
-        ctx.save_for_backward(xd, u, weight, alpha, beta)
-        ctx.scale, ctx.dtype = scale, dtype
-        return u * (beta.to(dtype) * scale)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        xd, u, weight, alpha, beta = ctx.saved_tensors
-        scale, dtype = ctx.scale, ctx.dtype
-        groups = alpha.shape[0]
-        out_features, in_features = weight.shape
-        g = grad_out.reshape(-1, out_features).to(dtype)  # (B, out)
-        x2 = xd.reshape(-1, in_features).to(dtype)  # (B, in)
-        grad_beta = ((g.float() * u.reshape(-1, out_features).float()).sum(0) * scale).to(beta.dtype)
-        h = (g * beta.to(dtype)).view(-1, groups, out_features // groups).transpose(0, 1)  # (G, B, out/G)
-        v = torch.bmm(h, weight.to(dtype).view(groups, out_features // groups, in_features))  # (G, B, in)
-        grad_alpha = (torch.einsum("gbi,bi->gi", v.float(), x2.float()) * scale).to(alpha.dtype)
-        grad_xd = None
-        if ctx.needs_input_grad[0]:
-            grad_xd = (torch.einsum("gbi,gi->bi", v, alpha.to(dtype)) * scale).view_as(xd).to(xd.dtype)
-        return grad_xd, None, grad_alpha, grad_beta, None
+        return grad_x, grad_xd, None, None, grad_alpha, grad_beta, None
 
 
 def _merged_for_matmul(weight, alpha, beta, scale, dtype):
@@ -271,16 +247,13 @@ class SPPLinear(nn.Module):
         weight, bias = self.base.weight, self.base.bias
         if self.variant == "fused":
             return _FusedLinear.apply(x, weight, bias, self.spp_alpha, self.spp_beta, self.scale)
-        result = F.linear(x, weight, bias)
         xd = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
-        if self.variant == "naive":
-            delta = delta_weight(weight, self.spp_alpha, self.spp_beta).to(_compute_dtype(x))
-            branch = F.linear(xd.to(delta.dtype), delta) * self.scale
-        elif self.variant == "grouped":
-            branch = _GroupedBranch.apply(xd, weight, self.spp_alpha, self.spp_beta, self.scale)
-        else:
-            branch = _RecomputeBranch.apply(xd, weight, self.spp_alpha, self.spp_beta, self.scale)
-        return result + branch.to(result.dtype)
+        if self.variant == "recompute":
+            return _SPPLinearFunction.apply(x, xd, weight, bias, self.spp_alpha, self.spp_beta, self.scale)
+        # "naive", the reference: ΔW is built in the autograd graph (and kept for backward)
+        result = F.linear(x, weight, bias)
+        delta = delta_weight(weight, self.spp_alpha, self.spp_beta).to(_compute_dtype(x))
+        return result + (F.linear(xd.to(delta.dtype), delta) * self.scale).to(result.dtype)
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from spp_cli.errors import BadInput
+from spp_cli.perplexity import download_errors
 
 BUNDLE_DIR = Path(__file__).parent / "tasks"
 BUNDLE_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
@@ -97,7 +98,7 @@ def run_zeroshot(
 ) -> dict:
     """Run lm-eval zero-shot `tasks` on an in-memory HF model; bundle tasks come from `data_dir` when given.
 
-    Names must already be validated (evaluate.resolve_tasks). The model stays on its device (lm-eval takes
+    Names must already be validated (evaluate.validate_tasks). The model stays on its device (lm-eval takes
     `model.device`) and is put in eval mode; the tokenizer is copied, because lm-eval sets a pad token on it.
     Returns {"results", "n-samples", "task_versions", "sources", "notes"}, results in lm-eval's layout
     ({task: {"alias", "acc,none", "acc_stderr,none", ...}}).
@@ -108,14 +109,8 @@ def run_zeroshot(
 
     bundle = [task for task in tasks if data_dir is not None and task in BUNDLE_TASKS]
     online = [task for task in tasks if task not in bundle]
-    notes, sources = [], {}
     with tempfile.TemporaryDirectory(prefix="spp-tasks-") as tmp:
         configs = render_bundle(bundle, data_dir, tmp) if bundle else {}
-        for task, config in configs.items():
-            sources[task] = ", ".join(config["dataset_kwargs"]["data_files"].values())
-            if note := config.get("metadata", {}).get("spp_note"):
-                notes.append(f"{task}: {note}")
-        sources |= {task: "lm-eval built-in task (dataset from the Hub or the datasets cache)" for task in online}
         # Bundle tasks go in as YAML paths, so a bundle-only run never indexes lm-eval's 15k built-in YAMLs.
         specs = [str(Path(tmp) / f"{task}.yaml") if task in configs else task for task in tasks]
         task_manager = default_task_manager() if online else TaskManager(include_defaults=False)
@@ -124,12 +119,15 @@ def run_zeroshot(
             output = lm_eval.simple_evaluate(
                 model=lm, tasks=specs, num_fewshot=0, limit=limit, log_samples=False, task_manager=task_manager
             )
-        except ConnectionError as error:
+        except download_errors() as error:
             raise BadInput(_download_failure(error, online)) from None
-    results = output["results"]
+    results, notes = output["results"], []
+    sources = {task: "lm-eval built-in task (dataset from the Hub or the datasets cache)" for task in online}
     for task, config in configs.items():
-        if note := config.get("metadata", {}).get("spp_note"):
+        sources[task] = ", ".join(config["dataset_kwargs"]["data_files"].values())
+        if note := config.get("metadata", {}).get("spp_note"):  # e.g. hellaswag's preprocessing caveat
             results[task]["note"] = note
+            notes.append(f"{task}: {note}")
     return {
         "results": results,
         "n-samples": output["n-samples"],
@@ -139,7 +137,7 @@ def run_zeroshot(
     }
 
 
-def _download_failure(error: ConnectionError, online: list[str]) -> str:
+def _download_failure(error: Exception, online: list[str]) -> str:
     """One line for a dataset lm-eval could not fetch: the local files that --data-dir would supply instead."""
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     local = [f"DIR/{_primary_data_file(task)}" for task in online if task in BUNDLE_TASKS]

@@ -33,3 +33,46 @@ def run_spp(argv: list[str], capsys) -> tuple[int, str, str]:
     code = run_cli([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def make_tokenizer(vocab_size: int = 256):
+    """A small byte-level BPE tokenizer trained in a blink on a fixed text (BOS prepended, like LLaMA's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    text = ["The quick brown fox jumps over the lazy dog. " * 4, "def function(argument): return value\n" * 4]
+    tokenizer.train_from_iterator(text, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def make_llama(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 320, dtype=None):
+    """A random-init tiny LLaMA (hidden 64, 2 blocks) built from a config."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    return model.to(dtype) if dtype is not None else model
+
+
+@pytest.fixture
+def random_model_dir(tmp_path):
+    """A saved random tiny LLaMA (fp32 safetensors + tokenizer): a stand-in user checkpoint."""
+    directory = tmp_path / "random-llama"
+    make_llama().save_pretrained(directory)
+    make_tokenizer().save_pretrained(directory)
+    return directory

@@ -67,6 +67,7 @@ def test_all_eight_tasks_run_offline_with_limit(tiny, offline):
     assert "not bit-identical" in result["results"]["hellaswag"]["note"]
     assert any(note.startswith("hellaswag:") for note in result["notes"])
     assert result["perplexity"] == {}
+    assert json.loads(json.dumps(result)) == result  # plain JSON, no numpy or custom types
 
 
 # ------------------------------------------------------------ prompts equal to lm-eval's built-in tasks

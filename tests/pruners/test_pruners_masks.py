@@ -77,6 +77,17 @@ def test_per_row_mask_exact_count_and_stable_ties():
     assert tied[0].tolist() == [True] * 4 + [False] * 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_per_row_mask_equals_stable_sort_under_heavy_ties(dtype, sparsity):
+    score = torch.randint(0, 5, (20, 48), generator=torch.Generator().manual_seed(4)).to(dtype)
+    count = int(48 * sparsity)
+    expected = np.zeros((20, 48), dtype=bool)
+    for row in range(20):
+        expected[row, np.argsort(score[row].float().numpy(), kind="stable")[:count]] = True
+    assert np.array_equal(per_row_mask(score, sparsity).numpy(), expected)
+
+
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8), (1, 4), (3, 8)])
 def test_nm_mask_matches_group_formula(n, m):
     score = torch.rand(12, 64, generator=torch.Generator().manual_seed(2))

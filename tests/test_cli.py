@@ -1,0 +1,67 @@
+"""The CLI frame: every command is there, errors are one line with the right exit code, --help is quick."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, run_spp
+
+COMMANDS = ("prune", "finetune", "merge", "eval", "run", "verify", "report", "env")
+
+
+def test_help_lists_every_command_with_examples(capsys):
+    code, out, _ = run_spp(["--help"], capsys)
+    assert code == 0
+    for command in COMMANDS:
+        assert command in out
+    for command in COMMANDS:
+        code, out, _ = run_spp([command, "--help"], capsys)
+        assert code == 0 and "Example" in out, command
+
+
+def test_help_answers_without_importing_torch():
+    """`spp --help` must stay fast: heavy libraries are imported inside the commands."""
+    code = "import sys; from spp_cli.cli import run_cli; run_cli(['--help']); print(sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules))"
+    started = time.time()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert time.time() - started < 10  # generous for a loaded CI machine; typically ~0.3 s
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prune"], "Missing argument 'model'"),
+        (["prune", "m", "--method", "pruneit", "--out", "o"], "'pruneit' is not one of"),
+        (["prune", "m", "--method", "wanda", "--out", "o", "--sparsity", "abc"], "Invalid value for '--sparsity'"),
+        (["bogus"], "No such command 'bogus'"),
+        (["eval", "m", "--out", "r.json", "--nope"], "No such option: --nope"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_2(capsys, argv, message):
+    code, _, err = run_spp(argv, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("spp: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_version_and_env(capsys):
+    code, out, _ = run_spp(["--version"], capsys)
+    assert code == 0 and out.startswith("spp 0.")
+    code, out, _ = run_spp(["env", "--format", "json"], capsys)
+    assert code == 0 and '"torch"' in out
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    env = {"SPP_DEBUG": "1", "PATH": "", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "spp_cli", "verify", str(tmp_path / "missing")],
+        capture_output=True, text=True, cwd=REPO, env=env,
+    )
+    assert result.returncode != 0 and "Traceback" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "spp_cli", "verify", str(tmp_path / "missing")],
+        capture_output=True, text=True, cwd=REPO, env={"PATH": "", "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "has no spp.json" in result.stderr

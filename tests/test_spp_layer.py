@@ -1,0 +1,245 @@
+"""The SPP layer (spec/spp-method.md §1): initial identity, forward variants against the naive reference,
+merge exactness and zero preservation. Also holds the tiny-model helpers the other SPP tests import."""
+
+import functools
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from spp_cli.errors import BadInput
+from spp_cli.masks_hash import zeros_sha256
+from spp_cli.spp import (
+    SPPConfig,
+    SPPLinear,
+    default_targets,
+    delta_weight,
+    inject_spp,
+    merge_spp,
+    merged_weight,
+    repeat_groups,
+    spp_layers,
+)
+
+DATA_DIR = Path(os.environ.get("SPP_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+ALPACA = DATA_DIR / "alpaca" / "alpaca_small.json"
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ---- helpers shared by tests/test_spp_adapter_io.py and tests/test_finetune.py ----
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """Byte-level BPE (vocab 512, <s> prepended like LLaMA's, </s> as EOS) trained on 300 Alpaca records."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    records = json.loads(ALPACA.read_text())[:300]
+    texts = [" ".join([r["instruction"], r["input"], r["output"]]) for r in records]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 512, init_std: float = 0.02) -> nn.Module:
+    """A random LLaMA: hidden 64, 2 layers, 4 heads, MLP 128 (every projection's out_features % 16 == 0).
+
+    A larger init_std gives far-from-uniform logits, so that a few SPP steps have a loss to lower."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1, initializer_range=init_std)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).float()
+
+
+def decoder_linears(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(PROJECTIONS)]
+
+
+def magnitude_mask(weight: torch.Tensor, pattern: str) -> torch.Tensor:
+    """True = prune. "unstructured": the 50% smallest |w| of the matrix; "N:M": the N smallest of every M
+    consecutive inputs of each row."""
+    score = weight.abs()
+    if pattern == "unstructured":
+        threshold = score.flatten().kthvalue(score.numel() // 2).values
+        return score <= threshold
+    n, m = map(int, pattern.split(":"))
+    groups = score.reshape(-1, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(1, groups.topk(n, dim=1, largest=False).indices, True)
+    return mask.reshape(weight.shape)
+
+
+def pruned_tiny_llama(pattern: str = "unstructured", seed: int = 0, init_std: float = 0.02) -> nn.Module:
+    model = tiny_llama(seed, init_std=init_std)
+    with torch.no_grad():
+        for name in decoder_linears(model):
+            weight = model.get_submodule(name).weight
+            weight[magnitude_mask(weight, pattern)] = 0
+    return model
+
+
+def randomize_adapters(model: nn.Module, seed: int = 1, beta_std: float = 0.3) -> None:
+    """Nonzero α and β, so the branch and the merge actually do something."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in spp_layers(model).values():
+            layer.spp_alpha.copy_(torch.randn(layer.spp_alpha.shape, generator=generator))
+            layer.spp_beta.copy_(torch.randn(layer.spp_beta.shape, generator=generator) * beta_std)
+
+
+def batch_ids(seed: int = 3, shape=(2, 24)) -> torch.Tensor:
+    return torch.randint(2, 512, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+# ---- the layer ----
+
+
+def test_shapes_init_and_repeat_interleave_blocks():
+    torch.manual_seed(0)
+    layer = SPPLinear(nn.Linear(48, 64), SPPConfig())
+    assert layer.spp_alpha.shape == (16, 48) and layer.spp_alpha.dtype == torch.float32
+    assert layer.spp_beta.shape == (64,) and torch.count_nonzero(layer.spp_beta) == 0
+    assert float(layer.spp_alpha.detach().abs().max()) <= 1 / math.sqrt(48)  # kaiming_uniform_(a=sqrt(5)) bound
+    assert layer.scale == 2.0
+    rep = repeat_groups(layer.spp_alpha, 64)
+    for row in range(64):  # contiguous blocks of out/G = 4 rows share α row `row // 4` (not tiling)
+        assert torch.equal(rep[row], layer.spp_alpha[row // 4])
+    beta = torch.randn(64)
+    w = layer.base.weight
+    expected = torch.stack([w[i] * beta[i] * layer.spp_alpha[i // 4] for i in range(64)])
+    assert torch.allclose(delta_weight(w, layer.spp_alpha, beta), expected, rtol=0, atol=1e-7)
+
+
+def test_groups_must_divide_out_features():
+    model = nn.Sequential(nn.Linear(8, 100))
+    with pytest.raises(BadInput, match=r"layer 0 has out_features 100.*--groups 10"):
+        inject_spp(model, ["0"], SPPConfig(groups=16))
+
+
+def test_fused_needs_dropout_zero_and_unknown_variant():
+    with pytest.raises(BadInput, match="--forward fused needs --dropout 0"):
+        SPPLinear(nn.Linear(16, 16), SPPConfig(forward="fused", dropout=0.05))
+    with pytest.raises(BadInput, match="--forward 'fast' is unknown"):
+        SPPLinear(nn.Linear(16, 16), SPPConfig(forward="fast"))
+    assert SPPConfig(dropout=0).resolved_forward() == "fused"
+    assert SPPConfig().resolved_forward() == "recompute"
+
+
+@pytest.mark.parametrize("variant,dropout", [("recompute", 0.0), ("recompute", 0.2), ("fused", 0.0)])
+def test_variant_equals_naive_outputs_and_grads(variant, dropout):
+    """fp32: output, ∂x, ∂α, ∂β of every variant equal the naive reference's (same dropout RNG seed)."""
+    torch.manual_seed(0)
+    base = nn.Linear(96, 64)
+    base.weight.data[magnitude_mask(base.weight.data, "2:4")] = 0
+    x0 = torch.randn(3, 7, 96)
+    probe = torch.randn(3, 7, 64)
+    results = {}
+    for name in ("naive", variant):
+        torch.manual_seed(1)
+        layer = SPPLinear(base, SPPConfig(forward=name, dropout=dropout))
+        randomize_adapters(nn.Sequential(layer))
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        y = layer(x)
+        (y * probe).sum().backward()
+        results[name] = (y.detach(), x.grad, layer.spp_alpha.grad, layer.spp_beta.grad)
+    for got, want in zip(results[variant], results["naive"]):
+        assert relative_error(got, want) < 2e-6
+
+
+def test_model_level_variant_grads_match_naive():
+    """Whole tiny LLaMA (7 projections × 2 layers): ∂α, ∂β of the default equal naive's within 1e-5 relative."""
+    grads = {}
+    for variant in ("naive", "recompute"):
+        model = pruned_tiny_llama()
+        inject_spp(model, decoder_linears(model), SPPConfig(forward=variant, dropout=0.1))
+        randomize_adapters(model)
+        model.train()
+        torch.manual_seed(5)
+        ids = batch_ids()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[variant] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["naive"].keys() == grads["recompute"].keys() and len(grads["naive"]) == 28
+    for name, want in grads["naive"].items():
+        assert relative_error(grads["recompute"][name], want) < 1e-5, name
+
+
+@pytest.mark.parametrize("variant", ["naive", "recompute", "fused"])
+def test_initial_logits_equal_pruned_model_exactly(variant):
+    pruned = pruned_tiny_llama().eval()
+    adapted = pruned_tiny_llama().eval()
+    layers = inject_spp(adapted, decoder_linears(adapted),
+                        SPPConfig(forward=variant, dropout=0.0 if variant == "fused" else 0.05))
+    assert len(layers) == 14
+    ids = batch_ids()
+    with torch.no_grad():
+        assert torch.equal(adapted(input_ids=ids).logits, pruned(input_ids=ids).logits)
+
+
+def test_inject_freezes_everything_but_spp_parameters():
+    model = pruned_tiny_llama()
+    inject_spp(model, ["q_proj", "down_proj"], SPPConfig())  # PEFT-style suffixes resolve to full names
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 8 and all(n.rsplit(".", 1)[1] in ("spp_alpha", "spp_beta") for n in trainable)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * (16 * 64 + 64) + 2 * (16 * 128 + 64)
+    with pytest.raises(BadInput, match="not in the model"):
+        inject_spp(model, ["no_such_proj"], SPPConfig())
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_merge_equals_adapted_and_keeps_every_zero(pattern):
+    model = pruned_tiny_llama(pattern)
+    names = decoder_linears(model)
+    zeros_before = {n: zeros_sha256(model.get_submodule(n).weight) for n in names}
+    inject_spp(model, names, SPPConfig())
+    randomize_adapters(model)
+    model.eval()
+    ids = batch_ids()
+    with torch.no_grad():
+        adapted_logits = model(input_ids=ids).logits
+        merge_spp(model)
+        merged_logits = model(input_ids=ids).logits
+    assert not spp_layers(model) and all(type(model.get_submodule(n)) is nn.Linear for n in names)
+    assert relative_error(merged_logits, adapted_logits) < 1e-5
+    assert {n: zeros_sha256(model.get_submodule(n).weight) for n in names} == zeros_before
+    if pattern != "unstructured":
+        n, m = map(int, pattern.split(":"))
+        for name in names:
+            zeros_per_group = (model.get_submodule(name).weight == 0).reshape(-1, m).sum(1)
+            assert int(zeros_per_group.min()) >= n
+
+
+def test_merged_weight_formula_in_fp32_cast_back():
+    torch.manual_seed(0)
+    weight = torch.randn(32, 16).to(torch.bfloat16)
+    weight[weight.abs() < 0.5] = 0
+    alpha, beta = torch.randn(16, 16), torch.randn(32)
+    merged = merged_weight(weight, alpha, beta, 2.0)
+    expected = (weight.float() * (1 + 2.0 * beta[:, None] * repeat_groups(alpha, 32))).to(torch.bfloat16)
+    assert merged.dtype == torch.bfloat16 and torch.equal(merged, expected)
+    assert torch.equal(merged == 0, weight == 0)
+
+
+def test_default_targets_from_manifest_or_zeros():
+    model = pruned_tiny_llama()
+    assert default_targets(model, {"layers": {"model.layers.0.mlp.up_proj": {}}}) == ["model.layers.0.mlp.up_proj"]
+    assert default_targets(model, None) == decoder_linears(model)
+    with pytest.raises(BadInput, match="nothing to preserve"):
+        default_targets(tiny_llama(), None)
