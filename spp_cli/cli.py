@@ -277,6 +277,9 @@ def _one_line(text: str) -> str:
 
 def run_cli(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; errors become one line on stderr (DESIGN.md exit codes)."""
+    # the library's own progress lines replace transformers' per-file bars and advisory warnings
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     command = typer.main.get_command(app)
     debug = os.environ.get("SPP_DEBUG") == "1"
     try:

@@ -90,9 +90,14 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
         return lengths[index]
 
     rng = random.Random(seed)
-    long_enough = any(len(tokens_of(i)) > seqlen for i in range(len(texts)))
+    long_tokens = sum(len(tokens_of(i)) for i in range(len(texts)) if len(tokens_of(i)) > seqlen)
     windows = []
-    if long_enough:
+    if long_tokens:
+        if nsamples * seqlen > long_tokens:
+            raise BadInput(
+                f"calibration source '{source}' gives {long_tokens} tokens in documents longer than {seqlen}, fewer "
+                f"than nsamples x seqlen = {nsamples * seqlen}: use fewer --nsamples or a larger source"
+            )
         for _ in range(nsamples):
             while True:
                 tokens = tokens_of(rng.randint(0, len(texts) - 1))
@@ -106,6 +111,11 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
             raise BadInput(
                 f"calibration source '{source}' has {len(stream)} tokens, fewer than one window of {seqlen}: "
                 "use a larger source or a smaller --seqlen"
+            )
+        if nsamples * seqlen > len(stream):
+            raise BadInput(
+                f"calibration source '{source}' has {len(stream)} tokens, fewer than nsamples x seqlen = "
+                f"{nsamples * seqlen}: use fewer --nsamples or a larger source"
             )
         for _ in range(nsamples):
             start = rng.randint(0, len(stream) - seqlen - 1)

@@ -136,6 +136,19 @@ def split_examples(examples: list[dict], val_size: int | float | None, seed: int
     return [examples[i] for i in order[count:]], [examples[i] for i in order[:count]]
 
 
+def _uses_cuda(device: str) -> bool:
+    """Whether training runs on CUDA: "auto" when a GPU is visible, "cuda" (pick GPUs by CUDA_VISIBLE_DEVICES)."""
+    if device == "cpu":
+        return False
+    if device == "auto":
+        return torch.cuda.is_available()
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadInput(f"--device {device} but no CUDA device is available: use --device cpu (or auto)")
+        return True
+    raise BadInput(f"--device {device!r} is unknown: use auto, cpu or cuda")
+
+
 def _precision_flags(config: FinetuneConfig, on_cuda: bool) -> dict:
     """Trainer's bf16/fp16 flags: autocast on GPU (bf16 where supported), fp32 on CPU."""
     if config.dtype == "float32" or not on_cuda:
@@ -215,14 +228,16 @@ def _adapt(model: nn.Module, config: FinetuneConfig, targets: list[str]) -> tupl
 
 
 def run_finetune(model: nn.Module, tokenizer, records: list[dict], config: FinetuneConfig,
-                 work_dir: str | os.PathLike, *, target_names: list[str]) -> FinetuneResult:
+                 work_dir: str | os.PathLike, *, target_names: list[str],
+                 callbacks: list | None = None) -> FinetuneResult:
     """Fine-tune `model` on `records` with SPP (or LoRA) adapters on `target_names`.
 
     The model is modified in place (SPP layers injected; for LoRA it is wrapped, see result.model). Trainer
     checkpoints go to work_dir/checkpoints; an existing checkpoint there is resumed from. Raises BadInput on bad
-    options or data, RuntimeFailure on a NaN/inf loss (the last good checkpoint is kept).
+    options or data, RuntimeFailure on a NaN/inf loss (the last good checkpoint is kept). `callbacks` are extra
+    transformers TrainerCallbacks (e.g. the CLI's progress display); the library itself prints nothing.
     """
-    from transformers import TrainerCallback, TrainingArguments, set_seed
+    from transformers import PrinterCallback, TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     world = world_size()
@@ -237,8 +252,7 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], config: Finet
         model.config.use_cache = False
     model, spp_config = _adapt(model, config, target_names)
 
-    device = config.device
-    on_cuda = torch.cuda.is_available() and device in ("auto",) or device.startswith("cuda")
+    on_cuda = _uses_cuda(config.device)
     checkpoints = Path(work_dir) / "checkpoints"
     eval_steps = config.eval_steps or config.save_steps
     args = TrainingArguments(
@@ -265,8 +279,8 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], config: Finet
         seed=config.seed,
         report_to=[] if config.report_to == "none" else [config.report_to],
         use_cpu=not on_cuda,
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        activation_checkpointing=config.gradient_checkpointing,  # non-reentrant: works with a frozen embedding
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         remove_unused_columns=False,
         label_names=["labels"],
         disable_tqdm=True,
@@ -275,13 +289,11 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], config: Finet
         **_precision_flags(config, on_cuda),
     )
 
-    class LogLossCurve(TrainerCallback):
-        """Nothing to do per event: the curve is read from trainer.state.log_history (it survives a resume)."""
-
     trainer = _make_trainer_class()(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
-        data_collator=PaddingCollator(pad_token_id(tokenizer)), callbacks=[LogLossCurve()],
+        data_collator=PaddingCollator(pad_token_id(tokenizer)), callbacks=list(callbacks or []),
     )
+    trainer.remove_callback(PrinterCallback)  # no print in library code; the loss curve is in the result
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     start = time.perf_counter()
     try:
@@ -294,6 +306,7 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], config: Finet
     eval_loss = trainer.evaluate()["eval_loss"] if val_set else None
     seconds = time.perf_counter() - start
 
+    # from trainer.state.log_history, which a resumed run restores, so the curve covers the whole training
     curve = [{"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate")}
              for e in trainer.state.log_history if "loss" in e]
     trained = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)

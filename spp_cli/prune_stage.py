@@ -69,7 +69,7 @@ def prune(
     """
     from pruners import CholeskyError
     from pruners.masks import PatternError
-    from pruners.sequential import UnsupportedModelError, prune_model
+    from pruners.sequential import PrunerOptionError, UnsupportedModelError, prune_model
 
     started = time.time()
     out = Path(out)
@@ -108,7 +108,7 @@ def prune(
             loaded, calibration, method, sparsity_pattern, targets=targets, ignore=ignore,
             device=compute_device, true_sequential=true_sequential, use_variant=use_variant, on_block=on_block,
         )
-    except (PatternError, UnsupportedModelError) as error:
+    except (PatternError, PrunerOptionError, UnsupportedModelError) as error:
         raise BadInput(str(error)) from None
     except CholeskyError as error:
         raise RuntimeFailure(f"SparseGPT failed: {error}; try more calibration windows (--nsamples)") from None

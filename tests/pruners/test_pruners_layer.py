@@ -300,6 +300,9 @@ def test_sparsegpt_equals_reference_solver(cols, pattern, sparsity, dead):
 
 
 def test_sparsegpt_unstructured_zero_count_per_block():
+    layer, _, _, _, report = run_sparsegpt(128, 128, parse_pattern("unstructured", 0.5))
+    assert int((layer.weight == 0).sum()) == 8193  # the spec's example: int(16384*0.5)+1, not 8192
+    assert report.sparsity == 8193 / 16384
     layer, _, _, _, report = run_sparsegpt(128, 256, parse_pattern("unstructured", 0.5))
     assert int((layer.weight == 0).sum()) == 2 * 8193  # int(128*128*0.5)+1 per 128-column block
     layer, _, _, _, _ = run_sparsegpt(64, 200, parse_pattern("unstructured", 0.5))
