@@ -58,6 +58,16 @@ def _console(stderr: bool = False):
     return Console(file=sys.stderr if stderr else sys.stdout, highlight=False, soft_wrap=True)
 
 
+def _quiet_libraries() -> None:
+    """spp prints its own progress lines; transformers' per-file bars and advisory warnings would bury them."""
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def _emit(result, output_format: OutputFormat, render) -> None:
     if output_format == OutputFormat.json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
@@ -105,6 +115,7 @@ def prune(
 ) -> None:
     """Prune a model one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M) into an HF checkpoint + spp.json."""
     from spp_cli.prune_stage import prune as run_prune
+    _quiet_libraries()
     from spp_cli.render import block_progress, render_prune
 
     manifest = run_prune(
@@ -151,6 +162,7 @@ def finetune(
 ) -> None:
     """Fine-tune a pruned model with SPP (or LoRA) and merge: the merged model keeps exactly the same zeros."""
     from spp_cli.finetune_stage import finetune as run_finetune
+    _quiet_libraries()
     from spp_cli.render import render_finetune
 
     manifest = run_finetune(
@@ -174,6 +186,7 @@ def merge(
 ) -> None:
     """Merge a --no-merge SPP adapter into its base model, with the same zero checks as finetune."""
     from spp_cli.finetune_stage import merge_adapter
+    _quiet_libraries()
     from spp_cli.render import render_finetune
 
     manifest = merge_adapter(adapter_dir, out, overwrite=overwrite, allow_pickle=allow_pickle)
@@ -203,6 +216,7 @@ def eval_command(
 ) -> None:
     """Evaluate models: the papers' token perplexity and lm-eval zero-shot tasks, online or from --data-dir."""
     from spp_cli.eval_stage import evaluate_models
+    _quiet_libraries()
     from spp_cli.render import render_eval
 
     results = evaluate_models(
@@ -228,6 +242,7 @@ def run(
 ) -> None:
     """Run a recipe's stages in order; a finished stage with the same options is skipped, a broken one resumed."""
     from spp_cli.pipeline import run_recipe
+    _quiet_libraries()
     from spp_cli.render import render_run
 
     summary = run_recipe(recipe, overrides or [], dry_run=dry_run, overwrite=overwrite, console=_console(stderr=True))
@@ -277,9 +292,6 @@ def _one_line(text: str) -> str:
 
 def run_cli(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; errors become one line on stderr (DESIGN.md exit codes)."""
-    # the library's own progress lines replace transformers' per-file bars and advisory warnings
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     command = typer.main.get_command(app)
     debug = os.environ.get("SPP_DEBUG") == "1"
     try:

@@ -80,6 +80,8 @@ def prune(
         raise BadInput("--use-variant is a Wanda option: drop it or use --method wanda")
     if true_sequential and method != "sparsegpt":
         raise BadInput("--true-sequential is a SparseGPT option: drop it or use --method sparsegpt")
+    compute_device = resolve_device(device)
+    checkpoint.torch_dtype(dtype)
     model_path = checkpoint.resolve_model_path(model)
     parent_manifest = checkpoint.read_manifest(model_path) if Path(model_path).is_dir() else None
     options = {
@@ -93,7 +95,6 @@ def prune(
     if existing_output(out, stage_fingerprint, overwrite):
         return {**checkpoint.read_manifest(out), "skipped": True}
 
-    compute_device = resolve_device(device)
     loaded, tokenizer = checkpoint.load_model(
         model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
     )
@@ -112,8 +113,6 @@ def prune(
         raise BadInput(str(error)) from None
     except CholeskyError as error:
         raise RuntimeFailure(f"SparseGPT failed: {error}; try more calibration windows (--nsamples)") from None
-    if not reports:
-        raise BadInput(f"no linear layer matched --targets {targets!r} / --ignore {ignore!r}: loosen the regexes")
     loaded.to(loaded.spp_stored_dtype)
     names = [report.name for report in reports]
     layers = checkpoint.layers_record(loaded, names)

@@ -1,0 +1,130 @@
+"""Bad input, across the CLI and recipes: exit 2, one line on stderr naming the problem, no traceback, and no
+new files left behind. Rows run in-process (the same code path as the `spp` console script)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import make_llama, make_tokenizer, run_spp
+
+C4 = "c4/c4-train.00000-of-01024.first1000.jsonl"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, test_data):
+    """A dense model, a pruned one, a dense model without zeros, data files and recipes, made once."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    dense = root / "dense"
+    make_llama().save_pretrained(dense)
+    make_tokenizer().save_pretrained(dense)
+    (root / "calib.jsonl").write_text("".join(json.dumps({"text": "def f(x): return x " * 40}) + "\n" for _ in range(20)))
+    (root / "empty.jsonl").write_text("")
+    (root / "short.jsonl").write_text("".join(json.dumps({"text": "tiny"}) + "\n" for _ in range(3)))
+    (root / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    (root / "broken.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": oops}\n')
+    (root / "bad.yaml").write_text("model: builtin:tiny-llama\nstages:\n  - name: prune\n    type: prune\n   method: wanda\n")
+    (root / "unknown.yaml").write_text(
+        "model: builtin:tiny-llama\nstages:\n  - {name: prune, type: prune, method: wanda, sparsity: 0.5, sparsty: 0.6}\n"
+    )
+    (root / "good.yaml").write_text(
+        "model: builtin:tiny-llama\nstages:\n  - {name: prune, type: prune, method: magnitude, sparsity: 0.5}\n"
+    )
+    (root / "not-spp").mkdir()
+    (root / "not-spp" / "notes.txt").write_text("my notes")
+    from safetensors.torch import load_file, save_file
+
+    truncated = root / "truncated"
+    truncated.mkdir()
+    for item in dense.iterdir():
+        (truncated / item.name).write_bytes(item.read_bytes())
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    no_weights = root / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((dense / "config.json").read_text())
+    corrupt = root / "corrupt-config"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+    save_file(load_file(dense / "model.safetensors"), corrupt / "model.safetensors")
+    return root
+
+
+def rows(data: Path):
+    c4 = str(data / C4)
+    prune = ["prune", "{root}/dense", "--out", "{root}/out", "--calib", "{root}/calib.jsonl", "--nsamples", "2",
+             "--seqlen", "32"]
+    return [
+        # (id, argv, a fragment of the one-line message)
+        ("missing model", ["prune", "{root}/nowhere", "--method", "wanda", "--sparsity", "0.5", "--out", "{root}/out"], "does not exist"),
+        ("corrupt config", ["prune", "{root}/corrupt-config", "--method", "magnitude", "--sparsity", "0.5", "--out", "{root}/out"], "could not load model"),
+        ("config without weights", ["prune", "{root}/no-weights", "--method", "magnitude", "--sparsity", "0.5", "--out", "{root}/out"], "no weights"),
+        ("truncated safetensors", ["prune", "{root}/truncated", "--method", "magnitude", "--sparsity", "0.5", "--out", "{root}/out"], "truncated"),
+        ("unknown method", [*prune, "--method", "obs", "--sparsity", "0.5"], "'obs' is not one of"),
+        ("unknown pattern", [*prune, "--method", "wanda", "--pattern", "blocky", "--sparsity", "0.5"], "blocky"),
+        ("sparsity -0.1", [*prune, "--method", "wanda", "--sparsity", "-0.1"], "out of range"),
+        ("sparsity 0", [*prune, "--method", "wanda", "--sparsity", "0"], "out of range"),
+        ("sparsity 1", [*prune, "--method", "wanda", "--sparsity", "1"], "out of range"),
+        ("sparsity 1.5", [*prune, "--method", "wanda", "--sparsity", "1.5"], "out of range"),
+        ("sparsity abc", [*prune, "--method", "wanda", "--sparsity", "abc"], "--sparsity"),
+        ("N:M 4:2", [*prune, "--method", "wanda", "--pattern", "4:2"], "4:2"),
+        ("N:M 0:4", [*prune, "--method", "wanda", "--pattern", "0:4"], "0:4"),
+        ("sparsity contradicts N:M", [*prune, "--method", "wanda", "--pattern", "2:4", "--sparsity", "0.7"], "2:4"),
+        ("M does not divide in_features", [*prune, "--method", "magnitude", "--pattern", "2:7"], "7"),
+        ("nsamples 0", [*prune[:-4], "--nsamples", "0", "--seqlen", "32", "--method", "wanda", "--sparsity", "0.5"], "nsamples 0"),
+        ("nsamples negative", [*prune[:-4], "--nsamples", "-3", "--seqlen", "32", "--method", "wanda", "--sparsity", "0.5"], "nsamples -3"),
+        ("nsamples beyond the data", [*prune[:-4], "--nsamples", "5000", "--seqlen", "32", "--method", "wanda", "--sparsity", "0.5"], "fewer than nsamples x seqlen"),
+        ("seqlen beyond positions", [*prune[:-2], "--seqlen", "4096", "--method", "wanda", "--sparsity", "0.5"], "beyond the model's 256 positions"),
+        ("calibration shorter than a window", ["prune", "{root}/dense", "--out", "{root}/out", "--calib", "{root}/short.jsonl", "--nsamples", "2", "--seqlen", "200", "--method", "wanda", "--sparsity", "0.5"], "fewer than one window of 200"),
+        ("empty calibration data", [*prune[:4], "--calib", "{root}/empty.jsonl", "--method", "wanda", "--sparsity", "0.5"], "has no records"),
+        ("non-UTF-8 data", [*prune[:4], "--calib", "{root}/latin1.jsonl", "--method", "wanda", "--sparsity", "0.5"], "not UTF-8"),
+        ("malformed JSON line", [*prune[:4], "--calib", "{root}/broken.jsonl", "--method", "wanda", "--sparsity", "0.5"], "broken.jsonl line 3: not valid JSON"),
+        ("c4 while offline", [*prune[:4], "--calib", "c4", "--method", "wanda", "--sparsity", "0.5"], "offline"),
+        ("--use-variant with magnitude", [*prune, "--method", "magnitude", "--sparsity", "0.5", "--use-variant"], "--use-variant"),
+        ("targets match nothing", [*prune, "--method", "magnitude", "--sparsity", "0.5", "--targets", "no_such_layer"], "no linear layer inside model.layers matches"),
+        ("bad targets regex", [*prune, "--method", "magnitude", "--sparsity", "0.5", "--targets", "(unclosed"], "targets"),
+        ("unknown dtype", [*prune, "--method", "magnitude", "--sparsity", "0.5", "--dtype", "float8"], "unknown dtype"),
+        ("cuda without a GPU", [*prune, "--method", "magnitude", "--sparsity", "0.5", "--device", "cuda"], "no CUDA GPU"),
+        ("output exists, not spp", [*prune[:2], "--out", "{root}/not-spp", "--method", "magnitude", "--sparsity", "0.5"], "is not an spp output"),
+        ("output inside the input model", [*prune[:2], "--out", "{root}/dense/pruned", "--method", "magnitude", "--sparsity", "0.5"], "overlaps the input"),
+        ("YAML syntax error", ["run", "{root}/bad.yaml"], "line 5"),
+        ("unknown recipe key", ["run", "{root}/unknown.yaml"], "stages[0] (prune): unknown key 'sparsty'"),
+        ("missing recipe", ["run", "{root}/nope.yaml"], "no such recipe file"),
+        ("override of an unknown stage", ["run", "{root}/good.yaml", "stages.tune.lr=1", "--dry-run"], "no stage named 'tune'"),
+        ("unknown eval task", ["eval", "{root}/dense", "--tasks", "boolqq", "--out", "{root}/r.json"], "boolq"),
+        ("hub task offline without data", ["eval", "{root}/dense", "--tasks", "arc_easy", "--out", "{root}/r.json"], "--data-dir"),
+        ("eval limit 0", ["eval", "{root}/dense", "--tasks", "wikitext2", "--limit", "0", "--data-dir", str(data), "--out", "{root}/r.json"], "limit 0"),
+        ("verify a directory without spp.json", ["verify", "{root}/dense"], "has no spp.json"),
+        ("merge something that is not an adapter", ["merge", "{root}/dense", "--out", "{root}/merged"], "adapter_config.json"),
+        ("finetune, no data", ["finetune", "{root}/dense", "--data", "{root}/none.jsonl", "--out", "{root}/ft"], "does not exist"),
+        ("finetune, nothing to preserve", ["finetune", "{root}/dense", "--data", "{root}/calib.jsonl", "--out", "{root}/ft", "--max-steps", "1"], "nothing to preserve"),
+        ("finetune, batch not divisible", ["finetune", "{root}/dense", "--data", "{root}/calib.jsonl", "--out", "{root}/ft", "--batch-size", "10", "--micro-batch-size", "4"], "10"),
+        ("finetune, fused with dropout", ["finetune", "{root}/dense", "--data", "{root}/calib.jsonl", "--out", "{root}/ft", "--forward", "fused"], "--dropout 0"),
+        ("finetune, empty data", ["finetune", "{root}/dense", "--data", "{root}/empty.jsonl", "--out", "{root}/ft"], "has no records"),
+    ]
+
+
+def snapshot(root: Path) -> set[str]:
+    return {str(path.relative_to(root)) for path in root.rglob("*")}
+
+
+def cases():
+    from conftest import TEST_DATA
+
+    return [pytest.param(argv, message, id=name) for name, argv, message in rows(TEST_DATA)]
+
+
+@pytest.mark.parametrize("argv, message", cases())
+def test_bad_input_is_one_clear_line(workspace, capsys, argv, message):
+    before = snapshot(workspace)
+    code, _, err = run_spp([part.format(root=workspace) for part in argv], capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("spp: error: "), err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert snapshot(workspace) == before  # nothing left behind, inputs untouched
+
+
+def test_at_least_thirty_rows():
+    from conftest import TEST_DATA
+
+    assert len(rows(TEST_DATA)) >= 30
