@@ -142,12 +142,14 @@ class SparseGPTPruner:
         self.name = name
         self.blocksize = blocksize
         self.percdamp = percdamp
-        cols = layer.in_features
-        self.hessian = torch.zeros((cols, cols), dtype=torch.float32, device=layer.weight.device)
+        self.hessian: torch.Tensor | None = None  # (in, in) fp32, allocated by the first add_batch
         self.nsamples = 0
 
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor) -> None:
+        if self.hessian is None:
+            cols = self.layer.in_features
+            self.hessian = torch.zeros((cols, cols), dtype=torch.float32, device=inp.device)
         self.nsamples = accumulate_hessian(self.hessian, self.nsamples, inp)
 
     def share_statistics(self, other: SparseGPTPruner) -> None:

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("lora", "naive", "recompute", "grouped", "fused", "auto")
+VARIANTS = ("lora", "naive", "recompute", "fused")
 MODELS = {
     # name: LlamaConfig kwargs (random init, magnitude-pruned to 50% per matrix before timing)
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -75,7 +75,7 @@ def train_step(model, optimizer, batch) -> float:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def sync(device: str) -> None:
@@ -164,7 +164,7 @@ def main() -> None:
             timing[variant].update(json.loads(child.stdout.strip().splitlines()[-1]))
         if "lora" in timing:
             lora = timing["lora"]
-            for variant, row in timing.items():
+            for row in timing.values():
                 row["step_ratio_vs_lora"] = round(row["step_seconds_median"] / lora["step_seconds_median"], 3)
                 row["memory_ratio_vs_lora"] = round(row["peak_step_bytes"] / lora["peak_step_bytes"], 3)
         results[name] = {"config": MODELS[name], "variants": timing}

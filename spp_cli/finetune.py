@@ -111,6 +111,7 @@ class FinetuneResult:
     trainable_params: int
     targets: list[str]
     spp_config: SPPConfig | None
+    adapter_state: dict[str, torch.Tensor]  # trained parameters by name, full (gathered) CPU tensors
     dense_after_merge: bool  # LoRA: merging makes every target dense (its zeros are lost); SPP: False
     is_main_process: bool = True
     config: dict = field(default_factory=dict)
@@ -208,6 +209,26 @@ def _make_trainer_class():
     return AdapterTrainer
 
 
+CHECKPOINT_FILES = (ADAPTER_WEIGHTS_NAME, "optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest checkpoint-N under `checkpoints` holding every file a resume needs (trainer_state.json is
+    written last). Newer, incomplete ones (a run killed while saving) are removed by the main process."""
+    import shutil
+
+    if not checkpoints.is_dir():
+        return None
+    found = sorted((int(p.name.split("-")[1]), p) for p in checkpoints.glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit())
+    for _, path in reversed(found):
+        if all((path / name).is_file() for name in CHECKPOINT_FILES):
+            return str(path)
+        if int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
 class NonFiniteLoss(Exception):
     def __init__(self, step: int):
         super().__init__(step)
@@ -238,7 +259,6 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], config: Finet
     transformers TrainerCallbacks (e.g. the CLI's progress display); the library itself prints nothing.
     """
     from transformers import PrinterCallback, TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     world = world_size()
     config.validate(world)
@@ -294,12 +314,12 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], config: Finet
         data_collator=PaddingCollator(pad_token_id(tokenizer)), callbacks=list(callbacks or []),
     )
     trainer.remove_callback(PrinterCallback)  # no print in library code; the loss curve is in the result
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    resume = last_complete_checkpoint(checkpoints)
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume)
     except NonFiniteLoss as stop:
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        last = last_complete_checkpoint(checkpoints)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
         raise RuntimeFailure(f"training loss became NaN/inf at step {stop.step}: {kept}; lower --lr "
                              f"(now {config.lr}) or check the data, then rerun to resume") from None
@@ -310,13 +330,48 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], config: Finet
     curve = [{"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate")}
              for e in trainer.state.log_history if "loss" in e]
     trained = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    adapter_state = _gather_trainable(trainer, trained)
     return FinetuneResult(
         model=trained, method=config.method, train_curve=curve, eval_loss=eval_loss, seconds=seconds,
         steps=trainer.state.global_step, resumed_from=resume,
         trainable_params=sum(p.numel() for p in trained.parameters() if p.requires_grad),
-        targets=list(target_names), spp_config=spp_config, dense_after_merge=config.method == "lora",
+        targets=list(target_names), spp_config=spp_config, adapter_state=adapter_state,
+        dense_after_merge=config.method == "lora",
         is_main_process=trainer.args.should_save, config=asdict(config),
     )
+
+
+def _gather_trainable(trainer, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the trainable parameters (a collective under ZeRO-3 / FSDP2: call on every rank)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if trainer.is_deepspeed_enabled:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            return {name: p.detach().cpu().clone() for name, p in named}
+    state = {}
+    for name, parameter in named:
+        tensor = parameter.detach()
+        if hasattr(tensor, "full_tensor"):  # FSDP2 shards parameters as DTensors
+            tensor = tensor.full_tensor()
+        state[name] = tensor.cpu().clone()
+    return state
+
+
+def adapted_copy(base_model: nn.Module, result: FinetuneResult) -> nn.Module:
+    """The trained adapters put on `base_model`, a fresh copy of the frozen base (e.g. the parent checkpoint
+    loaded on rank 0, on CPU). This is how to merge after FSDP / ZeRO-3, where result.model holds shards only:
+    the base is frozen, so the parent's weights are the full weights."""
+    if result.method == "spp":
+        inject_spp(base_model, result.targets, result.spp_config)
+        model = base_model
+    else:
+        model, _ = _adapt(base_model, FinetuneConfig(**result.config), result.targets)
+    missing = set(result.adapter_state) - {name for name, _ in model.named_parameters()}
+    if missing:
+        raise BadInput(f"the base model lacks adapter parameters such as {sorted(missing)[0]}: use the same base")
+    model.load_state_dict(result.adapter_state, strict=False)
+    return model
 
 
 def merge_trained(result: FinetuneResult) -> nn.Module:

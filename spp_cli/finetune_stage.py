@@ -25,10 +25,6 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _compute_dtype(dtype: str, device: str) -> str:
     """fp32 on CPU; the checkpoint's dtype elsewhere (autocast handles bf16/fp16 on GPUs)."""
     if dtype == "auto" and device == "cpu":
@@ -69,8 +65,8 @@ def finetune(
 ) -> dict:
     """Fine-tune `model_dir` on `data` into `out`; returns the manifest. Skips a finished identical output."""
     from spp_cli.data import read_records
-    from spp_cli.finetune import FinetuneConfig, run_finetune
-    from spp_cli.spp import SPPConfig, default_targets
+    from spp_cli.finetune import FinetuneConfig, merge_trained, run_finetune, save_trained_adapter, world_size
+    from spp_cli.spp import default_targets
 
     started = time.time()
     out = Path(out)
@@ -85,14 +81,15 @@ def finetune(
         "val_size": val_size, "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "no_merge": no_merge,
         "dtype": dtype,
     }
-    spp_config = SPPConfig(groups=groups, dropout=dropout, forward=forward)
-    spp_config.validate()
     train_config = FinetuneConfig(
         method=method, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
         micro_batch_size=micro_batch_size, seqlen=seqlen, seed=seed, groups=groups, dropout=dropout, forward=forward,
         mask_prompt=mask_prompt, gradient_checkpointing=gradient_checkpointing, val_size=val_size,
-        weight_decay=weight_decay, warmup_ratio=warmup_ratio, report_to=report_to, device=resolve_device(device), save_steps=save_steps,
+        weight_decay=weight_decay, warmup_ratio=warmup_ratio, report_to=report_to, device=resolve_device(device),
+        **({"save_steps": save_steps} if save_steps else {}),
     )
+    train_config.validate(world_size())
+    checkpoint.torch_dtype(dtype)
     stage_fingerprint = fingerprint(options, parent_manifest.get("manifest_sha256") if parent_manifest else model_dir)
     check_output_path(out, [model_path])
     if existing_output(out, stage_fingerprint, overwrite):
@@ -107,7 +104,6 @@ def finetune(
     if parent_manifest is None and console is not None:
         console.print(f"warning: '{model_dir}' has no spp.json: its current zeros define the mask to keep")
     targets = default_targets(model, parent_manifest)
-    spp_config.target_modules = targets
     modules = dict(model.named_modules())
     parent_zeros = {name: zeros_sha256(modules[name].weight) for name in targets}
 
@@ -116,24 +112,19 @@ def finetune(
         shutil.rmtree(work_dir)
     _claim_work_dir(work_dir, stage_fingerprint)
     result = run_finetune(model, tokenizer, records, train_config, work_dir, target_names=targets)
-    if not is_main_process():
-        return {}  # rank 0 merges, checks and saves on the full weights
+    if not result.is_main_process:
+        return {"stage": "finetune", "rank": int(os.environ.get("RANK", "0"))}  # rank 0 merges, checks, saves
 
-    trained = result.model
     adapter_dir = work_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
-    if method == "spp":
-        from spp_cli.spp import merge_spp, save_spp_adapter
-
-        save_spp_adapter(
-            trained, adapter_dir, spp_config, base_path=str(Path(model_path).resolve()),
-            base_manifest_sha256=parent_manifest.get("manifest_sha256") if parent_manifest else None,
-        )
-    else:
-        trained.save_pretrained(adapter_dir)
+    save_trained_adapter(
+        result, adapter_dir, base_path=str(Path(model_path).resolve()),
+        base_manifest_sha256=parent_manifest.get("manifest_sha256") if parent_manifest else None,
+    )
     training = {
-        "steps": result.steps, "loss_curve": result.loss_curve, "eval_loss": result.eval_loss,
-        "train_seconds": round(result.seconds, 2), "examples": result.examples,
+        "steps": result.steps, "loss_curve": result.train_curve, "eval_loss": result.eval_loss,
+        "train_seconds": round(result.seconds, 2), "trainable_params": result.trainable_params,
+        "resumed_from": Path(result.resumed_from).name if result.resumed_from else None,
     }
     manifest = {
         "stage": "finetune",
@@ -143,7 +134,7 @@ def finetune(
         "target_sparsity": (parent_manifest or {}).get("target_sparsity"),
         "dense": method == "lora",
         "merged": not no_merge,
-        "adapter": asdict(spp_config) if method == "spp" else {"peft_type": "LORA", "r": 8, "lora_alpha": 16},
+        "adapter": asdict(result.spp_config) if result.spp_config else {"peft_type": "LORA", "r": 8, "lora_alpha": 16},
         "training": training,
         "config": options,
         "fingerprint": stage_fingerprint,
@@ -153,11 +144,7 @@ def finetune(
         manifest["layers"] = {}
         manifest = _save_adapter_only(out, adapter_dir, manifest, started)
     else:
-        if method == "spp":
-            merge_spp(trained)
-        else:
-            trained = trained.merge_and_unload()
-        model_out = trained.to(model.spp_stored_dtype)
+        model_out = merge_trained(result).to(model.spp_stored_dtype)
         layers = checkpoint.layers_record(model_out, targets)
         if method == "spp":
             check_zeros_kept(model_out, layers, parent_zeros, model_path)

@@ -70,15 +70,17 @@ def tokenize_prompt_records(tokenizer, records: list[dict], seqlen: int, mask_pr
     """
     eos = tokenizer.eos_token_id
     rendered = [_prompt_and_text(tokenizer, record) for record in records]
+
+    def encode(texts: list[str], special: bool) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=special, truncation=True, max_length=seqlen)["input_ids"]
+
     examples: list[dict] = [{} for _ in records]
     for special in (True, False):
         indices = [i for i, item in enumerate(rendered) if item[2] is special]
         if not indices:
             continue
-        encode = lambda texts: tokenizer(texts, add_special_tokens=special, truncation=True,  # noqa: E731
-                                         max_length=seqlen)["input_ids"]
-        full_ids = encode([rendered[i][1] for i in indices])
-        prompt_ids = encode([rendered[i][0] for i in indices]) if mask_prompt else None
+        full_ids = encode([rendered[i][1] for i in indices], special)
+        prompt_ids = encode([rendered[i][0] for i in indices], special) if mask_prompt else None
         for k, i in enumerate(indices):
             ids = full_ids[k]
             if eos is not None and (not ids or ids[-1] != eos) and len(ids) < seqlen:

@@ -103,7 +103,8 @@ def delta_weight(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) 
 
 def merged_weight(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float) -> torch.Tensor:
     """W ⊙ (1 + s·β·Rep(α)) computed in fp32 and cast back to W's dtype; every zero of W stays zero."""
-    return (weight.float() + scale * delta_weight(weight, alpha, beta)).to(weight.dtype)
+    multiplier = 1 + scale * beta.float()[:, None] * repeat_groups(alpha.float(), weight.shape[0])
+    return (weight.float() * multiplier).to(weight.dtype)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -191,8 +192,10 @@ class _FusedLinear(torch.autograd.Function):
             merged = _merged_for_matmul(weight, alpha, beta, scale, dtype)
             grad_x = (grad_out.to(dtype) @ merged).to(x.dtype)
             del merged
-        p = g.t() @ x.reshape(-1, x.shape[-1]).to(dtype)  # (out, in) = ∂L/∂W_merged
-        grad_alpha, grad_beta = _alpha_beta_grads(p, weight, alpha, beta, scale)
+        grad_alpha = grad_beta = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            p = g.t() @ x.reshape(-1, x.shape[-1]).to(dtype)  # (out, in) = ∂L/∂W_merged
+            grad_alpha, grad_beta = _alpha_beta_grads(p, weight, alpha, beta, scale)
         return grad_x, None, None, grad_alpha, grad_beta, None
 
 

@@ -2,21 +2,22 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from test_spp_layer import ALPACA, decoder_linears, pruned_tiny_llama, tiny_tokenizer
 
 from spp_cli.errors import BadInput, RuntimeFailure
-from spp_cli.finetune import FinetuneConfig, merge_trained, run_finetune, split_examples
+from spp_cli.finetune import FinetuneConfig, adapted_copy, merge_trained, run_finetune, split_examples
 from spp_cli.instruct import IGNORE_INDEX, PaddingCollator, alpaca_prompt, build_examples
 from spp_cli.masks_hash import zeros_sha256
 from spp_cli.spp import spp_layers
-from test_spp_layer import ALPACA, decoder_linears, pruned_tiny_llama, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_alpaca_template_eos_and_prompt_mask():
     assert alpaca_prompt("Add the numbers.", "2 and 3").endswith("### Input:\n2 and 3\n\n### Response:\n")
     assert "### Input:" not in alpaca_prompt("Name a color.")
     full, masked = (build_examples(tokenizer, [with_input, no_input], 512, mask_prompt=m) for m in (False, True))
-    for record, example, example_masked in zip([with_input, no_input], full, masked):
+    for record, example, example_masked in zip([with_input, no_input], full, masked, strict=True):
         text = alpaca_prompt(record["instruction"], record["input"]) + record["output"]
         expected = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
         assert example["input_ids"] == expected == example["labels"]  # loss on every token by default
@@ -99,8 +100,12 @@ def test_training_lowers_loss_and_keeps_every_zero(tmp_path):
     assert last < first - 1.0 and result.eval_loss < first - 1.0  # ~9.0 -> ~7.0 on this seed
     assert len(spp_layers(result.model)) == 14 and not result.dense_after_merge
     assert result.trainable_params == 12 * 16 * 64 + 2 * 16 * 128 + 10 * 64 + 4 * 128  # 16·in + out per layer
+    elsewhere = adapted_copy(pruned_tiny_llama(init_std=0.3), result)  # how rank 0 merges after FSDP / ZeRO-3
     merged = merge_trained(result)
     assert zero_hashes(merged) == before
+    merge_trained(replace(result, model=elsewhere))
+    want, got = merged.state_dict(), elsewhere.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     checkpoint = tmp_path / "checkpoints" / "checkpoint-8"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "adapter_model.safetensors", "optimizer.pt", "rng_state.pth", "scheduler.pt", "trainer_state.json",
@@ -116,11 +121,14 @@ def test_interrupted_run_resumes_to_the_same_adapters(tmp_path):
                          target_names=decoder_linears(pruned_tiny_llama()))
     checkpoints = tmp_path / "a" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-4", "checkpoint-6"]  # save_total_limit 2
-    # what a kill between step 4 and step 6 leaves behind: checkpoint-4 only
+    # what a kill while saving step 6 leaves behind: checkpoint-4 and a partial checkpoint-6
     os.rename(checkpoints / "checkpoint-6", tmp_path / "finished-6")
+    (checkpoints / "checkpoint-6").mkdir()
+    adapter_file = "adapter_model.safetensors"
+    os.link(tmp_path / "finished-6" / adapter_file, checkpoints / "checkpoint-6" / adapter_file)
     resumed = run_finetune(pruned_tiny_llama(init_std=0.3), tiny_tokenizer(), records, config, tmp_path / "a",
                            target_names=decoder_linears(pruned_tiny_llama()))
-    assert resumed.resumed_from == str(checkpoints / "checkpoint-4") and resumed.steps == 6
+    assert resumed.resumed_from == str(checkpoints / "checkpoint-4") and resumed.steps == 6  # partial one skipped
     want = {n: p for n, p in whole.model.named_parameters() if p.requires_grad}
     got = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
     assert want.keys() == got.keys() and len(want) == 28
@@ -149,7 +157,8 @@ def test_lora_baseline_trains_and_merges_dense(tmp_path):
     before = zero_hashes(model)
     result = run_finetune(model, tiny_tokenizer(), alpaca_records(), small_config(method="lora", max_steps=3),
                           tmp_path, target_names=names)
-    assert result.dense_after_merge and result.trainable_params == 8 * 8 * (64 + 64) + 6 * 8 * (64 + 128)  # r·(in + out)
+    assert result.dense_after_merge
+    assert result.trainable_params == 8 * 8 * (64 + 64) + 6 * 8 * (64 + 128)  # r·(in + out)
     merged = merge_trained(result)
     assert type(merged).__name__ == "LlamaForCausalLM"
     assert all(zero_hashes(merged)[n] != before[n] for n in names)  # LoRA's merge loses the zeros (expected)
@@ -159,7 +168,9 @@ DDP_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path[:0] = [{tests!r}, {repo!r}]
     import torch.distributed as dist
-    from spp_cli.finetune import FinetuneConfig, merge_trained, run_finetune
+    from spp_cli.finetune import merge_trained, run_finetune
+    from spp_cli.masks_hash import weight_sha256
+    from spp_cli.spp import adapter_state_dict
     from test_finetune import alpaca_records, small_config, zero_hashes
     from test_spp_layer import decoder_linears, pruned_tiny_llama, tiny_tokenizer
 
@@ -168,26 +179,40 @@ DDP_SCRIPT = textwrap.dedent("""
     config = small_config(max_steps=2, batch_size=8, micro_batch_size=2, val_size=0)
     result = run_finetune(model, tiny_tokenizer(), alpaca_records()[:200], config, sys.argv[1],
                           target_names=decoder_linears(model))
+    adapters = {{k: weight_sha256(v) for k, v in adapter_state_dict(result.model).items()}}
+    out = {{"rank": dist.get_rank(), "world": dist.get_world_size(), "backend": dist.get_backend(),
+           "steps": result.steps, "adapters": adapters}}
     if result.is_main_process:  # merge and save on rank 0 only, on the full weights
-        merged = merge_trained(result)
-        out = {{"before": before, "after": zero_hashes(merged), "steps": result.steps,
-               "world": dist.get_world_size(), "backend": dist.get_backend(),
-               "beta_nonzero": int(sum(int((l.spp_beta != 0).sum()) for l in []))}}
-        json.dump(out, open(sys.argv[2], "w"))
+        out.update(before=before, after=zero_hashes(merge_trained(result)))
+    json.dump(out, open(f"{{sys.argv[2]}}.rank{{dist.get_rank()}}.json", "w"))
 """)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_ddp_two_cpu_processes_gloo_keep_every_zero(tmp_path):
+    """torchrun, 2 processes, gloo: both ranks end with the same adapters; rank 0's merge keeps every zero."""
     script = tmp_path / "ddp_finetune.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), repo=str(REPO)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    start = time.perf_counter()
     completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-         str(script), str(tmp_path / "work"), str(tmp_path / "out.json")],
-        capture_output=True, text=True, env=env, timeout=300)
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(script), str(tmp_path / "work"), str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    out = json.loads((tmp_path / "out.json").read_text())
-    assert out["world"] == 2 and out["backend"] == "gloo" and out["steps"] == 2
-    assert out["after"] == out["before"] and len(out["before"]) == 14
-    print(f"DDP test took {time.perf_counter() - start:.1f}s")
+    rank0, rank1 = (json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["world"] == 2 and rank0["backend"] == "gloo" and rank0["steps"] == rank1["steps"] == 2
+    assert rank0["adapters"] == rank1["adapters"] and len(rank0["adapters"]) == 28  # gradients were all-reduced
+    assert rank0["after"] == rank0["before"] and len(rank0["before"]) == 14 and "after" not in rank1
+
+
+def test_gradient_checkpointing_trains_the_adapters(tmp_path):
+    model = pruned_tiny_llama(init_std=0.3)
+    result = run_finetune(model, tiny_tokenizer(), alpaca_records(),
+                          small_config(max_steps=2, gradient_checkpointing=True, val_size=0), tmp_path,
+                          target_names=decoder_linears(model))
+    assert all(int(torch.count_nonzero(layer.spp_beta)) > 0 for layer in spp_layers(result.model).values())

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_spp_layer import decoder_linears, pruned_tiny_llama, randomize_adapters
 
 from spp_cli.errors import BadInput
 from spp_cli.masks_hash import zeros_sha256
 from spp_cli.spp import SPPConfig, inject_spp, load_spp_adapter, merge_spp, save_spp_adapter
-from test_spp_layer import decoder_linears, pruned_tiny_llama, randomize_adapters
 
 
 def trained_like_model(pattern="2:4"):

@@ -160,7 +160,7 @@ def test_variant_equals_naive_outputs_and_grads(variant, dropout):
         y = layer(x)
         (y * probe).sum().backward()
         results[name] = (y.detach(), x.grad, layer.spp_alpha.grad, layer.spp_beta.grad)
-    for got, want in zip(results[variant], results["naive"]):
+    for got, want in zip(results[variant], results["naive"], strict=True):
         assert relative_error(got, want) < 2e-6
 
 
@@ -243,3 +243,25 @@ def test_default_targets_from_manifest_or_zeros():
     assert default_targets(model, None) == decoder_linears(model)
     with pytest.raises(BadInput, match="nothing to preserve"):
         default_targets(tiny_llama(), None)
+
+
+@pytest.mark.parametrize("variant", ["recompute", "fused"])
+def test_autocast_bf16_runs_in_bf16_with_fp32_grads(variant):
+    """Under autocast (as Trainer's bf16 on GPU; CPU autocast here) the custom functions compute in bf16 and give
+    fp32 gradients close to the naive reference's."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32)
+    x0 = torch.randn(4, 64)
+    grads = {}
+    for name in ("naive", variant):
+        torch.manual_seed(1)
+        layer = SPPLinear(base, SPPConfig(forward=name, dropout=0.0))
+        randomize_adapters(nn.Sequential(layer))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x0)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        assert layer.spp_alpha.grad.dtype == layer.spp_beta.grad.dtype == torch.float32
+        grads[name] = (layer.spp_alpha.grad, layer.spp_beta.grad)
+    for got, want in zip(grads[variant], grads["naive"], strict=True):
+        assert relative_error(got, want) < 0.05  # bf16 round-off

@@ -12,12 +12,11 @@ import transformers
 from torch import nn
 
 from pruners import CholeskyError, PatternError, parse_pattern
+from pruners.blocks import block_outputs, capture_block_inputs
 from pruners.sequential import (
     PrunerOptionError,
     UnsupportedModelError,
-    _block_outputs,
     _LinearObserver,
-    capture_block_inputs,
     find_decoder_blocks,
     prunable_linears,
     prune_model,
@@ -127,7 +126,7 @@ def test_replayed_blocks_reproduce_the_model_forward(arch):
         final_norm = model.model.decoder.final_layer_norm if arch == "opt" else model.model.norm
         for index in range(len(blocks)):
             out = torch.empty_like(hidden)
-            for batch, block_out in _block_outputs(blocks[index], hidden, captured.calls[index], batches,
+            for batch, block_out in block_outputs(blocks[index], hidden, captured.calls[index], batches,
                                                    torch.device("cpu")):
                 out[batch] = block_out
             if index == len(blocks) - 1:  # the model's last hidden state has the final norm applied
