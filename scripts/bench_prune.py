@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(run)
             print(json.dumps(run), flush=True)
     import torch
+    import transformers
 
     report = {
         "benchmark": "spp prune (pruners.sequential.prune_model)",
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
                    "seqlen": args.seqlen, "device": args.device, "methods": methods},
         "machine": {"cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                     "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "loadavg_at_end": list(os.getloadavg())},
+                    "torch": torch.__version__, "transformers": transformers.__version__,
+                    "loadavg_at_end": list(os.getloadavg())},
         "runs": runs,
         "skipped": skipped,
         "peer": None,  # --peer llmcompressor: not implemented

@@ -123,7 +123,7 @@ def finetune(
     )
     training = {
         "steps": result.steps, "loss_curve": result.train_curve, "eval_loss": result.eval_loss,
-        "train_seconds": round(result.seconds, 2), "trainable_params": result.trainable_params,
+        "trainable_params": result.trainable_params,
         "resumed_from": Path(result.resumed_from).name if result.resumed_from else None,
     }
     manifest = {

@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -492,8 +492,3 @@ def load_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *,
                     raise BadInput(f"{weights_path}: {key} is missing or has the wrong shape: the adapter is damaged")
                 parameter.copy_(state[key])
     return config
-
-
-def config_dict(config: SPPConfig) -> dict:
-    """The SPPConfig as a plain dict, scale included (for manifests and logs)."""
-    return {**asdict(config), "scale": config.scale}
