@@ -290,6 +290,9 @@ def env(output_format: FormatOption = OutputFormat.human) -> None:
     _emit(result, output_format, lambda console, r: console.print_json(data=r))
 
 
+INTERRUPTED = "spp: interrupted: rerun the same command to resume\n"
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -299,10 +302,9 @@ def run_cli(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     debug = os.environ.get("SPP_DEBUG") == "1"
     try:
-        result = command.main(args=argv, prog_name="spp", standalone_mode=False)
-        return result if isinstance(result, int) else 0
+        code = command.main(args=argv, prog_name="spp", standalone_mode=False)
     except typer.Exit as exit_:
-        return exit_.exit_code
+        code = exit_.exit_code
     except UsageError as error:
         if not error.format_message().strip():  # `spp` alone: the help was shown, nothing went wrong
             return 0
@@ -310,7 +312,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"spp: error: {_one_line(error.format_message())} (see '{where} --help')\n")
         return 2
     except (KeyboardInterrupt, typer.Abort):
-        sys.stderr.write("spp: interrupted: rerun the same command to resume\n")
+        sys.stderr.write(INTERRUPTED)
         return 130
     except SppError as error:
         if debug:
@@ -325,6 +327,10 @@ def run_cli(argv: list[str] | None = None) -> int:
             return 3
         sys.stderr.write(f"spp: error: {type(error).__name__}: {_one_line(error)[:300]} (rerun with SPP_DEBUG=1 for the traceback)\n")
         return 3
+    code = code if isinstance(code, int) else 0
+    if code == 130:  # Typer turns Ctrl-C inside a command into exit code 130
+        sys.stderr.write(INTERRUPTED)
+    return code
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ checkpoints live in a hidden work directory beside OUT until the stage completes
 command resumes from the last one.
 """
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -213,7 +214,11 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, overwrite: bool =
         raise BadInput(f"the adapter's base model '{base}' is not a directory here: move it back or re-run finetune")
     stage_manifest = checkpoint.read_manifest(adapter_dir.parent) or {}
     parent_manifest = checkpoint.read_manifest(base)
-    options = {"adapter": str(adapter_dir.resolve())}
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise BadInput(f"'{weights}' is missing: the adapter directory is incomplete")
+    # the adapter's content, not its location, decides the result (identical runs, identical manifests)
+    options = {"adapter_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
     stage_fingerprint = fingerprint(options, config.get("base_manifest_sha256"))
     check_output_path(out, [base, adapter_dir])
     if existing_output(out, stage_fingerprint, overwrite):
