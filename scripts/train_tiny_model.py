@@ -186,6 +186,7 @@ def main() -> None:
     (staging / "README.md").write_text(model_card(card, config))
     if out.exists():
         shutil.rmtree(out)
+    staging.chmod(0o755)  # mkdtemp makes it private; the package data must be readable by everyone
     staging.rename(out)
     print(f"saved {out} in {time.time() - started:.0f} s", flush=True)
 
