@@ -55,7 +55,9 @@ OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an e
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(file=sys.stderr if stderr else sys.stdout, highlight=False, soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 140  # tables piped to a file or a log keep their full labels
+    return Console(file=stream, highlight=False, soft_wrap=True, width=width)
 
 
 def _quiet_libraries() -> None:

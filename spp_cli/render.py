@@ -43,12 +43,20 @@ def render_finetune(console, manifest: dict, out) -> None:
         console.print(f"  zeros kept: overall sparsity of the pruned linears {manifest.get('overall_sparsity', 0):.4f}")
 
 
+def short_task_name(task: str) -> str:
+    """`ppl:builtin:python-docs:test` -> `python-docs:test`; `ppl:/data/x.jsonl` -> `x.jsonl`."""
+    if not task.startswith("ppl:"):
+        return task
+    source = task[4:]
+    return source.split(":", 1)[1] if source.startswith("builtin:") else source.rsplit("/", 1)[-1]
+
+
 def metric_columns(entries: dict) -> list[tuple[str, str, str]]:
     """(column title, section, key) for every metric any model has, perplexities first."""
     columns, seen = [], set()
     for entry in entries.values():
         for task, value in (entry.get("perplexity") or {}).items():
-            title = f"{task} token ppl @{value.get('seqlen')}"
+            title = f"{short_task_name(task)} token ppl @{value.get('seqlen')}"
             if title not in seen:
                 seen.add(title)
                 columns.append((title, "perplexity", task))

@@ -1,0 +1,116 @@
+"""One llm-compressor pruning run, for scripts/bench_prune.py --peer llmcompressor (runs in the PEER's venv).
+
+It imports nothing from spp, so it runs under llmcompressor's own torch/transformers. The driver gives it the
+same model directory, the same calibration windows (a safetensors file holding `input_ids` (nsamples, seqlen),
+drawn once by spp_cli.data.calibration_windows) and the same thread count as the spp run. It:
+
+  1. loads the model with AutoModelForCausalLM.from_pretrained(dir, dtype="auto") (what `spp prune` does);
+  2. wraps the windows as a pre-tokenized datasets.Dataset (column input_ids only, no attention mask, as spp
+     feeds them) and calls llmcompressor.oneshot with SparseGPTModifier / WandaPruningModifier: targets = the
+     decoder-block class (model._no_split_modules), so every nn.Linear inside the blocks is pruned and lm_head is
+     not; sequential pipeline over the same blocks; batch size 1; no shuffling;
+  3. checks that every pruned linear has the target sparsity (and N:M structure), and writes the decoder
+     linears' weights to a safetensors file (the driver evaluates them in the spp venv) and a JSON result.
+
+Timestamps are time.time() (wall clock) so the driver can put them on one axis with its spawn time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+STARTED = time.time()
+
+
+def peak_rss_of_this_process_mb() -> float:
+    """VmHWM: the peak RSS of this process image. (ru_maxrss is not used: Linux carries it across exec, so a child
+    spawned by a big driver would report at least the driver's RSS.)"""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="HF model directory")
+    parser.add_argument("--method", choices=["wanda", "sparsegpt"], required=True)
+    parser.add_argument("--sparsity", type=float, required=True)
+    parser.add_argument("--mask-structure", default="0:0", help='"0:0" (unstructured) or "N:M"')
+    parser.add_argument("--calibration", required=True, help="safetensors file with input_ids (nsamples, seqlen)")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--weights-out", required=True, help="safetensors file for the pruned decoder linears")
+    parser.add_argument("--result", required=True, help="JSON file for the timings")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import datasets
+    import llmcompressor
+    import transformers
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    from safetensors.torch import load_file, save_file
+
+    imported = time.time()
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").eval()
+    calibration = load_file(args.calibration)["input_ids"]  # (nsamples, seqlen) int64
+    nsamples, seqlen = calibration.shape
+    dataset = datasets.Dataset.from_dict({"input_ids": calibration.tolist()})
+    block_classes = list(model._no_split_modules)
+    modifier_class = SparseGPTModifier if args.method == "sparsegpt" else WandaPruningModifier
+    recipe = modifier_class(sparsity=args.sparsity, mask_structure=args.mask_structure,
+                            targets=block_classes, ignore=["re:.*lm_head"])
+    loaded = time.time()
+    model = oneshot(
+        model=model, dataset=dataset, recipe=recipe, num_calibration_samples=nsamples, max_seq_length=seqlen,
+        shuffle_calibration_samples=False, batch_size=1, pipeline="sequential", sequential_targets=block_classes,
+    )
+    pruned = time.time()
+
+    # the decoder linears (what both tools prune), checked and saved for the driver
+    blocks = [name for name, module in model.named_modules() if type(module).__name__ in block_classes]
+    linears = {name: module for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and any(name.startswith(block + ".") for block in blocks)}
+    weights = {name + ".weight": linear.weight.detach().contiguous().clone() for name, linear in linears.items()}
+    save_file(weights, args.weights_out)
+    done = time.time()
+    peak_rss_mb = peak_rss_of_this_process_mb()
+
+    sparsity = {name: float((weight == 0).float().mean()) for name, weight in weights.items()}
+    zeros = sum(int((weight == 0).sum()) for weight in weights.values())
+    total = sum(weight.numel() for weight in weights.values())
+    result = {
+        "tool": "llmcompressor",
+        "method": args.method,
+        "mask_structure": args.mask_structure,
+        "sparsity_target": args.sparsity,
+        "overall_sparsity": round(zeros / total, 6),
+        "min_layer_sparsity": round(min(sparsity.values()), 6),
+        "max_layer_sparsity": round(max(sparsity.values()), 6),
+        "pruned_linears": len(weights),
+        "calibration": {"nsamples": nsamples, "seqlen": seqlen},
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "started": STARTED,
+        "imports_seconds": round(imported - STARTED, 3),
+        "load_seconds": round(loaded - imported, 3),
+        "prune_seconds": round(pruned - loaded, 3),
+        "save_seconds": round(done - pruned, 3),
+        "done": done,
+        "peak_rss_mb": round(peak_rss_mb, 1),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "versions": {"llmcompressor": llmcompressor.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    }
+    with open(args.result, "w") as handle:
+        json.dump(result, handle)
+
+
+if __name__ == "__main__":
+    main()
