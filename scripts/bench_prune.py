@@ -425,7 +425,7 @@ def perplexities(model_dir: Path, results: dict[str, Path], seqlen: int, data_di
     model, tokenizer = load_model(str(model_dir))
     streams = {task: perplexity_stream(task, tokenizer, seqlen, data_dir)[0] for task in PERPLEXITY_STREAMS}
     values = {task: {"seqlen": seqlen, "windows": stream.shape[1] // seqlen} for task, stream in streams.items()}
-    for label, weights_file in {"dense": None, **results}.items():
+    for label, weights_file in {"dense": None, **results}.items():  # labels: "dense", "METHOD/TOOL"
         if weights_file is not None:
             _, unexpected = model.load_state_dict(load_file(weights_file), strict=False)
             if unexpected:
@@ -465,6 +465,32 @@ def summarize(label: str, method: str, runs: dict[str, list[dict]], checks: dict
     return summary
 
 
+def run_alternating(label: str, model_dir: Path, method: str, repeats: int, calibration: Path, scratch: Path,
+                    peer_python: Path, args, log: Path) -> tuple[dict, dict, dict]:
+    """spp, peer, spp, peer, ... `repeats` times each; returns (runs per tool, checks, first weights file per tool)."""
+    runs: dict[str, list[dict]] = {"spp": [], "llmcompressor": []}
+    hashes: dict[str, set] = {"spp": set(), "llmcompressor": set()}
+    first: dict[str, Path] = {}
+    for repeat in range(repeats):
+        for tool in runs:
+            weights_file = scratch / f"{label}-{method}-{tool}-{repeat}.safetensors"
+            run = run_matched(tool, model_dir, method, calibration, weights_file, peer_python, args, log)
+            weights = read_linears(weights_file)
+            run["sparsity"] = check_sparsity(weights, args.pattern_spec)
+            hashes[tool].add(weights_sha256(weights))
+            runs[tool].append(run)
+            first.setdefault(tool, weights_file)
+            print(f"{label} {method} {tool} #{repeat + 1}: process {run['process_seconds']} s, prune "
+                  f"{run['prune_seconds']} s, peak RSS {run['peak_rss_mb']} MB", flush=True)
+    checks = {
+        "sparsity_matches_target": {tool: all(run["sparsity"]["matches_target"] for run in tool_runs)
+                                    for tool, tool_runs in runs.items()},
+        "identical_weights_across_repeats": {tool: len(found) == 1 for tool, found in hashes.items()},
+        "spp_vs_peer": compare_weights(read_linears(first["spp"]), read_linears(first["llmcompressor"])),
+    }
+    return runs, checks, first
+
+
 def run_peer_benchmark(args, methods: list[str]) -> dict:
     """Alternating spp / llm-compressor runs on the tiny and the random model; the report as a dict."""
     sys.path.insert(0, str(REPO))
@@ -500,33 +526,20 @@ def run_peer_benchmark(args, methods: list[str]) -> dict:
             weights_sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
             report_models[label] = {"directory": str(model_dir), "model_safetensors_sha256": weights_sha,
                                     "config": json.loads((model_dir / "config.json").read_text())}
-            for method in methods:
-                runs: dict[str, list[dict]] = {"spp": [], "llmcompressor": []}
-                hashes: dict[str, set] = {"spp": set(), "llmcompressor": set()}
-                first: dict[str, Path] = {}
-                for repeat in range(repeats):
-                    for tool in ("spp", "llmcompressor"):
-                        weights_file = scratch / f"{label}-{method}-{tool}-{repeat}.safetensors"
-                        run = run_matched(tool, model_dir, method, calibration, weights_file, peer_python, args, log)
-                        weights = read_linears(weights_file)
-                        run["sparsity"] = check_sparsity(weights, args.pattern_spec)
-                        hashes[tool].add(weights_sha256(weights))
-                        peer_versions = run.pop("versions", peer_versions)
-                        runs[tool].append(run)
-                        first.setdefault(tool, weights_file)
-                        print(f"{label} {method} {tool} #{repeat + 1}: process {run['process_seconds']} s, prune "
-                              f"{run['prune_seconds']} s, peak RSS {run['peak_rss_mb']} MB", flush=True)
-                ours, theirs = read_linears(first["spp"]), read_linears(first["llmcompressor"])
-                checks = {
-                    "sparsity_matches_target": {tool: all(run["sparsity"]["matches_target"] for run in tool_runs)
-                                                for tool, tool_runs in runs.items()},
-                    "identical_weights_across_repeats": {tool: len(found) == 1 for tool, found in hashes.items()},
-                    "spp_vs_peer": compare_weights(ours, theirs),
+            measured = {method: run_alternating(label, model_dir, method, repeats, calibration, scratch, peer_python,
+                                                args, log) for method in methods}
+            results = {f"{method}/{tool}": first for method in methods for tool, first in measured[method][2].items()}
+            values = perplexities(model_dir, results, args.seqlen, args.data_dir) if evaluate else None
+            for method, (runs, checks, _) in measured.items():
+                perplexity = None if values is None else {
+                    task: {"seqlen": by_label["seqlen"], "windows": by_label["windows"], "dense": by_label["dense"],
+                           **{tool: by_label[f"{method}/{tool}"] for tool in runs}}
+                    for task, by_label in values.items()
                 }
-                perplexity = perplexities(model_dir, first, args.seqlen, args.data_dir) if evaluate else None
                 summaries.append(summarize(label, method, runs, checks, perplexity))
                 print(json.dumps({key: summaries[-1][key] for key in ("model", "method", "median",
                                   "ratio_spp_over_peer", "targets_met")}), flush=True)
+            peer_versions = next(run["versions"] for runs, _, _ in measured.values() for run in runs["llmcompressor"])
     return {
         "benchmark": "spp prune vs llm-compressor oneshot (alternating child processes)",
         "config": {"pattern": str(args.pattern_spec), "mask_structure": args.mask_structure,
@@ -583,6 +596,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown method(s) {sorted(unknown)}: use {', '.join(allowed)}")
     if args.peer:
+        # the driver evaluates perplexity itself: same threads and wait policy as the children, set before torch loads
+        os.environ.update(OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY=args.omp_wait_policy)
         if args.calib is None:
             args.calib = str(DEFAULT_CALIB) if DEFAULT_CALIB.is_file() else "builtin:python-docs"
         write_report(run_peer_benchmark(args, methods), args.out or "bench_out/prune_peer.json")

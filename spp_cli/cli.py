@@ -179,7 +179,8 @@ def finetune(
         overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
         console=_console(stderr=True),
     )
-    _emit(manifest, output_format, lambda console, result: render_finetune(console, result, out))
+    if "rank" not in manifest:  # under torchrun/accelerate only rank 0 merges, saves and reports
+        _emit(manifest, output_format, lambda console, result: render_finetune(console, result, out))
 
 
 @app.command(epilog="Example:\n\n    spp finetune runs/w50 --data d.jsonl --no-merge --out runs/w50-spp && spp merge runs/w50-spp/adapter --out runs/w50-merged")

@@ -102,9 +102,9 @@ def finetune(
         model_dir, dtype=_compute_dtype(dtype, compute_device), trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
     )
-    if parent_manifest is None and console is not None:
-        console.print(f"warning: '{model_dir}' has no spp.json: its current zeros define the mask to keep")
     targets = default_targets(model, parent_manifest)
+    if parent_manifest is None and console is not None:
+        console.print(f"spp: warning: '{model_dir}' has no spp.json: its current zeros define the mask to keep")
     modules = dict(model.named_modules())
     parent_zeros = {name: zeros_sha256(modules[name].weight) for name in targets}
 
