@@ -14,8 +14,12 @@ MODELS = {
     "llama2-7b": ("meta-llama/Llama-2-7b-hf", 4096),  # LLaMA-2: Wanda's tables use max_position_embeddings
 }
 SETTINGS = {
-    "50": ("unstructured", 0.5), "60": ("unstructured", 0.6), "70": ("unstructured", 0.7),
-    "75": ("unstructured", 0.75), "2of4": ("2:4", None), "4of8": ("4:8", None),
+    "50": ("unstructured", 0.5),
+    "60": ("unstructured", 0.6),
+    "70": ("unstructured", 0.7),
+    "75": ("unstructured", 0.75),
+    "2of4": ("2:4", None),
+    "4of8": ("4:8", None),
 }
 TASKS = "[wikitext2, boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa]"
 
@@ -45,8 +49,10 @@ def recipe(model: str, seqlen: int, pattern: str, sparsity: float | None, name: 
     val_size: 2000
     seed: 42
 """)
-    return f"""# {name}: Wanda and SparseGPT at {pattern}{f' {sparsity:.0%}' if sparsity else ''} on {model}, SPP on Alpaca-GPT4, evaluated
-# as in the papers (WikiText-2 token ppl @{seqlen}, 7 zero-shot tasks + PIQA). Made by scripts/make_paper_recipes.py.
+    setting = f"{pattern}{f' {sparsity:.0%}' if sparsity else ''}"
+    return f"""# {name}: Wanda and SparseGPT at {setting} on {model}, SPP on Alpaca-GPT4,
+# evaluated as in the papers (WikiText-2 token ppl @{seqlen}, 7 zero-shot tasks + PIQA).
+# Made by scripts/make_paper_recipes.py.
 # Needs the Hub (or a local copy: override model=/path and the data sources) and a GPU with ~24 GB.
 #   spp run recipes/paper/{name}.yaml
 model: {model}

@@ -11,7 +11,6 @@ a given Python version, torch version and thread count (the corpus depends on th
 import argparse
 import json
 import math
-import platform
 import shutil
 import sys
 import tempfile
@@ -160,7 +159,9 @@ def main() -> None:
     }
     for pattern, label in (("2:4", "magnitude 2:4"), ("0.7", "magnitude 70%")):
         pruned = magnitude_prune_copy(model, pattern)
-        perplexity[label] = {split: token_perplexity(pruned, streams[split], evaluation_seqlen) for split in ("validation", "test")}
+        perplexity[label] = {
+            split: token_perplexity(pruned, streams[split], evaluation_seqlen) for split in ("validation", "test")
+        }
     print(json.dumps(perplexity, indent=1), flush=True)
 
     out = Path(args.out)
@@ -193,27 +194,28 @@ def main() -> None:
 
 def model_card(card: dict, config: LlamaConfig) -> str:
     rows = "\n".join(
-        f"| {label} | {values['validation']:.2f} | {values['test']:.2f} |" for label, values in card["perplexity"].items()
+        f"| {label} | {values['validation']:.2f} | {values['test']:.2f} |"
+        for label, values in card["perplexity"].items()
     )
     return f"""# tiny-llama (spp's embedded default model, `builtin:tiny-llama`)
 
-A {card['parameters'] / 1e6:.2f}M-parameter LLaMA-architecture model with its own byte-level BPE tokenizer
+A {card["parameters"] / 1e6:.2f}M-parameter LLaMA-architecture model with its own byte-level BPE tokenizer
 (vocabulary {config.vocab_size}), trained from scratch on CPU on `builtin:python-docs:train` (the pydoc topics and
-standard-library docstrings of Python {card['python_version']}). It exists so that `spp` can be tried, tested
+standard-library docstrings of Python {card["python_version"]}). It exists so that `spp` can be tried, tested
 and demonstrated offline on a laptop: pruning visibly hurts it and SPP visibly helps it. It is not a useful
 language model.
 
 - Architecture: hidden {config.hidden_size}, intermediate {config.intermediate_size}, {config.num_hidden_layers}
   blocks, {config.num_attention_heads} heads, untied embeddings; weights stored in fp16.
-- Made by: `{card['command']}` (torch {card['torch_version']}, {card['threads']} CPU threads,
-  {card['training_seconds']} s).
-- Training: {card['training_tokens']:,} tokens ({card['steps']} steps) sampled from a {card['train_tokens_in_corpus']:,}-token
-  train stream.
-- Corpus sha256 (documents joined with "\\n\\n"): train `{card['corpus_sha256']['train']}`,
-  validation `{card['corpus_sha256']['validation']}`, test `{card['corpus_sha256']['test']}`.
-  The corpus depends on the Python version; the numbers below hold for Python {card['python_version']}.
+- Made by: `{card["command"]}` (torch {card["torch_version"]}, {card["threads"]} CPU threads,
+  {card["training_seconds"]} s).
+- Training: {card["training_tokens"]:,} tokens ({card["steps"]} steps) sampled from a
+  {card["train_tokens_in_corpus"]:,}-token train stream.
+- Corpus sha256 (documents joined with "\\n\\n"): train `{card["corpus_sha256"]["train"]}`,
+  validation `{card["corpus_sha256"]["validation"]}`, test `{card["corpus_sha256"]["test"]}`.
+  The corpus depends on the Python version; the numbers below hold for Python {card["python_version"]}.
 
-Held-out token perplexity ({card['perplexity_protocol']}; magnitude = one threshold per matrix for 70%,
+Held-out token perplexity ({card["perplexity_protocol"]}; magnitude = one threshold per matrix for 70%,
 per-row groups for 2:4, on every linear inside the decoder blocks):
 
 | weights | python-docs validation | python-docs test |

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -30,7 +30,9 @@ def resolve_model_path(name: str) -> str:
     if name.startswith("builtin:"):
         key = name.split(":", 1)[1]
         if key not in BUILTIN_MODELS:
-            raise BadInput(f"unknown builtin model '{name}': use one of {', '.join('builtin:' + k for k in BUILTIN_MODELS)}")
+            raise BadInput(
+                f"unknown builtin model '{name}': use one of {', '.join('builtin:' + k for k in BUILTIN_MODELS)}"
+            )
         if not (BUILTIN_MODELS[key] / "config.json").exists():
             raise BadInput(f"builtin model '{name}' is missing from the package: reinstall spp (pip install -e .)")
         return str(BUILTIN_MODELS[key])
@@ -48,7 +50,10 @@ def check_model_dir(path: Path, allow_pickle: bool) -> None:
     if not has_safetensors and not has_pickle:
         raise BadInput(f"'{path}' has a config but no weights (*.safetensors): copy the weight files there")
     if not has_safetensors and not allow_pickle:
-        raise BadInput(f"'{path}' has only pickle .bin weights, which can run code when loaded: pass --allow-pickle if you trust them")
+        raise BadInput(
+            f"'{path}' has only pickle .bin weights, which can run code when loaded: "
+            "pass --allow-pickle if you trust them"
+        )
     for weights in path.glob("*.safetensors"):
         _check_safetensors(weights)
 
@@ -66,7 +71,9 @@ def _check_safetensors(path: Path) -> None:
         raise BadInput(f"'{path}' is not a readable safetensors file: re-download or re-save it")
     end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if 8 + header_size + end > size:
-        raise BadInput(f"'{path}' is truncated ({size} bytes, needs {8 + header_size + end}): re-download or re-save it")
+        raise BadInput(
+            f"'{path}' is truncated ({size} bytes, needs {8 + header_size + end}): re-download or re-save it"
+        )
 
 
 def torch_dtype(name: str):
@@ -181,7 +188,7 @@ def finish_manifest(manifest: dict, seconds: float) -> dict:
     manifest = dict(manifest)
     manifest["manifest_sha256"] = manifest_sha256(manifest)
     manifest["seconds"] = round(seconds, 2)
-    manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")
     return manifest
 
 

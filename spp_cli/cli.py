@@ -4,7 +4,7 @@
 import json
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -28,18 +28,18 @@ app = typer.Typer(
 )
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     human = "human"
     json = "json"
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     magnitude = "magnitude"
     wanda = "wanda"
     sparsegpt = "sparsegpt"
 
 
-class TuneMethod(str, Enum):
+class TuneMethod(StrEnum):
     spp = "spp"
     lora = "lora"
 

@@ -130,7 +130,9 @@ def _builtin_documents(source: str) -> list[str]:
     name, _, split = rest.partition(":")
     split = split or "train"
     if name not in BUILTIN_CORPORA:
-        raise BadInput(f"unknown builtin corpus '{name}': use one of {', '.join('builtin:' + n for n in BUILTIN_CORPORA)}")
+        raise BadInput(
+            f"unknown builtin corpus '{name}': use one of {', '.join('builtin:' + n for n in BUILTIN_CORPORA)}"
+        )
     if split not in SPLITS:
         raise BadInput(f"unknown split '{split}' in '{source}': use one of {', '.join(SPLITS)}")
     return BUILTIN_CORPORA[name]().documents(split)

@@ -80,14 +80,25 @@ def evaluate_models(
         raise BadInput(f"--data-dir '{data_dir}' is not a directory: point it at a folder laid out like shared/data")
     validate_tasks(tasks, data_dir=data_dir)
     out = Path(out)
-    config = {"tasks": tasks, "seqlen": seqlen, "limit": limit, "data_dir": data_dir, "batch_size": batch_size,
-              "dtype": dtype}
+    config = {
+        "tasks": tasks,
+        "seqlen": seqlen,
+        "limit": limit,
+        "data_dir": data_dir,
+        "batch_size": batch_size,
+        "dtype": dtype,
+    }
     parents = {name: _manifest_sha(path) for name, path in models.items()}
     stage_fingerprint = fingerprint(config, json.dumps(parents, sort_keys=True))
     if skip_if_done and out.is_file():
         stored = json.loads(out.read_text(encoding="utf-8"))
         if existing_output(out, stage_fingerprint, overwrite, stored=stored):
-            return {"models": results_entries(stored), "notes": stored.get("notes", []), "out": str(out), "skipped": True}
+            return {
+                "models": results_entries(stored),
+                "notes": stored.get("notes", []),
+                "out": str(out),
+                "skipped": True,
+            }
     compute_device = resolve_device(device)
     entries, notes = {}, []
     for name, path in models.items():
@@ -98,7 +109,13 @@ def evaluate_models(
         resolved = checkpoint.resolve_model_path(path)
         manifest = checkpoint.read_manifest(resolved) if Path(resolved).is_dir() else None
         result = evaluate(
-            model, tokenizer, tasks, seqlen=seqlen, limit=limit, data_dir=data_dir, batch_size=batch_size,
+            model,
+            tokenizer,
+            tasks,
+            seqlen=seqlen,
+            limit=limit,
+            data_dir=data_dir,
+            batch_size=batch_size,
             device=compute_device,
         )
         result["model"] = model_summary(path, manifest)

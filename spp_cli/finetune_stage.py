@@ -76,17 +76,45 @@ def finetune(
     model_path = checkpoint.resolve_model_path(model_dir)
     parent_manifest = checkpoint.read_manifest(model_path) if Path(model_path).is_dir() else None
     options = {
-        "data": data, "method": method, "max_steps": max_steps, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-        "micro_batch_size": micro_batch_size, "seqlen": seqlen, "seed": seed, "groups": groups, "dropout": dropout,
-        "forward": forward, "mask_prompt": mask_prompt, "gradient_checkpointing": gradient_checkpointing,
-        "val_size": val_size, "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "no_merge": no_merge,
+        "data": data,
+        "method": method,
+        "max_steps": max_steps,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "micro_batch_size": micro_batch_size,
+        "seqlen": seqlen,
+        "seed": seed,
+        "groups": groups,
+        "dropout": dropout,
+        "forward": forward,
+        "mask_prompt": mask_prompt,
+        "gradient_checkpointing": gradient_checkpointing,
+        "val_size": val_size,
+        "weight_decay": weight_decay,
+        "warmup_ratio": warmup_ratio,
+        "no_merge": no_merge,
         "dtype": dtype,
     }
     train_config = FinetuneConfig(
-        method=method, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
-        micro_batch_size=micro_batch_size, seqlen=seqlen, seed=seed, groups=groups, dropout=dropout, forward=forward,
-        mask_prompt=mask_prompt, gradient_checkpointing=gradient_checkpointing, val_size=val_size,
-        weight_decay=weight_decay, warmup_ratio=warmup_ratio, report_to=report_to, device=resolve_device(device),
+        method=method,
+        max_steps=max_steps,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        micro_batch_size=micro_batch_size,
+        seqlen=seqlen,
+        seed=seed,
+        groups=groups,
+        dropout=dropout,
+        forward=forward,
+        mask_prompt=mask_prompt,
+        gradient_checkpointing=gradient_checkpointing,
+        val_size=val_size,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        report_to=report_to,
+        device=resolve_device(device),
         **({"save_steps": save_steps} if save_steps else {}),
     )
     train_config.validate(world_size())
@@ -99,7 +127,9 @@ def finetune(
 
     compute_device = resolve_device(device)
     model, tokenizer = checkpoint.load_model(
-        model_dir, dtype=_compute_dtype(dtype, compute_device), trust_remote_code=trust_remote_code,
+        model_dir,
+        dtype=_compute_dtype(dtype, compute_device),
+        trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
     )
     targets = default_targets(model, parent_manifest)
@@ -119,11 +149,15 @@ def finetune(
     adapter_dir = work_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     save_trained_adapter(
-        result, adapter_dir, base_path=str(Path(model_path).resolve()),
+        result,
+        adapter_dir,
+        base_path=str(Path(model_path).resolve()),
         base_manifest_sha256=parent_manifest.get("manifest_sha256") if parent_manifest else None,
     )
     training = {
-        "steps": result.steps, "loss_curve": result.train_curve, "eval_loss": result.eval_loss,
+        "steps": result.steps,
+        "loss_curve": result.train_curve,
+        "eval_loss": result.eval_loss,
         "trainable_params": result.trainable_params,
         "resumed_from": Path(result.resumed_from).name if result.resumed_from else None,
     }
@@ -152,7 +186,12 @@ def finetune(
         manifest["layers"] = layers
         manifest["overall_sparsity"] = checkpoint.overall_sparsity(layers)
         manifest = checkpoint.save_checkpoint(
-            model_out, tokenizer, out, manifest, parent_dir=model_path, started=started,
+            model_out,
+            tokenizer,
+            out,
+            manifest,
+            parent_dir=model_path,
+            started=started,
             extra_dirs={"adapter": adapter_dir},
         )
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -200,7 +239,9 @@ def _save_adapter_only(out: Path, adapter_dir: Path, manifest: dict, started: fl
     return finished
 
 
-def merge_adapter(adapter_dir: str | Path, out: str | Path, *, overwrite: bool = False, allow_pickle: bool = False) -> dict:
+def merge_adapter(
+    adapter_dir: str | Path, out: str | Path, *, overwrite: bool = False, allow_pickle: bool = False
+) -> dict:
     """`spp merge`: load the adapter's base, check its masks, merge, check the zeros, save."""
     from spp_cli.spp import load_spp_adapter, merge_spp, read_adapter_config
 
@@ -254,4 +295,3 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, overwrite: bool =
         return checkpoint.save_checkpoint(
             model, tokenizer, out, manifest, parent_dir=base, started=started, extra_dirs={"adapter": adapter_copy}
         )
-

@@ -42,34 +42,77 @@ def run_stage(recipe: Recipe, stage, overwrite: bool, console) -> dict:
 
     directory = Path(recipe.output_dir) / stage.name
     replace = overwrite or owned_by_spp(directory)
-    common = {"dtype": stage.dtype, "device": stage.device, "trust_remote_code": recipe.trust_remote_code,
-              "allow_pickle": recipe.allow_pickle}
+    common = {
+        "dtype": stage.dtype,
+        "device": stage.device,
+        "trust_remote_code": recipe.trust_remote_code,
+        "allow_pickle": recipe.allow_pickle,
+    }
     if isinstance(stage, PruneStage):
         return prune(
-            model_path(recipe, stage.input), directory, method=stage.method, sparsity=stage.sparsity,
-            pattern=stage.pattern, calib=stage.calib, nsamples=stage.nsamples, seqlen=stage.seqlen, seed=stage.seed,
-            targets=stage.targets, ignore=stage.ignore, use_variant=stage.use_variant,
-            true_sequential=stage.true_sequential, overwrite=replace, on_block=block_progress(console), **common,
+            model_path(recipe, stage.input),
+            directory,
+            method=stage.method,
+            sparsity=stage.sparsity,
+            pattern=stage.pattern,
+            calib=stage.calib,
+            nsamples=stage.nsamples,
+            seqlen=stage.seqlen,
+            seed=stage.seed,
+            targets=stage.targets,
+            ignore=stage.ignore,
+            use_variant=stage.use_variant,
+            true_sequential=stage.true_sequential,
+            overwrite=replace,
+            on_block=block_progress(console),
+            **common,
         )
     if isinstance(stage, FinetuneStage):
         return finetune(
-            model_path(recipe, stage.input), directory, data=stage.data, method=stage.method,
-            max_steps=stage.max_steps, epochs=stage.epochs, lr=stage.lr, batch_size=stage.batch_size,
-            micro_batch_size=stage.micro_batch_size, seqlen=stage.seqlen, seed=stage.seed, groups=stage.groups,
-            dropout=stage.dropout, forward=stage.forward, mask_prompt=stage.mask_prompt,
-            gradient_checkpointing=stage.gradient_checkpointing, val_size=stage.val_size, no_merge=stage.no_merge,
-            weight_decay=stage.weight_decay, warmup_ratio=stage.warmup_ratio, report_to=stage.report_to,
-            save_steps=stage.save_steps, overwrite=replace, console=console, **common,
+            model_path(recipe, stage.input),
+            directory,
+            data=stage.data,
+            method=stage.method,
+            max_steps=stage.max_steps,
+            epochs=stage.epochs,
+            lr=stage.lr,
+            batch_size=stage.batch_size,
+            micro_batch_size=stage.micro_batch_size,
+            seqlen=stage.seqlen,
+            seed=stage.seed,
+            groups=stage.groups,
+            dropout=stage.dropout,
+            forward=stage.forward,
+            mask_prompt=stage.mask_prompt,
+            gradient_checkpointing=stage.gradient_checkpointing,
+            val_size=stage.val_size,
+            no_merge=stage.no_merge,
+            weight_decay=stage.weight_decay,
+            warmup_ratio=stage.warmup_ratio,
+            report_to=stage.report_to,
+            save_steps=stage.save_steps,
+            overwrite=replace,
+            console=console,
+            **common,
         )
     models = {name: model_path(recipe, name) for name in stage.models}
     return evaluate_models(
-        models, stage.tasks, directory / RESULTS, seqlen=stage.seqlen, limit=stage.limit, data_dir=stage.data_dir,
-        batch_size=stage.batch_size, skip_if_done=True, overwrite=replace, **common,
+        models,
+        stage.tasks,
+        directory / RESULTS,
+        seqlen=stage.seqlen,
+        limit=stage.limit,
+        data_dir=stage.data_dir,
+        batch_size=stage.batch_size,
+        skip_if_done=True,
+        overwrite=replace,
+        **common,
     )
 
 
-def run_recipe(recipe_file: str | Path, overrides: list[str], *, dry_run: bool = False, overwrite: bool = False,
-               console=None) -> dict:
+def run_recipe(
+    recipe_file: str | Path, overrides: list[str], *, dry_run: bool = False, overwrite: bool = False, console=None
+) -> dict:
     """Run (or with dry_run only validate) a recipe; returns a summary of every stage and the last evaluation."""
     recipe = load_recipe(recipe_file, overrides)
     summary = {"recipe": str(recipe_file), "output_dir": recipe.output_dir, "dry_run": dry_run, "stages": []}
@@ -91,10 +134,15 @@ def run_recipe(recipe_file: str | Path, overrides: list[str], *, dry_run: bool =
         skipped = bool(result.get("skipped"))
         (output.parent if output.suffix else output).mkdir(parents=True, exist_ok=True)
         (output.parent if output.suffix else output).joinpath("recipe.yaml").write_text(dump_resolved(recipe, stage))
-        summary["stages"].append({
-            "name": stage.name, "type": stage.TYPE, "output": str(output), "skipped": skipped,
-            "seconds": round(result.get("seconds", seconds) if skipped else seconds, 2),
-        })
+        summary["stages"].append(
+            {
+                "name": stage.name,
+                "type": stage.TYPE,
+                "output": str(output),
+                "skipped": skipped,
+                "seconds": round(result.get("seconds", seconds) if skipped else seconds, 2),
+            }
+        )
         if isinstance(stage, EvalStage):
             summary["evaluation"] = result["models"]
     for stage_summary in summary["stages"]:

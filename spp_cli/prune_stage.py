@@ -85,10 +85,18 @@ def prune(
     model_path = checkpoint.resolve_model_path(model)
     parent_manifest = checkpoint.read_manifest(model_path) if Path(model_path).is_dir() else None
     options = {
-        "method": method, "sparsity": sparsity_pattern.sparsity, "pattern": str(sparsity_pattern),
-        "calib": None if method == "magnitude" else calib, "nsamples": None if method == "magnitude" else nsamples,
-        "seqlen": seqlen, "seed": seed, "targets": targets, "ignore": ignore, "use_variant": use_variant,
-        "true_sequential": true_sequential, "dtype": dtype,
+        "method": method,
+        "sparsity": sparsity_pattern.sparsity,
+        "pattern": str(sparsity_pattern),
+        "calib": None if method == "magnitude" else calib,
+        "nsamples": None if method == "magnitude" else nsamples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "targets": targets,
+        "ignore": ignore,
+        "use_variant": use_variant,
+        "true_sequential": true_sequential,
+        "dtype": dtype,
     }
     stage_fingerprint = fingerprint(options, parent_manifest.get("manifest_sha256") if parent_manifest else model)
     check_output_path(out, [model_path])
@@ -106,8 +114,16 @@ def prune(
         calibration = calibration_windows(tokenizer, calib, nsamples, options["seqlen"], seed)
     try:
         reports = prune_model(
-            loaded, calibration, method, sparsity_pattern, targets=targets, ignore=ignore,
-            device=compute_device, true_sequential=true_sequential, use_variant=use_variant, on_block=on_block,
+            loaded,
+            calibration,
+            method,
+            sparsity_pattern,
+            targets=targets,
+            ignore=ignore,
+            device=compute_device,
+            true_sequential=true_sequential,
+            use_variant=use_variant,
+            on_block=on_block,
         )
     except (PatternError, PrunerOptionError, UnsupportedModelError) as error:
         raise BadInput(str(error)) from None
@@ -133,4 +149,3 @@ def prune(
     return checkpoint.save_checkpoint(
         loaded, tokenizer, out, manifest, parent_dir=model_path if Path(model_path).is_dir() else None, started=started
     )
-

@@ -123,15 +123,19 @@ def render_verify(console, report: dict) -> None:
 
 def render_run(console, summary: dict) -> None:
     if summary.get("dry_run"):
-        console.print(f"recipe {summary['recipe']} is valid; stages: " + ", ".join(
-            f"{stage['name']} ({stage['type']}) -> {stage['output']}" for stage in summary["stages"]))
+        console.print(
+            f"recipe {summary['recipe']} is valid; stages: "
+            + ", ".join(f"{stage['name']} ({stage['type']}) -> {stage['output']}" for stage in summary["stages"])
+        )
         return
     entries = summary.get("evaluation") or {}
     seconds = {stage["name"]: stage for stage in summary["stages"]}
     extra = {}
     for name in entries:
         if name in seconds:
-            extra[name] = {"stage seconds": f"{seconds[name]['seconds']:.1f}" + (" (skipped)" if seconds[name]["skipped"] else "")}
+            extra[name] = {
+                "stage seconds": f"{seconds[name]['seconds']:.1f}" + (" (skipped)" if seconds[name]["skipped"] else "")
+            }
     if entries:
         console.print(eval_table(entries, extra))
     for stage in summary["stages"]:

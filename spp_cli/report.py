@@ -81,7 +81,9 @@ def plot_loss(manifests: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {n: m["training"]["loss_curve"] for n, m in manifests.items() if (m.get("training") or {}).get("loss_curve")}
+    curves = {
+        n: m["training"]["loss_curve"] for n, m in manifests.items() if (m.get("training") or {}).get("loss_curve")
+    }
     if not curves:
         return False
     figure, axis = plt.subplots(figsize=(6, 3.6))

@@ -50,7 +50,6 @@ def workspace(tmp_path_factory, test_data):
 
 
 def rows(data: Path):
-    c4 = str(data / C4)
     prune = ["prune", "{root}/dense", "--out", "{root}/out", "--calib", "{root}/calib.jsonl", "--nsamples", "2",
              "--seqlen", "32"]
     return [

@@ -76,7 +76,7 @@ def test_kill_during_save_leaves_no_valid_looking_directory(tmp_path):
             print("weights written", flush=True)
             time.sleep(60)
         type(model).save_pretrained = slow_save
-        checkpoint.save_checkpoint(model, make_tokenizer(), {str(tmp_path / 'out')!r}, {{"stage": "t", "layers": {{}}}})
+        checkpoint.save_checkpoint(model, make_tokenizer(), {str(tmp_path / "out")!r}, {{"stage": "t", "layers": {{}}}})
     """)
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "weights written"
@@ -92,8 +92,10 @@ def test_kill_during_save_leaves_no_valid_looking_directory(tmp_path):
         (lambda d: None, "does not exist"),
         (lambda d: d.mkdir(), "has no config.json"),
         (lambda d: (d.mkdir(), (d / "config.json").write_text("{}")), "has a config but no weights"),
-        (lambda d: (d.mkdir(), (d / "config.json").write_text("{}"), (d / "pytorch_model.bin").write_bytes(b"x")),
-         "only pickle .bin weights"),
+        (
+            lambda d: (d.mkdir(), (d / "config.json").write_text("{}"), (d / "pytorch_model.bin").write_bytes(b"x")),
+            "only pickle .bin weights",
+        ),
     ],
 )
 def test_unusable_model_directories_are_bad_input(tmp_path, setup, message):

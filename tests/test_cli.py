@@ -22,7 +22,10 @@ def test_help_lists_every_command_with_examples(capsys):
 
 def test_help_answers_without_importing_torch():
     """`spp --help` must stay fast: heavy libraries are imported inside the commands."""
-    code = "import sys; from spp_cli.cli import run_cli; run_cli(['--help']); print(sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules))"
+    code = (
+        "import sys; from spp_cli.cli import run_cli; run_cli(['--help']); "
+        "print(sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules))"
+    )
     started = time.time()
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
@@ -57,11 +60,17 @@ def test_debug_shows_the_traceback(tmp_path):
     env = {"SPP_DEBUG": "1", "PATH": "", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "spp_cli", "verify", str(tmp_path / "missing")],
-        capture_output=True, text=True, cwd=REPO, env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
     )
     assert result.returncode != 0 and "Traceback" in result.stderr
     result = subprocess.run(
         [sys.executable, "-m", "spp_cli", "verify", str(tmp_path / "missing")],
-        capture_output=True, text=True, cwd=REPO, env={"PATH": "", "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PATH": "", "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "has no spp.json" in result.stderr

@@ -14,14 +14,48 @@ TASKS = "wikitext2,boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openboo
 def test_prune_tune_evaluate_on_real_data(tmp_path, test_data, capsys):
     pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
     code, _, err = run_spp(
-        ["prune", "builtin:tiny-llama", "--method", "sparsegpt", "--pattern", "2:4", "--calib",
-         test_data / "c4" / "c4-train.00000-of-01024.first1000.jsonl", "--nsamples", "32", "--seqlen", "256",
-         "--out", pruned], capsys)
+        [
+            "prune",
+            "builtin:tiny-llama",
+            "--method",
+            "sparsegpt",
+            "--pattern",
+            "2:4",
+            "--calib",
+            test_data / "c4" / "c4-train.00000-of-01024.first1000.jsonl",
+            "--nsamples",
+            "32",
+            "--seqlen",
+            "256",
+            "--out",
+            pruned,
+        ],
+        capsys,
+    )
     assert code == 0, err
     code, _, err = run_spp(
-        ["finetune", pruned, "--data", test_data / "alpaca" / "alpaca_small.json", "--max-steps", "40",
-         "--batch-size", "16", "--micro-batch-size", "16", "--seqlen", "256", "--dropout", "0", "--val-size", "0",
-         "--out", tuned], capsys)
+        [
+            "finetune",
+            pruned,
+            "--data",
+            test_data / "alpaca" / "alpaca_small.json",
+            "--max-steps",
+            "40",
+            "--batch-size",
+            "16",
+            "--micro-batch-size",
+            "16",
+            "--seqlen",
+            "256",
+            "--dropout",
+            "0",
+            "--val-size",
+            "0",
+            "--out",
+            tuned,
+        ],
+        capsys,
+    )
     assert code == 0, err
 
     prune_manifest = json.loads((pruned / "spp.json").read_text())
@@ -38,8 +72,25 @@ def test_prune_tune_evaluate_on_real_data(tmp_path, test_data, capsys):
 
     results_file = tmp_path / "results.json"
     code, _, err = run_spp(
-        ["eval", pruned, tuned, "--tasks", TASKS, "--data-dir", test_data, "--limit", "8", "--seqlen", "256",
-         "--batch-size", "8", "--out", results_file], capsys)
+        [
+            "eval",
+            pruned,
+            tuned,
+            "--tasks",
+            TASKS,
+            "--data-dir",
+            test_data,
+            "--limit",
+            "8",
+            "--seqlen",
+            "256",
+            "--batch-size",
+            "8",
+            "--out",
+            results_file,
+        ],
+        capsys,
+    )
     assert code == 0, err
     results = json.loads(results_file.read_text())["models"]
     entries = list(results.values())

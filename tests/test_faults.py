@@ -24,15 +24,21 @@ ALPACA = "alpaca/alpaca_small.json"
 def spp_process(argv: list, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "spp_cli", *map(str, argv)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, **kwargs,
+        [sys.executable, "-m", "spp_cli", *map(str, argv)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
     )
 
 
 def file_hashes(directory: Path) -> dict[str, str]:
     return {
         str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.rglob("*")) if path.is_file()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
     }
 
 
@@ -46,8 +52,22 @@ def wait_for(condition, timeout: float = 240.0) -> None:
 
 def test_kill_9_during_prune_leaves_nothing_complete_and_a_rerun_completes(tmp_path, random_model_dir, test_data):
     out = tmp_path / "pruned"
-    argv = ["prune", random_model_dir, "--method", "sparsegpt", "--sparsity", "0.5", "--calib", test_data / C4,
-            "--nsamples", "8", "--seqlen", "64", "--out", out]
+    argv = [
+        "prune",
+        random_model_dir,
+        "--method",
+        "sparsegpt",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        test_data / C4,
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "64",
+        "--out",
+        out,
+    ]
     process = spp_process(argv)
     line = process.stderr.readline()  # the first block's progress line: pruning is under way
     assert "block 1" in line, line + process.stderr.read()
@@ -62,14 +82,34 @@ def test_kill_9_during_prune_leaves_nothing_complete_and_a_rerun_completes(tmp_p
 @pytest.fixture
 def pruned_dir(tmp_path, random_model_dir, test_data, capsys):
     out = tmp_path / "pruned"
-    code, _, err = run_spp(["prune", random_model_dir, "--method", "magnitude", "--pattern", "2:4", "--out", out], capsys)
+    code, _, err = run_spp(
+        ["prune", random_model_dir, "--method", "magnitude", "--pattern", "2:4", "--out", out], capsys
+    )
     assert code == 0, err
     return out
 
 
 def finetune_argv(pruned: Path, out: Path, test_data: Path) -> list:
-    return ["finetune", pruned, "--data", test_data / ALPACA, "--max-steps", "12", "--save-steps", "2",
-            "--batch-size", "4", "--micro-batch-size", "4", "--seqlen", "64", "--val-size", "0", "--out", out]
+    return [
+        "finetune",
+        pruned,
+        "--data",
+        test_data / ALPACA,
+        "--max-steps",
+        "12",
+        "--save-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "4",
+        "--seqlen",
+        "64",
+        "--val-size",
+        "0",
+        "--out",
+        out,
+    ]
 
 
 def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -110,13 +150,53 @@ def test_inputs_are_never_modified_and_identical_runs_are_identical(tmp_path, ra
     for run in ("a", "b"):
         pruned, tuned = tmp_path / run / "pruned", tmp_path / run / "tuned"
         steps = [
-            ["prune", random_model_dir, "--method", "wanda", "--sparsity", "0.6", "--calib", test_data / C4,
-             "--nsamples", "4", "--seqlen", "64", "--out", pruned],
-            ["finetune", pruned, "--data", test_data / ALPACA, "--max-steps", "2", "--batch-size", "4",
-             "--micro-batch-size", "4", "--seqlen", "64", "--out", tuned, "--no-merge"],
+            [
+                "prune",
+                random_model_dir,
+                "--method",
+                "wanda",
+                "--sparsity",
+                "0.6",
+                "--calib",
+                test_data / C4,
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "64",
+                "--out",
+                pruned,
+            ],
+            [
+                "finetune",
+                pruned,
+                "--data",
+                test_data / ALPACA,
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--micro-batch-size",
+                "4",
+                "--seqlen",
+                "64",
+                "--out",
+                tuned,
+                "--no-merge",
+            ],
             ["merge", tuned / "adapter", "--out", tmp_path / run / "merged"],
-            ["eval", random_model_dir, pruned, "--tasks", f"ppl:{test_data / ALPACA}", "--seqlen", "64", "--limit", "2",
-             "--out", tmp_path / run / "results.json"],
+            [
+                "eval",
+                random_model_dir,
+                pruned,
+                "--tasks",
+                f"ppl:{test_data / ALPACA}",
+                "--seqlen",
+                "64",
+                "--limit",
+                "2",
+                "--out",
+                tmp_path / run / "results.json",
+            ],
             ["verify", tmp_path / run / "merged", "--against", pruned],
         ]
         for argv in steps:
@@ -126,8 +206,12 @@ def test_inputs_are_never_modified_and_identical_runs_are_identical(tmp_path, ra
             for path, hashes in parent_files.items():
                 if path != argv[-1]:
                     assert file_hashes(path) == hashes, f"{argv[0]} modified {path}"
-        manifests.append({stage: json.loads((tmp_path / run / stage / "spp.json").read_text())
-                          for stage in ("pruned", "tuned", "merged")})
+        manifests.append(
+            {
+                stage: json.loads((tmp_path / run / stage / "spp.json").read_text())
+                for stage in ("pruned", "tuned", "merged")
+            }
+        )
     assert file_hashes(random_model_dir) == before
     first, second = manifests
     for stage in ("pruned", "tuned", "merged"):

@@ -37,10 +37,14 @@ stages:
 @pytest.fixture
 def recipe(tmp_path, random_model_dir, test_data):
     path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE.format(
-        model=random_model_dir, calib=test_data / "c4" / "c4-train.00000-of-01024.first1000.jsonl",
-        data=test_data / "alpaca" / "alpaca_small.json", text=test_data / "alpaca" / "alpaca_small.json",
-    ))
+    path.write_text(
+        RECIPE.format(
+            model=random_model_dir,
+            calib=test_data / "c4" / "c4-train.00000-of-01024.first1000.jsonl",
+            data=test_data / "alpaca" / "alpaca_small.json",
+            text=test_data / "alpaca" / "alpaca_small.json",
+        )
+    )
     return path
 
 
@@ -76,7 +80,9 @@ def test_run_skips_unchanged_and_reruns_changed_stages(recipe, tmp_path, capsys)
 
 def test_dry_run_validates_without_loading_a_model(tmp_path, capsys):
     path = tmp_path / "r.yaml"
-    path.write_text(RECIPE.format(model="org/not-downloaded", calib="c4", data="alpaca", text="builtin:python-docs:test"))
+    path.write_text(
+        RECIPE.format(model="org/not-downloaded", calib="c4", data="alpaca", text="builtin:python-docs:test")
+    )
     code, out, err = run_spp(["run", path, "--dry-run", "--format", "json"], capsys)
     assert code == 0, err
     summary = json.loads(out)

@@ -31,7 +31,8 @@ def test_loads_with_plain_transformers_and_is_genuinely_trained(tiny_llama_dir, 
 
 
 @pytest.mark.skipif(
-    sys.version.split()[0] != json.loads(
+    sys.version.split()[0]
+    != json.loads(
         (__import__("spp_cli.checkpoint", fromlist=["x"]).BUILTIN_MODELS["tiny-llama"] / "training.json").read_text()
     )["python_version"],
     reason="the corpus (and so the card's numbers) depend on the Python version the card names",
