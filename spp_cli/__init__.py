@@ -16,7 +16,7 @@ _API = {
     "finetune": ("spp_cli.finetune_stage", "finetune"),
     "merge": ("spp_cli.finetune_stage", "merge_adapter"),
     "evaluate": ("spp_cli.eval_stage", "evaluate_models"),
-    "load_spp_adapter": ("spp_cli.spp", "load_spp_adapter"),
+    "load_spp_adapter": ("spp_cli.spp_adapter", "load_spp_adapter"),
     "run_recipe": ("spp_cli.pipeline", "run_recipe"),
     "verify": ("spp_cli.verify", "verify_checkpoint"),
     "load_model": ("spp_cli.checkpoint", "load_model"),

@@ -26,7 +26,8 @@ from torch import nn
 
 from spp_cli.errors import BadInput, RuntimeFailure
 from spp_cli.instruct import PaddingCollator, build_examples, pad_token_id
-from spp_cli.spp import ADAPTER_WEIGHTS_NAME, SPPConfig, inject_spp, merge_spp, save_spp_adapter
+from spp_cli.spp import SPPConfig, inject_spp, merge_spp
+from spp_cli.spp_adapter import ADAPTER_WEIGHTS_NAME, save_spp_adapter
 
 METHODS = ("spp", "lora")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")

@@ -243,7 +243,8 @@ def merge_adapter(
     adapter_dir: str | Path, out: str | Path, *, overwrite: bool = False, allow_pickle: bool = False
 ) -> dict:
     """`spp merge`: load the adapter's base, check its masks, merge, check the zeros, save."""
-    from spp_cli.spp import load_spp_adapter, merge_spp, read_adapter_config
+    from spp_cli.spp import merge_spp
+    from spp_cli.spp_adapter import load_spp_adapter, read_adapter_config
 
     started = time.time()
     adapter_dir, out = Path(adapter_dir), Path(out)

@@ -18,17 +18,14 @@ Forward variants (`SPPConfig.forward`), all the same function of the parameters:
 - "auto":      "fused" when dropout is 0, else "recompute".
 A per-group form (spec §1.2: concat_g[(x ⊙ α_g) W_gᵀ] ⊙ β, with a per-group backward) was measured too: 3-10×
 slower than "recompute" on CPU (G small GEMMs plus G·B·in elementwise passes), so it is not offered.
+
+Adapter files (save, load): spp_cli/spp_adapter.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +35,6 @@ from spp_cli.errors import BadInput
 
 FORWARD_VARIANTS = ("auto", "naive", "recompute", "fused")
 FAITHFUL_DEFAULT = "recompute"  # fastest exact variant with dropout on CPU fp32 (see scripts/bench_finetune.py)
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 @dataclass
@@ -273,7 +268,7 @@ class SPPLinear(nn.Module):
 # ---- model surgery ----
 
 
-def _resolve_targets(model: nn.Module, target_names: list[str]) -> list[str]:
+def resolve_targets(model: nn.Module, target_names: list[str]) -> list[str]:
     """Full module names for `target_names`: exact names, or suffixes (PEFT-style `name.endswith(target)`)."""
     modules = dict(model.named_modules())
     resolved: list[str] = []
@@ -309,7 +304,7 @@ def inject_spp(model: nn.Module, target_names: list[str], config: SPPConfig) -> 
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     layers: dict[str, SPPLinear] = {}
-    for name in _resolve_targets(model, target_names):
+    for name in resolve_targets(model, target_names):
         module = model.get_submodule(name)
         if not isinstance(module, SPPLinear):
             module = SPPLinear(module, config, name=name)
@@ -371,124 +366,3 @@ def _decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
         raise BadInput("no decoder blocks found: the model has no ModuleList of blocks; pass the targets explicitly")
     return {f"{best_name}.{name}": module for name, module in best_list.named_modules()
             if isinstance(module, nn.Linear)}
-
-
-# ---- adapter files (PEFT's layout) ----
-
-
-def _atomic_write_dir(target: Path, write) -> None:
-    """Run write(tmp_dir) in a temp dir next to `target`, then move it into place (old one removed after)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "dir")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{"<module>.spp_alpha": (G, in), "<module>.spp_beta": (out,)} as contiguous CPU tensors."""
-    state = {}
-    for name, layer in spp_layers(model).items():
-        state[f"{name}.spp_alpha"] = layer.spp_alpha.detach().cpu().contiguous().clone()
-        state[f"{name}.spp_beta"] = layer.spp_beta.detach().cpu().contiguous().clone()
-    return state
-
-
-def save_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, config: SPPConfig, *, base_path: str,
-                     base_manifest_sha256: str | None) -> None:
-    """Write adapter_dir/{adapter_config.json, adapter_model.safetensors} atomically (temp dir + rename).
-
-    The config records the base's manifest sha and the zeros_sha256 of every target, so a load onto a base
-    with another mask is refused. Call on rank 0 with the full (unwrapped) model.
-    """
-    from safetensors.torch import save_file
-
-    from spp_cli.masks_hash import zeros_sha256
-
-    layers = spp_layers(model)
-    if not layers:
-        raise BadInput("the model has no SPP layers to save: inject (or train) an adapter first")
-    adapter_config = {
-        "peft_type": "SPP",
-        "groups": config.groups,
-        "scale": config.scale,
-        "lora_alpha": config.lora_alpha,
-        "r": config.r,
-        "dropout": config.dropout,
-        "target_modules": list(layers),
-        "forward": config.forward,
-        "base_model_name_or_path": base_path,
-        "base_manifest_sha256": base_manifest_sha256,
-        "base_zeros_sha256": {name: zeros_sha256(layer.base.weight) for name, layer in layers.items()},
-    }
-    state = adapter_state_dict(model)
-
-    def write(tmp: Path) -> None:
-        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
-        save_file(state, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-
-    _atomic_write_dir(Path(adapter_dir), write)
-
-
-def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
-    """The adapter_config.json of an SPP adapter directory (BadInput when missing or not SPP)."""
-    path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
-    if not path.is_file():
-        raise BadInput(f"{path} not found: point at a directory written by `spp finetune` (its adapter/ folder)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BadInput(f"{path}: not valid JSON ({error}): the adapter directory is damaged") from None
-    if data.get("peft_type") != "SPP":
-        raise BadInput(f"{path}: peft_type is {data.get('peft_type')!r}, not 'SPP': this is not an SPP adapter")
-    return data
-
-
-def load_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *,
-                     base_manifest_sha256: str | None = None) -> SPPConfig:
-    """Inject SPP layers into `model` and load the adapter's α/β; returns the adapter's SPPConfig.
-
-    Refuses (BadInput) a base whose target zero masks (zeros_sha256) differ from those the adapter was trained
-    on, or whose manifest sha differs when both are known. Checks happen before the model is modified.
-    """
-    from safetensors.torch import load_file
-
-    from spp_cli.masks_hash import zeros_sha256
-
-    data = read_adapter_config(adapter_dir)
-    recorded_manifest = data.get("base_manifest_sha256")
-    if base_manifest_sha256 and recorded_manifest and base_manifest_sha256 != recorded_manifest:
-        raise BadInput(f"adapter {adapter_dir} was trained on base manifest {recorded_manifest[:12]}..., this base "
-                       f"is {base_manifest_sha256[:12]}...: load it onto {data.get('base_model_name_or_path')}")
-    targets = _resolve_targets(model, data["target_modules"])
-    for name in targets:
-        module = model.get_submodule(name)
-        weight = module.base.weight if isinstance(module, SPPLinear) else module.weight
-        expected = data.get("base_zeros_sha256", {}).get(name)
-        if expected is not None and zeros_sha256(weight) != expected:
-            raise BadInput(f"adapter {adapter_dir} does not fit this base: layer {name} has a different zero mask; "
-                           f"load it onto the model it was trained on ({data.get('base_model_name_or_path')})")
-    config = SPPConfig(groups=data["groups"], lora_alpha=data["lora_alpha"], r=data["r"], dropout=data["dropout"],
-                       target_modules=list(targets), forward=data.get("forward", "auto"))
-    weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise BadInput(f"{weights_path} not found: the adapter directory is incomplete")
-    state = load_file(str(weights_path))
-    layers = inject_spp(model, targets, config)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            for key, parameter in ((f"{name}.spp_alpha", layer.spp_alpha), (f"{name}.spp_beta", layer.spp_beta)):
-                if key not in state or state[key].shape != parameter.shape:
-                    raise BadInput(f"{weights_path}: {key} is missing or has the wrong shape: the adapter is damaged")
-                parameter.copy_(state[key])
-    return config

@@ -170,7 +170,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     from spp_cli.finetune import merge_trained, run_finetune
     from spp_cli.masks_hash import weight_sha256
-    from spp_cli.spp import adapter_state_dict
+    from spp_cli.spp_adapter import adapter_state_dict
     from test_finetune import alpaca_records, small_config, zero_hashes
     from test_spp_layer import decoder_linears, pruned_tiny_llama, tiny_tokenizer
 

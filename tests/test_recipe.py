@@ -1,4 +1,4 @@
-"""Recipe loading: schema, validation messages, YAML traps, overrides, paths, fingerprint (spp_cli/recipe.py)."""
+"""Recipe loading: schema, validation messages, YAML traps, overrides, paths, resolved dumps (spp_cli/recipe.py)."""
 
 import subprocess
 import sys
@@ -16,7 +16,6 @@ from spp_cli.recipe import (
     dump_resolved,
     load_recipe,
     parse_recipe,
-    stage_fingerprint,
 )
 
 QUICKSTART = """\
@@ -472,31 +471,6 @@ def test_override_paths_resolve_against_the_current_directory(tmp_path, monkeypa
 
 
 # ------------------------------------------------------------------------------------------------ provenance
-
-
-def test_fingerprint_follows_options_parent_and_model_but_not_device(tmp_path):
-    base = load(tmp_path)
-    prune, finetune = base.stages[0], base.stages[1]
-    reference = stage_fingerprint(base, prune, None)
-    assert len(reference) == 64 and reference == stage_fingerprint(load(tmp_path), load(tmp_path).stages[0], None)
-    assert stage_fingerprint(base, prune, "ab" * 32) != reference
-    changed = load(tmp_path, QUICKSTART, "stages.prune.sparsity=0.6")
-    assert stage_fingerprint(changed, changed.stages[0], None) != reference
-    reseeded = load(tmp_path, QUICKSTART, "seed=1")  # prune inherits the recipe's seed
-    assert stage_fingerprint(reseeded, reseeded.stages[0], None) != reference
-    other_model = load(tmp_path, edit("model: builtin:tiny-llama", "model: org/other"))
-    assert stage_fingerprint(other_model, other_model.stages[0], None) != reference
-    moved = load(tmp_path, QUICKSTART, "device=cuda", "stages.prune.device=cpu", "stages.finetune.device=cuda:1")
-    assert stage_fingerprint(moved, moved.stages[0], None) == reference
-    parent = "cd" * 32
-    tuned = stage_fingerprint(base, finetune, parent)
-    assert stage_fingerprint(moved, moved.stages[1], parent) == tuned
-    assert stage_fingerprint(other_model, other_model.stages[1], parent) == tuned  # reads prune, not dense
-    assert stage_fingerprint(base, finetune, "ef" * 32) != tuned
-    parents = [None, "ab" * 32, "cd" * 32]  # eval: one manifest hash per model it reads (dense has none)
-    evaluated = stage_fingerprint(base, base.stages[2], parents)
-    assert stage_fingerprint(base, base.stages[2], [None, "ab" * 32, "ef" * 32]) != evaluated
-    assert stage_fingerprint(other_model, other_model.stages[2], parents) != evaluated  # it reads dense
 
 
 def test_resolved_recipe_round_trips(tmp_path):

@@ -10,7 +10,8 @@ from test_spp_layer import decoder_linears, pruned_tiny_llama, randomize_adapter
 
 from spp_cli.errors import BadInput
 from spp_cli.masks_hash import zeros_sha256
-from spp_cli.spp import SPPConfig, inject_spp, load_spp_adapter, merge_spp, save_spp_adapter
+from spp_cli.spp import SPPConfig, inject_spp, merge_spp
+from spp_cli.spp_adapter import load_spp_adapter, save_spp_adapter
 
 
 def trained_like_model(pattern="2:4"):
