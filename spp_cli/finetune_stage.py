@@ -20,6 +20,8 @@ from spp_cli.errors import BadInput, CheckFailed
 from spp_cli.masks_hash import zeros_sha256
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
 
+NOT_FINGERPRINTED = ("device", "report_to", "logging_steps", "save_steps", "eval_steps", "save_total_limit")
+
 
 def work_dir_for(out: Path) -> Path:
     """Stable (not per-process) so that a rerun finds the previous run's Trainer checkpoints."""
@@ -75,27 +77,6 @@ def finetune(
         raise BadInput(f"unknown fine-tuning method '{method}': use spp or lora")
     model_path = checkpoint.resolve_model_path(model_dir)
     parent_manifest = checkpoint.read_manifest(model_path) if Path(model_path).is_dir() else None
-    options = {
-        "data": data,
-        "method": method,
-        "max_steps": max_steps,
-        "epochs": epochs,
-        "lr": lr,
-        "batch_size": batch_size,
-        "micro_batch_size": micro_batch_size,
-        "seqlen": seqlen,
-        "seed": seed,
-        "groups": groups,
-        "dropout": dropout,
-        "forward": forward,
-        "mask_prompt": mask_prompt,
-        "gradient_checkpointing": gradient_checkpointing,
-        "val_size": val_size,
-        "weight_decay": weight_decay,
-        "warmup_ratio": warmup_ratio,
-        "no_merge": no_merge,
-        "dtype": dtype,
-    }
     train_config = FinetuneConfig(
         method=method,
         max_steps=max_steps,
@@ -117,6 +98,13 @@ def finetune(
         device=resolve_device(device),
         **({"save_steps": save_steps} if save_steps else {}),
     )
+    # what decides the result (the fingerprint): the training options, not where or how often it logs and saves
+    options = {
+        "data": data,
+        **{key: value for key, value in asdict(train_config).items() if key not in NOT_FINGERPRINTED},
+        "no_merge": no_merge,
+        "dtype": dtype,
+    }
     train_config.validate(world_size())
     checkpoint.torch_dtype(dtype)
     stage_fingerprint = fingerprint(options, parent_manifest.get("manifest_sha256") if parent_manifest else model_dir)
