@@ -68,7 +68,14 @@ def finetune(
 ) -> dict:
     """Fine-tune `model_dir` on `data` into `out`; returns the manifest. Skips a finished identical output."""
     from spp_cli.data import read_records
-    from spp_cli.finetune import FinetuneConfig, merge_trained, run_finetune, save_trained_adapter, world_size
+    from spp_cli.finetune import (
+        FinetuneConfig,
+        adapted_copy,
+        merge_trained,
+        run_finetune,
+        save_trained_adapter,
+        world_size,
+    )
     from spp_cli.spp import default_targets
 
     started = time.time()
@@ -133,6 +140,11 @@ def finetune(
     result = run_finetune(model, tokenizer, records, train_config, work_dir, target_names=targets)
     if not result.is_main_process:
         return {"stage": "finetune", "rank": int(os.environ.get("RANK", "0"))}  # rank 0 merges, checks, saves
+    if world_size() > 1:
+        # FSDP / ZeRO-3 leave only shards in result.model: rank 0 puts the gathered adapters on the full
+        # frozen base, reloaded on the CPU (the base never changes, so the parent's weights are the full weights)
+        base, _ = checkpoint.load_model(model_dir, dtype=_compute_dtype(dtype, "cpu"), allow_pickle=allow_pickle)
+        result.model = adapted_copy(base, result)
 
     adapter_dir = work_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)

@@ -218,3 +218,59 @@ def test_inputs_are_never_modified_and_identical_runs_are_identical(tmp_path, ra
         assert first[stage]["manifest_sha256"] == second[stage]["manifest_sha256"], stage
         for name, record in first[stage]["layers"].items():
             assert record["weight_sha256"] == second[stage]["layers"][name]["weight_sha256"]
+
+
+def test_finetune_cli_under_torchrun_ddp_keeps_every_zero(tmp_path, pruned_dir, test_data):
+    """`torchrun -m spp_cli finetune` with 2 CPU processes (gloo): rank 0 merges, checks and saves."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "spp_cli",
+            "finetune",
+            pruned_dir,
+            "--data",
+            test_data / ALPACA,
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--micro-batch-size",
+            "2",
+            "--seqlen",
+            "64",
+            "--val-size",
+            "0",
+            "--out",
+            out,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    manifest = json.loads((out / "spp.json").read_text())
+    assert manifest["training"]["steps"] == 2 and manifest["parent"]["manifest_sha256"]
+    code = subprocess.run(
+        [sys.executable, "-m", "spp_cli", "verify", out, "--against", pruned_dir],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert code.returncode == 0, code.stdout + code.stderr
