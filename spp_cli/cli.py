@@ -117,9 +117,9 @@ def prune(
 ) -> None:
     """Prune a model one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M) into an HF checkpoint + spp.json."""
     from spp_cli.prune_stage import prune as run_prune
-    _quiet_libraries()
     from spp_cli.render import block_progress, render_prune
 
+    _quiet_libraries()
     manifest = run_prune(
         model, out, method=method.value, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples,
         seqlen=seqlen, seed=seed, targets=targets, ignore=ignore, use_variant=use_variant,
@@ -167,9 +167,9 @@ def finetune(
 ) -> None:
     """Fine-tune a pruned model with SPP (or LoRA) and merge: the merged model keeps exactly the same zeros."""
     from spp_cli.finetune_stage import finetune as run_finetune
-    _quiet_libraries()
     from spp_cli.render import render_finetune
 
+    _quiet_libraries()
     manifest = run_finetune(
         model_dir, out, data=data, method=method.value, max_steps=max_steps, epochs=epochs, lr=lr,
         batch_size=batch_size, micro_batch_size=micro_batch_size, seqlen=seqlen, seed=seed, groups=groups,
@@ -193,9 +193,9 @@ def merge(
 ) -> None:
     """Merge a --no-merge SPP adapter into its base model, with the same zero checks as finetune."""
     from spp_cli.finetune_stage import merge_adapter
-    _quiet_libraries()
     from spp_cli.render import render_finetune
 
+    _quiet_libraries()
     manifest = merge_adapter(adapter_dir, out, overwrite=overwrite, allow_pickle=allow_pickle)
     _emit(manifest, output_format, lambda console, result: render_finetune(console, result, out))
 
@@ -223,9 +223,9 @@ def eval_command(
 ) -> None:
     """Evaluate models: the papers' token perplexity and lm-eval zero-shot tasks, online or from --data-dir."""
     from spp_cli.eval_stage import evaluate_models
-    _quiet_libraries()
     from spp_cli.render import render_eval
 
+    _quiet_libraries()
     results = evaluate_models(
         {name: name for name in models}, [t.strip() for t in tasks.split(",") if t.strip()], out,
         seqlen=seqlen, limit=limit, data_dir=data_dir, batch_size=batch_size, device=device, dtype=dtype,
@@ -249,9 +249,9 @@ def run(
 ) -> None:
     """Run a recipe's stages in order; a finished stage with the same options is skipped, a broken one resumed."""
     from spp_cli.pipeline import run_recipe
-    _quiet_libraries()
     from spp_cli.render import render_run
 
+    _quiet_libraries()
     summary = run_recipe(recipe, overrides or [], dry_run=dry_run, overwrite=overwrite, console=_console(stderr=True))
     _emit(summary, output_format, render_run)
 

@@ -26,12 +26,24 @@ def read_stages(run_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
     return manifests, evaluations
 
 
-def plot_metrics(evaluations: dict, path: Path) -> bool:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_metrics(evaluations: dict, path: Path) -> bool:
+    plt = _pyplot()
     from spp_cli.render import metric_columns, metric_value
 
     columns = [c for c in metric_columns(evaluations) if c[1] != "mean_acc_7"]
@@ -45,18 +57,12 @@ def plot_metrics(evaluations: dict, path: Path) -> bool:
         axis.bar_label(bars, fmt="%.3g")
         axis.set_title(title, fontsize=10)
         axis.tick_params(axis="x", labelrotation=20)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
     return True
 
 
 def plot_layer_sparsity(manifests: dict, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     stages = {name: m for name, m in manifests.items() if m.get("layers")}
     if not stages:
         return False
@@ -69,18 +75,12 @@ def plot_layer_sparsity(manifests: dict, path: Path) -> bool:
     axis.set_ylabel("fraction of zero weights")
     axis.set_title("per-layer sparsity of the pruned linears")
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
     return True
 
 
 def plot_loss(manifests: dict, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     curves = {
         n: m["training"]["loss_curve"] for n, m in manifests.items() if (m.get("training") or {}).get("loss_curve")
     }
@@ -96,9 +96,7 @@ def plot_loss(manifests: dict, path: Path) -> bool:
     axis.set_ylabel("cross-entropy (nats/token)")
     axis.set_title("fine-tune loss")
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
     return True
 
 
