@@ -76,6 +76,14 @@ def _check_safetensors(path: Path) -> None:
         )
 
 
+def check_model(path_or_id: str, allow_pickle: bool = False) -> str:
+    """Resolve `builtin:NAME` and check a local directory up front (one line on failure); hub ids pass as they are."""
+    path = resolve_model_path(path_or_id)
+    if Path(path).exists() or path.startswith((".", "/")) or path.count("/") != 1:
+        check_model_dir(Path(path), allow_pickle)
+    return path
+
+
 def torch_dtype(name: str):
     if name in (None, "auto"):
         return "auto"
@@ -96,10 +104,7 @@ def load_model(
     """(model, tokenizer) from a local directory, `builtin:NAME`, or a hub id. Only safetensors unless allowed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(path_or_id)
-    local = Path(path).exists() or path.startswith((".", "/")) or path.count("/") != 1
-    if local:
-        check_model_dir(Path(path), allow_pickle)
+    path = check_model(path_or_id, allow_pickle)
     options = {"trust_remote_code": trust_remote_code}
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -197,6 +202,14 @@ def staging_dir(out_dir: Path, purpose: str = "saving") -> Path:
     return out_dir.parent / f".{out_dir.name}.{purpose}-{os.getpid()}"
 
 
+def remove_stale_staging(out_dir: Path) -> None:
+    """Staging dirs left by a process that was killed mid-save (their pid is gone) are junk: remove them."""
+    for stale in out_dir.parent.glob(f".{out_dir.name}.saving-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def publish(staging: Path, out_dir: Path) -> None:
     """Move a finished staging directory into place, replacing an old output only after the new one is whole."""
     old = None
@@ -235,6 +248,7 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     parent_dir = Path(parent_dir) if parent_dir else None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out_dir)
     staging = staging_dir(out_dir)
     shutil.rmtree(staging, ignore_errors=True)
     try:

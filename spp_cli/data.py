@@ -72,55 +72,72 @@ def token_stream(tokenizer, texts: list[str], joiner: str = "\n\n") -> torch.Ten
     return torch.tensor([tokenizer(joiner.join(texts)).input_ids], dtype=torch.long)
 
 
-def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+def calibration_windows(
+    tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0, texts: list[str] | None = None
+) -> torch.Tensor:
     """`nsamples` windows of `seqlen` tokens, drawn as SparseGPT/Wanda's `get_c4` does (spec/pruners.md §1.6).
 
     `random.seed(seed)`; for each sample pick a random document, retry until it has MORE than seqlen tokens,
-    then a random start in [0, L - seqlen - 1]. When no document is that long, the documents are concatenated
-    into one stream first and the windows are drawn from it. Returns LongTensor [nsamples, seqlen].
+    then a random start in [0, L - seqlen - 1]. Documents are tokenized only when drawn (as in the reference: a
+    whole C4 shard is never tokenized). When no document is that long, the documents are concatenated into one
+    stream first and the windows are drawn from it. `texts` (already read from `source`) saves a second read.
+    Returns LongTensor [nsamples, seqlen].
     """
     if nsamples < 1:
         raise BadInput(f"nsamples {nsamples} is invalid: use at least 1 calibration window")
-    texts = read_texts(source)
-    lengths: dict[int, list[int]] = {}
-
-    def tokens_of(index: int) -> list[int]:
-        if index not in lengths:
-            lengths[index] = tokenizer(texts[index]).input_ids
-        return lengths[index]
-
+    texts = read_texts(source) if texts is None else texts
     rng = random.Random(seed)
-    long_tokens = sum(len(tokens_of(i)) for i in range(len(texts)) if len(tokens_of(i)) > seqlen)
-    windows = []
-    if long_tokens:
-        if nsamples * seqlen > long_tokens:
-            raise BadInput(
-                f"calibration source '{source}' gives {long_tokens} tokens in documents longer than {seqlen}, fewer "
-                f"than nsamples x seqlen = {nsamples * seqlen}: use fewer --nsamples or a larger source"
-            )
-        for _ in range(nsamples):
-            while True:
-                tokens = tokens_of(rng.randint(0, len(texts) - 1))
-                if len(tokens) > seqlen:
-                    break
-            start = rng.randint(0, len(tokens) - seqlen - 1)
-            windows.append(tokens[start : start + seqlen])
-    else:
-        stream = token_stream(tokenizer, texts)[0].tolist()
-        if len(stream) <= seqlen:
-            raise BadInput(
-                f"calibration source '{source}' has {len(stream)} tokens, fewer than one window of {seqlen}: "
-                "use a larger source or a smaller --seqlen"
-            )
-        if nsamples * seqlen > len(stream):
-            raise BadInput(
-                f"calibration source '{source}' has {len(stream)} tokens, fewer than nsamples x seqlen = "
-                f"{nsamples * seqlen}: use fewer --nsamples or a larger source"
-            )
-        for _ in range(nsamples):
-            start = rng.randint(0, len(stream) - seqlen - 1)
-            windows.append(stream[start : start + seqlen])
+    # a token covers at least one byte, so only documents of more than seqlen - 2 bytes (BOS/EOS aside) can
+    # hold more than seqlen tokens; their bytes bound the tokens the source can give
+    candidate_bytes = sum(size for size in (len(text.encode()) for text in texts) if size + 2 > seqlen)
+    if candidate_bytes and nsamples * seqlen > candidate_bytes:
+        raise BadInput(
+            f"calibration source '{source}' gives at most {candidate_bytes} tokens in documents longer than "
+            f"{seqlen}, fewer than nsamples x seqlen = {nsamples * seqlen}: use fewer --nsamples or a larger source"
+        )
+    windows = _windows_from_documents(tokenizer, texts, nsamples, seqlen, rng) if candidate_bytes else None
+    if windows is None:
+        windows = _windows_from_stream(tokenizer, source, texts, nsamples, seqlen, rng)
     return torch.tensor(windows, dtype=torch.long)
+
+
+def _windows_from_documents(tokenizer, texts, nsamples, seqlen, rng) -> list[list[int]] | None:
+    """The reference loop; None when far too many draws find no document longer than seqlen tokens."""
+    tokenized: dict[int, list[int]] = {}
+    windows, failures = [], 0
+    while len(windows) < nsamples:
+        index = rng.randint(0, len(texts) - 1)
+        if index not in tokenized:
+            tokenized[index] = tokenizer(texts[index]).input_ids
+        tokens = tokenized[index]
+        if len(tokens) <= seqlen:
+            failures += 1
+            if failures > 50 * len(texts):
+                return None
+            continue
+        failures = 0
+        start = rng.randint(0, len(tokens) - seqlen - 1)
+        windows.append(tokens[start : start + seqlen])
+    return windows
+
+
+def _windows_from_stream(tokenizer, source, texts, nsamples, seqlen, rng) -> list[list[int]]:
+    stream = token_stream(tokenizer, texts)[0].tolist()
+    if len(stream) <= seqlen:
+        raise BadInput(
+            f"calibration source '{source}' has {len(stream)} tokens, fewer than one window of {seqlen}: "
+            "use a larger source or a smaller --seqlen"
+        )
+    if nsamples * seqlen > len(stream):
+        raise BadInput(
+            f"calibration source '{source}' has {len(stream)} tokens, fewer than nsamples x seqlen = "
+            f"{nsamples * seqlen}: use fewer --nsamples or a larger source"
+        )
+    windows = []
+    for _ in range(nsamples):
+        start = rng.randint(0, len(stream) - seqlen - 1)
+        windows.append(stream[start : start + seqlen])
+    return windows
 
 
 def _builtin_documents(source: str) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from spp_cli import checkpoint
 from spp_cli.environment import resolve_device, versions
 from spp_cli.errors import BadInput
-from spp_cli.outputs import existing_output, fingerprint
+from spp_cli.outputs import check_output_path, existing_output, fingerprint
 
 
 def _manifest_sha(path: str) -> str:
@@ -41,6 +41,20 @@ def results_entries(results: dict) -> dict:
         return results["models"]
     name = Path(results.get("model", {}).get("path") or "model").name
     return {name: results}
+
+
+def check_results_path(out: Path, model_paths: list[str]) -> None:
+    """--out is a JSON file: not a directory, not inside a model, not a file that spp did not write."""
+    if out.is_dir():
+        raise BadInput(f"--out '{out}' is a directory: give a file name such as {out / 'results.json'}")
+    check_output_path(out, model_paths)
+    if out.exists():
+        try:
+            ours = "fingerprint" in json.loads(out.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            ours = False
+        if not ours:
+            raise BadInput(f"--out '{out}' exists and is not an spp results file: choose another --out")
 
 
 def write_json_atomic(path: Path, content: dict) -> None:
@@ -80,6 +94,7 @@ def evaluate_models(
         raise BadInput(f"--data-dir '{data_dir}' is not a directory: point it at a folder laid out like shared/data")
     validate_tasks(tasks, data_dir=data_dir)
     out = Path(out)
+    check_results_path(out, [checkpoint.resolve_model_path(path) for path in models.values()])
     config = {
         "tasks": tasks,
         "seqlen": seqlen,

@@ -210,7 +210,9 @@ def _make_trainer_class():
     return AdapterTrainer
 
 
-CHECKPOINT_FILES = (ADAPTER_WEIGHTS_NAME, "optimizer.pt", "scheduler.pt", "trainer_state.json")
+# Trainer writes trainer_state.json last (after model, optimizer, scheduler and RNG state, whatever their layout:
+# DDP's optimizer.pt, FSDP's optimizer_0/, DeepSpeed's global_step*/), so its presence marks a complete checkpoint
+CHECKPOINT_FILES = (ADAPTER_WEIGHTS_NAME, "trainer_state.json")
 
 
 def last_complete_checkpoint(checkpoints: Path) -> str | None:

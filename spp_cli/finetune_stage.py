@@ -111,8 +111,10 @@ def finetune(
         **{key: value for key, value in asdict(train_config).items() if key not in NOT_FINGERPRINTED},
         "no_merge": no_merge,
         "dtype": dtype,
+        # "auto" trains in fp32 on a CPU but under bf16/fp16 autocast on a GPU: a different result
+        "precision": "float32" if train_config.device == "cpu" else f"autocast({dtype})",
     }
-    train_config.validate(world_size())
+    train_config.validate(world_size())  # fail on bad options before anything is loaded
     checkpoint.torch_dtype(dtype)
     stage_fingerprint = fingerprint(options, parent_manifest.get("manifest_sha256") if parent_manifest else model_dir)
     check_output_path(out, [model_path])
@@ -120,10 +122,9 @@ def finetune(
         return {**checkpoint.read_manifest(out), "skipped": True}
     records = read_records(data)
 
-    compute_device = resolve_device(device)
     model, tokenizer = checkpoint.load_model(
         model_dir,
-        dtype=_compute_dtype(dtype, compute_device),
+        dtype=_compute_dtype(dtype, train_config.device),
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
     )
@@ -134,16 +135,24 @@ def finetune(
     parent_zeros = {name: zeros_sha256(modules[name].weight) for name in targets}
 
     work_dir = work_dir_for(out)
-    if overwrite and work_dir.exists() and not (work_dir / "fingerprint").exists():
-        shutil.rmtree(work_dir)
     _claim_work_dir(work_dir, stage_fingerprint)
-    result = run_finetune(model, tokenizer, records, train_config, work_dir, target_names=targets)
+    try:
+        result = run_finetune(model, tokenizer, records, train_config, work_dir, target_names=targets)
+    except BadInput:
+        if not any(work_dir.glob("checkpoints/checkpoint-*")):
+            shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume: leave nothing behind
+        raise
     if not result.is_main_process:
         return {"stage": "finetune", "rank": int(os.environ.get("RANK", "0"))}  # rank 0 merges, checks, saves
     if world_size() > 1:
         # FSDP / ZeRO-3 leave only shards in result.model: rank 0 puts the gathered adapters on the full
         # frozen base, reloaded on the CPU (the base never changes, so the parent's weights are the full weights)
-        base, _ = checkpoint.load_model(model_dir, dtype=_compute_dtype(dtype, "cpu"), allow_pickle=allow_pickle)
+        base, _ = checkpoint.load_model(
+            model_dir,
+            dtype=_compute_dtype(dtype, "cpu"),
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        )
         result.model = adapted_copy(base, result)
 
     adapter_dir = work_dir / "adapter"
@@ -165,8 +174,8 @@ def finetune(
         "stage": "finetune",
         "parent": checkpoint.parent_record(model_path, parent_manifest),
         "method": method,
-        "pattern": (parent_manifest or {}).get("pattern"),
-        "target_sparsity": (parent_manifest or {}).get("target_sparsity"),
+        "pattern": None if method == "lora" else (parent_manifest or {}).get("pattern"),
+        "target_sparsity": None if method == "lora" else (parent_manifest or {}).get("target_sparsity"),
         "dense": method == "lora",
         "merged": not no_merge,
         "adapter": asdict(result.spp_config) if result.spp_config else {"peft_type": "LORA", "r": 8, "lora_alpha": 16},
@@ -230,12 +239,17 @@ def check_zeros_kept(model, layers: dict[str, dict], parent_zeros: dict[str, str
 def _save_adapter_only(out: Path, adapter_dir: Path, manifest: dict, started: float) -> dict:
     import json
 
+    checkpoint.remove_stale_staging(out)
     staging = checkpoint.staging_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(adapter_dir, staging / "adapter")
-    finished = checkpoint.finish_manifest(manifest, time.time() - started)
-    (staging / checkpoint.MANIFEST).write_text(json.dumps(finished, indent=2) + "\n")
-    checkpoint.publish(staging, out)
+    try:
+        shutil.copytree(adapter_dir, staging / "adapter")
+        finished = checkpoint.finish_manifest(manifest, time.time() - started)
+        (staging / checkpoint.MANIFEST).write_text(json.dumps(finished, indent=2) + "\n")
+        checkpoint.publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return finished
 
 

@@ -103,6 +103,12 @@ def prune(
     if existing_output(out, stage_fingerprint, overwrite):
         return {**checkpoint.read_manifest(out), "skipped": True}
 
+    checkpoint.check_model(model, allow_pickle)
+    calibration_texts = None
+    if method != "magnitude":
+        from spp_cli.data import read_texts
+
+        calibration_texts = read_texts(calib)  # a bad source fails before a large model is loaded
     loaded, tokenizer = checkpoint.load_model(
         model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
     )
@@ -111,7 +117,7 @@ def prune(
     if method != "magnitude":
         from spp_cli.data import calibration_windows
 
-        calibration = calibration_windows(tokenizer, calib, nsamples, options["seqlen"], seed)
+        calibration = calibration_windows(tokenizer, calib, nsamples, options["seqlen"], seed, calibration_texts)
     try:
         reports = prune_model(
             loaded,

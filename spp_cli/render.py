@@ -16,7 +16,17 @@ def block_progress(console):
     return on_block
 
 
+def _skipped(console, manifest: dict, out) -> bool:
+    if manifest.get("skipped"):
+        console.print(
+            f"{out} is already complete with these options (skipped; made in {manifest.get('seconds', 0):.1f} s)"
+        )
+    return bool(manifest.get("skipped"))
+
+
 def render_prune(console, manifest: dict, out) -> None:
+    if _skipped(console, manifest, out):
+        return
     console.print(
         f"pruned {len(manifest['layers'])} linears with {manifest['method']} ({manifest['pattern']}): "
         f"overall sparsity of the pruned linears {manifest['overall_sparsity']:.4f} "
@@ -27,6 +37,8 @@ def render_prune(console, manifest: dict, out) -> None:
 
 
 def render_finetune(console, manifest: dict, out) -> None:
+    if _skipped(console, manifest, out):
+        return
     training = manifest.get("training") or {}
     losses = training.get("loss_curve") or []
     first = f"{losses[0]['loss']:.4f}" if losses else "n/a"
@@ -39,6 +51,8 @@ def render_finetune(console, manifest: dict, out) -> None:
     )
     if manifest.get("dense"):
         console.print("  note: the LoRA merge makes every weight dense; the zero check was skipped")
+    elif not manifest.get("merged", True):
+        console.print(f"  adapter only (not merged): {out}/adapter; merge it with `spp merge {out}/adapter --out DIR`")
     else:
         console.print(f"  zeros kept: overall sparsity of the pruned linears {manifest.get('overall_sparsity', 0):.4f}")
 

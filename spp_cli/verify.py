@@ -52,7 +52,8 @@ def verify_checkpoint(directory: str | Path, against: str | Path | None = None) 
     if manifest is None:
         raise BadInput(f"'{directory}' has no spp.json: verify a directory written by spp prune/finetune")
     pattern = manifest.get("pattern") or "unstructured"
-    n, m = map(int, pattern.split(":")) if ":" in pattern else (None, None)
+    dense = bool(manifest.get("dense"))  # a LoRA merge: no pattern to hold (its zeros are gone by design)
+    n, m = map(int, pattern.split(":")) if ":" in pattern and not dense else (None, None)
     handles = open_weights(directory)
     parent_handles = None
     if against is not None:
