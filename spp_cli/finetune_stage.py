@@ -103,6 +103,7 @@ def finetune(
         warmup_ratio=warmup_ratio,
         report_to=report_to,
         device=resolve_device(device),
+        dtype=dtype,
         **({"save_steps": save_steps} if save_steps else {}),
     )
     # what decides the result (the fingerprint): the training options, not where or how often it logs and saves
@@ -110,9 +111,8 @@ def finetune(
         "data": data,
         **{key: value for key, value in asdict(train_config).items() if key not in NOT_FINGERPRINTED},
         "no_merge": no_merge,
-        "dtype": dtype,
         # "auto" trains in fp32 on a CPU but under bf16/fp16 autocast on a GPU: a different result
-        "precision": "float32" if train_config.device == "cpu" else f"autocast({dtype})",
+        "precision": "float32" if train_config.device == "cpu" or dtype == "float32" else f"autocast({dtype})",
     }
     train_config.validate(world_size())  # fail on bad options before anything is loaded
     checkpoint.torch_dtype(dtype)
