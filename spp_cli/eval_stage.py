@@ -15,11 +15,9 @@ from spp_cli.errors import BadInput
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
 
 
-def _manifest_sha(path: str) -> str:
-    """What identifies a model for the eval fingerprint: its manifest hash, else its name."""
+def _read_manifest(path: str) -> dict | None:
     resolved = checkpoint.resolve_model_path(path)
-    manifest = checkpoint.read_manifest(resolved) if Path(resolved).is_dir() else None
-    return (manifest or {}).get("manifest_sha256") or path
+    return checkpoint.read_manifest(resolved) if Path(resolved).is_dir() else None
 
 
 def model_summary(path: str, manifest: dict | None) -> dict:
@@ -103,7 +101,9 @@ def evaluate_models(
         "batch_size": batch_size,
         "dtype": dtype,
     }
-    parents = {name: _manifest_sha(path) for name, path in models.items()}
+    manifests = {name: _read_manifest(path) for name, path in models.items()}
+    # a model is identified by its manifest hash, else by its name (a hub id or a plain directory)
+    parents = {name: (manifests[name] or {}).get("manifest_sha256") or path for name, path in models.items()}
     stage_fingerprint = fingerprint(config, json.dumps(parents, sort_keys=True))
     if skip_if_done and out.is_file():
         stored = json.loads(out.read_text(encoding="utf-8"))
@@ -121,8 +121,6 @@ def evaluate_models(
         model, tokenizer = checkpoint.load_model(
             path, dtype=dtype, device=compute_device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
         )
-        resolved = checkpoint.resolve_model_path(path)
-        manifest = checkpoint.read_manifest(resolved) if Path(resolved).is_dir() else None
         result = evaluate(
             model,
             tokenizer,
@@ -133,7 +131,7 @@ def evaluate_models(
             batch_size=batch_size,
             device=compute_device,
         )
-        result["model"] = model_summary(path, manifest)
+        result["model"] = model_summary(path, manifests[name])
         result["config"] = config
         result["versions"] = versions()
         result["seconds"] = round(time.time() - started, 2)

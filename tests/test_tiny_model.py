@@ -8,13 +8,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from spp_cli.checkpoint import BUILTIN_MODELS
 from spp_cli.data import read_texts, token_stream
 from spp_cli.perplexity import token_perplexity
 
+CARD = json.loads((BUILTIN_MODELS["tiny-llama"] / "training.json").read_text())
+
 
 @pytest.fixture(scope="module")
-def card(tiny_llama_dir):
-    return json.loads((tiny_llama_dir / "training.json").read_text())
+def card():
+    return CARD
 
 
 def test_loads_with_plain_transformers_and_is_genuinely_trained(tiny_llama_dir, card):
@@ -31,11 +34,8 @@ def test_loads_with_plain_transformers_and_is_genuinely_trained(tiny_llama_dir, 
 
 
 @pytest.mark.skipif(
-    sys.version.split()[0]
-    != json.loads(
-        (__import__("spp_cli.checkpoint", fromlist=["x"]).BUILTIN_MODELS["tiny-llama"] / "training.json").read_text()
-    )["python_version"],
-    reason="the corpus (and so the card's numbers) depend on the Python version the card names",
+    sys.version.split()[0] != CARD["python_version"],
+    reason="the corpus (and so the card's numbers) depends on the Python version the card names",
 )
 def test_held_out_perplexity_matches_the_model_card(tiny_llama_dir, card):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
