@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from spp_cli.zeroshot import BUNDLE_TASKS, render_bundle  # noqa: E402
+from spp_cli.eval.zeroshot import BUNDLE_TASKS, render_bundle  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("SPP_TEST_DATA", REPO.parent / "shared" / "data"))
 TINY_LLAMA = REPO / "spp_cli" / "assets" / "tiny-llama"
@@ -72,7 +72,7 @@ def main() -> None:
     import transformers
 
     from spp_cli.checkpoint import load_model, resolve_model_path
-    from spp_cli.evaluate import evaluate
+    from spp_cli.eval.engine import evaluate
 
     model_path = str(Path(resolve_model_path(args.model)).resolve())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -61,7 +61,7 @@ def adapt(base: torch.nn.Module, variant: str) -> tuple[torch.nn.Module, torch.o
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets))
     else:
-        from spp_cli.spp import SPPConfig, inject_spp
+        from spp_cli.adapters.spp import SPPConfig, inject_spp
 
         dropout = 0.0 if variant == "fused" else 0.05
         inject_spp(model, targets, SPPConfig(forward=variant, dropout=dropout))
@@ -169,7 +169,7 @@ def main() -> None:
                 row["memory_ratio_vs_lora"] = round(row["peak_step_bytes"] / lora["peak_step_bytes"], 3)
         results[name] = {"config": MODELS[name], "variants": timing}
 
-    from spp_cli.spp import FAITHFUL_DEFAULT
+    from spp_cli.adapters.spp import FAITHFUL_DEFAULT
 
     report = {
         "benchmark": "SPP vs PEFT LoRA r=8 training step (forward+backward+AdamW), same targets, same batch",

@@ -2,7 +2,7 @@
 
 It imports nothing from spp, so it runs under llmcompressor's own torch/transformers. The driver gives it the
 same model directory, the same calibration windows (a safetensors file holding `input_ids` (nsamples, seqlen),
-drawn once by spp_cli.data.calibration_windows) and the same thread count as the spp run. It:
+drawn once by spp_cli.data.sources.calibration_windows) and the same thread count as the spp run. It:
 
   1. loads the model with AutoModelForCausalLM.from_pretrained(dir, dtype="auto") (what `spp prune` does);
   2. wraps the windows as a pre-tokenized datasets.Dataset (column input_ids only, no attention mask, as spp

@@ -11,7 +11,7 @@ Each (model, method) runs in a fresh subprocess, so the numbers are independent 
 Models: a random-init LLaMA (hidden 1024, intermediate 2816, 8 blocks, 16 heads, vocab 32000) always; the shipped
 tiny model (builtin:tiny-llama) when spp_cli can load it; and --model PATH when given. Calibration: 64 x 256
 random token ids by default (timing does not depend on the text); with --calib SOURCE and a model that has a
-tokenizer, windows come from spp_cli.data.calibration_windows.
+tokenizer, windows come from spp_cli.data.sources.calibration_windows.
 
   OMP_NUM_THREADS=2 python scripts/bench_prune.py --out bench_out/prune.json
 
@@ -19,7 +19,7 @@ tokenizer, windows come from spp_cli.data.calibration_windows.
 in its own virtual environment, created on first use at .bench-venvs/llmcompressor: torch==2.13.0 first, then
 llmcompressor==0.14.0.1, which pins transformers 5.15-5.17). Both tools get the same model directory (the shipped tiny
 model, snapshotted, and a random-init hidden-1024 LLaMA saved once as safetensors), the same calibration windows
-(drawn once with spp_cli.data.calibration_windows from --calib with the tiny model's tokenizer, handed to both as
+(drawn once with data.sources.calibration_windows from --calib with the tiny model's tokenizer, handed to both as
 input_ids), the same method, sparsity, pattern, seqlen and thread count. Runs alternate spp, peer, spp, peer, ...,
 each in a fresh subprocess, and each reports:
   process_seconds   from the driver's spawn of the child to the child holding the pruned model in memory with its
@@ -34,7 +34,7 @@ and, for spp's wanda runs, forward_two_passes_seconds: two plain forward passes 
 every block (captured block inputs replayed with pruners.blocks.block_outputs, batch 1), the floor the issue's "Wanda
 within 1.5x of two forward passes per block" target refers to. The driver then checks the sparsity of every pruned
 linear of both tools, compares their masks, and (tiny model) computes the WikiText-2 token perplexity of both results
-in this venv with spp_cli.perplexity.token_perplexity at the calibration seqlen on the same stream.
+in this venv with spp_cli.eval.perplexity.token_perplexity at the calibration seqlen on the same stream.
 
   .venv/bin/python scripts/bench_prune.py --peer llmcompressor --threads 2 --out bench_out/prune_peer.json
 """
@@ -156,7 +156,7 @@ def _calibration(model, tokenizer, args) -> tuple:
     import torch
 
     if args.calib and tokenizer is not None:
-        from spp_cli.data import calibration_windows
+        from spp_cli.data.sources import calibration_windows
 
         return calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, seed=0), args.calib
     generator = torch.Generator().manual_seed(0)
@@ -415,12 +415,12 @@ PERPLEXITY_STREAMS = ("wikitext2", "ppl:builtin:python-docs:test")  # the issue'
 
 
 def perplexities(model_dir: Path, results: dict[str, Path], seqlen: int, data_dir: str) -> dict:
-    """Token perplexity (spp_cli.perplexity, batch 8) of the dense model and of each pruned result, whose decoder
+    """Token perplexity (spp_cli.eval.perplexity, batch 8) of the dense model and of each pruned result, whose decoder
     linears are swapped into the one loaded model, on WikiText-2 test and on the tiny model's python-docs test."""
     from safetensors.torch import load_file
 
     from spp_cli.checkpoint import load_model
-    from spp_cli.perplexity import perplexity_stream, token_perplexity
+    from spp_cli.eval.perplexity import perplexity_stream, token_perplexity
 
     model, tokenizer = load_model(str(model_dir))
     streams = {task: perplexity_stream(task, tokenizer, seqlen, data_dir)[0] for task in PERPLEXITY_STREAMS}
@@ -500,7 +500,7 @@ def run_peer_benchmark(args, methods: list[str]) -> dict:
 
     from pruners import parse_pattern
     from spp_cli.checkpoint import load_model
-    from spp_cli.data import calibration_windows
+    from spp_cli.data.sources import calibration_windows
 
     torch.set_num_threads(args.threads)
     args.pattern_spec = parse_pattern(args.pattern, args.sparsity)
@@ -544,8 +544,8 @@ def run_peer_benchmark(args, methods: list[str]) -> dict:
         "benchmark": "spp prune vs llm-compressor oneshot (alternating child processes)",
         "config": {"pattern": str(args.pattern_spec), "mask_structure": args.mask_structure,
                    "sparsity": args.pattern_spec.sparsity, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                   "calibration": f"{args.calib} via spp_cli.data.calibration_windows(tiny tokenizer, seed 0), the "
-                                  "same input_ids for both tools and both models",
+                   "calibration": f"{args.calib} via spp_cli.data.sources.calibration_windows(tiny tokenizer, seed 0), "
+                                  "the same input_ids for both tools and both models",
                    "methods": methods, "threads": args.threads, "omp_wait_policy": args.omp_wait_policy,
                    "repeats": {"tiny-llama": args.repeats, RANDOM_LLAMA: args.repeats_random},
                    "peer_call": "oneshot(model, dataset=Dataset{input_ids}, recipe=<Modifier>(sparsity, "

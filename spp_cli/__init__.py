@@ -4,21 +4,21 @@ The Python API is what the CLI calls (each function is imported lazily, so `impo
 
     import spp_cli
     spp_cli.prune("builtin:tiny-llama", "runs/w50", method="wanda", sparsity=0.5, calib="builtin:python-docs")
-    spp_cli.finetune("runs/w50", "runs/w50-spp", data="builtin:python-docs", max_steps=50)
-    spp_cli.evaluate({"tuned": "runs/w50-spp"}, ["ppl:builtin:python-docs:test"], "results.json", seqlen=256)
+    spp_cli.trainer("runs/w50", "runs/w50-spp", data="builtin:python-docs", max_steps=50)
+    spp_cli.eval.engine({"tuned": "runs/w50-spp"}, ["ppl:builtin:python-docs:test"], "results.json", seqlen=256)
     model = spp_cli.load_spp_adapter(base_model, "runs/w50-spp/adapter")
 """
 
 from importlib import import_module
 
 _API = {
-    "prune": ("spp_cli.prune_stage", "prune"),
-    "finetune": ("spp_cli.finetune_stage", "finetune"),
-    "merge": ("spp_cli.finetune_stage", "merge_adapter"),
-    "evaluate": ("spp_cli.eval_stage", "evaluate_models"),
-    "load_spp_adapter": ("spp_cli.spp_adapter", "load_spp_adapter"),
+    "prune": ("spp_cli.stages.prune", "prune"),
+    "finetune": ("spp_cli.stages.finetune", "finetune"),
+    "merge": ("spp_cli.stages.merge", "merge_adapter"),
+    "evaluate": ("spp_cli.stages.evaluate", "evaluate_models"),
+    "load_spp_adapter": ("spp_cli.adapters.spp_files", "load_spp_adapter"),
     "run_recipe": ("spp_cli.pipeline", "run_recipe"),
-    "verify": ("spp_cli.verify", "verify_checkpoint"),
+    "verify": ("spp_cli.stages.verify", "verify_checkpoint"),
     "load_model": ("spp_cli.checkpoint", "load_model"),
 }
 __all__ = list(_API)

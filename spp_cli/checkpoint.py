@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from spp_cli.errors import BadInput
-from spp_cli.masks_hash import layer_record
+from spp_cli.manifest import layer_record
 
 MANIFEST = "spp.json"
 ASSETS = Path(__file__).parent / "assets"

@@ -116,8 +116,8 @@ def prune(
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
     """Prune a model one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M) into an HF checkpoint + spp.json."""
-    from spp_cli.prune_stage import prune as run_prune
     from spp_cli.render import block_progress, render_prune
+    from spp_cli.stages.prune import prune as run_prune
 
     _quiet_libraries()
     manifest = run_prune(
@@ -166,8 +166,8 @@ def finetune(
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
     """Fine-tune a pruned model with SPP (or LoRA) and merge: the merged model keeps exactly the same zeros."""
-    from spp_cli.finetune_stage import finetune as run_finetune
     from spp_cli.render import render_finetune
+    from spp_cli.stages.finetune import finetune as run_finetune
 
     _quiet_libraries()
     manifest = run_finetune(
@@ -192,8 +192,8 @@ def merge(
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
     """Merge a --no-merge SPP adapter into its base model, with the same zero checks as finetune."""
-    from spp_cli.finetune_stage import merge_adapter
     from spp_cli.render import render_finetune
+    from spp_cli.stages.merge import merge_adapter
 
     _quiet_libraries()
     manifest = merge_adapter(adapter_dir, out, overwrite=overwrite, allow_pickle=allow_pickle)
@@ -222,8 +222,8 @@ def eval_command(
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
     """Evaluate models: the papers' token perplexity and lm-eval zero-shot tasks, online or from --data-dir."""
-    from spp_cli.eval_stage import evaluate_models
     from spp_cli.render import render_eval
+    from spp_cli.stages.evaluate import evaluate_models
 
     _quiet_libraries()
     results = evaluate_models(
@@ -264,7 +264,7 @@ def verify(
 ) -> None:
     """Check the declared pattern and that no zero was lost (exit 1 lists the layers; extra zeros are counted)."""
     from spp_cli.render import render_verify
-    from spp_cli.verify import verify_checkpoint
+    from spp_cli.stages.verify import verify_checkpoint
 
     report = verify_checkpoint(directory, against)
     _emit(report, output_format, render_verify)

@@ -35,10 +35,10 @@ def owned_by_spp(directory: Path) -> bool:
 
 
 def run_stage(recipe: Recipe, stage, overwrite: bool, console) -> dict:
-    from spp_cli.eval_stage import evaluate_models
-    from spp_cli.finetune_stage import finetune
-    from spp_cli.prune_stage import prune
     from spp_cli.render import block_progress
+    from spp_cli.stages.evaluate import evaluate_models
+    from spp_cli.stages.finetune import finetune
+    from spp_cli.stages.prune import prune
 
     directory = Path(recipe.output_dir) / stage.name
     replace = overwrite or owned_by_spp(directory)

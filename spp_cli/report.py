@@ -12,7 +12,7 @@ from spp_cli.errors import BadInput
 
 def read_stages(run_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
     """(model stages: name -> spp.json, evaluations: model name -> results object), in folder order."""
-    from spp_cli.eval_stage import results_entries
+    from spp_cli.stages.evaluate import results_entries
 
     manifests, evaluations = {}, {}
     summary_file = run_dir / "run.json"

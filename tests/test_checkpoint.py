@@ -13,7 +13,7 @@ from conftest import make_llama, make_tokenizer
 
 from spp_cli import checkpoint
 from spp_cli.errors import BadInput
-from spp_cli.masks_hash import layer_record, zeros_sha256
+from spp_cli.manifest import layer_record, zeros_sha256
 
 
 def test_zeros_sha256_changes_when_one_weight_is_unzeroed():

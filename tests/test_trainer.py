@@ -11,20 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_spp_layer import ALPACA, decoder_linears, pruned_tiny_llama, tiny_tokenizer
+from tiny_models import ALPACA, decoder_linears, pruned_tiny_llama, tiny_tokenizer
 
+from spp_cli.adapters.spp import spp_layers
+from spp_cli.data.examples import IGNORE_INDEX, PaddingCollator, alpaca_prompt, build_examples
 from spp_cli.errors import BadInput, RuntimeFailure
-from spp_cli.finetune import FinetuneConfig, adapted_copy, merge_trained, run_finetune, split_examples
-from spp_cli.instruct import IGNORE_INDEX, PaddingCollator, alpaca_prompt, build_examples
-from spp_cli.masks_hash import zeros_sha256
-from spp_cli.spp import spp_layers
+from spp_cli.manifest import zeros_sha256
+from spp_cli.trainer import FinetuneConfig, adapted_copy, merge_trained, run_finetune, split_examples
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def alpaca_records() -> list[dict]:
     try:
-        from spp_cli.data import read_records
+        from spp_cli.data.sources import read_records
     except ImportError:
         return json.loads(ALPACA.read_text())
     return read_records(str(ALPACA))
@@ -168,11 +168,11 @@ DDP_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path[:0] = [{tests!r}, {repo!r}]
     import torch.distributed as dist
-    from spp_cli.finetune import merge_trained, run_finetune
-    from spp_cli.masks_hash import weight_sha256
-    from spp_cli.spp_adapter import adapter_state_dict
-    from test_finetune import alpaca_records, small_config, zero_hashes
-    from test_spp_layer import decoder_linears, pruned_tiny_llama, tiny_tokenizer
+    from spp_cli.trainer import merge_trained, run_finetune
+    from spp_cli.manifest import weight_sha256
+    from spp_cli.adapters.spp_files import adapter_state_dict
+    from test_trainer import alpaca_records, small_config, zero_hashes
+    from tiny_models import decoder_linears, pruned_tiny_llama, tiny_tokenizer
 
     model = pruned_tiny_llama(init_std=0.3)
     before = zero_hashes(model)

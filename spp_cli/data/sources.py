@@ -141,7 +141,7 @@ def _windows_from_stream(tokenizer, source, texts, nsamples, seqlen, rng) -> lis
 
 
 def _builtin_documents(source: str) -> list[str]:
-    from spp_cli.builtin_corpus import BUILTIN_CORPORA, SPLITS
+    from spp_cli.data.builtin_corpus import BUILTIN_CORPORA, SPLITS
 
     _, _, rest = source.partition(":")
     name, _, split = rest.partition(":")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from spp_cli.data import read_texts, token_stream
+from spp_cli.data.sources import read_texts, token_stream
 from spp_cli.errors import BadInput
 
 PROTOCOL = "token, non-overlapping windows"
@@ -148,8 +148,8 @@ def c4_stream(tokenizer, seqlen: int, data_dir: str | os.PathLike | None) -> tup
 def perplexity_stream(task: str, tokenizer, seqlen: int, data_dir=None) -> tuple[torch.LongTensor, str]:
     """The token stream [1, L] for a perplexity task (`wikitext2`, `c4`, `ppl:SOURCE`) and where it came from.
 
-    The text is tokenized in ONE call (spp_cli.data.token_stream), so a BOS appears only at the very start.
-    `ppl:SOURCE` takes the documents of spp_cli.data.read_texts(SOURCE) (empty ones dropped) joined with "\\n\\n".
+    The text is tokenized in ONE call (data.sources.token_stream), so a BOS appears only at the very start.
+    `ppl:SOURCE` takes the documents of data.sources.read_texts(SOURCE) (empty ones dropped) joined with "\\n\\n".
     """
     if task == "wikitext2":
         rows, source = wikitext2_rows(data_dir)

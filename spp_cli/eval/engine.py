@@ -1,8 +1,8 @@
 """`spp eval` for one in-memory model: paper-protocol token perplexity plus lm-eval zero-shot tasks.
 
-Task names (DESIGN.md): `wikitext2` and `c4` are the papers' token perplexity (spp_cli/perplexity.py),
+Task names (DESIGN.md): `wikitext2` and `c4` are the papers' token perplexity (eval/perplexity.py),
 `ppl:SOURCE` token perplexity on any spp data source, and every other name is an lm-eval task run through its
-Python API (spp_cli/zeroshot.py). With `data_dir`, wikitext2 and the eight tasks of zeroshot.BUNDLE_TASKS read
+Python API (eval/zeroshot.py). With `data_dir`, wikitext2 and the eight tasks of zeroshot.BUNDLE_TASKS read
 local files laid out like shared/data, so an air-gapped machine evaluates without the Hub.
 
 The result is one model's object of results.json (DESIGN.md):
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from spp_cli.environment import resolve_device
 from spp_cli.errors import BadInput
-from spp_cli.perplexity import check_available, perplexity_stream, token_perplexity
-from spp_cli.zeroshot import BUNDLE_TASKS, lm_eval_task_names, mean_acc_7, render_bundle_task, run_zeroshot
+from spp_cli.eval.perplexity import check_available, perplexity_stream, token_perplexity
+from spp_cli.eval.zeroshot import BUNDLE_TASKS, lm_eval_task_names, mean_acc_7, render_bundle_task, run_zeroshot
 
 PERPLEXITY_TASKS = ("wikitext2", "c4")
 DEFAULT_SEQLEN = 2048

@@ -10,12 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import TEST_DATA
 
 from spp_cli.errors import BadInput
-from spp_cli.evaluate import evaluate, validate_tasks
-from spp_cli.zeroshot import BUNDLE_TASKS, MEAN_ACC_TASKS, render_bundle, render_bundle_task
+from spp_cli.eval.engine import evaluate, validate_tasks
+from spp_cli.eval.zeroshot import BUNDLE_TASKS, MEAN_ACC_TASKS, render_bundle, render_bundle_task
 
-DATA_DIR = Path(os.environ.get("SPP_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA_DIR = TEST_DATA
 RECORDS = {"boolq": 3270, "rte": 277, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376,
            "arc_challenge": 1172, "openbookqa": 500, "piqa": 1838}
 # The built-in lm-eval YAML of each task, relative to lm_eval/tasks/.
@@ -36,7 +37,7 @@ def _load_sibling(name: str):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return _load_sibling("test_evaluate_ppl").tiny_model_and_tokenizer()
+    return _load_sibling("test_perplexity").tiny_model_and_tokenizer()
 
 
 @pytest.fixture

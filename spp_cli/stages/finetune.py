@@ -6,10 +6,8 @@ checkpoints live in a hidden work directory beside OUT until the stage completes
 command resumes from the last one.
 """
 
-import hashlib
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 from spp_cli import checkpoint
 from spp_cli.environment import resolve_device, versions
 from spp_cli.errors import BadInput, CheckFailed
-from spp_cli.masks_hash import zeros_sha256
+from spp_cli.manifest import zeros_sha256
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
 
 NOT_FINGERPRINTED = ("device", "report_to", "logging_steps", "save_steps", "eval_steps", "save_total_limit")
@@ -67,8 +65,9 @@ def finetune(
     console=None,
 ) -> dict:
     """Fine-tune `model_dir` on `data` into `out`; returns the manifest. Skips a finished identical output."""
-    from spp_cli.data import read_records
-    from spp_cli.finetune import (
+    from spp_cli.adapters.spp import default_targets
+    from spp_cli.data.sources import read_records
+    from spp_cli.trainer import (
         FinetuneConfig,
         adapted_copy,
         merge_trained,
@@ -76,7 +75,6 @@ def finetune(
         save_trained_adapter,
         world_size,
     )
-    from spp_cli.spp import default_targets
 
     started = time.time()
     out = Path(out)
@@ -222,7 +220,7 @@ def check_zeros_kept(model, layers: dict[str, dict], parent_zeros: dict[str, str
     changed = [name for name, record in layers.items() if record["zeros_sha256"] != parent_zeros[name]]
     if not changed:
         return
-    from spp_cli.verify import open_weights
+    from spp_cli.stages.verify import open_weights
 
     # the hashes differ: count lost zeros exactly against the parent's stored weights
     handles = open_weights(Path(parent_dir))
@@ -251,62 +249,3 @@ def _save_adapter_only(out: Path, adapter_dir: Path, manifest: dict, started: fl
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return finished
-
-
-def merge_adapter(
-    adapter_dir: str | Path, out: str | Path, *, overwrite: bool = False, allow_pickle: bool = False
-) -> dict:
-    """`spp merge`: load the adapter's base, check its masks, merge, check the zeros, save."""
-    from spp_cli.spp import merge_spp
-    from spp_cli.spp_adapter import load_spp_adapter, read_adapter_config
-
-    started = time.time()
-    adapter_dir, out = Path(adapter_dir), Path(out)
-    if (adapter_dir / "adapter").is_dir() and not (adapter_dir / "adapter_config.json").exists():
-        adapter_dir = adapter_dir / "adapter"
-    config = read_adapter_config(adapter_dir)
-    base = config.get("base_model_name_or_path")
-    if not base or not Path(base).is_dir():
-        raise BadInput(f"the adapter's base model '{base}' is not a directory here: move it back or re-run finetune")
-    stage_manifest = checkpoint.read_manifest(adapter_dir.parent) or {}
-    parent_manifest = checkpoint.read_manifest(base)
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise BadInput(f"'{weights}' is missing: the adapter directory is incomplete")
-    # the adapter's content, not its location, decides the result (identical runs, identical manifests)
-    options = {"adapter_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
-    stage_fingerprint = fingerprint(options, config.get("base_manifest_sha256"))
-    check_output_path(out, [base, adapter_dir])
-    if existing_output(out, stage_fingerprint, overwrite):
-        return {**checkpoint.read_manifest(out), "skipped": True}
-    model, tokenizer = checkpoint.load_model(base, dtype="float32", allow_pickle=allow_pickle)
-    modules = dict(model.named_modules())
-    spp_config = load_spp_adapter(model, adapter_dir)
-    targets = list(spp_config.target_modules)
-    parent_zeros = {name: zeros_sha256(modules[name].weight) for name in targets}
-    merge_spp(model)
-    model.to(model.spp_stored_dtype)
-    layers = checkpoint.layers_record(model, targets)
-    check_zeros_kept(model, layers, parent_zeros, base)
-    manifest = {
-        "stage": "merge",
-        "parent": checkpoint.parent_record(base, parent_manifest),
-        "method": "spp",
-        "pattern": (parent_manifest or {}).get("pattern"),
-        "target_sparsity": (parent_manifest or {}).get("target_sparsity"),
-        "dense": False,
-        "merged": True,
-        "adapter": asdict(spp_config),
-        "training": stage_manifest.get("training"),
-        "layers": layers,
-        "overall_sparsity": checkpoint.overall_sparsity(layers),
-        "config": options,
-        "fingerprint": stage_fingerprint,
-        "versions": versions(),
-    }
-    with tempfile.TemporaryDirectory() as scratch:
-        adapter_copy = Path(scratch) / "adapter"
-        shutil.copytree(adapter_dir, adapter_copy)
-        return checkpoint.save_checkpoint(
-            model, tokenizer, out, manifest, parent_dir=base, started=started, extra_dirs={"adapter": adapter_copy}
-        )

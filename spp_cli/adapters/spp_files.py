@@ -1,7 +1,7 @@
 """SPP adapter files in PEFT's layout: adapter_dir/{adapter_config.json, adapter_model.safetensors}.
 
 Saving is atomic (temp dir + rename) and records the base's manifest sha and the zeros_sha256 of every target;
-loading injects SPP layers (spp_cli/spp.py) and refuses a base whose zero masks differ from the trained-on one.
+loading injects SPP layers (adapters/spp.py) and refuses a base whose zero masks differ from the trained-on one.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spp_cli.adapters.spp import SPPConfig, SPPLinear, inject_spp, resolve_targets, spp_layers
 from spp_cli.errors import BadInput
-from spp_cli.spp import SPPConfig, SPPLinear, inject_spp, resolve_targets, spp_layers
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -59,7 +59,7 @@ def save_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, config: S
     """
     from safetensors.torch import save_file
 
-    from spp_cli.masks_hash import zeros_sha256
+    from spp_cli.manifest import zeros_sha256
 
     layers = spp_layers(model)
     if not layers:
@@ -109,7 +109,7 @@ def load_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *,
     """
     from safetensors.torch import load_file
 
-    from spp_cli.masks_hash import zeros_sha256
+    from spp_cli.manifest import zeros_sha256
 
     data = read_adapter_config(adapter_dir)
     recorded_manifest = data.get("base_manifest_sha256")

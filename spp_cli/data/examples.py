@@ -1,6 +1,6 @@
 """Records -> tokenized training examples (input_ids, attention_mask, labels) and the padding collator.
 
-Record kinds (spp_cli.data.read_records): alpaca {"instruction", "input", "output"} rendered with the alpaca
+Record kinds (spp_cli.data.sources.read_records): alpaca {"instruction", "input", "output"} rendered with the alpaca
 template (spec/spp-method.md §2, alpaca-lora's templates/alpaca.json); chat {"messages": [{"role", "content"}]}
 rendered with the tokenizer's chat template, or "role: content" lines without one; plain {"text"} documents,
 concatenated (EOS between documents) and packed into seqlen windows.

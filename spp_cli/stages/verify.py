@@ -12,7 +12,7 @@ import torch
 
 from spp_cli.checkpoint import read_manifest
 from spp_cli.errors import BadInput
-from spp_cli.masks_hash import zeros_sha256
+from spp_cli.manifest import zeros_sha256
 
 
 def open_weights(directory: Path) -> dict:

@@ -106,7 +106,7 @@ def prune(
     checkpoint.check_model(model, allow_pickle)
     calibration_texts = None
     if method != "magnitude":
-        from spp_cli.data import read_texts
+        from spp_cli.data.sources import read_texts
 
         calibration_texts = read_texts(calib)  # a bad source fails before a large model is loaded
     loaded, tokenizer = checkpoint.load_model(
@@ -115,7 +115,7 @@ def prune(
     options["seqlen"] = check_seqlen(seqlen, loaded.config) if method != "magnitude" else None
     calibration = None
     if method != "magnitude":
-        from spp_cli.data import calibration_windows
+        from spp_cli.data.sources import calibration_windows
 
         calibration = calibration_windows(tokenizer, calib, nsamples, options["seqlen"], seed, calibration_texts)
     try:

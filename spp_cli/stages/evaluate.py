@@ -80,7 +80,7 @@ def evaluate_models(
 ) -> dict:
     """Evaluate every model (name -> path) on `tasks`; write `out` (results.json) and return
     {"models": {name: results object}, "notes": [...]}."""
-    from spp_cli.evaluate import evaluate, validate_tasks
+    from spp_cli.eval.engine import evaluate, validate_tasks
 
     if not tasks:
         raise BadInput("no tasks given: use --tasks wikitext2,boolq,... (or ppl:SOURCE)")

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spp_cli.adapters.spp import SPPConfig, inject_spp, merge_spp
+from spp_cli.adapters.spp_files import ADAPTER_WEIGHTS_NAME, save_spp_adapter
+from spp_cli.data.examples import PaddingCollator, build_examples, pad_token_id
 from spp_cli.errors import BadInput, RuntimeFailure
-from spp_cli.instruct import PaddingCollator, build_examples, pad_token_id
-from spp_cli.spp import SPPConfig, inject_spp, merge_spp
-from spp_cli.spp_adapter import ADAPTER_WEIGHTS_NAME, save_spp_adapter
 
 METHODS = ("spp", "lora")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
@@ -47,7 +47,7 @@ class FinetuneConfig:
     seed: int = 42
     groups: int = 16
     dropout: float = 0.05
-    forward: str = "auto"  # SPP forward variant (spp_cli.spp.FORWARD_VARIANTS)
+    forward: str = "auto"  # SPP forward variant (spp_cli.adapters.spp.FORWARD_VARIANTS)
     lora_r: int = 8  # LoRA rank; for SPP it only sets the scale lora_alpha / lora_r
     lora_alpha: float = 16
     mask_prompt: bool = False

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_spp_layer import decoder_linears, pruned_tiny_llama, randomize_adapters
+from tiny_models import decoder_linears, pruned_tiny_llama, randomize_adapters
 
+from spp_cli.adapters.spp import SPPConfig, inject_spp, merge_spp
+from spp_cli.adapters.spp_files import load_spp_adapter, save_spp_adapter
 from spp_cli.errors import BadInput
-from spp_cli.masks_hash import zeros_sha256
-from spp_cli.spp import SPPConfig, inject_spp, merge_spp
-from spp_cli.spp_adapter import load_spp_adapter, save_spp_adapter
+from spp_cli.manifest import zeros_sha256
 
 
 def trained_like_model(pattern="2:4"):

@@ -19,7 +19,7 @@ Forward variants (`SPPConfig.forward`), all the same function of the parameters:
 A per-group form (spec §1.2: concat_g[(x ⊙ α_g) W_gᵀ] ⊙ β, with a per-group backward) was measured too: 3-10×
 slower than "recompute" on CPU (G small GEMMs plus G·B·in elementwise passes), so it is not offered.
 
-Adapter files (save, load): spp_cli/spp_adapter.py.
+Adapter files (save, load): adapters/spp_files.py.
 """
 
 from __future__ import annotations

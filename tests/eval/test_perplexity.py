@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TEST_DATA
 
 from spp_cli.errors import BadInput
-from spp_cli.evaluate import evaluate, format_metric_label, resolve_seqlen
-from spp_cli.perplexity import PROTOCOL, perplexity_stream, token_perplexity
+from spp_cli.eval.engine import evaluate, format_metric_label, resolve_seqlen
+from spp_cli.eval.perplexity import PROTOCOL, perplexity_stream, token_perplexity
 
-DATA_DIR = Path(os.environ.get("SPP_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-TINY_LLAMA = Path(__file__).resolve().parents[1] / "spp_cli" / "assets" / "tiny-llama"
+DATA_DIR = TEST_DATA
+TINY_LLAMA = REPO / "spp_cli" / "assets" / "tiny-llama"
 # len(tokenizer("\n\n".join(wikitext-2 test rows)).input_ids) for fixture_tokenizer(), BOS included.
 WIKITEXT2_TEST_TOKENS_FIXTURE = 672979
 
@@ -150,7 +149,7 @@ def test_missing_data_is_bad_input_naming_the_file(tiny, tmp_path, monkeypatch):
 
 
 def test_ppl_source_joins_documents_and_tokenizes_once(tiny, tmp_path):
-    data = pytest.importorskip("spp_cli.data")
+    data = pytest.importorskip("spp_cli.data.sources")
     model, tokenizer = tiny
     path = tmp_path / "docs.jsonl"
     documents = [" ".join(["The quick brown fox jumps over the lazy dog."] * 20)] * 4

@@ -4,7 +4,7 @@ Online, task names are lm-eval's own (boolq, rte, hellaswag, winogrande, arc_eas
 piqa, its `wikitext` word perplexity, any other task it knows) and lm-eval downloads their datasets.
 
 Offline (`data_dir`), the eight tasks of BUNDLE_TASKS run from local files laid out like shared/data, through
-the task bundle in spp_cli/tasks/: lm-eval YAMLs with the same names, metrics and prompts as the built-in tasks,
+the task bundle in spp_cli/eval/tasks/: lm-eval YAMLs with the same names, metrics and prompts as the built-in tasks,
 whose data paths are made absolute and written to a temporary directory at run time (`render_bundle`).
 
 HellaSwag caveat: the local hellaswag file (shared/data/SOURCES.md) was extracted by klosax, not by lm-eval's
@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from spp_cli.errors import BadInput
-from spp_cli.perplexity import download_errors
+from spp_cli.eval.perplexity import download_errors
 
 BUNDLE_DIR = Path(__file__).parent / "tasks"
 BUNDLE_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from spp_cli.builtin_corpus import build_python_docs, split_of
-from spp_cli.data import calibration_windows, read_records, read_texts, token_stream
+from spp_cli.data.builtin_corpus import build_python_docs, split_of
+from spp_cli.data.sources import calibration_windows, read_records, read_texts, token_stream
 from spp_cli.errors import BadInput
 
 
@@ -30,7 +30,7 @@ def test_split_assignment_is_a_stable_hash_of_the_name():
 def test_builtin_source_reads_the_requested_split():
     import hashlib
 
-    from spp_cli.builtin_corpus import load_python_docs
+    from spp_cli.data.builtin_corpus import load_python_docs
 
     test_texts = read_texts("builtin:python-docs:test")
     assert hashlib.sha256("\n\n".join(test_texts).encode()).hexdigest() == load_python_docs().sha256["test"]
