@@ -36,6 +36,7 @@ class Option:
     path: str = ""  # how to resolve: "source" (SOURCE or model), "dir" (always a path), "model" (a model ref), "task"
     text: str = ""  # what is allowed, in words, when the kind alone does not say it
     default_text: str = ""  # the default, in words, when it is computed
+    help: str = ""  # one sentence for `--help` and the README's recipe reference
 
     def allowed(self) -> str:
         if self.choices:
