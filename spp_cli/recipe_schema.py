@@ -16,6 +16,8 @@ from typing import Any, ClassVar, NoReturn
 
 import yaml
 
+from spp_cli.adapters import METHODS, REGISTRY, SPP_FORWARD_VARIANTS, misplaced_option
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATASET_NAMES = ("c4", "wikitext2", "alpaca", "alpaca-gpt4")  # online dataset names, never paths
 Fail = Callable[..., NoReturn]  # fail(message, key) raises BadInput naming the key path
@@ -79,6 +81,13 @@ def _device_key() -> Any:
 
 def _dtype_key() -> Any:
     return _key(None, choices=DTYPES, default_text="recipe's dtype")
+
+
+def _method_defaults(key: str) -> str:
+    """The default of a per-method option in words, e.g. "spp 16" or "spp 4e-3, lora 3e-4, ..."."""
+    pairs = [(m.name, m.default_lr if key == "lr" else m.options[key]) for m in REGISTRY.values()
+             if key == "lr" or key in m.options]
+    return ", ".join(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}" for name, value in pairs)
 
 
 _MODEL_REF = "dense (the recipe's model), an earlier prune/finetune stage's name, a local model folder or a hub id"
@@ -148,7 +157,7 @@ class FinetuneStage(Stage):
     """Sparsity-preserving fine-tuning (`spp finetune`)."""
 
     TYPE: ClassVar[str] = "finetune"
-    method: str = _key("spp", choices=("spp", "lora"))
+    method: str = _key("spp", choices=METHODS, help="The recovery method; all but lora keep every zero.")
     data: str = _key(
         required=True,
         path="source",
@@ -156,14 +165,27 @@ class FinetuneStage(Stage):
     )
     max_steps: int | None = _key(None, "int", low=1, default_text="from epochs")
     epochs: float = _key(3.0, "float", low=0, low_open=True)
-    lr: float = _key(4e-3, "float", low=0, low_open=True)
+    lr: float | None = _key(
+        None, "float", low=0, low_open=True, default_text=_method_defaults("lr"),
+        help="AdamW learning rate; the default is the method's published one.",
+    )
     batch_size: int = _key(128, "int", low=1)  # global: micro_batch_size x accumulation x world size
     micro_batch_size: int = _key(8, "int", low=1)  # per device
     seqlen: int = _key(512, "int", low=1)
     seed: int = _key(42, "int", low=0)
-    groups: int = _key(16, "int", low=1)
-    dropout: float = _key(0.05, "float", low=0, high=1, high_open=True)
-    forward: str = _key("auto", choices=("auto", "naive", "grouped", "fused"))
+    # method-specific options: None means the method's default; giving one to a method that does not read it
+    # is bad input (spp_cli.adapters.check_method_options)
+    groups: int | None = _key(None, "int", low=1, default_text=_method_defaults("groups"),
+                              help="SPP row groups G (alpha has shape G x in).")
+    dropout: float | None = _key(None, "float", low=0, high=1, high_open=True,
+                                 default_text=_method_defaults("dropout"),
+                                 help="Dropout on the adapter branch input (spp: 0 allows forward fused).")
+    forward: str | None = _key(None, choices=SPP_FORWARD_VARIANTS, default_text=_method_defaults("forward"),
+                               help="SPP forward variant: auto (fastest exact), naive, recompute, fused (dropout 0).")
+    lora_r: int | None = _key(None, "int", low=1, default_text=_method_defaults("lora_r"),
+                              help="LoRA rank r (for spp it only sets the scale lora_alpha / lora_r).")
+    lora_alpha: float | None = _key(None, "float", low=0, low_open=True, default_text=_method_defaults("lora_alpha"),
+                                    help="LoRA alpha: the branch is scaled by lora_alpha / lora_r.")
     mask_prompt: bool = _key(False, "bool")
     gradient_checkpointing: bool = _key(False, "bool")
     no_merge: bool = _key(False, "bool")
@@ -171,7 +193,8 @@ class FinetuneStage(Stage):
     weight_decay: float = _key(0.001, "float", low=0)
     warmup_ratio: float = _key(0.03, "float", low=0, high=1, high_open=True)
     report_to: str = _key("none", choices=("none", "tensorboard", "wandb"))
-    save_steps: int | None = _key(None, "int", low=1, default_text="Trainer's")
+    save_steps: int = _key(200, "int", low=1, help="Save a resumable Trainer checkpoint every N steps.")
+    logging_steps: int = _key(10, "int", low=1, help="Log the training loss every N steps.")
     device: str | None = _device_key()
     dtype: str | None = _dtype_key()
 
@@ -182,6 +205,10 @@ class FinetuneStage(Stage):
                 "the global batch is micro_batch_size x accumulation steps x world size",
                 "batch_size",
             )
+        misplaced = misplaced_option(self.method, dataclasses.asdict(self))
+        if misplaced is not None:
+            users = " or ".join(m.name for m in REGISTRY.values() if misplaced in m.options)
+            fail(f"applies to method {users}, not {self.method}; drop it or change the method", misplaced)
 
 
 @dataclass

@@ -1,12 +1,18 @@
-"""SPP (or LoRA) fine-tuning on transformers' Trainer, so accelerate's DDP / FSDP / DeepSpeed come for free.
+"""Fine-tuning on transformers' Trainer for every recovery method, so accelerate's DDP / FSDP / DeepSpeed come free.
 
-    result = run_finetune(model, tokenizer, records, FinetuneConfig(max_steps=200), work_dir, target_names=names)
-    merged = merge_trained(result)            # SPP: same zeros; LoRA: dense (result.dense_after_merge)
+    adapter = adapter_class(options.method).from_options(options)        # done inside run_finetune
+    result = run_finetune(model, tokenizer, records, FinetuneStage(data=..., max_steps=200), work_dir,
+                          target_names=names)
+    merged = merge_trained(result)            # result.adapter.keeps_zeros: same zeros; lora: dense
 
-Defaults are SPP's (spec/spp-method.md §2): AdamW lr 4e-3, weight decay 0.001, linear schedule with 3% warm-up,
-global batch 128 = micro × accumulation × world size, seqlen 512, 3 epochs, seed 42. Trainer checkpoints hold the
-trainable parameters only (adapter_model.safetensors) plus optimizer, scheduler, RNG and trainer state, so they
-stay small and resume exactly: rerunning with the same work_dir continues from work_dir/checkpoints' last one.
+The options object is the recipe schema's FinetuneStage (spp_cli/recipe_schema.py); None for lr and the
+method-specific options means the method's default (spp_cli/adapters/__init__.py). The engine never asks which
+method it runs: the adapter injects, names its trainable parameters, acts after each optimizer step and merges.
+Defaults besides the method's are SPP's (spec/spp-method.md §2): AdamW, weight decay 0.001, linear schedule with
+3% warm-up, global batch 128 = micro × accumulation × world size, seqlen 512, 3 epochs, seed 42. Trainer
+checkpoints hold the trainable parameters only (adapter_model.safetensors) plus optimizer, scheduler, RNG and
+trainer state, so they stay small (masked-full: the target weights) and resume exactly: rerunning with the same
+work_dir continues from work_dir/checkpoints' last one.
 
 Multi-GPU: launch the same program with `torchrun` or `accelerate launch --config_file recipes/launch/...`; every
 rank runs run_finetune, and only the main process (result.is_main_process) should merge and save, on the full
@@ -15,95 +21,75 @@ weights (under FSDP / ZeRO-3 the Trainer gathers them into result.model at the e
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from spp_cli.adapters.spp import SPPConfig, inject_spp, merge_spp
-from spp_cli.adapters.spp_files import ADAPTER_WEIGHTS_NAME, save_spp_adapter
+from spp_cli.adapters import adapter_class, check_method_options, method_named
+from spp_cli.adapters.base import ADAPTER_WEIGHTS_NAME, Adapter
 from spp_cli.data.examples import PaddingCollator, build_examples, pad_token_id
 from spp_cli.errors import BadInput, RuntimeFailure
 
-METHODS = ("spp", "lora")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+# fixed training choices (not user options), recorded in the fingerprint because they decide the result
+TRAINING_CONSTANTS = {"lr_scheduler": "linear", "max_grad_norm": 1.0}
+SAVE_TOTAL_LIMIT = 2  # Trainer checkpoints kept for resume
 
 
-@dataclass
-class FinetuneConfig:
-    """Options of `spp finetune` (DESIGN.md, CLI); every field is also a recipe key."""
+def learning_rate(options) -> float:
+    """options.lr, or the method's published default."""
+    return options.lr if options.lr is not None else method_named(options.method).default_lr
 
-    method: str = "spp"  # spp | lora
-    max_steps: int | None = None  # None: train for `epochs`
-    epochs: float = 3
-    lr: float = 4e-3
-    batch_size: int = 128  # global: micro_batch_size × accumulation × world size
-    micro_batch_size: int = 8  # per device
-    seqlen: int = 512
-    seed: int = 42
-    groups: int = 16
-    dropout: float = 0.05
-    forward: str = "auto"  # SPP forward variant (spp_cli.adapters.spp.FORWARD_VARIANTS)
-    lora_r: int = 8  # LoRA rank; for SPP it only sets the scale lora_alpha / lora_r
-    lora_alpha: float = 16
-    mask_prompt: bool = False
-    gradient_checkpointing: bool = False
-    val_size: int | float | None = None  # None: min(2000, 5% of the examples); 0: no held-out split
-    weight_decay: float = 0.001
-    warmup_ratio: float = 0.03
-    lr_scheduler: str = "linear"
-    max_grad_norm: float = 1.0
-    report_to: str = "none"  # none | tensorboard | wandb
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # training precision: auto (bf16/fp16 autocast on GPU, fp32 on CPU) | float32 | ...
-    logging_steps: int = 10
-    save_steps: int = 200
-    eval_steps: int | None = None  # None: save_steps
-    save_total_limit: int = 2
 
-    def gradient_accumulation(self, world_size: int) -> int:
-        """Accumulation steps so that micro × accumulation × world = batch_size (BadInput otherwise)."""
-        per_step = self.micro_batch_size * world_size
-        if self.batch_size % per_step != 0:
-            raise BadInput(f"--batch-size {self.batch_size} is not divisible by --micro-batch-size "
-                           f"{self.micro_batch_size} x {world_size} processes: use a multiple of {per_step}")
-        return self.batch_size // per_step
+def gradient_accumulation(options, world_size: int) -> int:
+    """Accumulation steps so that micro × accumulation × world = batch_size (BadInput otherwise)."""
+    per_step = options.micro_batch_size * world_size
+    if options.batch_size % per_step != 0:
+        raise BadInput(f"--batch-size {options.batch_size} is not divisible by --micro-batch-size "
+                       f"{options.micro_batch_size} x {world_size} processes: use a multiple of {per_step}")
+    return options.batch_size // per_step
 
-    def validate(self, world_size: int = 1) -> None:
-        if self.method not in METHODS:
-            raise BadInput(f"--method {self.method!r} is unknown: use spp or lora")
-        for name in ("batch_size", "micro_batch_size", "seqlen", "logging_steps", "save_steps", "lora_r"):
-            if getattr(self, name) <= 0:
-                raise BadInput(f"--{name.replace('_', '-')} {getattr(self, name)} is invalid: use a positive integer")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise BadInput(f"--max-steps {self.max_steps} is invalid: use a positive integer (or --epochs)")
-        if self.max_steps is None and not self.epochs > 0:
-            raise BadInput(f"--epochs {self.epochs} is invalid: use a positive number")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise BadInput(f"--lr {self.lr} is invalid: use a positive number (default 4e-3)")
-        if self.dtype not in PRECISIONS:
-            raise BadInput(f"--dtype {self.dtype!r} is unknown: use one of {', '.join(PRECISIONS)}")
-        if self.val_size is not None and self.val_size < 0:
-            raise BadInput(f"--val-size {self.val_size} is invalid: use 0 (none), a count, or a fraction < 1")
-        self.gradient_accumulation(world_size)
-        if self.method == "spp":
-            self.spp_config([]).validate()
 
-    def spp_config(self, targets: list[str]) -> SPPConfig:
-        return SPPConfig(groups=self.groups, lora_alpha=self.lora_alpha, r=self.lora_r, dropout=self.dropout,
-                         target_modules=list(targets), forward=self.forward)
+def check_options(options, world_size: int = 1) -> Adapter:
+    """BadInput (one line) on any bad option; returns the (not yet injected) adapter the options describe."""
+    check_method_options(options.method, dataclasses.asdict(options))
+    for name in ("batch_size", "micro_batch_size", "seqlen", "logging_steps", "save_steps", "lora_r", "groups"):
+        value = getattr(options, name)
+        if value is not None and value <= 0:
+            raise BadInput(f"--{name.replace('_', '-')} {value} is invalid: use a positive integer")
+    if options.max_steps is not None and options.max_steps <= 0:
+        raise BadInput(f"--max-steps {options.max_steps} is invalid: use a positive integer (or --epochs)")
+    if options.max_steps is None and not options.epochs > 0:
+        raise BadInput(f"--epochs {options.epochs} is invalid: use a positive number")
+    lr = learning_rate(options)
+    if not (lr > 0 and math.isfinite(lr)):
+        raise BadInput(f"--lr {lr} is invalid: use a positive number (default: the method's)")
+    if (options.dtype or "auto") not in PRECISIONS:
+        raise BadInput(f"--dtype {options.dtype!r} is unknown: use one of {', '.join(PRECISIONS)}")
+    if options.val_size is not None and options.val_size < 0:
+        raise BadInput(f"--val-size {options.val_size} is invalid: use 0 (none), a count, or a fraction < 1")
+    if options.dropout is not None and not 0 <= options.dropout < 1:
+        raise BadInput(f"--dropout {options.dropout} is out of range: use a value in [0, 1)")
+    gradient_accumulation(options, world_size)
+    adapter = adapter_class(options.method).from_options(options)
+    adapter.validate()
+    return adapter
 
 
 @dataclass
 class FinetuneResult:
-    """What a fine-tune produced. `model` still carries its adapters (SPP layers, or a PEFT LoRA model)."""
+    """What a fine-tune produced. `model` still carries its adapters (or is PEFT's wrapper); `adapter` knows how
+    to merge and save it."""
 
     model: nn.Module
-    method: str
+    adapter: Adapter
     train_curve: list[dict]  # [{"step", "loss", "lr"}] as logged every logging_steps
     eval_loss: float | None
     seconds: float
@@ -111,11 +97,19 @@ class FinetuneResult:
     resumed_from: str | None  # the checkpoint this run resumed from, if any
     trainable_params: int
     targets: list[str]
-    spp_config: SPPConfig | None
     adapter_state: dict[str, torch.Tensor]  # trained parameters by name, full (gathered) CPU tensors
-    dense_after_merge: bool  # LoRA: merging makes every target dense (its zeros are lost); SPP: False
     is_main_process: bool = True
-    config: dict = field(default_factory=dict)
+    steps_run: int = 0  # optimizer steps run by this process (fewer than `steps` after a resume)
+    peak_memory_mb: float | None = None  # CUDA: max allocated during training; CPU: the process' peak RSS
+    memory_measure: str = ""
+
+    @property
+    def method(self) -> str:
+        return self.adapter.name
+
+    @property
+    def dense_after_merge(self) -> bool:
+        return not self.adapter.keeps_zeros
 
 
 def world_size() -> int:
@@ -138,28 +132,28 @@ def split_examples(examples: list[dict], val_size: int | float | None, seed: int
     return [examples[i] for i in order[count:]], [examples[i] for i in order[:count]]
 
 
-def _uses_cuda(device: str) -> bool:
-    """Whether training runs on CUDA: "auto" when a GPU is visible, "cuda" (pick GPUs by CUDA_VISIBLE_DEVICES)."""
-    if device == "cpu":
-        return False
-    if device == "auto":
-        return torch.cuda.is_available()
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BadInput(f"--device {device} but no CUDA device is available: use --device cpu (or auto)")
-        return True
-    raise BadInput(f"--device {device!r} is unknown: use auto, cpu or cuda")
+def training_device(device: str | None) -> str:
+    """One rule for every stage: environment.resolve_device ("auto" -> cuda when visible, else cpu)."""
+    from spp_cli.environment import resolve_device
+
+    return resolve_device(device)
 
 
-def _precision_flags(config: FinetuneConfig, on_cuda: bool) -> dict:
-    """Trainer's bf16/fp16 flags: autocast on GPU (bf16 where supported), fp32 on CPU."""
-    if config.dtype == "float32" or not on_cuda:
-        if config.dtype in ("bfloat16", "float16") and not on_cuda:
-            raise BadInput(f"--dtype {config.dtype} training needs a GPU: use --dtype float32 (or auto) on CPU")
-        return {}
-    if config.dtype == "bfloat16" or (config.dtype == "auto" and torch.cuda.is_bf16_supported()):
-        return {"bf16": True}
-    return {"fp16": True}
+def resolved_precision(dtype: str | None, device: str) -> str:
+    """What training runs in: "float32", "autocast(bfloat16)" or "autocast(float16)" (autocast on CUDA only)."""
+    dtype = dtype or "auto"
+    on_cuda = device.startswith("cuda")
+    if dtype == "float32" or not on_cuda:
+        if dtype in ("bfloat16", "float16") and not on_cuda:
+            raise BadInput(f"--dtype {dtype} training needs a CUDA GPU: use --dtype float32 (or auto) on {device}")
+        return "float32"
+    if dtype == "bfloat16" or (dtype == "auto" and torch.cuda.is_bf16_supported()):
+        return "autocast(bfloat16)"
+    return "autocast(float16)"
+
+
+def _precision_flags(precision: str) -> dict:
+    return {"autocast(bfloat16)": {"bf16": True}, "autocast(float16)": {"fp16": True}}.get(precision, {})
 
 
 def _make_trainer_class():
@@ -238,86 +232,96 @@ class NonFiniteLoss(Exception):
         self.step = step
 
 
-def _adapt(model: nn.Module, config: FinetuneConfig, targets: list[str]) -> tuple[nn.Module, SPPConfig | None]:
-    """Attach the adapters in place (SPP) or wrap the model (LoRA); everything else is frozen."""
-    if config.method == "spp":
-        spp_config = config.spp_config(targets)
-        inject_spp(model, targets, spp_config)
-        return model, spp_config
-    from peft import LoraConfig, get_peft_model
+def _after_optimizer_step_callback(adapter: Adapter, model: nn.Module):
+    from transformers import TrainerCallback
 
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
-                      target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora), None
+    class AfterOptimizerStep(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            adapter.after_optimizer_step(model)
+
+    return AfterOptimizerStep()
 
 
-def run_finetune(model: nn.Module, tokenizer, records: list[dict], config: FinetuneConfig,
-                 work_dir: str | os.PathLike, *, target_names: list[str],
-                 callbacks: list | None = None) -> FinetuneResult:
-    """Fine-tune `model` on `records` with SPP (or LoRA) adapters on `target_names`.
+def _peak_memory(on_cuda: bool) -> tuple[float, str]:
+    if on_cuda:
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda max allocated"
+    import resource
 
-    The model is modified in place (SPP layers injected; for LoRA it is wrapped, see result.model). Trainer
-    checkpoints go to work_dir/checkpoints; an existing checkpoint there is resumed from. Raises BadInput on bad
-    options or data, RuntimeFailure on a NaN/inf loss (the last good checkpoint is kept). `callbacks` are extra
-    transformers TrainerCallbacks (e.g. the CLI's progress display); the library itself prints nothing.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS (whole process)"
+
+
+def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work_dir: str | os.PathLike, *,
+                 target_names: list[str], callbacks: list | None = None) -> FinetuneResult:
+    """Fine-tune `model` on `records` with options.method's adapter on `target_names`.
+
+    `options` is a FinetuneStage (spp_cli/recipe_schema.py). The model is modified in place (adapters
+    injected; a PEFT method wraps it, see result.model). Trainer checkpoints go to work_dir/checkpoints; an
+    existing checkpoint there is resumed from. Raises BadInput on bad options or data, RuntimeFailure on a
+    NaN/inf loss (the last good checkpoint is kept). `callbacks` are extra transformers TrainerCallbacks (e.g.
+    the CLI's progress display); the library itself prints nothing.
     """
     from transformers import PrinterCallback, TrainingArguments, set_seed
 
     world = world_size()
-    config.validate(world)
+    adapter = check_options(options, world)
     if not target_names:
         raise BadInput("no target layers to adapt: prune the model first, or name the linear layers to adapt")
-    examples = build_examples(tokenizer, records, config.seqlen, config.mask_prompt)
-    train_set, val_set = split_examples(examples, config.val_size, config.seed)
+    device = training_device(options.device)
+    precision = resolved_precision(options.dtype, device)
+    examples = build_examples(tokenizer, records, options.seqlen, options.mask_prompt)
+    train_set, val_set = split_examples(examples, options.val_size, options.seed)
 
-    set_seed(config.seed)  # the α initialisation is random: same seed, same start
+    set_seed(options.seed)  # adapter initialisations are random: same seed, same start
     if hasattr(model, "config"):
         model.config.use_cache = False
-    model, spp_config = _adapt(model, config, target_names)
+    model = adapter.inject(model, list(target_names))
 
-    on_cuda = _uses_cuda(config.device)
+    on_cuda = device.startswith("cuda")
     checkpoints = Path(work_dir) / "checkpoints"
-    eval_steps = config.eval_steps or config.save_steps
     args = TrainingArguments(
         output_dir=str(checkpoints),
-        per_device_train_batch_size=config.micro_batch_size,
-        per_device_eval_batch_size=config.micro_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation(world),
-        max_steps=config.max_steps if config.max_steps is not None else -1,
-        num_train_epochs=config.epochs,
-        learning_rate=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio,  # < 1: a fraction of the total steps
-        lr_scheduler_type=config.lr_scheduler,
-        max_grad_norm=config.max_grad_norm,
+        per_device_train_batch_size=options.micro_batch_size,
+        per_device_eval_batch_size=options.micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(options, world),
+        max_steps=options.max_steps if options.max_steps is not None else -1,
+        num_train_epochs=options.epochs,
+        learning_rate=learning_rate(options),
+        weight_decay=options.weight_decay,
+        warmup_steps=options.warmup_ratio,  # < 1: a fraction of the total steps
+        lr_scheduler_type=TRAINING_CONSTANTS["lr_scheduler"],
+        max_grad_norm=TRAINING_CONSTANTS["max_grad_norm"],
         optim="adamw_torch",
-        logging_steps=config.logging_steps,
+        logging_steps=options.logging_steps,
         logging_first_step=True,
         logging_nan_inf_filter=False,
         save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
+        save_steps=options.save_steps,
+        save_total_limit=SAVE_TOTAL_LIMIT,
         eval_strategy="steps" if val_set else "no",
-        eval_steps=eval_steps if val_set else None,
-        seed=config.seed,
-        report_to=[] if config.report_to == "none" else [config.report_to],
-        use_cpu=not on_cuda,
-        activation_checkpointing=config.gradient_checkpointing,  # non-reentrant: works with a frozen embedding
-        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        eval_steps=options.save_steps if val_set else None,
+        seed=options.seed,
+        report_to=[] if options.report_to == "none" else [options.report_to],
+        use_cpu=device == "cpu",
+        activation_checkpointing=options.gradient_checkpointing,  # non-reentrant: works with a frozen embedding
+        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
         remove_unused_columns=False,
         label_names=["labels"],
         disable_tqdm=True,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
-        **_precision_flags(config, on_cuda),
+        **_precision_flags(precision),
     )
 
     trainer = _make_trainer_class()(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
-        data_collator=PaddingCollator(pad_token_id(tokenizer)), callbacks=list(callbacks or []),
+        data_collator=PaddingCollator(pad_token_id(tokenizer)),
+        callbacks=[_after_optimizer_step_callback(adapter, model), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # no print in library code; the loss curve is in the result
     resume = last_complete_checkpoint(checkpoints)
+    start_step = int(Path(resume).name.split("-")[1]) if resume else 0
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume)
@@ -325,22 +329,22 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], config: Finet
         last = last_complete_checkpoint(checkpoints)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
         raise RuntimeFailure(f"training loss became NaN/inf at step {stop.step}: {kept}; lower --lr "
-                             f"(now {config.lr}) or check the data, then rerun to resume") from None
+                             f"(now {learning_rate(options)}) or check the data, then rerun to resume") from None
     eval_loss = trainer.evaluate()["eval_loss"] if val_set else None
     seconds = time.perf_counter() - start
+    peak_memory_mb, memory_measure = _peak_memory(on_cuda)
 
     # from trainer.state.log_history, which a resumed run restores, so the curve covers the whole training
     curve = [{"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate")}
              for e in trainer.state.log_history if "loss" in e]
     trained = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
-    adapter_state = _gather_trainable(trainer, trained)
     return FinetuneResult(
-        model=trained, method=config.method, train_curve=curve, eval_loss=eval_loss, seconds=seconds,
+        model=trained, adapter=adapter, train_curve=curve, eval_loss=eval_loss, seconds=seconds,
         steps=trainer.state.global_step, resumed_from=resume,
         trainable_params=sum(p.numel() for p in trained.parameters() if p.requires_grad),
-        targets=list(target_names), spp_config=spp_config, adapter_state=adapter_state,
-        dense_after_merge=config.method == "lora",
-        is_main_process=trainer.args.should_save, config=asdict(config),
+        targets=list(target_names), adapter_state=_gather_trainable(trainer, trained),
+        is_main_process=trainer.args.should_save, steps_run=trainer.state.global_step - start_step,
+        peak_memory_mb=round(peak_memory_mb, 1), memory_measure=memory_measure,
     )
 
 
@@ -361,36 +365,23 @@ def _gather_trainable(trainer, model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def adapted_copy(base_model: nn.Module, result: FinetuneResult) -> nn.Module:
-    """The trained adapters put on `base_model`, a fresh copy of the frozen base (e.g. the parent checkpoint
-    loaded on rank 0, on CPU). This is how to merge after FSDP / ZeRO-3, where result.model holds shards only:
-    the base is frozen, so the parent's weights are the full weights."""
-    if result.method == "spp":
-        inject_spp(base_model, result.targets, result.spp_config)
-        model = base_model
-    else:
-        model, _ = _adapt(base_model, FinetuneConfig(**result.config), result.targets)
-    missing = set(result.adapter_state) - {name for name, _ in model.named_parameters()}
-    if missing:
-        raise BadInput(f"the base model lacks adapter parameters such as {sorted(missing)[0]}: use the same base")
-    model.load_state_dict(result.adapter_state, strict=False)
-    return model
+def adapted_copy(base_model: nn.Module, result: FinetuneResult) -> FinetuneResult:
+    """The result with its trained adapters put on `base_model`, a fresh copy of the frozen base (e.g. the
+    parent checkpoint loaded on rank 0, on CPU). This is how to merge after FSDP / ZeRO-3, where result.model
+    holds shards only: the base is frozen, so the parent's weights are the full weights."""
+    adapter = type(result.adapter)(copy.deepcopy(result.adapter.config))
+    model = adapter.inject(base_model, result.targets)
+    adapter.load_trainable_state(model, result.adapter_state)
+    return dataclasses.replace(result, model=model, adapter=adapter)
 
 
 def merge_trained(result: FinetuneResult) -> nn.Module:
-    """The plain model with the adapters merged: SPP keeps every zero; LoRA's merge_and_unload makes the
-    targets dense. Call on the main process only (full weights)."""
-    if result.method == "spp":
-        merge_spp(result.model)
-        return result.model
-    return result.model.merge_and_unload()
+    """The plain model with the adapters merged (nn.Linear modules, original keys): a zero-keeping method keeps
+    every zero; LoRA's merge makes the targets dense. Call on the main process only (full weights)."""
+    return result.adapter.merge(result.model)
 
 
 def save_trained_adapter(result: FinetuneResult, adapter_dir: str | os.PathLike, *, base_path: str,
                          base_manifest_sha256: str | None) -> None:
-    """Write the adapter (before merging): SPP's layout for SPP, PEFT's save_pretrained for LoRA."""
-    if result.method == "spp":
-        save_spp_adapter(result.model, adapter_dir, result.spp_config, base_path=base_path,
-                         base_manifest_sha256=base_manifest_sha256)
-    else:
-        result.model.save_pretrained(str(adapter_dir))
+    """Write the adapter (before merging) in its method's PEFT-style layout."""
+    result.adapter.save(result.model, adapter_dir, base_path=base_path, base_manifest_sha256=base_manifest_sha256)

@@ -19,7 +19,8 @@ Forward variants (`SPPConfig.forward`), all the same function of the parameters:
 A per-group form (spec §1.2: concat_g[(x ⊙ α_g) W_gᵀ] ⊙ β, with a per-group backward) was measured too: 3-10×
 slower than "recompute" on CPU (G small GEMMs plus G·B·in elementwise passes), so it is not offered.
 
-Adapter files (save, load): adapters/spp_files.py.
+Adapter files (save, load): adapters/spp_files.py. `SPPAdapter` (the end of this file) is the method behind the
+adapter interface (adapters/base.py); its default learning rate, 4e-3, is the paper code's (spec §2).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spp_cli.adapters import SPP_FORWARD_VARIANTS
+from spp_cli.adapters.base import Adapter, resolve_targets, set_submodule
 from spp_cli.errors import BadInput
 
-FORWARD_VARIANTS = ("auto", "naive", "recompute", "fused")
+FORWARD_VARIANTS = SPP_FORWARD_VARIANTS
 FAITHFUL_DEFAULT = "recompute"  # fastest exact variant with dropout on CPU fp32 (see scripts/bench_finetune.py)
 
 
@@ -268,31 +271,6 @@ class SPPLinear(nn.Module):
 # ---- model surgery ----
 
 
-def resolve_targets(model: nn.Module, target_names: list[str]) -> list[str]:
-    """Full module names for `target_names`: exact names, or suffixes (PEFT-style `name.endswith(target)`)."""
-    modules = dict(model.named_modules())
-    resolved: list[str] = []
-    for target in target_names:
-        if target in modules:
-            hits = [target]
-        else:
-            hits = [n for n in modules if n.endswith("." + target)]
-        if not hits:
-            raise BadInput(f"target module {target!r} is not in the model: name a linear layer the model has")
-        for name in hits:
-            if not isinstance(modules[name], (nn.Linear, SPPLinear)):
-                raise BadInput(f"target {name} is a {type(modules[name]).__name__}, not nn.Linear: SPP adapts "
-                               "linear layers only; remove it from the targets")
-            if name not in resolved:
-                resolved.append(name)
-    return resolved
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def inject_spp(model: nn.Module, target_names: list[str], config: SPPConfig) -> dict[str, SPPLinear]:
     """Replace the named nn.Linear modules by SPPLinear, in place; freeze every non-`spp_` parameter.
 
@@ -304,11 +282,11 @@ def inject_spp(model: nn.Module, target_names: list[str], config: SPPConfig) -> 
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     layers: dict[str, SPPLinear] = {}
-    for name in resolve_targets(model, target_names):
+    for name in resolve_targets(model, target_names, (nn.Linear, SPPLinear)):
         module = model.get_submodule(name)
         if not isinstance(module, SPPLinear):
             module = SPPLinear(module, config, name=name)
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         layers[name] = module
     for layer in layers.values():
         layer.spp_alpha.requires_grad_(True)
@@ -329,40 +307,46 @@ def merge_spp(model: nn.Module) -> None:
     Under FSDP / ZeRO-3, call this on rank 0 on the full gathered (unwrapped) model, never on shards.
     """
     for name, layer in spp_layers(model).items():
-        _set_submodule(model, name, layer.merged_linear())
+        set_submodule(model, name, layer.merged_linear())
 
 
-def default_targets(model: nn.Module, manifest: dict | None) -> list[str]:
-    """The layers to adapt: the manifest's pruned layers if known, else every decoder linear with a zero.
+class SPPAdapter(Adapter):
+    """SPP behind the adapter interface: Lu et al., ICML 2024 (arXiv 2405.16057), github.com/Lucky-Lance/SPP.
 
-    Raises BadInput when nothing is pruned ("nothing to preserve").
+    Defaults are the paper code's (spec/spp-method.md §1-2): G = 16 groups, s = lora_alpha / lora_r = 16 / 8,
+    dropout 0.05, AdamW lr 4e-3. Keeps every zero: the merge is W ⊙ (1 + s·M).
     """
-    if manifest and manifest.get("layers"):
-        return list(manifest["layers"])
-    try:
-        from pruners.sequential import prunable_linears
 
-        candidates = prunable_linears(model)
-    except ImportError:
-        candidates = _decoder_linears(model)
-    targets = [name for name, linear in candidates.items() if bool((linear.weight == 0).any())]
-    if not targets:
-        raise BadInput("nothing to preserve: the model has no zero weights in its decoder linears; "
-                       "prune first, or use --method lora")
-    return targets
+    name = "spp"
 
+    @classmethod
+    def make_config(cls, options: dict) -> SPPConfig:
+        return SPPConfig(groups=options["groups"], lora_alpha=options["lora_alpha"], r=options["lora_r"],
+                         dropout=options["dropout"], forward=options["forward"])
 
-def _decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Fallback for pruners.sequential.prunable_linears: nn.Linear modules inside the decoder-block ModuleList."""
-    block_classes = set(getattr(model, "_no_split_modules", None) or [])
-    best_name, best_list = None, None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if type(module[0]).__name__ in block_classes or (best_list is None or len(module) > len(best_list)):
-                best_name, best_list = name, module
-                if type(module[0]).__name__ in block_classes:
-                    break
-    if best_list is None:
-        raise BadInput("no decoder blocks found: the model has no ModuleList of blocks; pass the targets explicitly")
-    return {f"{best_name}.{name}": module for name, module in best_list.named_modules()
-            if isinstance(module, nn.Linear)}
+    @classmethod
+    def config_class(cls) -> type:
+        return SPPConfig
+
+    def validate(self) -> None:
+        self.config.validate()
+
+    def inject(self, model: nn.Module, targets: list[str]) -> nn.Module:
+        inject_spp(model, targets, self.config)
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        merge_spp(model)
+        return model
+
+    def save(self, model: nn.Module, adapter_dir, *, base_path: str, base_manifest_sha256: str | None) -> None:
+        from spp_cli.adapters.spp_files import save_spp_adapter
+
+        save_spp_adapter(model, adapter_dir, self.config, base_path=base_path,
+                         base_manifest_sha256=base_manifest_sha256)
+
+    @classmethod
+    def load(cls, model: nn.Module, adapter_dir) -> tuple[SPPAdapter, nn.Module]:
+        from spp_cli.adapters.spp_files import load_spp_adapter
+
+        return cls(load_spp_adapter(model, adapter_dir)), model

@@ -8,37 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from spp_cli.adapters.spp import SPPConfig, SPPLinear, inject_spp, resolve_targets, spp_layers
+from spp_cli.adapters.base import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    atomic_write_dir,
+    resolve_targets,
+)
+from spp_cli.adapters.base import read_adapter_config as read_any_adapter_config
+from spp_cli.adapters.spp import SPPConfig, SPPLinear, inject_spp, spp_layers
 from spp_cli.errors import BadInput
-
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-def _atomic_write_dir(target: Path, write) -> None:
-    """Run write(tmp_dir) in a temp dir next to `target`, then move it into place (old one removed after)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "dir")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -83,18 +66,13 @@ def save_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, config: S
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
         save_file(state, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
 
-    _atomic_write_dir(Path(adapter_dir), write)
+    atomic_write_dir(Path(adapter_dir), write)
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     """The adapter_config.json of an SPP adapter directory (BadInput when missing or not SPP)."""
     path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
-    if not path.is_file():
-        raise BadInput(f"{path} not found: point at a directory written by `spp finetune` (its adapter/ folder)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BadInput(f"{path}: not valid JSON ({error}): the adapter directory is damaged") from None
+    data = read_any_adapter_config(adapter_dir)
     if data.get("peft_type") != "SPP":
         raise BadInput(f"{path}: peft_type is {data.get('peft_type')!r}, not 'SPP': this is not an SPP adapter")
     return data
@@ -116,7 +94,7 @@ def load_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *,
     if base_manifest_sha256 and recorded_manifest and base_manifest_sha256 != recorded_manifest:
         raise BadInput(f"adapter {adapter_dir} was trained on base manifest {recorded_manifest[:12]}..., this base "
                        f"is {base_manifest_sha256[:12]}...: load it onto {data.get('base_model_name_or_path')}")
-    targets = resolve_targets(model, data["target_modules"])
+    targets = resolve_targets(model, data["target_modules"], (nn.Linear, SPPLinear))
     for name in targets:
         module = model.get_submodule(name)
         weight = module.base.weight if isinstance(module, SPPLinear) else module.weight

@@ -1,24 +1,32 @@
-"""The finetune stage: SPP (or the LoRA baseline) on a pruned model, merge, check every zero, save.
+"""The finetune stage: a recovery method (SPP, or another from spp_cli/adapters) on a pruned model, merge, check
+every zero, save.
 
-Output layout (DESIGN.md): OUT/ is the merged HF model + spp.json, OUT/adapter/ the adapter. With --no-merge,
+Output layout (DESIGN.md): OUT/ is the merged HF model + spp.json, OUT/adapter/ the adapter (plus run.json: this
+run's wall-clock statistics, which vary run to run and so stay out of the hashed manifest). With --no-merge,
 OUT/ holds only adapter/ and spp.json; `spp merge` makes the model later with the same checks. Trainer
 checkpoints live in a hidden work directory beside OUT until the stage completes, so rerunning the same
 command resumes from the last one.
 """
 
+import dataclasses
+import json
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from spp_cli import checkpoint
-from spp_cli.environment import resolve_device, versions
+from spp_cli.adapters import METHOD_OPTIONS, resolved_method_options
+from spp_cli.environment import versions
 from spp_cli.errors import BadInput, CheckFailed
 from spp_cli.manifest import zeros_sha256
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
+from spp_cli.recipe_schema import FinetuneStage, schema_fields
 
-NOT_FINGERPRINTED = ("device", "report_to", "logging_steps", "save_steps", "eval_steps", "save_total_limit")
+# what does not decide the result: where and how often it logs and saves
+NOT_FINGERPRINTED = ("device", "report_to", "logging_steps", "save_steps")
+STAGE_OPTIONS = tuple(f.name for f in schema_fields(FinetuneStage) if f.name not in ("name", "input"))
+RUN_RECORD = "run.json"  # in OUT/adapter/: resumed_from, step seconds, peak memory (not hashed)
 
 
 def work_dir_for(out: Path) -> Path:
@@ -33,96 +41,107 @@ def _compute_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
+def stage_options(options: dict) -> FinetuneStage:
+    """The keyword arguments of `finetune` as the schema's options object. None for a field that is not
+    nullable means its schema default; an unknown keyword is a TypeError, as for any Python function."""
+    unknown = sorted(set(options) - set(STAGE_OPTIONS))
+    if unknown:
+        raise TypeError(f"finetune() got an unexpected keyword argument {unknown[0]!r}")
+    if options.get("data") is None:
+        raise BadInput("no training data: pass --data SOURCE (a .jsonl/.json/.txt path or builtin:NAME)")
+    fields = {f.name: f for f in schema_fields(FinetuneStage)}
+    given = {key: value for key, value in options.items() if value is not None or fields[key].metadata["spp"].nullable}
+    return FinetuneStage(**given)
+
+
+def fingerprinted_options(options: FinetuneStage, precision: str) -> dict:
+    """What decides the result: every training option (method options resolved to the method's defaults,
+    unread ones left out), the fixed training constants and the precision training actually runs in."""
+    from spp_cli.trainer import TRAINING_CONSTANTS, learning_rate
+
+    values = dataclasses.asdict(options)
+    general = {key: values[key] for key in STAGE_OPTIONS if key not in NOT_FINGERPRINTED + METHOD_OPTIONS}
+    return {
+        **general,
+        "lr": learning_rate(options),
+        **resolved_method_options(options.method, values),
+        **TRAINING_CONSTANTS,
+        "precision": precision,
+    }
+
+
+def check_parent(model_path: str, parent_manifest: dict | None, keeps_zeros: bool, method: str) -> None:
+    """Provenance before any training: a zero-keeping method needs a parent with zeros (not a dense LoRA merge),
+    and a parent's weights must still be the ones its spp.json describes (hashes of every listed layer)."""
+    if parent_manifest is None:
+        return
+    if keeps_zeros and parent_manifest.get("dense"):
+        raise BadInput(f"'{model_path}' is a dense {parent_manifest.get('method', 'lora')} output (its zeros are "
+                       f"gone): --method {method} keeps zeros; fine-tune the pruned model instead")
+    from spp_cli.manifest import weight_sha256
+    from spp_cli.stages.verify import open_weights, read_weight
+
+    layers = parent_manifest.get("layers") or {}
+    if not layers:
+        return
+    handles = open_weights(Path(model_path))
+    for name, record in layers.items():
+        weight = read_weight(handles, name, Path(model_path))
+        if zeros_sha256(weight) != record.get("zeros_sha256") or weight_sha256(weight) != record.get("weight_sha256"):
+            raise BadInput(f"'{model_path}': layer {name} no longer matches its spp.json (the weights were changed "
+                           "after spp wrote them): restore the checkpoint or rerun the stage that made it")
+
+
 def finetune(
     model_dir: str,
     out: str | Path,
     *,
-    data: str,
-    method: str = "spp",
-    max_steps: int | None = None,
-    epochs: float = 3.0,
-    lr: float = 4e-3,
-    batch_size: int = 128,
-    micro_batch_size: int = 8,
-    seqlen: int = 512,
-    seed: int = 42,
-    groups: int = 16,
-    dropout: float = 0.05,
-    forward: str = "auto",
-    mask_prompt: bool = False,
-    gradient_checkpointing: bool = False,
-    val_size: int | None = None,
-    weight_decay: float = 0.001,
-    warmup_ratio: float = 0.03,
-    no_merge: bool = False,
-    report_to: str = "none",
-    save_steps: int | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
     overwrite: bool = False,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     console=None,
+    **options,
 ) -> dict:
-    """Fine-tune `model_dir` on `data` into `out`; returns the manifest. Skips a finished identical output."""
-    from spp_cli.adapters.spp import default_targets
+    """Fine-tune `model_dir` into `out`; returns the manifest (plus "resumed_from" when the run resumed).
+
+    `options` are the FinetuneStage fields (spp_cli/recipe_schema.py) by name: data (required), method, lr,
+    max_steps, ...; None means the default (the method's, for lr and the method-specific options). Skips a
+    finished identical output.
+    """
+    from spp_cli.adapters.base import default_targets
     from spp_cli.data.sources import read_records
     from spp_cli.trainer import (
-        FinetuneConfig,
         adapted_copy,
+        check_options,
         merge_trained,
+        resolved_precision,
         run_finetune,
         save_trained_adapter,
+        training_device,
         world_size,
     )
 
     started = time.time()
     out = Path(out)
-    if method not in ("spp", "lora"):
-        raise BadInput(f"unknown fine-tuning method '{method}': use spp or lora")
+    train_options = stage_options(options)
+    train_options.device = training_device(train_options.device)
+    train_options.dtype = train_options.dtype or "auto"
+    adapter = check_options(train_options, world_size())  # fail on bad options before anything is loaded
+    precision = resolved_precision(train_options.dtype, train_options.device)
     model_path = checkpoint.resolve_model_path(model_dir)
     parent_manifest = checkpoint.read_manifest(model_path) if Path(model_path).is_dir() else None
-    train_config = FinetuneConfig(
-        method=method,
-        max_steps=max_steps,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        micro_batch_size=micro_batch_size,
-        seqlen=seqlen,
-        seed=seed,
-        groups=groups,
-        dropout=dropout,
-        forward=forward,
-        mask_prompt=mask_prompt,
-        gradient_checkpointing=gradient_checkpointing,
-        val_size=val_size,
-        weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio,
-        report_to=report_to,
-        device=resolve_device(device),
-        dtype=dtype,
-        **({"save_steps": save_steps} if save_steps else {}),
-    )
-    # what decides the result (the fingerprint): the training options, not where or how often it logs and saves
-    options = {
-        "data": data,
-        **{key: value for key, value in asdict(train_config).items() if key not in NOT_FINGERPRINTED},
-        "no_merge": no_merge,
-        # "auto" trains in fp32 on a CPU but under bf16/fp16 autocast on a GPU: a different result
-        "precision": "float32" if train_config.device == "cpu" or dtype == "float32" else f"autocast({dtype})",
-    }
-    train_config.validate(world_size())  # fail on bad options before anything is loaded
-    checkpoint.torch_dtype(dtype)
-    stage_fingerprint = fingerprint(options, parent_manifest.get("manifest_sha256") if parent_manifest else model_dir)
+    config = fingerprinted_options(train_options, precision)
+    checkpoint.torch_dtype(train_options.dtype)
+    stage_fingerprint = fingerprint(config, parent_manifest.get("manifest_sha256") if parent_manifest else model_dir)
     check_output_path(out, [model_path])
     if existing_output(out, stage_fingerprint, overwrite):
         return {**checkpoint.read_manifest(out), "skipped": True}
-    records = read_records(data)
+    check_parent(model_path, parent_manifest, adapter.keeps_zeros, train_options.method)
+    records = read_records(train_options.data)
 
     model, tokenizer = checkpoint.load_model(
         model_dir,
-        dtype=_compute_dtype(dtype, train_config.device),
+        dtype=_compute_dtype(train_options.dtype, train_options.device),
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
     )
@@ -131,11 +150,12 @@ def finetune(
         console.print(f"spp: warning: '{model_dir}' has no spp.json: its current zeros define the mask to keep")
     modules = dict(model.named_modules())
     parent_zeros = {name: zeros_sha256(modules[name].weight) for name in targets}
+    stored_dtype = model.spp_stored_dtype
 
     work_dir = work_dir_for(out)
     _claim_work_dir(work_dir, stage_fingerprint)
     try:
-        result = run_finetune(model, tokenizer, records, train_config, work_dir, target_names=targets)
+        result = run_finetune(model, tokenizer, records, train_options, work_dir, target_names=targets)
     except BadInput:
         if not any(work_dir.glob("checkpoints/checkpoint-*")):
             shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume: leave nothing behind
@@ -147,11 +167,11 @@ def finetune(
         # frozen base, reloaded on the CPU (the base never changes, so the parent's weights are the full weights)
         base, _ = checkpoint.load_model(
             model_dir,
-            dtype=_compute_dtype(dtype, "cpu"),
+            dtype=_compute_dtype(train_options.dtype, "cpu"),
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
         )
-        result.model = adapted_copy(base, result)
+        result = adapted_copy(base, result)
 
     adapter_dir = work_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -161,34 +181,36 @@ def finetune(
         base_path=str(Path(model_path).resolve()),
         base_manifest_sha256=parent_manifest.get("manifest_sha256") if parent_manifest else None,
     )
-    training = {
-        "steps": result.steps,
-        "loss_curve": result.train_curve,
-        "eval_loss": result.eval_loss,
-        "trainable_params": result.trainable_params,
-        "resumed_from": Path(result.resumed_from).name if result.resumed_from else None,
-    }
+    run = _run_record(result)
+    (adapter_dir / RUN_RECORD).write_text(json.dumps(run, indent=2) + "\n")
+    keeps_zeros = result.adapter.keeps_zeros
     manifest = {
         "stage": "finetune",
         "parent": checkpoint.parent_record(model_path, parent_manifest),
-        "method": method,
-        "pattern": None if method == "lora" else (parent_manifest or {}).get("pattern"),
-        "target_sparsity": None if method == "lora" else (parent_manifest or {}).get("target_sparsity"),
-        "dense": method == "lora",
-        "merged": not no_merge,
-        "adapter": asdict(result.spp_config) if result.spp_config else {"peft_type": "LORA", "r": 8, "lora_alpha": 16},
-        "training": training,
-        "config": options,
+        "method": result.method,
+        "pattern": (parent_manifest or {}).get("pattern") if keeps_zeros else None,
+        "target_sparsity": (parent_manifest or {}).get("target_sparsity") if keeps_zeros else None,
+        "dense": not keeps_zeros,
+        "merged": not train_options.no_merge,
+        "adapter": result.adapter.record(),
+        # identical for a resumed and an uninterrupted run (the resume itself is in run.json, not hashed)
+        "training": {
+            "steps": result.steps,
+            "loss_curve": result.train_curve,
+            "eval_loss": result.eval_loss,
+            "trainable_params": result.trainable_params,
+        },
+        "config": config,
         "fingerprint": stage_fingerprint,
         "versions": versions(),
     }
-    if no_merge:
+    if train_options.no_merge:
         manifest["layers"] = {}
         manifest = _save_adapter_only(out, adapter_dir, manifest, started)
     else:
-        model_out = merge_trained(result).to(model.spp_stored_dtype)
+        model_out = merge_trained(result).to(stored_dtype)
         layers = checkpoint.layers_record(model_out, targets)
-        if method == "spp":
+        if keeps_zeros:
             check_zeros_kept(model_out, layers, parent_zeros, model_path)
         manifest["layers"] = layers
         manifest["overall_sparsity"] = checkpoint.overall_sparsity(layers)
@@ -202,7 +224,19 @@ def finetune(
             extra_dirs={"adapter": adapter_dir},
         )
     shutil.rmtree(work_dir, ignore_errors=True)
-    return manifest
+    return {**manifest, "run": run}
+
+
+def _run_record(result) -> dict:
+    """This run's statistics: they differ between identical runs, so they never enter the hashed manifest."""
+    return {
+        "resumed_from": Path(result.resumed_from).name if result.resumed_from else None,
+        "steps_run": result.steps_run,
+        "train_seconds": round(result.seconds, 3),
+        "seconds_per_step": round(result.seconds / result.steps_run, 4) if result.steps_run else None,
+        "peak_memory_mb": result.peak_memory_mb,
+        "memory_measure": result.memory_measure,
+    }
 
 
 def _claim_work_dir(work_dir: Path, stage_fingerprint: str) -> None:
@@ -235,8 +269,6 @@ def check_zeros_kept(model, layers: dict[str, dict], parent_zeros: dict[str, str
 
 
 def _save_adapter_only(out: Path, adapter_dir: Path, manifest: dict, started: float) -> dict:
-    import json
-
     checkpoint.remove_stale_staging(out)
     staging = checkpoint.staging_dir(out)
     shutil.rmtree(staging, ignore_errors=True)

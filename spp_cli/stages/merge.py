@@ -1,10 +1,9 @@
-"""The merge stage (`spp merge`): put a --no-merge SPP adapter on its base, check every zero, save."""
+"""The merge stage (`spp merge`): put a --no-merge adapter (any method) on its base, check every zero, save."""
 
 import hashlib
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from spp_cli import checkpoint
@@ -19,14 +18,15 @@ def merge_adapter(
     adapter_dir: str | Path, out: str | Path, *, overwrite: bool = False, allow_pickle: bool = False
 ) -> dict:
     """`spp merge`: load the adapter's base, check its masks, merge, check the zeros, save."""
-    from spp_cli.adapters.spp import merge_spp
-    from spp_cli.adapters.spp_files import load_spp_adapter, read_adapter_config
+    from spp_cli.adapters import adapter_class, method_for_peft_type
+    from spp_cli.adapters.base import read_adapter_config
 
     started = time.time()
     adapter_dir, out = Path(adapter_dir), Path(out)
     if (adapter_dir / "adapter").is_dir() and not (adapter_dir / "adapter_config.json").exists():
         adapter_dir = adapter_dir / "adapter"
     config = read_adapter_config(adapter_dir)
+    method = method_for_peft_type(config.get("peft_type"))
     base = config.get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise BadInput(f"the adapter's base model '{base}' is not a directory here: move it back or re-run finetune")
@@ -43,22 +43,25 @@ def merge_adapter(
         return {**checkpoint.read_manifest(out), "skipped": True}
     model, tokenizer = checkpoint.load_model(base, dtype="float32", allow_pickle=allow_pickle)
     modules = dict(model.named_modules())
-    spp_config = load_spp_adapter(model, adapter_dir)
-    targets = list(spp_config.target_modules)
-    parent_zeros = {name: zeros_sha256(modules[name].weight) for name in targets}
-    merge_spp(model)
-    model.to(model.spp_stored_dtype)
+    stored_dtype = model.spp_stored_dtype
+    # before loading: masked-full's adapter state is the target weights themselves
+    parent_zeros = {name: zeros_sha256(modules[name].weight) for name in config.get("target_modules", [])
+                    if name in modules}
+    adapter, adapted = adapter_class(method.name).load(model, adapter_dir)
+    targets = adapter.target_modules()
+    model = adapter.merge(adapted).to(stored_dtype)
     layers = checkpoint.layers_record(model, targets)
-    check_zeros_kept(model, layers, parent_zeros, base)
+    if adapter.keeps_zeros:
+        check_zeros_kept(model, layers, parent_zeros, base)
     manifest = {
         "stage": "merge",
         "parent": checkpoint.parent_record(base, parent_manifest),
-        "method": "spp",
-        "pattern": (parent_manifest or {}).get("pattern"),
-        "target_sparsity": (parent_manifest or {}).get("target_sparsity"),
-        "dense": False,
+        "method": method.name,
+        "pattern": (parent_manifest or {}).get("pattern") if adapter.keeps_zeros else None,
+        "target_sparsity": (parent_manifest or {}).get("target_sparsity") if adapter.keeps_zeros else None,
+        "dense": not adapter.keeps_zeros,
         "merged": True,
-        "adapter": asdict(spp_config),
+        "adapter": adapter.record(),
         "training": stage_manifest.get("training"),
         "layers": layers,
         "overall_sparsity": checkpoint.overall_sparsity(layers),

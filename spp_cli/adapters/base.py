@@ -1,0 +1,252 @@
+"""The adapter interface: what every recovery method (spp, lora, masked-lora, ia3, masked-full) provides.
+
+Lifecycle, as in PEFT's tuners (STYLE.md):
+
+    adapter = SomeAdapter.from_options(options)     # options: the schema's FinetuneStage (None = method default)
+    model = adapter.inject(model, targets)            # in place, or a wrapper (PEFT); only adapter params train
+    ... train; adapter.after_optimizer_step(model) after every optimizer step ...
+    state = adapter.trainable_state(model)            # {name: full CPU tensor}
+    adapter.save(model, adapter_dir, base_path=..., base_manifest_sha256=...)   # adapter_config.json + weights
+    plain = adapter.merge(model)                      # plain nn.Linear modules: save_pretrained writes the
+                                                      # original keys; keeps every zero iff adapter.keeps_zeros
+`record()` is what spp.json's "adapter" and adapter_config.json hold: the config dataclass as JSON, never
+written field by field. Library code: no printing, no stage folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from spp_cli.adapters import REGISTRY, Method, resolved_method_options
+from spp_cli.errors import BadInput
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class Adapter:
+    """One recovery method with its config. Subclasses set `name` and implement make_config/inject/merge."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    @property
+    def method(self) -> Method:
+        return REGISTRY[self.name]
+
+    @property
+    def keeps_zeros(self) -> bool:
+        return self.method.keeps_zeros
+
+    @classmethod
+    def from_options(cls, options: Any) -> Adapter:
+        """Build from a FinetuneStage (or any object with its fields): None options take the method's defaults."""
+        values = {key: getattr(options, key, None) for key in REGISTRY[cls.name].options}
+        return cls(cls.make_config(resolved_method_options(cls.name, values)))
+
+    @classmethod
+    def make_config(cls, options: dict[str, Any]) -> Any:
+        """The config dataclass from the method's resolved options (schema names)."""
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """BadInput on a config the method cannot run (checked before anything is loaded)."""
+
+    def inject(self, model: nn.Module, targets: list[str]) -> nn.Module:
+        """Adapt the named linears; freeze everything else. Returns the model to train (may be a wrapper)."""
+        raise NotImplementedError
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """The plain model (original module tree and keys) with the trained update written into the weights."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step (masked-full re-applies its mask here)."""
+
+    def record(self) -> dict:
+        """spp.json's "adapter": the config dataclass as JSON (adapter_config.json adds peft_type and the base)."""
+        return json_safe(dataclasses.asdict(self.config))
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """{parameter name: contiguous CPU copy} of every trainable parameter."""
+        return {name: p.detach().cpu().contiguous().clone() for name, p in model.named_parameters()
+                if p.requires_grad}
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load what trainable_state gave (onto a model this adapter injected); BadInput on a mismatch."""
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if set(state) != set(trainable):
+            extra = sorted(set(state) ^ set(trainable))[0]
+            raise BadInput(f"the adapter state does not fit this model (e.g. {extra}): use the base it was trained on")
+        for name, tensor in state.items():
+            if tensor.shape != trainable[name].shape:
+                raise BadInput(f"adapter tensor {name} has shape {list(tensor.shape)}, the model "
+                               f"{list(trainable[name].shape)}: the adapter is damaged or for another base")
+        model.load_state_dict(state, strict=False)
+
+    # ---- files: PEFT's layout, adapter_dir/{adapter_config.json, adapter_model.safetensors} ----
+
+    def save(self, model: nn.Module, adapter_dir: str | os.PathLike, *, base_path: str,
+             base_manifest_sha256: str | None) -> None:
+        """Write the adapter atomically; records the base and the zeros_sha256 of every target."""
+        from safetensors.torch import save_file
+
+        from spp_cli.manifest import zeros_sha256
+
+        targets = self.target_modules()
+        modules = dict(model.named_modules())
+        config = {"peft_type": self.method.peft_type, **self.record(), "base_model_name_or_path": base_path,
+                  "base_manifest_sha256": base_manifest_sha256,
+                  "base_zeros_sha256": {name: zeros_sha256(base_weight(modules[name])) for name in targets}}
+        state = self.trainable_state(model)
+
+        def write(tmp: Path) -> None:
+            (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            save_file(state, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+
+        atomic_write_dir(Path(adapter_dir), write)
+
+    @classmethod
+    def load(cls, model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[Adapter, nn.Module]:
+        """Inject into `model` and load the saved state; refuses a base whose target zero masks differ."""
+        from safetensors.torch import load_file
+
+        config = read_adapter_config(adapter_dir)
+        check_base_zeros(model, config, adapter_dir)
+        adapter = cls(cls.config_from_record(config))
+        adapted = adapter.inject(model, list(config["target_modules"]))
+        weights = Path(adapter_dir) / ADAPTER_WEIGHTS_NAME
+        if not weights.is_file():
+            raise BadInput(f"{weights} not found: the adapter directory is incomplete")
+        adapter.load_trainable_state(adapted, load_file(str(weights)))
+        return adapter, adapted
+
+    @classmethod
+    def config_from_record(cls, record: dict) -> Any:
+        config_class = cls.config_class()
+        names = {f.name for f in dataclasses.fields(config_class)}
+        return config_class(**{key: value for key, value in record.items() if key in names})
+
+    @classmethod
+    def config_class(cls) -> type:
+        raise NotImplementedError
+
+    def target_modules(self) -> list[str]:
+        return list(self.config.target_modules)
+
+
+# ---- helpers shared by the adapters ----
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The frozen weight of a (possibly wrapped) linear: SPP/PEFT layers expose their base layer."""
+    for attribute in ("base", "base_layer"):
+        inner = getattr(module, attribute, None)
+        if isinstance(inner, nn.Module):
+            return base_weight(inner)
+    return module.weight
+
+
+def json_safe(value: Any) -> Any:
+    """A config dict as JSON data: sets become sorted lists, enums their value, unknown objects their str."""
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(json_safe(item) for item in value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def resolve_targets(model: nn.Module, target_names: list[str], allowed: tuple[type, ...] = (nn.Linear,)) -> list[str]:
+    """Full module names for `target_names`: exact names, or suffixes (PEFT-style `name.endswith(target)`)."""
+    modules = dict(model.named_modules())
+    resolved: list[str] = []
+    for target in target_names:
+        hits = [target] if target in modules else [n for n in modules if n.endswith("." + target)]
+        if not hits:
+            raise BadInput(f"target module {target!r} is not in the model: name a linear layer the model has")
+        for name in hits:
+            if not isinstance(modules[name], allowed):
+                raise BadInput(f"target {name} is a {type(modules[name]).__name__}, not nn.Linear: the adapters "
+                               "adapt linear layers only; remove it from the targets")
+            if name not in resolved:
+                resolved.append(name)
+    return resolved
+
+
+def default_targets(model: nn.Module, manifest: dict | None) -> list[str]:
+    """The layers to adapt: the manifest's pruned layers if known, else every decoder linear with a zero.
+
+    Raises BadInput when nothing is pruned ("nothing to preserve").
+    """
+    from pruners.sequential import prunable_linears
+
+    if manifest and manifest.get("layers"):
+        return list(manifest["layers"])
+    targets = [name for name, linear in prunable_linears(model).items() if bool((linear.weight == 0).any())]
+    if not targets:
+        raise BadInput("nothing to preserve: the model has no zero weights in its decoder linears; "
+                       "prune first, or use --method lora")
+    return targets
+
+
+def atomic_write_dir(target: Path, write) -> None:
+    """Run write(tmp_dir) in a temp dir next to `target`, then move it into place (old one removed after)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "dir")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
+    """adapter_config.json of an adapter directory (BadInput when missing or damaged)."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
+    if not path.is_file():
+        raise BadInput(f"{path} not found: point at a directory written by `spp finetune` (its adapter/ folder)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadInput(f"{path}: not valid JSON ({error}): the adapter directory is damaged") from None
+
+
+def check_base_zeros(model: nn.Module, config: dict, adapter_dir: str | os.PathLike) -> None:
+    """BadInput when a target's zero mask on `model` differs from the one the adapter was trained on."""
+    from spp_cli.manifest import zeros_sha256
+
+    modules = dict(model.named_modules())
+    for name, expected in (config.get("base_zeros_sha256") or {}).items():
+        if name in modules and zeros_sha256(base_weight(modules[name])) != expected:
+            raise BadInput(f"adapter {adapter_dir} does not fit this base: layer {name} has a different zero mask; "
+                           f"load it onto the model it was trained on ({config.get('base_model_name_or_path')})")

@@ -1,0 +1,53 @@
+"""(IA)³ on the pruned linears, with PEFT's own implementation and merge: learned scaling vectors.
+
+Source: Liu et al., "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning"
+(T-Few, arXiv 2205.05638), whose (IA)³ recipe trains the vectors with lr 3e-3; PEFT's IA3Config. The vectors start
+at 1 (the adapted model is the pruned one exactly). A feed-forward layer (PEFT's mapping for the architecture,
+e.g. LLaMA's down_proj) scales its input, y = W (x ⊙ l), every other layer its output, y = (W x) ⊙ l; PEFT's merge
+writes W ⊙ l (columns or rows), so a zero of W stays zero. The stage verifies the zero set after the merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from spp_cli.adapters.lora import PeftAdapter
+
+
+@dataclass
+class IA3AdapterConfig:
+    target_modules: list[str] = field(default_factory=list)
+    feedforward_modules: list[str] = field(default_factory=list)
+
+
+def feedforward_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """The targets PEFT treats as feed-forward for this architecture (input scaling); none if it has no mapping."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as MAPPING
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    suffixes = tuple(MAPPING.get(model_type, ()))
+    return [name for name in targets if suffixes and name.rsplit(".", 1)[-1] in suffixes]
+
+
+class IA3Adapter(PeftAdapter):
+    """PEFT IA3: one vector per target (in_features for feed-forward layers, else out_features)."""
+
+    name = "ia3"
+
+    @classmethod
+    def make_config(cls, options: dict) -> IA3AdapterConfig:
+        return IA3AdapterConfig()
+
+    @classmethod
+    def config_from_peft(cls, peft_config) -> IA3AdapterConfig:
+        return IA3AdapterConfig(sorted(peft_config.target_modules), sorted(peft_config.feedforward_modules or []))
+
+    def peft_config(self, targets: list[str], model: nn.Module):
+        from peft import IA3Config
+
+        self.config.feedforward_modules = feedforward_targets(model, targets)
+        self._peft_config = IA3Config(target_modules=targets, feedforward_modules=self.config.feedforward_modules,
+                                      init_ia3_weights=True, task_type="CAUSAL_LM")
+        return self._peft_config
