@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,15 @@ from spp_cli.adapters.spp import spp_layers
 from spp_cli.data.examples import IGNORE_INDEX, PaddingCollator, alpaca_prompt, build_examples
 from spp_cli.errors import BadInput, RuntimeFailure
 from spp_cli.manifest import zeros_sha256
-from spp_cli.trainer import FinetuneConfig, adapted_copy, merge_trained, run_finetune, split_examples
+from spp_cli.recipe_schema import FinetuneStage
+from spp_cli.trainer import (
+    adapted_copy,
+    check_options,
+    gradient_accumulation,
+    merge_trained,
+    run_finetune,
+    split_examples,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,12 +37,12 @@ def alpaca_records() -> list[dict]:
     return read_records(str(ALPACA))
 
 
-def small_config(**overrides) -> FinetuneConfig:
+def small_config(**overrides) -> FinetuneStage:
     """8 examples a step in 2 micro-batches, seqlen 64, a 16-example held-out set."""
-    options = dict(max_steps=8, seqlen=64, batch_size=8, micro_batch_size=4, val_size=16, lr=3e-2,
-                   save_steps=100, logging_steps=1)
+    options = dict(data="alpaca_small.json", max_steps=8, seqlen=64, batch_size=8, micro_batch_size=4, val_size=16,
+                   lr=3e-2, save_steps=100, logging_steps=1)
     options.update(overrides)
-    return FinetuneConfig(**options)
+    return FinetuneStage(**options)
 
 
 def zero_hashes(model) -> dict[str, str]:
@@ -80,8 +87,8 @@ def test_chat_without_template_and_packed_text():
 
 def test_batch_divisibility_and_val_split():
     with pytest.raises(BadInput, match="--batch-size 128 is not divisible by --micro-batch-size 8 x 3 processes"):
-        FinetuneConfig().validate(world_size=3)
-    assert FinetuneConfig(batch_size=128, micro_batch_size=8).gradient_accumulation(2) == 8
+        check_options(FinetuneStage(data="d.jsonl"), world_size=3)
+    assert gradient_accumulation(FinetuneStage(batch_size=128, micro_batch_size=8), 2) == 8
     train, val = split_examples(list(range(1000)), None, seed=42)  # default: min(2000, 5%)
     assert len(val) == 50 and len(train) == 950 and sorted(train + val) == list(range(1000))
     assert split_examples(list(range(10)), 0, 42) == (list(range(10)), [])
@@ -103,8 +110,7 @@ def test_training_lowers_loss_and_keeps_every_zero(tmp_path):
     elsewhere = adapted_copy(pruned_tiny_llama(init_std=0.3), result)  # how rank 0 merges after FSDP / ZeRO-3
     merged = merge_trained(result)
     assert zero_hashes(merged) == before
-    merge_trained(replace(result, model=elsewhere))
-    want, got = merged.state_dict(), elsewhere.state_dict()
+    want, got = merged.state_dict(), merge_trained(elsewhere).state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     checkpoint = tmp_path / "checkpoints" / "checkpoint-8"
     assert sorted(p.name for p in checkpoint.iterdir()) == [

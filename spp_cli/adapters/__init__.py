@@ -90,8 +90,9 @@ def check_method_options(method: str, options: dict[str, Any]) -> None:
     key = misplaced_option(method, options)
     if key is not None:
         users = [m.name for m in REGISTRY.values() if key in m.options]
-        raise BadInput(f"--{key.replace('_', '-')} applies to --method {' or '.join(users)}, not {method}: "
-                       f"drop it or use one of those methods")
+        flag = "--" + key.replace("_", "-")
+        raise BadInput(f"{flag} applies to --method {' or '.join(users)}, not {method}: drop {flag} "
+                       f"(or use --method {users[0]})")
 
 
 def resolved_method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -16,10 +16,10 @@ from tiny_models import (
 )
 from torch import nn
 
+from spp_cli.adapters.base import default_targets
 from spp_cli.adapters.spp import (
     SPPConfig,
     SPPLinear,
-    default_targets,
     delta_weight,
     inject_spp,
     merge_spp,
