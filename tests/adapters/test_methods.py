@@ -54,8 +54,8 @@ def test_registry_defaults_are_the_spp_config_defaults():
 
     config = adapter_for("spp").config
     assert (config.groups, config.dropout, config.forward, config.r, config.lora_alpha) == (16, 0.05, "auto", 8, 16)
-    default = SPPConfig()
-    assert (default.groups, default.dropout, default.forward, default.r, default.lora_alpha) == (16, 0.05, "auto", 8, 16)
+    spp = SPPConfig()
+    assert (spp.groups, spp.dropout, spp.forward, spp.r, spp.lora_alpha) == (16, 0.05, "auto", 8, 16)
 
 
 FIX = "drop --{0} (or use --method spp)"
@@ -64,7 +64,8 @@ MISPLACED = [
     ("ia3", {"lora_r": 4}, "--lora-r applies to --method spp or lora or masked-lora, not ia3: " + FIX.format("lora-r")),
     ("masked-full", {"dropout": 0.1},
      "--dropout applies to --method spp or lora or masked-lora, not masked-full: " + FIX.format("dropout")),
-    ("masked-lora", {"forward": "fused"}, "--forward applies to --method spp, not masked-lora: " + FIX.format("forward")),
+    ("masked-lora", {"forward": "fused"},
+     "--forward applies to --method spp, not masked-lora: " + FIX.format("forward")),
     ("qlora", {}, "--method 'qlora' is unknown: use one of spp, lora, masked-lora, ia3, masked-full"),
 ]
 
