@@ -291,7 +291,9 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
         lr_scheduler_type=TRAINING_CONSTANTS["lr_scheduler"],
         max_grad_norm=TRAINING_CONSTANTS["max_grad_norm"],
         optim="adamw_torch",
-        logging_steps=options.logging_steps,
+        # a logged loss is the mean since the previous log, and a resumed run restarts that mean at its checkpoint:
+        # logging on every checkpoint step too keeps a resumed run's curve (and manifest) the uninterrupted one's
+        logging_steps=math.gcd(options.logging_steps, options.save_steps),
         logging_first_step=True,
         logging_nan_inf_filter=False,
         save_strategy="steps",

@@ -136,8 +136,11 @@ def test_interrupted_finetune_resumes_to_the_uninterrupted_result(tmp_path, prun
 
     rerun = spp_process(finetune_argv(pruned_dir, out, test_data))
     assert rerun.wait() == 0, rerun.stderr.read()
-    resumed = json.loads((out / "spp.json").read_text())["training"]["resumed_from"]
+    resumed = json.loads((out / "adapter" / "run.json").read_text())["resumed_from"]
     assert resumed in {f"checkpoint-{step}" for step in range(2, 12, 2)}
+    # the resume is reported (run.json, the returned manifest), but the hashed manifest is the uninterrupted one's
+    manifests = [json.loads((path / "spp.json").read_text()) for path in (reference, out)]
+    assert manifests[0]["manifest_sha256"] == manifests[1]["manifest_sha256"]
     expected, actual = adapter_tensors(reference), adapter_tensors(out)
     assert expected.keys() == actual.keys()
     for key in expected:  # same seeds on CPU: the resumed adapter equals the uninterrupted one

@@ -222,3 +222,25 @@ def test_gradient_checkpointing_trains_the_adapters(tmp_path):
                           small_config(max_steps=2, gradient_checkpointing=True, val_size=0), tmp_path,
                           target_names=decoder_linears(model))
     assert all(int(torch.count_nonzero(layer.spp_beta)) > 0 for layer in spp_layers(result.model).values())
+
+
+# every zero-keeping method through the same engine: (lr for 8 tiny steps, trainable parameters)
+ZERO_KEEPING_RUNS = {
+    "masked-lora": (3e-2, 8 * 8 * (64 + 64) + 6 * 8 * (64 + 128)),  # r·(in + out), as LoRA
+    "ia3": (3e-2, 2 * 128 + 2 * (4 * 64 + 2 * 128)),  # down_proj scales its input (128), the others their output
+    "masked-full": (3e-3, 2 * (4 * 64 * 64 + 3 * 64 * 128)),  # every weight of every target
+}
+
+
+@pytest.mark.parametrize("method", sorted(ZERO_KEEPING_RUNS))
+def test_every_zero_keeping_method_lowers_the_loss_and_keeps_every_zero(method, tmp_path):
+    lr, trainable = ZERO_KEEPING_RUNS[method]
+    model = pruned_tiny_llama(init_std=0.3)
+    before = zero_hashes(model)
+    result = run_finetune(model, tiny_tokenizer(), alpaca_records(), small_config(method=method, lr=lr, val_size=0),
+                          tmp_path, target_names=decoder_linears(model))
+    first, last = result.train_curve[0]["loss"], result.train_curve[-1]["loss"]
+    assert result.steps == 8 and last < first - 0.5, (first, last)
+    assert result.trainable_params == trainable and not result.dense_after_merge
+    merged = merge_trained(result)
+    assert type(merged).__name__ == "LlamaForCausalLM" and zero_hashes(merged) == before

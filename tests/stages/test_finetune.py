@@ -1,0 +1,94 @@
+"""The finetune and merge stages for every method: zeros verified against the parent, LoRA dense and labelled,
+provenance checks before training (a changed parent, a dense parent), bad options as one-line BadInput."""
+
+import json
+
+import pytest
+from conftest import make_llama, make_tokenizer
+from safetensors.torch import load_file, save_file
+from tiny_models import ALPACA
+
+from spp_cli.adapters import METHODS, REGISTRY
+from spp_cli.errors import BadInput
+from spp_cli.stages.finetune import STAGE_OPTIONS, finetune
+from spp_cli.stages.merge import merge_adapter
+from spp_cli.stages.prune import prune
+from spp_cli.stages.verify import verify_checkpoint
+
+TINY = dict(data=str(ALPACA), max_steps=2, batch_size=4, micro_batch_size=4, seqlen=32, val_size=0, device="cpu")
+
+
+@pytest.fixture(params=["unstructured", "2:4"])
+def pruned(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pruned")
+    make_llama().save_pretrained(root / "dense")
+    make_tokenizer().save_pretrained(root / "dense")
+    sparsity = 0.5 if request.param == "unstructured" else None
+    prune(str(root / "dense"), root / "pruned", method="magnitude", pattern=request.param, sparsity=sparsity,
+          device="cpu")
+    return root / "pruned"
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if REGISTRY[m].keeps_zeros])
+def test_every_zero_keeping_method_passes_verify_against_its_parent(method, pruned, tmp_path):
+    manifest = finetune(str(pruned), tmp_path / "out", method=method, **TINY)
+    report = verify_checkpoint(tmp_path / "out", against=pruned)
+    assert report["ok"] and report["lost_zeros"] == 0 and report["layers_checked"] == 14
+    assert manifest["method"] == method and manifest["dense"] is False
+    assert manifest["pattern"] == json.loads((pruned / "spp.json").read_text())["pattern"]
+    assert manifest["config"]["lr"] == REGISTRY[method].default_lr  # None -> the method's published default
+    assert manifest["run"]["resumed_from"] is None and "resumed_from" not in manifest["training"]
+
+
+def test_lora_is_dense_records_its_real_config_and_spp_on_it_is_refused(pruned, tmp_path):
+    manifest = finetune(str(pruned), tmp_path / "lora", method="lora", lora_r=4, lora_alpha=8.0, **TINY)
+    assert manifest["dense"] is True and manifest["pattern"] is None
+    adapter = manifest["adapter"]
+    assert (adapter["peft_type"], adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == ("LORA", 4, 8.0,
+                                                                                                   0.05)
+    assert manifest["config"]["lora_r"] == 4 and "groups" not in manifest["config"]
+    report = verify_checkpoint(tmp_path / "lora", against=pruned)
+    assert report["dense"] is True and report["lost_zeros"] > 0  # LoRA loses zeros, and says it is dense
+    with pytest.raises(BadInput, match="is a dense lora output .* --method spp keeps zeros"):
+        finetune(str(tmp_path / "lora"), tmp_path / "spp", method="spp", **TINY)
+    assert not (tmp_path / "spp").exists()
+
+
+def test_a_parent_changed_after_spp_wrote_it_is_refused_before_training(pruned, tmp_path):
+    weights = pruned / "model.safetensors"
+    tensors = load_file(weights)
+    key = "model.layers.1.mlp.up_proj.weight"
+    nonzero = tensors[key].flatten().nonzero()[0].item()
+    tensors[key].view(-1)[nonzero] += 1.0  # a value changed, the zero set kept: only weight_sha256 can tell
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(BadInput) as error:
+        finetune(str(pruned), tmp_path / "out", method="spp", **TINY)
+    assert str(error.value).startswith(f"'{pruned}': layer model.layers.1.mlp.up_proj no longer matches its spp.json")
+    assert not any(tmp_path.iterdir())  # nothing left behind
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"method": "lora", "groups": 8}, "--groups applies to --method spp, not lora"),
+    ({"method": "ia3", "dropout": 0.0}, "--dropout applies to --method spp or lora or masked-lora, not ia3"),
+    ({"method": "sft"}, "--method 'sft' is unknown: use one of spp, lora, masked-lora, ia3, masked-full"),
+])
+def test_bad_method_options_fail_before_loading(options, message, tmp_path):
+    with pytest.raises(BadInput, match=message):
+        finetune(str(tmp_path / "missing-model"), tmp_path / "out", **{**TINY, **options})
+
+
+def test_the_stage_takes_every_schema_field_as_a_keyword(tmp_path):
+    assert {"data", "method", "lr", "lora_r", "lora_alpha", "save_steps", "logging_steps"} <= set(STAGE_OPTIONS)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'learning_rate'"):
+        finetune("m", tmp_path / "out", learning_rate=1e-3, **TINY)
+
+
+@pytest.mark.parametrize("method", ["masked-lora", "ia3", "masked-full", "lora"])
+def test_no_merge_then_spp_merge_equals_the_direct_merge(method, pruned, tmp_path):
+    direct = finetune(str(pruned), tmp_path / "direct", method=method, **TINY)
+    finetune(str(pruned), tmp_path / "adapter-only", method=method, no_merge=True, **TINY)
+    merged = merge_adapter(tmp_path / "adapter-only" / "adapter", tmp_path / "merged")
+    assert merged["method"] == method and merged["dense"] is direct["dense"]
+    assert {n: r["weight_sha256"] for n, r in merged["layers"].items()} == {
+        n: r["weight_sha256"] for n, r in direct["layers"].items()}
+    assert verify_checkpoint(tmp_path / "merged", against=pruned)["ok"] is REGISTRY[method].keeps_zeros
