@@ -31,6 +31,8 @@ def resolve_device(device: str | None) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"device '{device}' asked for, but no CUDA GPU is visible: use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise BadInput("device 'mps' asked for, but no Apple GPU (MPS) is available: use --device cpu")
     if device != "cpu" and not device.startswith(("cuda", "mps", "xpu")):
         raise BadInput(f"unknown device '{device}': use auto, cpu, cuda or cuda:N")
     return device

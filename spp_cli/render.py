@@ -49,8 +49,12 @@ def render_finetune(console, manifest: dict, out) -> None:
         f"{manifest.get('method', 'spp')} fine-tune: {training.get('steps', '?')} steps, train loss {first} -> {last}"
         f"{eval_text}, {manifest.get('seconds', 0):.1f} s -> {out}"
     )
+    resumed = (manifest.get("run") or {}).get("resumed_from")
+    if resumed:
+        console.print(f"  resumed from {resumed} (the result equals an uninterrupted run's)")
     if manifest.get("dense"):
-        console.print("  note: the LoRA merge makes every weight dense; the zero check was skipped")
+        method = manifest.get("method", "lora")
+        console.print(f"  note: the {method} merge makes every weight dense; the zero check was skipped")
     elif not manifest.get("merged", True):
         console.print(f"  adapter only (not merged): {out}/adapter; merge it with `spp merge {out}/adapter --out DIR`")
     else:

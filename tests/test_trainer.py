@@ -244,3 +244,42 @@ def test_every_zero_keeping_method_lowers_the_loss_and_keeps_every_zero(method, 
     assert result.trainable_params == trainable and not result.dense_after_merge
     merged = merge_trained(result)
     assert type(merged).__name__ == "LlamaForCausalLM" and zero_hashes(merged) == before
+
+
+# ---- one rule for devices and precision ----
+
+
+def test_the_engine_uses_the_environment_device_rule():
+    from spp_cli.environment import resolve_device
+    from spp_cli.trainer import training_device
+
+    assert training_device("cpu") == resolve_device("cpu") == "cpu"
+    for device, message in (("mps", r"no Apple GPU \(MPS\) is available"), ("tpu", "unknown device 'tpu'")):
+        lines = []
+        for rule in (training_device, resolve_device):  # this CPU machine has no MPS: both refuse it alike
+            with pytest.raises(BadInput, match=message) as error:
+                rule(device)
+            lines.append(str(error.value))
+        assert lines[0] == lines[1]
+
+
+def test_the_fingerprint_records_the_precision_training_runs_in(monkeypatch):
+    from spp_cli.stages.finetune import fingerprinted_options
+    from spp_cli.trainer import resolved_precision
+
+    assert resolved_precision("auto", "cpu") == resolved_precision("float32", "cuda") == "float32"
+    assert resolved_precision("float16", "cuda:0") == "autocast(float16)"
+    with pytest.raises(BadInput, match="--dtype bfloat16 training needs a CUDA GPU"):
+        resolved_precision("bfloat16", "cpu")
+    outcomes = {}
+    for bf16 in (True, False):  # what "auto" resolves to on a GPU with and without bf16
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        outcomes[bf16] = fingerprinted_options(small_config(), resolved_precision("auto", "cuda"))["precision"]
+    assert outcomes == {True: "autocast(bfloat16)", False: "autocast(float16)"}
+
+
+def test_save_steps_default_is_the_one_the_engine_uses():
+    from spp_cli.recipe_schema import describe_schema
+
+    rows = {key: default for section, key, _, default, _ in describe_schema() if section == "finetune"}
+    assert rows["save_steps"] == "200" == str(FinetuneStage(data="d").save_steps)
