@@ -91,18 +91,19 @@ def test_quickstart_parses_with_defaults_and_resolved_references(tmp_path):
     assert finetune.input == "prune"
     assert finetune.lr == 0.004 and isinstance(finetune.lr, float)  # YAML 1.1 would read 4e-3 as a string
     assert (finetune.max_steps, finetune.epochs, finetune.batch_size, finetune.micro_batch_size) == (200, 3.0, 128, 8)
+    # the method-specific options stay None (not given) in the recipe; the method fills its defaults
     assert (finetune.seed, finetune.groups, finetune.dropout, finetune.forward, finetune.report_to) == (
         42,
-        16,
-        0.05,
-        "auto",
+        None,
+        None,
+        None,
         "none",
     )
     assert (finetune.weight_decay, finetune.warmup_ratio, finetune.val_size, finetune.save_steps) == (
         0.001,
         0.03,
         None,
-        None,
+        200,  # the engine's real default (the schema once said "Trainer's")
     )
     assert evaluate.models == ["dense", "prune", "finetune"]
     assert evaluate.tasks == ["ppl:builtin:python-docs:test"]
@@ -264,7 +265,7 @@ def test_duplicate_yaml_key_is_an_error_not_last_one_wins(tmp_path):
         (
             "lr: 4e-3",
             "lr: 4e-3\n    forward: fast",
-            "stages[1] (finetune).forward: 'fast' is not one of auto, naive, grouped, fused",
+            "stages[1] (finetune).forward: 'fast' is not one of auto, naive, recompute, fused",
         ),
         (
             "    data: builtin:python-docs:train\n",
@@ -299,7 +300,7 @@ def test_unknown_keys_suggest_the_closest_key(tmp_path):
         f"{path}: stages[1] (finetune): unknown key 'learning_rate'; did you mean 'lr'? (allowed: name, type, input, "
         "method, data, max_steps, epochs, lr,"
     )
-    assert message.endswith("save_steps, device, dtype)")
+    assert message.endswith("save_steps, logging_steps, device, dtype)")
     assert "did you mean 'nsamples'?" in error(tmp_path, edit("nsamples: 64", "nsample: 64"))
     assert "did you mean 'micro_batch_size'?" in error(tmp_path, edit("lr: 4e-3", "micro-batch-size: 4"))
     assert error(tmp_path, edit("seed: 0", "seed: 0\noutdir: x")).startswith(
@@ -486,7 +487,8 @@ def test_resolved_recipe_round_trips(tmp_path):
 def test_describe_schema_lists_every_key_with_its_default():
     rows = describe_schema()
     assert ("prune", "sparsity", "float | None", "N/M if N:M", "a number in (0, 1)") in rows
-    assert ("finetune", "lr", "float", "0.004", "a number > 0") in rows
+    assert ("finetune", "lr", "float | None", "spp 0.004, lora 0.0003, masked-lora 0.0003, ia3 0.003, masked-full 2e-05",
+            "a number > 0") in rows
     assert ("finetune", "report_to", "str", "none", "one of none, tensorboard, wandb") in rows
     assert ("eval", "batch_size", "int", "1", "an integer >= 1") in rows
     assert ("recipe", "seed", "int", "0", "an integer >= 0") in rows
