@@ -267,3 +267,29 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return finished
+
+
+DEFAULT_MAX_SEQLEN = 2048  # spec/pruners.md §6 pitfall 4: never default to a 128k max_position_embeddings
+
+
+def max_positions(config) -> int | None:
+    """The model's position limit (max_position_embeddings, n_positions or n_ctx), or None if it has none."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_seqlen(config, seqlen: int | None) -> int:
+    """The one seqlen rule of every stage: default min(2048, the model's position limit); BadInput beyond that
+    limit or below 2 tokens."""
+    limit = max_positions(config)
+    if seqlen is None:
+        return min(DEFAULT_MAX_SEQLEN, limit) if limit else DEFAULT_MAX_SEQLEN
+    if seqlen < 2:
+        raise BadInput(f"--seqlen {seqlen} is too small: use at least 2")
+    if limit is not None and seqlen > limit:
+        raise BadInput(f"--seqlen {seqlen} exceeds the model's {limit} positions: use --seqlen {limit} or less")
+    return seqlen

@@ -1,6 +1,7 @@
 """The `spp` command line: parse, call the library, print. Heavy imports live inside the commands so that
 `spp --help` answers at once; every failure becomes one line on stderr and an exit code (DESIGN.md)."""
 
+import inspect
 import json
 import os
 import sys
@@ -10,7 +11,10 @@ from typing import Annotated
 
 import typer
 
+from spp_cli.cli_options import parameter, schema_command, schema_parameter
 from spp_cli.errors import SppError
+from spp_cli.recipe import validate_options
+from spp_cli.recipe_schema import EvalStage, FinetuneStage, PruneStage, Recipe, schema_fields
 
 try:  # recent Typer vendors its own Click; older releases use the click package
     from typer._click.exceptions import UsageError
@@ -33,23 +37,24 @@ class OutputFormat(StrEnum):
     json = "json"
 
 
-class Method(StrEnum):
-    magnitude = "magnitude"
-    wanda = "wanda"
-    sparsegpt = "sparsegpt"
+def _recipe_flag(key: str) -> inspect.Parameter:
+    """A top-level recipe key that commands take as a flag (--trust-remote-code, --allow-pickle)."""
+    return schema_parameter(next(f for f in schema_fields(Recipe) if f.name == key))
 
 
-class TuneMethod(StrEnum):
-    spp = "spp"
-    lora = "lora"
-
-
+FORMAT = parameter("output_format", OutputFormat, typer.Option("--format", help="human tables, or JSON for scripts."),
+                   OutputFormat.human)
+OVERWRITE = parameter("overwrite", bool, typer.Option(
+    "--overwrite", help="Replace an output that spp wrote earlier with other options (never anything else).",
+    metavar="", show_default=False), False)
+LOADING = [_recipe_flag("trust_remote_code"), _recipe_flag("allow_pickle")]
 FormatOption = Annotated[OutputFormat, typer.Option("--format", help="human tables, or JSON for scripts.")]
-TrustOption = Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own Python code (off: only trusted architectures).")]
-PickleOption = Annotated[bool, typer.Option("--allow-pickle", help="Also read pickle .bin weights, which can run code when loaded (off: safetensors only).")]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-DtypeOption = Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")]
-OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output made with other options.")]
+PickleOption = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Also read pickle .bin weights, which can run code when loaded (off: safetensors only).",
+    metavar="", show_default=False)]
+OverwriteOption = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace an output that spp wrote earlier with other options (never anything else).",
+    metavar="", show_default=False)]
 
 
 def _console(stderr: bool = False):
@@ -94,37 +99,24 @@ def root(
     "    spp prune meta-llama/Llama-2-7b-hf --method sparsegpt --pattern 2:4 --seqlen 4096 --out llama2-7b-2of4\n\n"
     "    spp prune ./my-model --method magnitude --sparsity 0.7 --ignore 'down_proj' --out my-model-mag70",
 )
-def prune(
-    model: Annotated[str, typer.Argument(help="Hub id, local HF directory, or builtin:tiny-llama.")],
-    method: Annotated[Method, typer.Option("--method", help="Pruning algorithm.")],
-    out: Annotated[Path, typer.Option("--out", help="Output directory (written atomically).")],
-    sparsity: Annotated[float | None, typer.Option("--sparsity", help="Fraction of zeros in (0, 1); N/M for N:M.")] = None,
-    pattern: Annotated[str, typer.Option("--pattern", help="unstructured, or N:M (N zeros in every M inputs: 2:4, 4:8).")] = "unstructured",
-    calib: Annotated[str, typer.Option("--calib", help="Calibration SOURCE: c4 (online), a .jsonl/.json/.txt file, builtin:python-docs.")] = "c4",
-    nsamples: Annotated[int, typer.Option("--nsamples", help="Calibration windows.")] = 128,
-    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per window [default: min(2048, max positions)].")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration sampling.")] = 0,
-    targets: Annotated[str | None, typer.Option("--targets", help="Regex: prune only the linears whose name matches.")] = None,
-    ignore: Annotated[str | None, typer.Option("--ignore", help="Regex: skip the linears whose name matches.")] = None,
-    use_variant: Annotated[bool, typer.Option("--use-variant", help="Wanda: the paper's cumulative-metric variant.")] = False,
-    true_sequential: Annotated[bool, typer.Option("--true-sequential", help="SparseGPT: re-collect statistics after each group of sub-layers.")] = False,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
-    overwrite: OverwriteOption = False,
-    trust_remote_code: TrustOption = False,
-    allow_pickle: PickleOption = False,
-    output_format: FormatOption = OutputFormat.human,
-) -> None:
+@schema_command(
+    PruneStage,
+    leading=[
+        parameter("model", str, typer.Argument(help="Hub id, local HF directory, or builtin:tiny-llama.")),
+        parameter("out", Path, typer.Option("--out", help="Output directory (written atomically).")),
+    ],
+    trailing=[OVERWRITE, *LOADING, FORMAT],
+)
+def prune(options, *, model, out, overwrite, trust_remote_code, allow_pickle, output_format) -> None:
     """Prune a model one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M) into an HF checkpoint + spp.json."""
     from spp_cli.render import block_progress, render_prune
     from spp_cli.stages.prune import prune as run_prune
 
+    validate_options(PruneStage, options, flags=True)
     _quiet_libraries()
     manifest = run_prune(
-        model, out, method=method.value, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples,
-        seqlen=seqlen, seed=seed, targets=targets, ignore=ignore, use_variant=use_variant,
-        true_sequential=true_sequential, device=device, dtype=dtype, overwrite=overwrite,
-        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, on_block=block_progress(_console(stderr=True)),
+        model, out, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        on_block=block_progress(_console(stderr=True)), **options,
     )
     _emit(manifest, output_format, lambda console, result: render_prune(console, result, out))
 
@@ -135,49 +127,24 @@ def prune(
     "    spp finetune llama2-7b-2of4 --data alpaca-gpt4 --out llama2-7b-2of4-spp\n\n"
     "    accelerate launch --config_file recipes/launch/ddp.yaml -m spp_cli finetune llama2-7b-2of4 --data alpaca-gpt4 --out out/",
 )
-def finetune(
-    model_dir: Annotated[str, typer.Argument(help="A pruned model directory (with spp.json).")],
-    data: Annotated[str, typer.Option("--data", help="Training SOURCE: alpaca/chat/text .json(l), alpaca-gpt4 (online), builtin:python-docs.")],
-    out: Annotated[Path, typer.Option("--out", help="Output directory: merged model + adapter/ + spp.json.")],
-    method: Annotated[TuneMethod, typer.Option("--method", help="spp keeps every zero; lora is the dense baseline.")] = TuneMethod.spp,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps (overrides --epochs).")] = None,
-    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data.")] = 3.0,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (SPP's default 4e-3).")] = 4e-3,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch = micro x accumulation x GPUs.")] = 128,
-    micro_batch_size: Annotated[int, typer.Option("--micro-batch-size", help="Per-device batch.")] = 8,
-    seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per example (cutoff).")] = 512,
-    seed: Annotated[int, typer.Option("--seed")] = 42,
-    groups: Annotated[int, typer.Option("--groups", help="SPP row groups G (alpha has shape G x in).")] = 16,
-    dropout: Annotated[float, typer.Option("--dropout", help="Dropout on the SPP branch input; 0 allows --forward fused.")] = 0.05,
-    forward: Annotated[str, typer.Option("--forward", help="SPP forward: auto (fastest exact), naive, grouped, fused (needs --dropout 0).")] = "auto",
-    mask_prompt: Annotated[bool, typer.Option("--mask-prompt", help="No loss on prompt tokens.")] = False,
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing")] = False,
-    val_size: Annotated[int | None, typer.Option("--val-size", help="Held-out examples [default: min(2000, 5%)].")] = None,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.001,
-    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Linear warm-up, as a fraction of the steps.")] = 0.03,
-    save_steps: Annotated[int | None, typer.Option("--save-steps", help="Trainer checkpoint every N steps (resume points) [default: 200].")] = None,
-    no_merge: Annotated[bool, typer.Option("--no-merge", help="Keep only the adapter; merge later with spp merge.")] = False,
-    report_to: Annotated[str, typer.Option("--report-to", help="none, tensorboard or wandb.")] = "none",
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
-    overwrite: OverwriteOption = False,
-    trust_remote_code: TrustOption = False,
-    allow_pickle: PickleOption = False,
-    output_format: FormatOption = OutputFormat.human,
-) -> None:
+@schema_command(
+    FinetuneStage,
+    leading=[
+        parameter("model_dir", str, typer.Argument(help="A pruned model directory (with spp.json).")),
+        parameter("out", Path, typer.Option("--out", help="Output directory: merged model + adapter/ + spp.json.")),
+    ],
+    trailing=[OVERWRITE, *LOADING, FORMAT],
+)
+def finetune(options, *, model_dir, out, overwrite, trust_remote_code, allow_pickle, output_format) -> None:
     """Fine-tune a pruned model with SPP (or LoRA) and merge: the merged model keeps exactly the same zeros."""
     from spp_cli.render import render_finetune
     from spp_cli.stages.finetune import finetune as run_finetune
 
+    validate_options(FinetuneStage, options, flags=True)
     _quiet_libraries()
     manifest = run_finetune(
-        model_dir, out, data=data, method=method.value, max_steps=max_steps, epochs=epochs, lr=lr,
-        batch_size=batch_size, micro_batch_size=micro_batch_size, seqlen=seqlen, seed=seed, groups=groups,
-        dropout=dropout, forward=forward, mask_prompt=mask_prompt, gradient_checkpointing=gradient_checkpointing,
-        val_size=val_size, weight_decay=weight_decay, warmup_ratio=warmup_ratio, save_steps=save_steps,
-        no_merge=no_merge, report_to=report_to, device=device, dtype=dtype,
-        overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-        console=_console(stderr=True),
+        model_dir, out, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        console=_console(stderr=True), **options,
     )
     if "rank" not in manifest:  # under torchrun/accelerate only rank 0 merges, saves and reports
         _emit(manifest, output_format, lambda console, result: render_finetune(console, result, out))
@@ -207,29 +174,23 @@ def merge(
     "    spp eval builtin:tiny-llama runs/w50 --tasks ppl:builtin:python-docs:test --seqlen 256 --out r.json\n\n"
     "    spp eval meta-llama/Llama-2-7b-hf --tasks wikitext2,boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa --seqlen 4096 --out r.json",
 )
-def eval_command(
-    models: Annotated[list[str], typer.Argument(help="One or more model directories, hub ids or builtin:NAME.")],
-    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: wikitext2, c4, ppl:SOURCE, lm-eval task names.")],
-    out: Annotated[Path, typer.Option("--out", help="results.json to write.")],
-    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Perplexity window [default: min(2048, max positions)].")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="At most N examples per zero-shot task.")] = None,
-    data_dir: Annotated[str | None, typer.Option("--data-dir", help="Run the tasks from local files laid out like shared/data.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward.")] = 1,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
-    trust_remote_code: TrustOption = False,
-    allow_pickle: PickleOption = False,
-    output_format: FormatOption = OutputFormat.human,
-) -> None:
+@schema_command(
+    EvalStage,
+    positional="models",
+    leading=[parameter("out", Path, typer.Option("--out", help="results.json to write."))],
+    trailing=[*LOADING, FORMAT],
+)
+def eval_command(options, *, out, trust_remote_code, allow_pickle, output_format) -> None:
     """Evaluate models: the papers' token perplexity and lm-eval zero-shot tasks, online or from --data-dir."""
     from spp_cli.render import render_eval
     from spp_cli.stages.evaluate import evaluate_models
 
+    stage = validate_options(EvalStage, options, flags=True)
     _quiet_libraries()
+    del options["models"], options["tasks"]
     results = evaluate_models(
-        {name: name for name in models}, [t.strip() for t in tasks.split(",") if t.strip()], out,
-        seqlen=seqlen, limit=limit, data_dir=data_dir, batch_size=batch_size, device=device, dtype=dtype,
-        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        {name: name for name in stage.models}, stage.tasks, out, trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle, **options,
     )
     _emit(results, output_format, render_eval)
 

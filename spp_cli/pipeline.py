@@ -42,71 +42,20 @@ def run_stage(recipe: Recipe, stage, overwrite: bool, console) -> dict:
 
     directory = Path(recipe.output_dir) / stage.name
     replace = overwrite or owned_by_spp(directory)
-    common = {
-        "dtype": stage.dtype,
-        "device": stage.device,
-        "trust_remote_code": recipe.trust_remote_code,
-        "allow_pickle": recipe.allow_pickle,
-    }
+    loading = {"trust_remote_code": recipe.trust_remote_code, "allow_pickle": recipe.allow_pickle}
+    options = stage.command_options()
     if isinstance(stage, PruneStage):
         return prune(
-            model_path(recipe, stage.input),
-            directory,
-            method=stage.method,
-            sparsity=stage.sparsity,
-            pattern=stage.pattern,
-            calib=stage.calib,
-            nsamples=stage.nsamples,
-            seqlen=stage.seqlen,
-            seed=stage.seed,
-            targets=stage.targets,
-            ignore=stage.ignore,
-            use_variant=stage.use_variant,
-            true_sequential=stage.true_sequential,
-            overwrite=replace,
-            on_block=block_progress(console),
-            **common,
+            model_path(recipe, stage.input), directory, overwrite=replace, on_block=block_progress(console),
+            **loading, **options,
         )
     if isinstance(stage, FinetuneStage):
         return finetune(
-            model_path(recipe, stage.input),
-            directory,
-            data=stage.data,
-            method=stage.method,
-            max_steps=stage.max_steps,
-            epochs=stage.epochs,
-            lr=stage.lr,
-            batch_size=stage.batch_size,
-            micro_batch_size=stage.micro_batch_size,
-            seqlen=stage.seqlen,
-            seed=stage.seed,
-            groups=stage.groups,
-            dropout=stage.dropout,
-            forward=stage.forward,
-            mask_prompt=stage.mask_prompt,
-            gradient_checkpointing=stage.gradient_checkpointing,
-            val_size=stage.val_size,
-            no_merge=stage.no_merge,
-            weight_decay=stage.weight_decay,
-            warmup_ratio=stage.warmup_ratio,
-            report_to=stage.report_to,
-            save_steps=stage.save_steps,
-            overwrite=replace,
-            console=console,
-            **common,
+            model_path(recipe, stage.input), directory, overwrite=replace, console=console, **loading, **options
         )
-    models = {name: model_path(recipe, name) for name in stage.models}
+    models = {name: model_path(recipe, name) for name in options.pop("models")}
     return evaluate_models(
-        models,
-        stage.tasks,
-        directory / RESULTS,
-        seqlen=stage.seqlen,
-        limit=stage.limit,
-        data_dir=stage.data_dir,
-        batch_size=stage.batch_size,
-        skip_if_done=True,
-        overwrite=replace,
-        **common,
+        models, options.pop("tasks"), directory / RESULTS, skip_if_done=True, overwrite=replace, **loading, **options
     )
 
 

@@ -20,6 +20,7 @@ import yaml
 
 from spp_cli.errors import BadInput
 from spp_cli.recipe_schema import (
+    COMMAND_KEYS,
     DATASET_NAMES,
     STAGE_TYPES,
     EvalStage,
@@ -32,6 +33,7 @@ from spp_cli.recipe_schema import (
     describe_schema,
     schema_fields,
 )
+from spp_cli.vocabulary import DEVICE_PATTERN
 
 __all__ = [
     "EvalStage",
@@ -122,7 +124,6 @@ def parse_yaml(text: str, source: str) -> Any:
 
 # ---------------------------------------------------------------------------------------------- validation
 
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
 
@@ -252,7 +253,7 @@ def _coerce(value: Any, option: Option, fail: Fail) -> Any:
             re.compile(value)
         except re.error as error:
             fail(f"{_show(value)} is not a valid regular expression ({error})")
-    if kind == "device" and not _DEVICE.fullmatch(value):
+    if kind == "device" and not DEVICE_PATTERN.fullmatch(value):
         fail(f"{_show(value)} is not {allowed}")
     if kind == "pattern":
         return _normalise_pattern(value, fail)
@@ -496,10 +497,40 @@ def _resolve_stages(recipe: Recipe, report: _Reporter, base_for: Callable[[int |
             stage.models = stage.models or [stage.input]
         else:
             previous_model = stage.name
-        if isinstance(stage, PruneStage) and stage.seed is None:
-            stage.seed = recipe.seed
-        stage.device = stage.device or recipe.device
-        stage.dtype = stage.dtype or recipe.dtype
+        _inherit(stage, recipe)
+
+
+def _inherit(stage: Stage, top: Recipe) -> None:
+    """Null keys marked `inherit` take the top level's value (a recipe's, or the defaults for a command)."""
+    for f in schema_fields(type(stage)):
+        inherit = f.metadata["spp"].inherit
+        if inherit and getattr(stage, f.name) is None:
+            setattr(stage, f.name, getattr(top, inherit))
+
+
+def validate_options(cls: type[Stage], values: dict[str, Any], *, flags: bool = False) -> Stage:
+    """A stage's options given as keywords (a command's options, the Python API), with the recipe's checks.
+
+    Errors name the key as `--key-name` when `flags`, else as the recipe key. Inherited nulls take the top-level
+    defaults (seed 0, device auto, dtype auto).
+    """
+
+    def label(key: str) -> str:
+        return "--" + key.replace("_", "-") if flags else key
+
+    def fail(message: str, key: str | None = None, show_key: bool = True) -> NoReturn:
+        raise BadInput(f"{label(key)}: {message}" if key and show_key else message)
+
+    allowed = [f.name for f in schema_fields(cls) if f.name not in COMMAND_KEYS]
+    for key in values:
+        if key not in allowed:
+            hint = _did_you_mean(label(key), [label(name) for name in allowed])
+            raise BadInput(f"unknown {cls.TYPE} option {label(key)!r}{hint}")
+    stage = cls(**_read_fields(cls, values, fail, skip=COMMAND_KEYS))
+    stage.name = cls.TYPE
+    _inherit(stage, Recipe(model="", stages=[]))
+    stage.check(fail)
+    return stage
 
 
 def _apply_overrides(data: dict, overrides: Sequence[str]) -> dict[tuple[int | None, str], str]:

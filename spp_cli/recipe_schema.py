@@ -16,9 +16,9 @@ from typing import Any, ClassVar, NoReturn
 
 import yaml
 
-from spp_cli.adapters import METHODS, REGISTRY, SPP_FORWARD_VARIANTS, misplaced_option
+from spp_cli.adapters import REGISTRY, misplaced_option
+from spp_cli.vocabulary import DEVICE_TEXT, DTYPES, FINETUNE_METHODS, PRUNE_METHODS, REPORT_TO, SPP_FORWARDS
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATASET_NAMES = ("c4", "wikitext2", "alpaca", "alpaca-gpt4")  # online dataset names, never paths
 Fail = Callable[..., NoReturn]  # fail(message, key) raises BadInput naming the key path
 
@@ -39,6 +39,7 @@ class Option:
     text: str = ""  # what is allowed, in words, when the kind alone does not say it
     default_text: str = ""  # the default, in words, when it is computed
     help: str = ""  # one sentence for `--help` and the README's recipe reference
+    inherit: str = ""  # null means the recipe's top-level key of this name (a command's default is that key's)
 
     def allowed(self) -> str:
         if self.choices:
@@ -58,7 +59,7 @@ class Option:
             "list": "a list of strings (or one comma-separated string)",
             "regex": "a Python regular expression",
             "pattern": "unstructured or N:M with 0 < N < M (e.g. 2:4)",
-            "device": "auto, cpu, cuda, cuda:N or mps",
+            "device": DEVICE_TEXT,
         }.get(self.kind, "a string")
 
     def in_range(self, value: float) -> bool:
@@ -76,11 +77,14 @@ def _key(default: Any = None, kind: str = "str", *, required: bool = False, **op
 
 
 def _device_key() -> Any:
-    return _key(None, "device", default_text="recipe's device")
+    return _key(None, "device", inherit="device", default_text="recipe's device", help="Compute device.")
 
 
 def _dtype_key() -> Any:
-    return _key(None, choices=DTYPES, default_text="recipe's dtype")
+    return _key(
+        None, choices=DTYPES, inherit="dtype", default_text="recipe's dtype",
+        help="Compute dtype; auto is the checkpoint's (fp32 on a CPU for fine-tuning).",
+    )
 
 
 def _method_defaults(key: str) -> str:
@@ -90,6 +94,7 @@ def _method_defaults(key: str) -> str:
     return ", ".join(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}" for name, value in pairs)
 
 
+COMMAND_KEYS = ("name", "input")  # recipe-only: a command names its model and output itself
 _MODEL_REF = "dense (the recipe's model), an earlier prune/finetune stage's name, a local model folder or a hub id"
 
 
@@ -108,6 +113,10 @@ class Stage:
         values = dataclasses.asdict(self)
         return {"name": values.pop("name"), "type": self.TYPE, **values}
 
+    def command_options(self) -> dict[str, Any]:
+        """Every key a stage function takes as a keyword (all but the recipe's name and input)."""
+        return {f.name: getattr(self, f.name) for f in schema_fields(type(self)) if f.name not in COMMAND_KEYS}
+
     def reads(self) -> list[str]:
         """The models this stage reads: "dense", stage names, paths or hub ids."""
         return [self.input] if self.input is not None else []
@@ -121,19 +130,31 @@ class PruneStage(Stage):
     """One-shot pruning (`spp prune`)."""
 
     TYPE: ClassVar[str] = "prune"
-    method: str = _key(required=True, choices=("magnitude", "wanda", "sparsegpt"))
+    method: str = _key(required=True, choices=PRUNE_METHODS, help="Pruning algorithm.")
     sparsity: float | None = _key(
-        None, "float", low=0, high=1, low_open=True, high_open=True, default_text="N/M if N:M"
+        None, "float", low=0, high=1, low_open=True, high_open=True, default_text="0.5; N/M for N:M",
+        help="Fraction of zeros in each pruned linear.",
     )
-    pattern: str = _key("unstructured", "pattern")
-    calib: str = _key("c4", path="source", text="a SOURCE: a .txt/.jsonl/.json path, builtin:NAME[:SPLIT] or c4")
-    nsamples: int = _key(128, "int", low=1)
-    seqlen: int | None = _key(None, "int", low=1, default_text="min(2048, model's max positions)")
-    seed: int | None = _key(None, "int", low=0, default_text="recipe's seed")
-    targets: str | None = _key(None, "regex", default_text="every linear in the decoder blocks")
-    ignore: str | None = _key(None, "regex")
-    use_variant: bool = _key(False, "bool")
-    true_sequential: bool = _key(False, "bool")
+    pattern: str = _key("unstructured", "pattern", help="unstructured, or N:M (N zeros in every M inputs: 2:4, 4:8).")
+    calib: str = _key(
+        "c4", path="source", text="a SOURCE: a .txt/.jsonl/.json path, builtin:NAME[:SPLIT] or c4",
+        help="Calibration SOURCE: c4 (online), a .jsonl/.json/.txt file, builtin:python-docs[:SPLIT].",
+    )
+    nsamples: int = _key(128, "int", low=1, help="Calibration windows.")
+    seqlen: int | None = _key(
+        None, "int", low=2, default_text="min(2048, model's max positions)", help="Tokens per calibration window."
+    )
+    seed: int | None = _key(None, "int", low=0, inherit="seed", default_text="recipe's seed",
+                            help="Seed of the calibration sampling.")
+    targets: str | None = _key(
+        None, "regex", default_text="every linear in the decoder blocks",
+        help="Regex: prune only the linears whose name matches.",
+    )
+    ignore: str | None = _key(None, "regex", help="Regex: skip the linears whose name matches.")
+    use_variant: bool = _key(False, "bool", help="Wanda: the paper's cumulative-metric variant.")
+    true_sequential: bool = _key(
+        False, "bool", help="SparseGPT: re-collect statistics after each group of sub-layers."
+    )
     device: str | None = _device_key()
     dtype: str | None = _dtype_key()
 
@@ -149,7 +170,14 @@ class PruneStage(Stage):
                     "sparsity",
                 )
         elif self.sparsity is None:
-            fail("missing; pattern unstructured needs a sparsity, a number in (0, 1)", "sparsity")
+            self.sparsity = DEFAULT_SPARSITY
+        if self.method == "magnitude" and self.use_variant:
+            fail("is a Wanda option: drop it or use method wanda", "use_variant")
+        if self.method != "sparsegpt" and self.true_sequential:
+            fail("is a SparseGPT option: drop it or use method sparsegpt", "true_sequential")
+
+
+DEFAULT_SPARSITY = 0.5  # DESIGN.md's CLI default, for recipes and commands alike
 
 
 @dataclass
@@ -157,43 +185,61 @@ class FinetuneStage(Stage):
     """Sparsity-preserving fine-tuning (`spp finetune`)."""
 
     TYPE: ClassVar[str] = "finetune"
-    method: str = _key("spp", choices=METHODS, help="The recovery method; all but lora keep every zero.")
+    method: str = _key(
+        "spp", choices=FINETUNE_METHODS,
+        help="Recovery method: spp, masked-lora, ia3, masked-full keep every zero; lora is the dense baseline.",
+    )
     data: str = _key(
         required=True,
         path="source",
         text="a SOURCE: a .txt/.jsonl/.json path, builtin:NAME[:SPLIT], alpaca, alpaca-gpt4 or hf:ORG/NAME[:SPLIT]",
+        help="Training SOURCE: alpaca/chat/text .json(l), alpaca-gpt4 (online), builtin:python-docs[:SPLIT].",
     )
-    max_steps: int | None = _key(None, "int", low=1, default_text="from epochs")
-    epochs: float = _key(3.0, "float", low=0, low_open=True)
+    max_steps: int | None = _key(
+        None, "int", low=1, default_text="from epochs", help="Optimizer steps (overrides epochs)."
+    )
+    epochs: float = _key(3.0, "float", low=0, low_open=True, help="Passes over the data.")
     lr: float | None = _key(
         None, "float", low=0, low_open=True, default_text=_method_defaults("lr"),
-        help="AdamW learning rate; the default is the method's published one.",
+        help="Peak learning rate; the default is the method's published one.",
     )
-    batch_size: int = _key(128, "int", low=1)  # global: micro_batch_size x accumulation x world size
-    micro_batch_size: int = _key(8, "int", low=1)  # per device
-    seqlen: int = _key(512, "int", low=1)
-    seed: int = _key(42, "int", low=0)
-    # method-specific options: None means the method's default; giving one to a method that does not read it
-    # is bad input (spp_cli.adapters.check_method_options)
-    groups: int | None = _key(None, "int", low=1, default_text=_method_defaults("groups"),
-                              help="SPP row groups G (alpha has shape G x in).")
-    dropout: float | None = _key(None, "float", low=0, high=1, high_open=True,
-                                 default_text=_method_defaults("dropout"),
-                                 help="Dropout on the adapter branch input (spp: 0 allows forward fused).")
-    forward: str | None = _key(None, choices=SPP_FORWARD_VARIANTS, default_text=_method_defaults("forward"),
-                               help="SPP forward variant: auto (fastest exact), naive, recompute, fused (dropout 0).")
-    lora_r: int | None = _key(None, "int", low=1, default_text=_method_defaults("lora_r"),
-                              help="LoRA rank r (for spp it only sets the scale lora_alpha / lora_r).")
-    lora_alpha: float | None = _key(None, "float", low=0, low_open=True, default_text=_method_defaults("lora_alpha"),
-                                    help="LoRA alpha: the branch is scaled by lora_alpha / lora_r.")
-    mask_prompt: bool = _key(False, "bool")
-    gradient_checkpointing: bool = _key(False, "bool")
-    no_merge: bool = _key(False, "bool")
-    val_size: int | None = _key(None, "int", low=0, default_text="min(2000, 5%)")
-    weight_decay: float = _key(0.001, "float", low=0)
-    warmup_ratio: float = _key(0.03, "float", low=0, high=1, high_open=True)
-    report_to: str = _key("none", choices=("none", "tensorboard", "wandb"))
-    save_steps: int = _key(200, "int", low=1, help="Save a resumable Trainer checkpoint every N steps.")
+    batch_size: int = _key(128, "int", low=1, help="Global batch = micro_batch_size x accumulation x devices.")
+    micro_batch_size: int = _key(8, "int", low=1, help="Per-device batch.")
+    seqlen: int = _key(512, "int", low=2, help="Tokens per example (cutoff).")
+    seed: int = _key(42, "int", low=0, help="Seed of the data order, the held-out split and the adapter init.")
+    # method-specific options: None means the method's default (spp_cli/adapters/__init__.py); giving one to a
+    # method that does not read it is bad input
+    groups: int | None = _key(
+        None, "int", low=1, default_text=_method_defaults("groups"), help="SPP row groups G (alpha has shape G x in)."
+    )
+    dropout: float | None = _key(
+        None, "float", low=0, high=1, high_open=True, default_text=_method_defaults("dropout"),
+        help="Dropout on the adapter branch input; for spp, 0 allows the exact fused forward.",
+    )
+    forward: str | None = _key(
+        None, choices=SPP_FORWARDS, default_text=_method_defaults("forward"),
+        help="SPP forward: auto (fused when dropout is 0, else recompute), naive, recompute, fused.",
+    )
+    lora_r: int | None = _key(
+        None, "int", low=1, default_text=_method_defaults("lora_r"),
+        help="LoRA rank r (for spp it only sets the scale lora_alpha / lora_r).",
+    )
+    lora_alpha: float | None = _key(
+        None, "float", low=0, low_open=True, default_text=_method_defaults("lora_alpha"),
+        help="LoRA alpha: the branch is scaled by lora_alpha / lora_r.",
+    )
+    mask_prompt: bool = _key(False, "bool", help="No loss on prompt tokens.")
+    gradient_checkpointing: bool = _key(False, "bool", help="Recompute activations in backward (less memory).")
+    no_merge: bool = _key(False, "bool", help="Keep only the adapter; merge later with spp merge.")
+    val_size: int | None = _key(
+        None, "int", low=0, default_text="min(2000, 5%)", help="Held-out examples for the eval loss."
+    )
+    weight_decay: float = _key(0.001, "float", low=0, help="AdamW weight decay.")
+    warmup_ratio: float = _key(
+        0.03, "float", low=0, high=1, high_open=True, help="Linear warm-up, as a fraction of the steps."
+    )
+    report_to: str = _key("none", choices=REPORT_TO, help="Where the Trainer logs.")
+    save_steps: int = _key(200, "int", low=1, help="Trainer checkpoint (a resume point) every N steps.")
     logging_steps: int = _key(10, "int", low=1, help="Log the training loss every N steps.")
     device: str | None = _device_key()
     dtype: str | None = _dtype_key()
@@ -222,17 +268,24 @@ class EvalStage(Stage):
         path="model",
         default_text="[input]",
         text="a list of models: dense, earlier stage names, local folders or hub ids",
+        help="Models to evaluate.",
     )
     tasks: list[str] = _key(
         required=True,
         kind="list",
         path="task",
         text="a list of tasks (lm-eval names, wikitext2, c4, ppl:SOURCE) or one comma-separated string",
+        help="Comma-separated: wikitext2, c4, ppl:SOURCE, lm-eval task names.",
     )
-    seqlen: int | None = _key(None, "int", low=1, default_text="min(2048, model's max positions)")
-    limit: int | None = _key(None, "int", low=1)
-    data_dir: str | None = _key(None, path="dir", text="a folder laid out like the offline task bundle")
-    batch_size: int = _key(1, "int", low=1)
+    seqlen: int | None = _key(
+        None, "int", low=2, default_text="min(2048, model's max positions)", help="Perplexity window."
+    )
+    limit: int | None = _key(None, "int", low=1, help="At most N examples per zero-shot task and N perplexity windows.")
+    data_dir: str | None = _key(
+        None, path="dir", text="a folder laid out like the offline task bundle",
+        help="Run the tasks from local files laid out like shared/data.",
+    )
+    batch_size: int = _key(1, "int", low=1, help="Sequences per forward.")
     device: str | None = _device_key()
     dtype: str | None = _dtype_key()
 
@@ -257,8 +310,12 @@ class Recipe:
     seed: int = _key(0, "int", low=0)
     dtype: str = _key("auto", choices=DTYPES)
     device: str = _key("auto", "device")
-    trust_remote_code: bool = _key(False, "bool")
-    allow_pickle: bool = _key(False, "bool")
+    trust_remote_code: bool = _key(
+        False, "bool", help="Run the model repo's own Python code (off: only architectures transformers ships)."
+    )
+    allow_pickle: bool = _key(
+        False, "bool", help="Also read pickle .bin weights, which can run code when loaded (off: safetensors only)."
+    )
     stages: list[Stage] = field(
         default_factory=list,
         metadata={

@@ -201,7 +201,7 @@ def test_duplicate_yaml_key_is_an_error_not_last_one_wins(tmp_path):
         ("sparsity: 0.7", "sparsity: abc", "stages[0] (prune).sparsity: 'abc' is not a number; use a number in (0, 1)"),
         ("nsamples: 64", "nsamples: 0", "stages[0] (prune).nsamples: 0 is out of range; use an integer >= 1"),
         ("nsamples: 64", "nsamples: 1.5", "stages[0] (prune).nsamples: 1.5 is not an integer; use an integer >= 1"),
-        ("seqlen: 256", "seqlen: -1", "stages[0] (prune).seqlen: -1 is out of range; use an integer >= 1"),
+        ("seqlen: 256", "seqlen: -1", "stages[0] (prune).seqlen: -1 is out of range; use an integer >= 2"),
         (
             "method: wanda",
             "method: wand",
@@ -235,9 +235,9 @@ def test_duplicate_yaml_key_is_an_error_not_last_one_wins(tmp_path):
             "stages[0] (prune).sparsity: 0.7 contradicts pattern 2:4 (= 0.5); drop sparsity or make it 0.5",
         ),
         (
-            "    sparsity: 0.7\n",
-            "",
-            "stages[0] (prune).sparsity: missing; pattern unstructured needs a sparsity, a number in (0, 1)",
+            "method: wanda",
+            "method: magnitude\n    use_variant: true",
+            "stages[0] (prune).use_variant: is a Wanda option: drop it or use method wanda",
         ),
         (
             "seqlen: 256",
@@ -248,7 +248,7 @@ def test_duplicate_yaml_key_is_an_error_not_last_one_wins(tmp_path):
         (
             "seqlen: 256",
             "seqlen: 256\n    device: gpu",
-            "stages[0] (prune).device: 'gpu' is not auto, cpu, cuda, cuda:N or mps",
+            "stages[0] (prune).device: 'gpu' is not auto, cpu, cuda or cuda:N",
         ),
         ("lr: 4e-3", "lr: 0", "stages[1] (finetune).lr: 0 is out of range; use a number > 0"),
         (
@@ -486,7 +486,7 @@ def test_resolved_recipe_round_trips(tmp_path):
 
 def test_describe_schema_lists_every_key_with_its_default():
     rows = describe_schema()
-    assert ("prune", "sparsity", "float | None", "N/M if N:M", "a number in (0, 1)") in rows
+    assert ("prune", "sparsity", "float | None", "0.5; N/M for N:M", "a number in (0, 1)") in rows
     lr_defaults = "spp 0.004, lora 0.0003, masked-lora 0.0003, ia3 0.003, masked-full 2e-05"  # each method's own
     assert ("finetune", "lr", "float | None", lr_defaults, "a number > 0") in rows
     assert ("finetune", "report_to", "str", "none", "one of none, tensorboard, wandb") in rows

@@ -17,8 +17,6 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-SPP_FORWARD_VARIANTS = ("auto", "naive", "recompute", "fused")  # spp.py's SPPConfig.forward
-
 
 @dataclass(frozen=True)
 class Method:

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spp_cli.adapters import SPP_FORWARD_VARIANTS
 from spp_cli.adapters.base import Adapter, resolve_targets, set_submodule
 from spp_cli.errors import BadInput
+from spp_cli.vocabulary import SPP_FORWARDS
 
-FORWARD_VARIANTS = SPP_FORWARD_VARIANTS
+FORWARD_VARIANTS = SPP_FORWARDS
 FAITHFUL_DEFAULT = "recompute"  # fastest exact variant with dropout on CPU fp32 (see scripts/bench_finetune.py)
 
 

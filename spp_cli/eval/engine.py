@@ -19,13 +19,13 @@ import difflib
 import os
 from pathlib import Path
 
+from spp_cli.checkpoint import resolve_seqlen
 from spp_cli.environment import resolve_device
 from spp_cli.errors import BadInput
 from spp_cli.eval.perplexity import check_available, perplexity_stream, token_perplexity
 from spp_cli.eval.zeroshot import BUNDLE_TASKS, lm_eval_task_names, mean_acc_7, render_bundle_task, run_zeroshot
 
 PERPLEXITY_TASKS = ("wikitext2", "c4")
-DEFAULT_SEQLEN = 2048
 
 
 def evaluate(
@@ -131,27 +131,6 @@ def check_data(perplexity_tasks: list[str], zeroshot_tasks: list[str], data_dir)
             render_bundle_task(task, data_dir)
     for task in perplexity_tasks:
         check_available(task, data_dir)
-
-
-def max_positions(config) -> int | None:
-    """The model's position limit (max_position_embeddings, n_positions or n_ctx), or None if it has none."""
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def resolve_seqlen(config, seqlen: int | None) -> int:
-    """seqlen, default min(2048, the model's position limit); BadInput beyond that limit or below 2."""
-    limit = max_positions(config)
-    if seqlen is None:
-        return min(DEFAULT_SEQLEN, limit) if limit else DEFAULT_SEQLEN
-    if seqlen < 2:
-        raise BadInput(f"--seqlen {seqlen} is too small: use at least 2")
-    if limit is not None and seqlen > limit:
-        raise BadInput(f"--seqlen {seqlen} exceeds the model's {limit} positions: use --seqlen {limit} or less")
-    return seqlen
 
 
 def format_metric_label(task: str, seqlen: int | None = None) -> str:

@@ -21,11 +21,11 @@ from spp_cli.environment import versions
 from spp_cli.errors import BadInput, CheckFailed
 from spp_cli.manifest import zeros_sha256
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
-from spp_cli.recipe_schema import FinetuneStage, schema_fields
+from spp_cli.recipe_schema import COMMAND_KEYS, FinetuneStage, schema_fields
 
 # what does not decide the result: where and how often it logs and saves
 NOT_FINGERPRINTED = ("device", "report_to", "logging_steps", "save_steps")
-STAGE_OPTIONS = tuple(f.name for f in schema_fields(FinetuneStage) if f.name not in ("name", "input"))
+STAGE_OPTIONS = tuple(f.name for f in schema_fields(FinetuneStage) if f.name not in COMMAND_KEYS)
 RUN_RECORD = "run.json"  # in OUT/adapter/: resumed_from, step seconds, peak memory (not hashed)
 
 
@@ -42,16 +42,11 @@ def _compute_dtype(dtype: str, device: str) -> str:
 
 
 def stage_options(options: dict) -> FinetuneStage:
-    """The keyword arguments of `finetune` as the schema's options object. None for a field that is not
-    nullable means its schema default; an unknown keyword is a TypeError, as for any Python function."""
-    unknown = sorted(set(options) - set(STAGE_OPTIONS))
-    if unknown:
-        raise TypeError(f"finetune() got an unexpected keyword argument {unknown[0]!r}")
-    if options.get("data") is None:
-        raise BadInput("no training data: pass --data SOURCE (a .jsonl/.json/.txt path or builtin:NAME)")
-    fields = {f.name: f for f in schema_fields(FinetuneStage)}
-    given = {key: value for key, value in options.items() if value is not None or fields[key].metadata["spp"].nullable}
-    return FinetuneStage(**given)
+    """The keyword arguments of `finetune` as the schema's options object, with the recipe's checks (unknown
+    keys, ranges, an option of another method: BadInput)."""
+    from spp_cli.recipe import validate_options
+
+    return validate_options(FinetuneStage, options)
 
 
 def fingerprinted_options(options: FinetuneStage, precision: str) -> dict:

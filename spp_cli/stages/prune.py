@@ -8,33 +8,14 @@ from spp_cli import checkpoint
 from spp_cli.environment import resolve_device, versions
 from spp_cli.errors import BadInput, RuntimeFailure
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
-
-DEFAULT_MAX_SEQLEN = 2048  # spec/pruners.md §6 pitfall 4: never default to a 128k max_position_embeddings
-
-
-def default_seqlen(config) -> int:
-    return min(DEFAULT_MAX_SEQLEN, getattr(config, "max_position_embeddings", DEFAULT_MAX_SEQLEN) or DEFAULT_MAX_SEQLEN)
+from spp_cli.recipe import validate_options
+from spp_cli.recipe_schema import PruneStage
 
 
-def check_seqlen(seqlen: int | None, config) -> int:
-    """The seqlen to use: explicit, or min(2048, max_position_embeddings); never beyond the model's positions."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if seqlen is None:
-        return default_seqlen(config)
-    if seqlen < 2:
-        raise BadInput(f"seqlen {seqlen} is too small: use at least 2 tokens")
-    if limit and seqlen > limit:
-        raise BadInput(f"seqlen {seqlen} is beyond the model's {limit} positions: use --seqlen {limit} or less")
-    return seqlen
-
-
-def parse_options(method: str, sparsity: float | None, pattern: str):
-    """Validate the method and pattern with the pruners' own rules; one line on failure."""
-    from pruners import PRUNERS
+def parse_pattern(pattern: str, sparsity: float):
+    """The pruners' SparsityPattern for a validated pattern and sparsity."""
     from pruners.masks import PatternError, parse_pattern
 
-    if method not in PRUNERS:
-        raise BadInput(f"unknown pruning method '{method}': use one of {', '.join(PRUNERS)}")
     try:
         return parse_pattern(pattern, sparsity)
     except PatternError as error:
@@ -45,27 +26,17 @@ def prune(
     model: str,
     out: str | Path,
     *,
-    method: str,
-    sparsity: float | None = None,
-    pattern: str = "unstructured",
-    calib: str = "c4",
-    nsamples: int = 128,
-    seqlen: int | None = None,
-    seed: int = 0,
-    targets: str | None = None,
-    ignore: str | None = None,
-    use_variant: bool = False,
-    true_sequential: bool = False,
-    device: str = "auto",
-    dtype: str = "auto",
     overwrite: bool = False,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     on_block: Callable | None = None,
+    **options,
 ) -> dict:
     """Prune `model` one-shot into `out` (an HF directory with exact zeros + spp.json). Returns the manifest.
 
-    Skips the work when `out` already holds the same result (same options and parent).
+    `options` are the prune stage's recipe keys (spp_cli/recipe_schema.py, PruneStage): method, sparsity, pattern,
+    calib, nsamples, seqlen, seed, ... Skips the work when `out` already holds the same result (same options and
+    parent).
     """
     from pruners import CholeskyError
     from pruners.masks import PatternError
@@ -73,14 +44,11 @@ def prune(
 
     started = time.time()
     out = Path(out)
-    sparsity_pattern = parse_options(method, sparsity, pattern)
-    if nsamples < 1 and method != "magnitude":
-        raise BadInput(f"nsamples {nsamples} is invalid: use at least 1 calibration window")
-    if method == "magnitude" and use_variant:
-        raise BadInput("--use-variant is a Wanda option: drop it or use --method wanda")
-    if true_sequential and method != "sparsegpt":
-        raise BadInput("--true-sequential is a SparseGPT option: drop it or use --method sparsegpt")
-    compute_device = resolve_device(device)
+    stage = validate_options(PruneStage, options)
+    method, calib, nsamples, seed = stage.method, stage.calib, stage.nsamples, stage.seed
+    sparsity_pattern = parse_pattern(stage.pattern, stage.sparsity)
+    compute_device = resolve_device(stage.device)
+    dtype = stage.dtype
     checkpoint.torch_dtype(dtype)
     model_path = checkpoint.resolve_model_path(model)
     parent_manifest = checkpoint.read_manifest(model_path) if Path(model_path).is_dir() else None
@@ -90,12 +58,12 @@ def prune(
         "pattern": str(sparsity_pattern),
         "calib": None if method == "magnitude" else calib,
         "nsamples": None if method == "magnitude" else nsamples,
-        "seqlen": seqlen,
+        "seqlen": stage.seqlen,
         "seed": seed,
-        "targets": targets,
-        "ignore": ignore,
-        "use_variant": use_variant,
-        "true_sequential": true_sequential,
+        "targets": stage.targets,
+        "ignore": stage.ignore,
+        "use_variant": stage.use_variant,
+        "true_sequential": stage.true_sequential,
         "dtype": dtype,
     }
     stage_fingerprint = fingerprint(options, parent_manifest.get("manifest_sha256") if parent_manifest else model)
@@ -112,7 +80,7 @@ def prune(
     loaded, tokenizer = checkpoint.load_model(
         model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
     )
-    options["seqlen"] = check_seqlen(seqlen, loaded.config) if method != "magnitude" else None
+    options["seqlen"] = checkpoint.resolve_seqlen(loaded.config, stage.seqlen) if method != "magnitude" else None
     calibration = None
     if method != "magnitude":
         from spp_cli.data.sources import calibration_windows
@@ -124,11 +92,11 @@ def prune(
             calibration,
             method,
             sparsity_pattern,
-            targets=targets,
-            ignore=ignore,
+            targets=stage.targets,
+            ignore=stage.ignore,
             device=compute_device,
-            true_sequential=true_sequential,
-            use_variant=use_variant,
+            true_sequential=stage.true_sequential,
+            use_variant=stage.use_variant,
             on_block=on_block,
         )
     except (PatternError, PrunerOptionError, UnsupportedModelError) as error:

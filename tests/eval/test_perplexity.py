@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import REPO, TEST_DATA
 
+from spp_cli.checkpoint import resolve_seqlen
 from spp_cli.errors import BadInput
-from spp_cli.eval.engine import evaluate, format_metric_label, resolve_seqlen
+from spp_cli.eval.engine import evaluate, format_metric_label
 from spp_cli.eval.perplexity import PROTOCOL, perplexity_stream, token_perplexity
 
 DATA_DIR = TEST_DATA
