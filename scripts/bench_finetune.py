@@ -1,4 +1,7 @@
-"""Benchmark: SPP training-step time and peak memory against PEFT LoRA (r=8) on the same targets.
+"""Benchmark: every recovery method's training-step time and peak memory against PEFT LoRA (r=8), same targets.
+
+Variants: lora (PEFT, r 8), the SPP forwards naive / recompute / fused, and the other methods of
+spp_cli/adapters at their defaults: masked-lora (r 8), ia3 (PEFT), masked-full (mask re-applied after each step).
 
 A step is forward + backward + AdamW step on one batch (default 4 × 256 tokens). Variants run alternating, one
 step each per round, and the median over rounds is reported. Peak memory is measured in a child process per
@@ -27,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("lora", "naive", "recompute", "fused")
+VARIANTS = ("lora", "naive", "recompute", "fused", "masked-lora", "ia3", "masked-full")
+ADAPTER_METHODS = ("masked-lora", "ia3", "masked-full")  # built through the adapter interface at their defaults
 MODELS = {
     # name: LlamaConfig kwargs (random init, magnitude-pruned to 50% per matrix before timing)
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -52,14 +56,23 @@ def build_model(name: str, device: str) -> torch.nn.Module:
     return model
 
 
-def adapt(base: torch.nn.Module, variant: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """A fresh copy of `base` with the variant's adapter and an AdamW over its trainable parameters."""
+def adapt(base: torch.nn.Module, variant: str):
+    """A fresh copy of `base` with the variant's adapter, an AdamW over its trainable parameters, and what to
+    call after each optimizer step (masked-full re-applies its mask)."""
     model = copy.deepcopy(base)
     targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(TARGETS)]
+    after_step = None
     if variant == "lora":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets))
+    elif variant in ADAPTER_METHODS:
+        from spp_cli.adapters import adapter_class
+        from spp_cli.recipe_schema import FinetuneStage
+
+        adapter = adapter_class(variant).from_options(FinetuneStage(data="unused", method=variant))
+        model = adapter.inject(model, targets)
+        after_step = adapter.after_optimizer_step
     else:
         from spp_cli.adapters.spp import SPPConfig, inject_spp
 
@@ -67,13 +80,15 @@ def adapt(base: torch.nn.Module, variant: str) -> tuple[torch.nn.Module, torch.o
         inject_spp(model, targets, SPPConfig(forward=variant, dropout=dropout))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(params, lr=4e-3, weight_decay=0.001)
+    return model, torch.optim.AdamW(params, lr=4e-3, weight_decay=0.001), after_step
 
 
-def train_step(model, optimizer, batch) -> float:
+def train_step(model, optimizer, batch, after_step=None) -> float:
     loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
     optimizer.step()
+    if after_step is not None:
+        after_step(model)
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
 
@@ -88,15 +103,15 @@ def time_variants(name: str, variants, batch_shape, rounds: int, device: str) ->
     batch = torch.randint(0, base.config.vocab_size, batch_shape, generator=torch.Generator().manual_seed(1))
     batch = batch.to(device)
     setups = {v: adapt(base, v) for v in variants}
-    for model, optimizer in setups.values():  # warm-up: allocate optimizer state, first-call overheads
-        train_step(model, optimizer, batch)
+    for setup in setups.values():  # warm-up: allocate optimizer state, first-call overheads
+        train_step(*setup[:2], batch, setup[2])
     seconds = {v: [] for v in variants}
     for _ in range(rounds):
         for variant in variants:
-            model, optimizer = setups[variant]
+            model, optimizer, after_step = setups[variant]
             sync(device)
             start = time.perf_counter()
-            train_step(model, optimizer, batch)
+            train_step(model, optimizer, batch, after_step)
             sync(device)
             seconds[variant].append(time.perf_counter() - start)
     trainable = {v: sum(p.numel() for p in setups[v][0].parameters() if p.requires_grad) for v in variants}
@@ -116,21 +131,21 @@ def peak_memory(name: str, variant: str, batch_shape, device: str) -> dict:
     base = build_model(name, device)
     batch = torch.randint(0, base.config.vocab_size, batch_shape, generator=torch.Generator().manual_seed(1))
     batch = batch.to(device)
-    model, optimizer = adapt(base, variant)
+    model, optimizer, after_step = adapt(base, variant)
     del base
-    train_step(model, optimizer, batch)
+    train_step(model, optimizer, batch, after_step)
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        train_step(model, optimizer, batch)
+        train_step(model, optimizer, batch, after_step)
         torch.cuda.synchronize()
         return {"peak_step_bytes": torch.cuda.max_memory_allocated() - resident, "resident_bytes": resident,
                 "method": "torch.cuda.max_memory_allocated - memory_allocated"}
     resident = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    train_step(model, optimizer, batch)
+    train_step(model, optimizer, batch, after_step)
     return {"peak_step_bytes": (_rss_kib("VmHWM") - resident) * 1024, "resident_bytes": resident * 1024,
             "method": "VmHWM - VmRSS, MALLOC_MMAP_THRESHOLD_=65536"}
 
@@ -172,12 +187,15 @@ def main() -> None:
     from spp_cli.adapters.spp import FAITHFUL_DEFAULT
 
     report = {
-        "benchmark": "SPP vs PEFT LoRA r=8 training step (forward+backward+AdamW), same targets, same batch",
+        "benchmark": "every recovery method vs PEFT LoRA r=8 training step (forward+backward+AdamW), same targets, "
+                     "same batch",
         "batch": list(batch_shape), "rounds": args.rounds, "device": args.device,
         "dtype": "float32", "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "faithful_default": FAITHFUL_DEFAULT, "targets": {"faithful": {"step": 1.6, "memory": 1.2},
-                                                          "fused": {"step": 1.3, "memory": 1.1}},
+                                                          "fused": {"step": 1.3, "memory": 1.1},
+                                                          "masked-lora": {"step": 1.8, "memory": 1.3},
+                                                          "ia3": {"step": 1.0}},
         "models": results,
     }
     out = Path(args.out)

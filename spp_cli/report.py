@@ -1,7 +1,8 @@
 """`spp report RUN_DIR`: a markdown report and PNG plots from what the stages wrote (spp.json, results.json).
 
-Plots: metrics per evaluated model, per-layer sparsity of every model stage, and the fine-tune loss curve.
-Nothing is recomputed: the report reads the stage folders only.
+Plots: metrics per evaluated model, per-layer sparsity of every model stage, the fine-tune loss curve, and with
+several fine-tunes of one parent (recipes/compare-recovery.yaml) the recovery table and its plot. Nothing is
+recomputed: the report reads the stage folders only (the zero check of the recovery table reads their weights).
 """
 
 import json
@@ -116,6 +117,88 @@ def markdown_table(evaluations: dict, manifests: dict) -> str:
     return "\n".join(lines)
 
 
+def _first_perplexity(entry: dict | None) -> float | None:
+    for value in ((entry or {}).get("perplexity") or {}).values():
+        if isinstance(value.get("value"), float):
+            return value["value"]
+    return None
+
+
+def recovery_rows(run_dir: Path, manifests: dict, evaluations: dict) -> list[dict]:
+    """One row per fine-tune stage: method, trainable parameters, zeros kept (verified against its parent's
+    weights), step seconds and peak memory (adapter/run.json), perplexity (the first perplexity task) and the
+    share of the pruning gap recovered, (ppl_pruned - ppl) / (ppl_pruned - ppl_dense)."""
+    from spp_cli.stages.verify import verify_checkpoint
+
+    folders = {str((run_dir / name).resolve()): name for name in manifests}
+    dense_ppl = _first_perplexity(evaluations.get("dense"))
+    rows = []
+    for name, manifest in manifests.items():
+        if manifest.get("stage") != "finetune":
+            continue
+        parent_dir = (manifest.get("parent") or {}).get("path")
+        parent = folders.get(str(Path(parent_dir).resolve())) if parent_dir else None
+        run_file = run_dir / name / "adapter" / "run.json"
+        run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+        if manifest.get("dense"):
+            kept = "no (dense by design)"
+        elif not manifest.get("merged", True) or parent_dir is None or not Path(parent_dir).is_dir():
+            kept = "not checked"
+        else:
+            kept = "yes" if verify_checkpoint(run_dir / name, against=parent_dir)["ok"] else "NO"
+        ppl, pruned_ppl = _first_perplexity(evaluations.get(name)), _first_perplexity(evaluations.get(parent))
+        recovered = None
+        if None not in (ppl, pruned_ppl, dense_ppl) and pruned_ppl != dense_ppl:
+            recovered = 100 * (pruned_ppl - ppl) / (pruned_ppl - dense_ppl)
+        rows.append({
+            "stage": name, "method": manifest.get("method"), "parent": parent,
+            "trainable_params": (manifest.get("training") or {}).get("trainable_params"), "zeros_kept": kept,
+            "seconds_per_step": run.get("seconds_per_step"), "peak_memory_mb": run.get("peak_memory_mb"),
+            "memory_measure": run.get("memory_measure"), "ppl": ppl, "pruned_ppl": pruned_ppl,
+            "dense_ppl": dense_ppl, "gap_recovered_percent": recovered,
+        })
+    return rows
+
+
+def recovery_table(rows: list[dict]) -> str:
+    def show(value, form: str) -> str:
+        return format(value, form) if isinstance(value, (int, float)) else "-"
+
+    header = ["stage", "method", "trainable params", "zeros kept (verified)", "s/step", "peak memory MB", "ppl",
+              "% of pruning gap recovered"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([
+            row["stage"], str(row["method"]), show(row["trainable_params"], ","), row["zeros_kept"],
+            show(row["seconds_per_step"], ".3f"), show(row["peak_memory_mb"], ".0f"), show(row["ppl"], ".3f"),
+            show(row["gap_recovered_percent"], ".1f"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def plot_recovery(rows: list[dict], path: Path) -> bool:
+    """ppl against trainable parameters (log x), one point per method; the dense and pruned ppl as lines."""
+    points = [r for r in rows if isinstance(r["ppl"], float) and r["trainable_params"]]
+    if not points:
+        return False
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    for row in points:
+        axis.scatter(row["trainable_params"], row["ppl"], s=40)
+        axis.annotate(row["method"], (row["trainable_params"], row["ppl"]), textcoords="offset points", xytext=(4, 4))
+    for key, label, style in (("dense_ppl", "dense", "-"), ("pruned_ppl", "pruned", "--")):
+        value = points[0][key]
+        if isinstance(value, float):
+            axis.axhline(value, linestyle=style, color="gray", label=f"{label} ({value:.3f})")
+    axis.set_xscale("log")
+    axis.set_xlabel("trainable parameters")
+    axis.set_ylabel("token perplexity")
+    axis.set_title("recovery per method")
+    axis.legend()
+    _save(plt, figure, path)
+    return True
+
+
 def write_report(run_dir: str | Path) -> dict:
     """Write RUN_DIR/report.md and its PNGs; returns their paths."""
     run_dir = Path(run_dir)
@@ -131,6 +214,13 @@ def write_report(run_dir: str | Path) -> dict:
         sections += [f"- note: {note}" for note in sorted(notes)]
         if plot_metrics(evaluations, run_dir / "metrics.png"):
             sections.append("\n![metrics per model](metrics.png)\n")
+    rows = recovery_rows(run_dir, manifests, evaluations)
+    if len(rows) > 1:
+        sections.append("## Recovery\n\n" + recovery_table(rows) + "\n")
+        memory = {row["memory_measure"] for row in rows if row["memory_measure"]}
+        sections += [f"- peak memory is the {measure}" for measure in sorted(memory)]
+        if plot_recovery(rows, run_dir / "recovery.png"):
+            sections.append("\n![ppl against trainable parameters](recovery.png)\n")
     sections.append("## Stages\n")
     for name, manifest in manifests.items():
         parent = (manifest.get("parent") or {}).get("path")
@@ -138,7 +228,7 @@ def write_report(run_dir: str | Path) -> dict:
         detail = f", {training.get('steps')} steps" if training else ""
         sparsity = manifest.get("overall_sparsity")
         sparsity_text = f"sparsity {sparsity:.4f}" if isinstance(sparsity, float) else "no merged model"
-        dense_text = " — dense after the LoRA merge" if manifest.get("dense") else ""
+        dense_text = f" — dense after the {manifest.get('method')} merge" if manifest.get("dense") else ""
         sections.append(
             f"- **{name}** ({manifest.get('stage')}, {manifest.get('method')}, pattern {manifest.get('pattern')}): "
             f"{sparsity_text}{dense_text}{detail}, {manifest.get('seconds', 0):.1f} s; parent `{parent}`; "

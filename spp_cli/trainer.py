@@ -100,7 +100,7 @@ class FinetuneResult:
     adapter_state: dict[str, torch.Tensor]  # trained parameters by name, full (gathered) CPU tensors
     is_main_process: bool = True
     steps_run: int = 0  # optimizer steps run by this process (fewer than `steps` after a resume)
-    peak_memory_mb: float | None = None  # CUDA: max allocated during training; CPU: the process' peak RSS
+    peak_memory_mb: float | None = None  # CUDA: max allocated during training; CPU: training_state_bytes
     memory_measure: str = ""
 
     @property
@@ -232,22 +232,36 @@ class NonFiniteLoss(Exception):
         self.step = step
 
 
-def _after_optimizer_step_callback(adapter: Adapter, model: nn.Module):
+def _training_callbacks(adapter: Adapter, model: nn.Module, memory: dict) -> list:
+    """The adapter's hook after every optimizer step, and (once) the size of the training state on a CPU."""
     from transformers import TrainerCallback
 
     class AfterOptimizerStep(TrainerCallback):
-        def on_optimizer_step(self, args, state, control, **kwargs):
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
             adapter.after_optimizer_step(model)
+            if "bytes" not in memory and optimizer is not None:
+                memory["bytes"] = training_state_bytes(model, optimizer)
 
-    return AfterOptimizerStep()
+    return [AfterOptimizerStep()]
 
 
-def _peak_memory(on_cuda: bool) -> tuple[float, str]:
+def training_state_bytes(model: nn.Module, optimizer) -> int:
+    """Bytes of the trainable parameters, their gradients and the optimizer's state tensors (activations and
+    the frozen weights excluded): the part of training memory that differs between methods at equal batch."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    total = sum(p.numel() * p.element_size() for p in trainable)
+    total += sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
+    for per_parameter in optimizer.state.values():
+        total += sum(t.numel() * t.element_size() for t in per_parameter.values() if torch.is_tensor(t))
+    return total
+
+
+def _peak_memory(on_cuda: bool, memory: dict) -> tuple[float | None, str]:
     if on_cuda:
-        return torch.cuda.max_memory_allocated() / 2**20, "cuda max allocated"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS (whole process)"
+        return torch.cuda.max_memory_allocated() / 2**20, "CUDA max allocated during training"
+    if "bytes" not in memory:
+        return None, ""
+    return memory["bytes"] / 2**20, "training state (trainable params, grads, AdamW state; no activations)"
 
 
 def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work_dir: str | os.PathLike, *,
@@ -314,10 +328,11 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
         **_precision_flags(precision),
     )
 
+    memory: dict = {}
     trainer = _make_trainer_class()(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
         data_collator=PaddingCollator(pad_token_id(tokenizer)),
-        callbacks=[_after_optimizer_step_callback(adapter, model), *(callbacks or [])],
+        callbacks=[*_training_callbacks(adapter, model, memory), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # no print in library code; the loss curve is in the result
     resume = last_complete_checkpoint(checkpoints)
@@ -334,7 +349,7 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
                              f"(now {learning_rate(options)}) or check the data, then rerun to resume") from None
     eval_loss = trainer.evaluate()["eval_loss"] if val_set else None
     seconds = time.perf_counter() - start
-    peak_memory_mb, memory_measure = _peak_memory(on_cuda)
+    peak_memory_mb, memory_measure = _peak_memory(on_cuda, memory)
 
     # from trainer.state.log_history, which a resumed run restores, so the curve covers the whole training
     curve = [{"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate")}
@@ -346,7 +361,7 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
         trainable_params=sum(p.numel() for p in trained.parameters() if p.requires_grad),
         targets=list(target_names), adapter_state=_gather_trainable(trainer, trained),
         is_main_process=trainer.args.should_save, steps_run=trainer.state.global_step - start_step,
-        peak_memory_mb=round(peak_memory_mb, 1), memory_measure=memory_measure,
+        peak_memory_mb=None if peak_memory_mb is None else round(peak_memory_mb, 3), memory_measure=memory_measure,
     )
 
 

@@ -1,0 +1,47 @@
+"""`spp report` on a comparison run: the recovery table (zeros verified, % of the pruning gap) and its plot."""
+
+import json
+
+from conftest import make_llama, make_tokenizer
+from tiny_models import ALPACA
+
+from spp_cli.report import recovery_rows, write_report
+from spp_cli.stages.evaluate import evaluate_models
+from spp_cli.stages.finetune import finetune
+from spp_cli.stages.prune import prune
+
+TINY = dict(data=str(ALPACA), max_steps=3, batch_size=4, micro_batch_size=4, seqlen=32, val_size=0, device="cpu",
+            lr=1e-2)
+
+
+def test_recovery_table_of_a_comparison_run(tmp_path):
+    run = tmp_path / "run"
+    make_llama().save_pretrained(tmp_path / "dense")
+    make_tokenizer().save_pretrained(tmp_path / "dense")
+    prune(str(tmp_path / "dense"), run / "prune", method="magnitude", sparsity=0.5, device="cpu")
+    for method in ("spp", "lora", "masked-full"):
+        finetune(str(run / "prune"), run / method, method=method, **TINY)
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 8}) + "\n"
+                            for _ in range(8)))
+    models = {"dense": str(tmp_path / "dense"), **{name: str(run / name) for name in ("prune", "spp", "lora",
+                                                                                       "masked-full")}}
+    evaluate_models(models, [f"ppl:{text}"], run / "eval" / "results.json", seqlen=32, device="cpu")
+
+    from spp_cli.report import read_stages
+
+    rows = {row["method"]: row for row in recovery_rows(run, *read_stages(run))}
+    assert list(rows) == ["spp", "lora", "masked-full"]
+    assert [rows[m]["zeros_kept"] for m in rows] == ["yes", "no (dense by design)", "yes"]
+    assert rows["masked-full"]["trainable_params"] == 2 * (4 * 64 * 64 + 3 * 64 * 128)
+    for row in rows.values():
+        assert row["parent"] == "prune" and row["seconds_per_step"] > 0 and row["peak_memory_mb"] > 0
+        expected = 100 * (row["pruned_ppl"] - row["ppl"]) / (row["pruned_ppl"] - row["dense_ppl"])
+        assert abs(row["gap_recovered_percent"] - expected) < 1e-9
+    # masked-full keeps AdamW state for every target weight: far more training memory than spp's vectors
+    assert rows["masked-full"]["peak_memory_mb"] > 10 * rows["spp"]["peak_memory_mb"]
+
+    written = write_report(run)
+    report = (run / "report.md").read_text()
+    assert "## Recovery" in report and "| masked-full | masked-full | 81,920 | yes |" in report
+    assert str(run / "recovery.png") in written["plots"]
