@@ -31,15 +31,17 @@ def test_recovery_table_of_a_comparison_run(tmp_path):
     from spp_cli.report import read_stages
 
     rows = {row["method"]: row for row in recovery_rows(run, *read_stages(run))}
-    assert list(rows) == ["spp", "lora", "masked-full"]
-    assert [rows[m]["zeros_kept"] for m in rows] == ["yes", "no (dense by design)", "yes"]
+    assert sorted(rows) == ["lora", "masked-full", "spp"]  # folder order without a run.json summary
+    assert [rows[m]["zeros_kept"] for m in ("spp", "lora", "masked-full")] == ["yes", "no (dense by design)", "yes"]
     assert rows["masked-full"]["trainable_params"] == 2 * (4 * 64 * 64 + 3 * 64 * 128)
     for row in rows.values():
         assert row["parent"] == "prune" and row["seconds_per_step"] > 0 and row["peak_memory_mb"] > 0
         expected = 100 * (row["pruned_ppl"] - row["ppl"]) / (row["pruned_ppl"] - row["dense_ppl"])
         assert abs(row["gap_recovered_percent"] - expected) < 1e-9
-    # masked-full keeps AdamW state for every target weight: far more training memory than spp's vectors
-    assert rows["masked-full"]["peak_memory_mb"] > 10 * rows["spp"]["peak_memory_mb"]
+    # on a CPU: the training state, fp32 parameter + gradient + AdamW's two moments (16 bytes a trainable
+    # parameter) and AdamW's step counter (4 bytes a tensor): masked-full trains 14 full weights
+    state_bytes = 16 * rows["masked-full"]["trainable_params"] + 4 * 14
+    assert abs(rows["masked-full"]["peak_memory_mb"] - state_bytes / 2**20) < 1e-3
 
     written = write_report(run)
     report = (run / "report.md").read_text()
