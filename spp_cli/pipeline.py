@@ -29,19 +29,16 @@ def model_path(recipe: Recipe, reference: str) -> str:
     return reference
 
 
-def owned_by_spp(directory: Path) -> bool:
-    """A stage folder spp wrote before: replacing it when the recipe changed is the point of `spp run`."""
-    return (directory / "spp.json").exists() or (directory / RESULTS).exists() or not directory.exists()
-
-
-def run_stage(recipe: Recipe, stage, overwrite: bool, console) -> dict:
+def run_stage(recipe: Recipe, stage, console) -> dict:
     from spp_cli.render import block_progress
     from spp_cli.stages.evaluate import evaluate_models
     from spp_cli.stages.finetune import finetune
     from spp_cli.stages.prune import prune
 
     directory = Path(recipe.output_dir) / stage.name
-    replace = overwrite or owned_by_spp(directory)
+    # a stage folder spp wrote is replaced when the recipe changed (the point of `spp run`); anything else in its
+    # place is refused by the stage (spp_cli/outputs.py)
+    replace = True
     loading = {"trust_remote_code": recipe.trust_remote_code, "allow_pickle": recipe.allow_pickle}
     options = stage.command_options()
     if isinstance(stage, PruneStage):
@@ -60,7 +57,7 @@ def run_stage(recipe: Recipe, stage, overwrite: bool, console) -> dict:
 
 
 def run_recipe(
-    recipe_file: str | Path, overrides: list[str], *, dry_run: bool = False, overwrite: bool = False, console=None
+    recipe_file: str | Path, overrides: list[str], *, dry_run: bool = False, console=None
 ) -> dict:
     """Run (or with dry_run only validate) a recipe; returns a summary of every stage and the last evaluation."""
     recipe = load_recipe(recipe_file, overrides)
@@ -77,7 +74,7 @@ def run_recipe(
         if console is not None:
             console.print(f"stage {stage.name} ({stage.TYPE}) ...")
         started = time.time()
-        result = run_stage(recipe, stage, overwrite, console)
+        result = run_stage(recipe, stage, console)
         seconds = time.time() - started
         output = stage_output(recipe, stage)
         skipped = bool(result.get("skipped"))
