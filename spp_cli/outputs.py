@@ -6,6 +6,7 @@ from pathlib import Path
 
 from spp_cli.checkpoint import read_manifest
 from spp_cli.errors import BadInput
+from spp_cli.preflight import check_writable
 
 
 def fingerprint(options: dict, parent_manifest_sha256: str | None) -> str:
@@ -15,7 +16,8 @@ def fingerprint(options: dict, parent_manifest_sha256: str | None) -> str:
 
 
 def check_output_path(out: Path, inputs: list[str | Path]) -> None:
-    """An output must not be, or live inside, one of the stage's inputs (the user's files are never touched)."""
+    """An output must not be, or live inside, one of the stage's inputs (the user's files are never touched),
+    and must be writable (checked now, not after the work)."""
     resolved = out.resolve()
     for item in inputs:
         source = Path(item)
@@ -24,6 +26,7 @@ def check_output_path(out: Path, inputs: list[str | Path]) -> None:
         source = source.resolve()
         if resolved == source or source in resolved.parents or (source.is_dir() and resolved in source.parents):
             raise BadInput(f"output '{out}' overlaps the input '{item}': choose an --out outside the input")
+    check_writable(out)
 
 
 def written_by_spp(out: Path) -> dict | None:

@@ -56,6 +56,38 @@ def run_stage(recipe: Recipe, stage, console) -> dict:
     )
 
 
+def check_recipe(recipe: Recipe) -> None:
+    """What `--dry-run` promises: every check that needs no model weights, stage by stage (spp_cli/preflight.py)."""
+    from spp_cli import preflight
+    from spp_cli.eval.engine import validate_tasks
+
+    def base_model(reference: str) -> str:
+        """The architecture a stage works on: a stage's output has its root model's shapes."""
+        while reference in recipe.stage_names:
+            reference = recipe.stage(reference).input
+        return model_path(recipe, reference)
+
+    for stage in recipe.stages:
+        preflight.check_writable(stage_output(recipe, stage))
+        for reference in stage.reads():
+            if reference not in recipe.stage_names:
+                preflight.check_model_reference(model_path(recipe, reference), recipe.allow_pickle)
+        if isinstance(stage, PruneStage) and stage.method != "magnitude":
+            preflight.check_source(stage.calib)
+        elif isinstance(stage, FinetuneStage):
+            preflight.check_source(stage.data)
+            preflight.check_report_to(stage.report_to)
+            if stage.method == "spp":
+                pruned_by = recipe.stage(stage.input) if stage.input in recipe.stage_names else None
+                narrowed = isinstance(pruned_by, PruneStage)
+                preflight.check_groups_divide(
+                    base_model(stage.input), stage.groups, pruned_by.targets if narrowed else None,
+                    pruned_by.ignore if narrowed else None, recipe.trust_remote_code,
+                )
+        elif isinstance(stage, EvalStage):
+            validate_tasks(stage.tasks, data_dir=stage.data_dir)
+
+
 def run_recipe(
     recipe_file: str | Path, overrides: list[str], *, dry_run: bool = False, console=None
 ) -> dict:
@@ -63,6 +95,7 @@ def run_recipe(
     recipe = load_recipe(recipe_file, overrides)
     summary = {"recipe": str(recipe_file), "output_dir": recipe.output_dir, "dry_run": dry_run, "stages": []}
     if dry_run:
+        check_recipe(recipe)
         summary["stages"] = [
             {"name": s.name, "type": s.TYPE, "output": str(stage_output(recipe, s)), "options": s.options()}
             for s in recipe.stages

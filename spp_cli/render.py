@@ -141,7 +141,7 @@ def render_verify(console, report: dict) -> None:
 def render_run(console, summary: dict) -> None:
     if summary.get("dry_run"):
         console.print(
-            f"recipe {summary['recipe']} is valid; stages: "
+            f"recipe {summary['recipe']} is valid and its inputs check out (nothing was loaded); stages: "
             + ", ".join(f"{stage['name']} ({stage['type']}) -> {stage['output']}" for stage in summary["stages"])
         )
         return
