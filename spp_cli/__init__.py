@@ -6,7 +6,7 @@ The Python API is what the CLI calls (each function is imported lazily, so `impo
     spp_cli.prune("builtin:tiny-llama", "runs/w50", method="wanda", sparsity=0.5, calib="builtin:python-docs")
     spp_cli.trainer("runs/w50", "runs/w50-spp", data="builtin:python-docs", max_steps=50)
     spp_cli.eval.engine({"tuned": "runs/w50-spp"}, ["ppl:builtin:python-docs:test"], "results.json", seqlen=256)
-    model = spp_cli.load_spp_adapter(base_model, "runs/w50-spp/adapter")
+    config = spp_cli.load_spp_adapter(base_model, "runs/w50-spp/adapter")  # injects SPP into base_model in place
 """
 
 from importlib import import_module
