@@ -19,6 +19,31 @@ def block_progress(console):
     return on_block
 
 
+def training_progress(console, every: int | None = None):
+    """A callback for spp_cli.progress.TrainingProgress: one line per `every` steps (about 10 lines a run when
+    None), plus the first and the last step, each saying what its numbers are."""
+
+    def on_update(event: dict) -> None:
+        step, total = event["step"], event["total"]
+        interval = every or max(1, total // 10)
+        if step not in (1, total) and step % interval and event["resumed_from"] != step - 1:
+            return
+        parts = [f"step {step}/{total}"]
+        if event["resumed_from"] and event["resumed_from"] == step - 1:
+            parts.append(f"resumed after step {event['resumed_from']}")
+        if event["loss"] is not None:
+            parts.append(f"train loss {event['loss']:.4f}")
+        if event["lr"] is not None:
+            parts.append(f"lr {event['lr']:.3g}")
+        if event["tokens_per_second"]:
+            parts.append(f"{event['tokens_per_second']:.0f} tokens/s (padded)")
+        if event["eta_seconds"] is not None:
+            parts.append(f"ETA {event['eta_seconds']:.0f} s")
+        console.print("  " + ", ".join(parts))
+
+    return on_update
+
+
 def _skipped(console, manifest: dict, out) -> bool:
     if manifest.get("skipped"):
         console.print(
