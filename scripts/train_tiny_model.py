@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from spp_cli.data.bpe import train_byte_level_bpe  # noqa: E402
 from spp_cli.data.builtin_corpus import load_python_docs  # noqa: E402
 
 CHAT_TEMPLATE = (
@@ -31,25 +31,10 @@ CHAT_TEMPLATE = (
 
 
 def train_tokenizer(documents: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with a BOS prepended to every encoded text (as LLaMA's tokenizer does)."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(documents, trainer=trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
-    )
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    wrapped.chat_template = CHAT_TEMPLATE
-    return wrapped
+    """Byte-level BPE with a BOS prepended to every encoded text (as LLaMA's tokenizer does), plus a chat template."""
+    tokenizer = train_byte_level_bpe(documents, vocab_size)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:

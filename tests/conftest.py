@@ -37,24 +37,10 @@ def run_spp(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def make_tokenizer(vocab_size: int = 256):
     """A small byte-level BPE tokenizer trained in a blink on a fixed text (BOS prepended, like LLaMA's)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from spp_cli.data.bpe import train_byte_level_bpe
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     text = ["The quick brown fox jumps over the lazy dog. " * 4, "def function(argument): return value\n" * 4]
-    tokenizer.train_from_iterator(text, trainer=trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
+    return train_byte_level_bpe(text, vocab_size)
 
 
 def make_llama(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 320, dtype=None):

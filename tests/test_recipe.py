@@ -500,3 +500,10 @@ def test_describe_schema_lists_every_key_with_its_default():
 def test_import_stays_light():
     code = "import sys, spp_cli.recipe; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_readme_recipe_reference_is_the_schema():
+    """README's key table is generated from the schema (scripts/readme_tables.py); a drift fails here."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for section, key, kind, default, allowed in describe_schema():
+        assert f"| {section} | `{key}` | {kind} | {default} | {allowed} |" in readme, (section, key)

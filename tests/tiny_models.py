@@ -17,19 +17,11 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 @functools.lru_cache(maxsize=1)
 def tiny_tokenizer():
     """Byte-level BPE (vocab 512, <s> prepended like LLaMA's, </s> as EOS) trained on 300 Alpaca records."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from spp_cli.data.bpe import train_byte_level_bpe
 
     records = json.loads(ALPACA.read_text())[:300]
     texts = [" ".join([r["instruction"], r["input"], r["output"]]) for r in records]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(texts, trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    return train_byte_level_bpe(texts, 512, special_tokens=("<s>", "</s>"))
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 512, init_std: float = 0.02) -> nn.Module:

@@ -15,11 +15,10 @@ import shutil
 import time
 from pathlib import Path
 
-from spp_cli import checkpoint
+from spp_cli import atomic, checkpoint
 from spp_cli.adapters import METHOD_OPTIONS, resolved_method_options
-from spp_cli.environment import versions
 from spp_cli.errors import BadInput, CheckFailed
-from spp_cli.manifest import zeros_sha256
+from spp_cli.manifest import layers_record, stage_manifest, zeros_sha256
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.recipe_schema import COMMAND_KEYS, FinetuneStage, schema_fields
 
@@ -27,11 +26,6 @@ from spp_cli.recipe_schema import COMMAND_KEYS, FinetuneStage, schema_fields
 NOT_FINGERPRINTED = ("device", "report_to", "logging_steps", "save_steps")
 STAGE_OPTIONS = tuple(f.name for f in schema_fields(FinetuneStage) if f.name not in COMMAND_KEYS)
 RUN_RECORD = "run.json"  # in OUT/adapter/: resumed_from, step seconds, peak memory (not hashed)
-
-
-def work_dir_for(out: Path) -> Path:
-    """Stable (not per-process) so that a rerun finds the previous run's Trainer checkpoints."""
-    return out.parent / f".{out.name}.partial"
 
 
 def _compute_dtype(dtype: str, device: str) -> str:
@@ -147,10 +141,11 @@ def finetune(
     parent_zeros = {name: zeros_sha256(modules[name].weight) for name in targets}
     stored_dtype = model.spp_stored_dtype
 
-    work_dir = work_dir_for(out)
+    work_dir = atomic.work_dir(out)
     _claim_work_dir(work_dir, stage_fingerprint)
     try:
-        result = run_finetune(model, tokenizer, records, train_options, work_dir, target_names=targets)
+        result = run_finetune(model, tokenizer, records, train_options, work_dir, target_names=targets,
+                              callbacks=_progress_callbacks(console, train_options))
     except BadInput:
         if not any(work_dir.glob("checkpoints/checkpoint-*")):
             shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume: leave nothing behind
@@ -179,47 +174,51 @@ def finetune(
     run = _run_record(result)
     (adapter_dir / RUN_RECORD).write_text(json.dumps(run, indent=2) + "\n")
     keeps_zeros = result.adapter.keeps_zeros
-    manifest = {
-        "stage": "finetune",
-        "parent": checkpoint.parent_record(model_path, parent_manifest),
-        "method": result.method,
-        "pattern": (parent_manifest or {}).get("pattern") if keeps_zeros else None,
-        "target_sparsity": (parent_manifest or {}).get("target_sparsity") if keeps_zeros else None,
-        "dense": not keeps_zeros,
-        "merged": not train_options.no_merge,
-        "adapter": result.adapter.record(),
+    layers = {}
+    if not train_options.no_merge:
+        model_out = merge_trained(result).to(stored_dtype)
+        layers = layers_record(model_out, targets)
+        if keeps_zeros:
+            check_zeros_kept(model_out, layers, parent_zeros, model_path)
+    manifest = stage_manifest(
+        "finetune",
+        parent=checkpoint.parent_record(model_path, parent_manifest),
+        method=result.method,
+        pattern=(parent_manifest or {}).get("pattern") if keeps_zeros else None,
+        target_sparsity=(parent_manifest or {}).get("target_sparsity") if keeps_zeros else None,
+        dense=not keeps_zeros,
+        layers=layers,
+        config=config,
+        fingerprint=stage_fingerprint,
+        merged=not train_options.no_merge,
+        adapter=result.adapter.record(),
         # identical for a resumed and an uninterrupted run (the resume itself is in run.json, not hashed)
-        "training": {
+        training={
             "steps": result.steps,
             "loss_curve": result.train_curve,
             "eval_loss": result.eval_loss,
             "trainable_params": result.trainable_params,
         },
-        "config": config,
-        "fingerprint": stage_fingerprint,
-        "versions": versions(),
-    }
+    )
     if train_options.no_merge:
-        manifest["layers"] = {}
         manifest = _save_adapter_only(out, adapter_dir, manifest, started)
     else:
-        model_out = merge_trained(result).to(stored_dtype)
-        layers = checkpoint.layers_record(model_out, targets)
-        if keeps_zeros:
-            check_zeros_kept(model_out, layers, parent_zeros, model_path)
-        manifest["layers"] = layers
-        manifest["overall_sparsity"] = checkpoint.overall_sparsity(layers)
         manifest = checkpoint.save_checkpoint(
-            model_out,
-            tokenizer,
-            out,
-            manifest,
-            parent_dir=model_path,
-            started=started,
+            model_out, tokenizer, out, manifest, parent_dir=model_path, started=started,
             extra_dirs={"adapter": adapter_dir},
         )
     shutil.rmtree(work_dir, ignore_errors=True)
     return {**manifest, "run": run}
+
+
+def _progress_callbacks(console, options: FinetuneStage) -> list:
+    """spp's own progress lines (step k/N, loss, lr, tokens/s, ETA) when there is a console to print on."""
+    if console is None:
+        return []
+    from spp_cli.progress import TrainingProgress
+    from spp_cli.render import training_progress
+
+    return [TrainingProgress(training_progress(console), tokens_per_step=options.batch_size * options.seqlen)]
 
 
 def _run_record(result) -> dict:
@@ -264,15 +263,8 @@ def check_zeros_kept(model, layers: dict[str, dict], parent_zeros: dict[str, str
 
 
 def _save_adapter_only(out: Path, adapter_dir: Path, manifest: dict, started: float) -> dict:
-    checkpoint.remove_stale_staging(out)
-    staging = checkpoint.staging_dir(out)
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with atomic.atomic_dir(out) as staging:
         shutil.copytree(adapter_dir, staging / "adapter")
         finished = checkpoint.finish_manifest(manifest, time.time() - started)
-        (staging / checkpoint.MANIFEST).write_text(json.dumps(finished, indent=2) + "\n")
-        checkpoint.publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        checkpoint.write_manifest(staging, finished)
     return finished

@@ -7,9 +7,8 @@ import time
 from pathlib import Path
 
 from spp_cli import checkpoint
-from spp_cli.environment import versions
 from spp_cli.errors import BadInput
-from spp_cli.manifest import zeros_sha256
+from spp_cli.manifest import layers_record, stage_manifest, zeros_sha256
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.stages.finetune import check_zeros_kept
 
@@ -30,7 +29,7 @@ def merge_adapter(
     base = config.get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise BadInput(f"the adapter's base model '{base}' is not a directory here: move it back or re-run finetune")
-    stage_manifest = checkpoint.read_manifest(adapter_dir.parent) or {}
+    finetune_manifest = checkpoint.read_manifest(adapter_dir.parent) or {}
     parent_manifest = checkpoint.read_manifest(base)
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
@@ -50,25 +49,23 @@ def merge_adapter(
     adapter, adapted = adapter_class(method.name).load(model, adapter_dir)
     targets = adapter.target_modules()
     model = adapter.merge(adapted).to(stored_dtype)
-    layers = checkpoint.layers_record(model, targets)
+    layers = layers_record(model, targets)
     if adapter.keeps_zeros:
         check_zeros_kept(model, layers, parent_zeros, base)
-    manifest = {
-        "stage": "merge",
-        "parent": checkpoint.parent_record(base, parent_manifest),
-        "method": method.name,
-        "pattern": (parent_manifest or {}).get("pattern") if adapter.keeps_zeros else None,
-        "target_sparsity": (parent_manifest or {}).get("target_sparsity") if adapter.keeps_zeros else None,
-        "dense": not adapter.keeps_zeros,
-        "merged": True,
-        "adapter": adapter.record(),
-        "training": stage_manifest.get("training"),
-        "layers": layers,
-        "overall_sparsity": checkpoint.overall_sparsity(layers),
-        "config": options,
-        "fingerprint": stage_fingerprint,
-        "versions": versions(),
-    }
+    manifest = stage_manifest(
+        "merge",
+        parent=checkpoint.parent_record(base, parent_manifest),
+        method=method.name,
+        pattern=(parent_manifest or {}).get("pattern") if adapter.keeps_zeros else None,
+        target_sparsity=(parent_manifest or {}).get("target_sparsity") if adapter.keeps_zeros else None,
+        dense=not adapter.keeps_zeros,
+        layers=layers,
+        config=options,
+        fingerprint=stage_fingerprint,
+        merged=True,
+        adapter=adapter.record(),
+        training=finetune_manifest.get("training"),
+    )
     with tempfile.TemporaryDirectory() as scratch:
         adapter_copy = Path(scratch) / "adapter"
         shutil.copytree(adapter_dir, adapter_copy)

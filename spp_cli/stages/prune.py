@@ -5,8 +5,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from spp_cli import checkpoint
-from spp_cli.environment import resolve_device, versions
+from spp_cli.environment import resolve_device
 from spp_cli.errors import BadInput, RuntimeFailure
+from spp_cli.manifest import layers_record, stage_manifest
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.recipe import validate_options
 from spp_cli.recipe_schema import PruneStage
@@ -51,7 +52,7 @@ def prune(
     dtype = stage.dtype
     checkpoint.torch_dtype(dtype)
     model_path = checkpoint.resolve_model_path(model)
-    parent_manifest = checkpoint.read_manifest(model_path) if Path(model_path).is_dir() else None
+    parent_manifest = checkpoint.model_manifest(model)
     options = {
         "method": method,
         "sparsity": sparsity_pattern.sparsity,
@@ -104,22 +105,18 @@ def prune(
     except CholeskyError as error:
         raise RuntimeFailure(f"SparseGPT failed: {error}; try more calibration windows (--nsamples)") from None
     loaded.to(loaded.spp_stored_dtype)
-    names = [report.name for report in reports]
-    layers = checkpoint.layers_record(loaded, names)
-    manifest = {
-        "stage": "prune",
-        "parent": checkpoint.parent_record(model_path if Path(model_path).exists() else model, parent_manifest),
-        "method": method,
-        "pattern": str(sparsity_pattern),
-        "target_sparsity": sparsity_pattern.sparsity,
-        "overall_sparsity": checkpoint.overall_sparsity(layers),
-        "layers": layers,
-        "dense": False,
-        "damping": {r.name: r.damping for r in reports if r.damping is not None and r.damping > 0.01 + 1e-12},
-        "config": options,
-        "fingerprint": stage_fingerprint,
-        "versions": versions(),
-    }
+    manifest = stage_manifest(
+        "prune",
+        parent=checkpoint.parent_record(model_path if Path(model_path).exists() else model, parent_manifest),
+        method=method,
+        pattern=str(sparsity_pattern),
+        target_sparsity=sparsity_pattern.sparsity,
+        dense=False,
+        layers=layers_record(loaded, [report.name for report in reports]),
+        damping={r.name: r.damping for r in reports if r.damping is not None and r.damping > 0.01 + 1e-12},
+        config=options,
+        fingerprint=stage_fingerprint,
+    )
     return checkpoint.save_checkpoint(
         loaded, tokenizer, out, manifest, parent_dir=model_path if Path(model_path).is_dir() else None, started=started
     )
