@@ -61,10 +61,14 @@ def check_report_to(report_to: str) -> None:
                        "or use --report-to none")
 
 
-def check_groups_divide(model: str, groups: int, targets: str | None = None, ignore: str | None = None,
+def check_groups_divide(model: str, groups: int | None, targets: str | None = None, ignore: str | None = None,
                         trust_remote_code: bool = False) -> None:
     """SPP shares alpha across `groups` contiguous row groups, so every adapted linear's out_features must be a
-    multiple of `groups`. Checked on the architecture alone (a weightless skeleton on the meta device)."""
+    multiple of `groups` (None: SPP's default). Checked on the architecture alone (a weightless skeleton on the
+    meta device)."""
+    from spp_cli.adapters import resolved_method_options
+
+    groups = resolved_method_options("spp", {"groups": groups})["groups"]
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
