@@ -49,7 +49,9 @@ class PeftAdapter(Adapter):
         peft_config = getattr(self, "_peft_config", None)
         if peft_config is None:
             return super().record()
-        return json_safe(peft_config.to_dict())
+        # where the base lives is not part of the config (spp.json's hash must not depend on a location)
+        return {key: value for key, value in json_safe(peft_config.to_dict()).items()
+                if key not in ("base_model_name_or_path", "revision")}
 
     def save(self, model: nn.Module, adapter_dir: str | os.PathLike, *, base_path: str,
              base_manifest_sha256: str | None) -> None:

@@ -178,3 +178,16 @@ def test_saved_adapter_loads_onto_a_fresh_base_and_merges_the_same(method, tmp_p
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     with pytest.raises(BadInput, match="different zero mask"):
         adapter_class(method).load(pruned_tiny_llama("unstructured", init_std=0.3), tmp_path / "adapter")
+
+
+def test_peft_records_do_not_depend_on_where_the_base_lives(tmp_path):
+    records = []
+    for where in ("a", "b"):
+        model = pruned_tiny_llama()
+        adapter = adapter_for("ia3")
+        adapted = adapter.inject(model, decoder_linears(model))
+        adapter.save(adapted, tmp_path / where / "adapter", base_path=str(tmp_path / where), base_manifest_sha256=None)
+        records.append(adapter.record())
+    assert records[0] == records[1] and "base_model_name_or_path" not in records[0]
+    assert records[0]["peft_type"] == "IA3" and records[0]["feedforward_modules"] == sorted(
+        n for n in decoder_linears(pruned_tiny_llama()) if n.endswith("down_proj"))
