@@ -92,3 +92,17 @@ def test_no_merge_then_spp_merge_equals_the_direct_merge(method, pruned, tmp_pat
     assert {n: r["weight_sha256"] for n, r in merged["layers"].items()} == {
         n: r["weight_sha256"] for n, r in direct["layers"].items()}
     assert verify_checkpoint(tmp_path / "merged", against=pruned)["ok"] is REGISTRY[method].keeps_zeros
+
+
+def test_the_console_says_when_a_run_resumed_and_when_a_merge_is_dense():
+    from rich.console import Console
+
+    from spp_cli.render import render_finetune
+
+    console = Console(record=True, width=200)
+    manifest = {"method": "lora", "dense": True, "seconds": 1.0, "training": {"steps": 3, "loss_curve": []},
+                "run": {"resumed_from": "checkpoint-2"}}
+    render_finetune(console, manifest, "out")
+    lines = console.export_text().splitlines()
+    assert lines[1:] == ["  resumed from checkpoint-2 (the result equals an uninterrupted run's)",
+                         "  note: the lora merge makes every weight dense; the zero check was skipped"]
