@@ -164,13 +164,13 @@ def recovery_table(rows: list[dict]) -> str:
     def show(value, form: str) -> str:
         return format(value, form) if isinstance(value, (int, float)) else "-"
 
-    header = ["stage", "method", "trainable params", "zeros kept (verified)", "s/step", "peak memory MB", "ppl",
+    header = ["stage", "method", "trainable params", "zeros kept (verified)", "s/step", "memory MB", "ppl",
               "% of pruning gap recovered"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append("| " + " | ".join([
             row["stage"], str(row["method"]), show(row["trainable_params"], ","), row["zeros_kept"],
-            show(row["seconds_per_step"], ".3f"), show(row["peak_memory_mb"], ".0f"), show(row["ppl"], ".3f"),
+            show(row["seconds_per_step"], ".3f"), show(row["peak_memory_mb"], ".2f"), show(row["ppl"], ".3f"),
             show(row["gap_recovered_percent"], ".1f"),
         ]) + " |")
     return "\n".join(lines)
@@ -218,7 +218,7 @@ def write_report(run_dir: str | Path) -> dict:
     if len(rows) > 1:
         sections.append("## Recovery\n\n" + recovery_table(rows) + "\n")
         memory = {row["memory_measure"] for row in rows if row["memory_measure"]}
-        sections += [f"- peak memory is the {measure}" for measure in sorted(memory)]
+        sections += [f"- memory MB: {measure}" for measure in sorted(memory)]
         if plot_recovery(rows, run_dir / "recovery.png"):
             sections.append("\n![ppl against trainable parameters](recovery.png)\n")
     sections.append("## Stages\n")
