@@ -32,7 +32,7 @@ def training_progress(console, every: int | None = None):
         if event["resumed_from"] and event["resumed_from"] == step - 1:
             parts.append(f"resumed after step {event['resumed_from']}")
         if event["loss"] is not None:
-            parts.append(f"train loss {event['loss']:.4f}")
+            parts.append(f"train loss {event['loss']:.4f} (mean since the last log)")
         if event["lr"] is not None:
             parts.append(f"lr {event['lr']:.3g}")
         if event["tokens_per_second"]:

@@ -130,7 +130,8 @@ def finetune(
     work_dir = atomic.work_dir(out)
     _claim_work_dir(work_dir, stage_fingerprint)
     try:
-        result = run_finetune(model, tokenizer, records, train_config, work_dir, target_names=targets)
+        result = run_finetune(model, tokenizer, records, train_config, work_dir, target_names=targets,
+                              callbacks=_progress(console, batch_size * seqlen))
     except BadInput:
         if not any(work_dir.glob("checkpoints/checkpoint-*")):
             shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume: leave nothing behind
@@ -198,6 +199,16 @@ def finetune(
         )
     shutil.rmtree(work_dir, ignore_errors=True)
     return manifest
+
+
+def _progress(console, tokens_per_step: int) -> list:
+    """The console's step lines (none without a console, e.g. from the Python API)."""
+    if console is None:
+        return []
+    from spp_cli.progress import TrainingProgress
+    from spp_cli.render import training_progress
+
+    return [TrainingProgress(training_progress(console), tokens_per_step)]
 
 
 def _claim_work_dir(work_dir: Path, stage_fingerprint: str) -> None:
