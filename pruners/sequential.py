@@ -32,6 +32,8 @@ from pruners.blocks import (
     find_decoder_blocks,
     prunable_linears,
 )
+from pruners.dsnot import DSnoTPruner
+from pruners.dsnot import refines as dsnot_refines
 from pruners.masks import SparsityPattern
 from pruners.reports import BlockReport, LayerReport
 
@@ -131,7 +133,7 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
                 targets: str | None = None, ignore: str | None = None, device: str | torch.device = "cpu",
                 true_sequential: bool = False, use_variant: bool = False, batch_size: int = 1,
                 sparsity_profile: str = "uniform", owl_threshold: float = owl.DEFAULT_THRESHOLD,
-                owl_lambda: float = owl.DEFAULT_LAMBDA,
+                owl_lambda: float = owl.DEFAULT_LAMBDA, refine: str = "none",
                 on_block: Callable[[BlockReport], None] | None = None) -> list[LayerReport]:
     """Prune every target linear of every decoder block of `model` in place, one block at a time.
 
@@ -141,6 +143,8 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
     batch_size: calibration samples per forward (1 reproduces the references' statistics order).
     sparsity_profile: "uniform" (every block at pattern.sparsity) or "owl" (pruners/owl.py: per-block sparsity from
     the block's outlier ratio with owl_threshold M and owl_lambda; unstructured only; needs calibration_ids).
+    refine: "none" or "dsnot" (pruners/dsnot.py: the wanda or sparsegpt initial mask refined by prune-and-grow
+    within each row; no weight update; linears under a block's `mlp` keep the initial mask, the reference default).
     Returns one LayerReport per pruned linear, in block order and, within a block, the order they were pruned.
     Raises PatternError, UnsupportedModelError, PrunerOptionError (all ValueError) on bad input before any
     weight changes, and CholeskyError (RuntimeError) when SparseGPT fails.
@@ -154,6 +158,12 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
         raise PrunerOptionError(f"true_sequential needs calibration statistics; {method} uses none")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PrunerOptionError(f"batch_size {batch_size!r} is invalid: use an integer >= 1")
+    if refine not in ("none", "dsnot"):
+        raise PrunerOptionError(f"unknown refine {refine!r}: use none or dsnot")
+    if refine == "dsnot" and method not in ("wanda", "sparsegpt"):
+        raise PrunerOptionError(f"refine dsnot refines a wanda or sparsegpt mask; {method} is neither")
+    if refine == "dsnot" and use_variant:
+        raise PrunerOptionError("refine dsnot starts from wanda's per-row mask; drop use_variant")
     if sparsity_profile not in ("uniform", "owl"):
         raise PrunerOptionError(f"unknown sparsity_profile {sparsity_profile!r}: use uniform or owl")
     if sparsity_profile == "owl":
@@ -177,8 +187,15 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
     device = torch.device(device)
     options = {"use_variant": use_variant} if method == "wanda" else {}
 
-    def make_pruner(name: str) -> Any:
-        return pruner_class(linears[name], name, **options)
+    if refine == "dsnot":
+        pruner_class = DSnoTPruner
+
+        def make_pruner(name: str) -> Any:
+            relative = name[len(prefix) + 1:].split(".", 1)[1]
+            return DSnoTPruner(linears[name], name, initial=method, refine=dsnot_refines(relative))
+    else:
+        def make_pruner(name: str) -> Any:
+            return pruner_class(linears[name], name, **options)
 
     was_training = model.training
     tf32 = torch.backends.cuda.matmul.allow_tf32
