@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruners import PRUNERS, owl
+from pruners import PRUNERS, experts, owl
 from pruners.blocks import (
     PrunerOptionError,
     StopForward,
@@ -134,6 +134,7 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
                 true_sequential: bool = False, use_variant: bool = False, batch_size: int = 1,
                 sparsity_profile: str = "uniform", owl_threshold: float = owl.DEFAULT_THRESHOLD,
                 owl_lambda: float = owl.DEFAULT_LAMBDA, refine: str = "none",
+                min_expert_tokens: int = experts.DEFAULT_MIN_TOKENS,
                 on_block: Callable[[BlockReport], None] | None = None) -> list[LayerReport]:
     """Prune every target linear of every decoder block of `model` in place, one block at a time.
 
@@ -144,7 +145,9 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
     sparsity_profile: "uniform" (every block at pattern.sparsity) or "owl" (pruners/owl.py: per-block sparsity from
     the block's outlier ratio with owl_threshold M and owl_lambda; unstructured only; needs calibration_ids).
     refine: "none" or "dsnot" (pruners/dsnot.py: the wanda or sparsegpt initial mask refined by prune-and-grow
-    within each row; no weight update; linears under a block's `mlp` keep the initial mask, the reference default).
+    within each row; linears under a block's `mlp` keep the initial mask, the reference default).
+    min_expert_tokens: a fused-MoE expert projection (pruners/experts.py) that saw fewer calibration tokens is
+    pruned by magnitude instead (its LayerReport says so in `fallback` and `tokens`).
     Returns one LayerReport per pruned linear, in block order and, within a block, the order they were pruned.
     Raises PatternError, UnsupportedModelError, PrunerOptionError (all ValueError) on bad input before any
     weight changes, and CholeskyError (RuntimeError) when SparseGPT fails.
@@ -197,12 +200,22 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
         def make_pruner(name: str) -> Any:
             return pruner_class(linears[name], name, **options)
 
+    if pruner_class.needs_calibration:  # experts: count routed tokens, fall back to magnitude below the minimum
+        make_layer_pruner = make_pruner
+
+        def make_pruner(name: str) -> Any:
+            pruner = make_layer_pruner(name)
+            if isinstance(linears[name], experts.ExpertLinear):
+                return experts.ExpertPruner(pruner, linears[name], name, min_expert_tokens)
+            return pruner
+
     was_training = model.training
     tf32 = torch.backends.cuda.matmul.allow_tf32
     model.eval()
     torch.backends.cuda.matmul.allow_tf32 = False  # the references keep TF32 off (spec §1.2)
     try:
-        with torch.no_grad():  # not inference_mode: the weights must stay usable by autograd afterwards
+        with torch.no_grad(), experts.eager_experts(blocks):  # no_grad, not inference_mode: the weights must stay
+            # usable by autograd afterwards
             patterns, outlier_ratios = [pattern] * len(blocks), [None] * len(blocks)
             if sparsity_profile == "owl":  # a dense pass over every block first, as the reference does
                 _check_calibration(calibration_ids, method)
@@ -325,8 +338,11 @@ def _prune_block(block, linears, make_pruner, pattern, inputs, outputs, calls, b
         observer.remove()
     groups = observer.groups()
     never_called = [name for name in linears if name not in observer.owner]
-    if never_called:
-        raise RuntimeError(f"no calibration input reached {', '.join(never_called)}")
+    unrouted = [name for name in never_called if isinstance(linears[name], experts.ExpertLinear)]  # no tokens:
+    # their pruners fall back to magnitude
+    if len(unrouted) < len(never_called):
+        raise RuntimeError(f"no calibration input reached {', '.join(sorted(set(never_called) - set(unrouted)))}")
+    unrouted_reports = [make_pruner(name).prune(pattern) for name in unrouted]
     if not true_sequential:
         reports = observer.prune([name for group in groups for name in group], pattern)
     else:
@@ -339,6 +355,7 @@ def _prune_block(block, linears, make_pruner, pattern, inputs, outputs, calls, b
             finally:
                 partial.remove()
             reports += partial.prune(group, pattern)
+    reports += unrouted_reports
 
     # pruned pass: next block's inputs, and the relative reconstruction error against the dense outputs
     squared_error, squared_norm = 0.0, 0.0

@@ -22,6 +22,27 @@ def parse_pattern(pattern: str, sparsity: float):
         raise BadInput(str(error)) from None
 
 
+def new_option_records(stage: PruneStage, blocks: list, reports: list) -> dict:
+    """spp.json entries for OWL (each block's outlier ratio and sparsity), DSnoT and MoE fallbacks, when used."""
+    records = {}
+    if stage.sparsity_profile == "owl":
+        records["sparsity_profile"] = {
+            "profile": "owl", "threshold": stage.owl_threshold, "lambda": stage.owl_lambda,
+            "layer_sparsity": {str(b.index): round(b.sparsity, 8) for b in blocks},
+            "outlier_ratio": {str(b.index): round(b.outlier_ratio, 8) for b in blocks},
+        }
+    if stage.refine != "none":
+        records["refine"] = stage.refine
+    fallbacks = {r.name: {"method": r.fallback, "tokens": r.tokens} for r in reports if r.fallback}
+    if fallbacks:
+        records["expert_fallbacks"] = fallbacks
+        records["warnings"] = [
+            f"{len(fallbacks)} expert linear(s) saw fewer than {stage.min_expert_tokens} calibration tokens and were "
+            "pruned by magnitude (see expert_fallbacks): use more calibration windows (--nsamples)"
+        ]
+    return records
+
+
 def prune(
     model: str,
     out: str | Path,
@@ -39,8 +60,10 @@ def prune(
     parent).
     """
     from pruners import CholeskyError
+    from pruners.experts import weight_of
     from pruners.masks import PatternError
     from pruners.sequential import PrunerOptionError, UnsupportedModelError, prune_model
+    from spp_cli.manifest import layer_record
 
     started = time.time()
     out = Path(out)
@@ -52,12 +75,13 @@ def prune(
     checkpoint.torch_dtype(dtype)
     model_path = checkpoint.resolve_model_path(model)
     parent_manifest = checkpoint.read_manifest(model_path) if Path(model_path).is_dir() else None
+    needs_calibration = method != "magnitude" or stage.sparsity_profile == "owl"  # OWL's outlier ratios need data
     options = {
         "method": method,
         "sparsity": sparsity_pattern.sparsity,
         "pattern": str(sparsity_pattern),
-        "calib": None if method == "magnitude" else calib,
-        "nsamples": None if method == "magnitude" else nsamples,
+        "calib": calib if needs_calibration else None,
+        "nsamples": nsamples if needs_calibration else None,
         "seqlen": stage.seqlen,
         "seed": seed,
         "targets": stage.targets,
@@ -66,6 +90,14 @@ def prune(
         "true_sequential": stage.true_sequential,
         "dtype": dtype,
     }
+    # recorded only when used, so the fingerprints (and manifests) of earlier runs stay what they were
+    if stage.sparsity_profile != "uniform":
+        options |= {"sparsity_profile": stage.sparsity_profile, "owl_threshold": stage.owl_threshold,
+                    "owl_lambda": stage.owl_lambda}
+    if stage.refine != "none":
+        options["refine"] = stage.refine
+    if stage.min_expert_tokens != 16:
+        options["min_expert_tokens"] = stage.min_expert_tokens
     stage_fingerprint = fingerprint(options, parent_manifest.get("manifest_sha256") if parent_manifest else model)
     check_output_path(out, [model_path])
     if existing_output(out, stage_fingerprint, overwrite):
@@ -73,19 +105,26 @@ def prune(
 
     checkpoint.check_model(model, allow_pickle)
     calibration_texts = None
-    if method != "magnitude":
+    if needs_calibration:
         from spp_cli.data.sources import read_texts
 
         calibration_texts = read_texts(calib)  # a bad source fails before a large model is loaded
     loaded, tokenizer = checkpoint.load_model(
         model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
     )
-    options["seqlen"] = checkpoint.resolve_seqlen(loaded.config, stage.seqlen) if method != "magnitude" else None
+    options["seqlen"] = checkpoint.resolve_seqlen(loaded.config, stage.seqlen) if needs_calibration else None
     calibration = None
-    if method != "magnitude":
+    if needs_calibration:
         from spp_cli.data.sources import calibration_windows
 
         calibration = calibration_windows(tokenizer, calib, nsamples, options["seqlen"], seed, calibration_texts)
+    blocks_seen = []
+
+    def record_block(report) -> None:
+        blocks_seen.append(report)
+        if on_block is not None:
+            on_block(report)
+
     try:
         reports = prune_model(
             loaded,
@@ -97,15 +136,20 @@ def prune(
             device=compute_device,
             true_sequential=stage.true_sequential,
             use_variant=stage.use_variant,
-            on_block=on_block,
+            sparsity_profile=stage.sparsity_profile,
+            owl_threshold=stage.owl_threshold,
+            owl_lambda=stage.owl_lambda,
+            refine=stage.refine,
+            min_expert_tokens=stage.min_expert_tokens,
+            on_block=record_block,
         )
     except (PatternError, PrunerOptionError, UnsupportedModelError) as error:
         raise BadInput(str(error)) from None
     except CholeskyError as error:
         raise RuntimeFailure(f"SparseGPT failed: {error}; try more calibration windows (--nsamples)") from None
     loaded.to(loaded.spp_stored_dtype)
-    names = [report.name for report in reports]
-    layers = checkpoint.layers_record(loaded, names)
+    layers = {report.name: layer_record(weight_of(loaded, report.name)) for report in reports}  # MoE experts
+    # are slices of fused parameters, not modules
     manifest = {
         "stage": "prune",
         "parent": checkpoint.parent_record(model_path if Path(model_path).exists() else model, parent_manifest),
@@ -120,6 +164,7 @@ def prune(
         "fingerprint": stage_fingerprint,
         "versions": versions(),
     }
+    manifest |= new_option_records(stage, blocks_seen, reports)
     return checkpoint.save_checkpoint(
         loaded, tokenizer, out, manifest, parent_dir=model_path if Path(model_path).is_dir() else None, started=started
     )
