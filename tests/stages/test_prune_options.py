@@ -88,5 +88,6 @@ def test_mixtral_end_to_end_with_expert_fallback(inputs):
     routed = run(inputs, "mixtral", "mixtral-routed")  # the default minimum: experts use their own statistics
     fallbacks = routed.get("expert_fallbacks", {})  # the default minimum (16): only rarely chosen experts fall back
     assert all(f["tokens"] < 16 for f in fallbacks.values()) and len(fallbacks) < len(experts)
-    tokens = {n: f["tokens"] for n, f in manifest["expert_fallbacks"].items()}  # the same routing both times
-    assert {n for n, t in tokens.items() if t < 16} == set(fallbacks)
+    tokens = {n: f["tokens"] for n, f in manifest["expert_fallbacks"].items() if ".layers.0." in n}  # block 0
+    # routes the same dense inputs in both runs
+    assert {n for n, t in tokens.items() if t < 16} == {n for n in fallbacks if ".layers.0." in n}
