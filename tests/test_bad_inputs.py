@@ -137,23 +137,23 @@ def test_at_least_thirty_rows():
 
 API_ROWS = [
     # (id, keyword arguments of spp_cli.prune, a fragment of the one-line message)
-    ("owl with N:M", dict(method="wanda", pattern="2:4", sparsity_profile="owl"), "needs --pattern unstructured"),
-    ("owl lambda 0", dict(method="wanda", sparsity=0.5, sparsity_profile="owl", owl_lambda=0.0), "owl_lambda 0.0"),
-    ("owl lambda 0.5", dict(method="wanda", sparsity=0.5, sparsity_profile="owl", owl_lambda=0.5), "owl_lambda 0.5"),
-    ("owl lambda negative", dict(method="sparsegpt", sparsity=0.5, sparsity_profile="owl", owl_lambda=-0.1),
-     "out of range"),
-    ("owl threshold 0", dict(method="wanda", sparsity=0.5, sparsity_profile="owl", owl_threshold=0), "owl_threshold 0"),
-    ("owl threshold negative", dict(method="magnitude", sparsity=0.5, sparsity_profile="owl", owl_threshold=-1.0),
-     "owl_threshold -1.0"),
+    ("owl with N:M", dict(method="wanda", pattern="2:4", sparsity_profile="owl"),
+     "sparsity_profile: owl needs pattern unstructured"),
+    ("owl lambda 0", dict(method="wanda", sparsity_profile="owl", owl_lambda=0.0), "owl_lambda: 0.0 is out of range"),
+    ("owl lambda 0.5", dict(method="wanda", sparsity_profile="owl", owl_lambda=0.5), "owl_lambda: 0.5 is out of range"),
+    ("owl lambda negative", dict(method="sparsegpt", sparsity_profile="owl", owl_lambda=-0.1),
+     "owl_lambda: -0.1 is out of range"),
+    ("owl threshold 0", dict(method="wanda", sparsity_profile="owl", owl_threshold=0), "owl_threshold: 0 is out of"),
+    ("owl threshold negative", dict(method="magnitude", sparsity_profile="owl", owl_threshold=-1.0),
+     "owl_threshold: -1.0 is out of range"),
     ("owl lambda too wide for the sparsity", dict(method="wanda", sparsity=0.1, sparsity_profile="owl",
                                                   owl_lambda=0.3), "lower owl_lambda"),
-    ("unknown sparsity profile", dict(method="wanda", sparsity=0.5, sparsity_profile="layerwise"),
-     "unknown sparsity profile 'layerwise'"),
-    ("dsnot with magnitude", dict(method="magnitude", sparsity=0.5, refine="dsnot"), "--refine dsnot refines"),
-    ("dsnot with the wanda variant", dict(method="wanda", sparsity=0.5, refine="dsnot", use_variant=True),
-     "drop --use-variant"),
-    ("unknown refine", dict(method="wanda", sparsity=0.5, refine="sparse-grow"), "unknown refine 'sparse-grow'"),
-    ("min_expert_tokens negative", dict(method="wanda", sparsity=0.5, min_expert_tokens=-1), "min_expert_tokens -1"),
+    ("unknown sparsity profile", dict(method="wanda", sparsity_profile="layerwise"),
+     "sparsity_profile: 'layerwise' is not one of uniform, owl"),
+    ("dsnot with magnitude", dict(method="magnitude", refine="dsnot"), "refine: dsnot refines a wanda or sparsegpt"),
+    ("dsnot with the wanda variant", dict(method="wanda", refine="dsnot", use_variant=True), "drop use_variant"),
+    ("unknown refine", dict(method="wanda", refine="sparse-grow"), "refine: 'sparse-grow' is not one of none, dsnot"),
+    ("min_expert_tokens negative", dict(method="wanda", min_expert_tokens=-1), "min_expert_tokens: -1 is out of"),
 ]
 
 
