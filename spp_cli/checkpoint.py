@@ -7,7 +7,6 @@ directory is complete when it holds `spp.json` with a `manifest_sha256` (see `is
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from datetime import UTC, datetime
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from spp_cli.atomic import atomic_dir
 from spp_cli.errors import BadInput
-from spp_cli.manifest import layer_record
 
 MANIFEST = "spp.json"
 ASSETS = Path(__file__).parent / "assets"
@@ -140,6 +139,16 @@ def read_manifest(model_dir: str | Path) -> dict | None:
         raise BadInput(f"'{path}' is not valid JSON: restore it or rerun the stage with --overwrite") from None
 
 
+def model_manifest(model: str) -> dict | None:
+    """The spp.json of a model reference (a local folder or builtin:NAME), None for a hub id or a plain model."""
+    path = resolve_model_path(model)
+    return read_manifest(path) if Path(path).is_dir() else None
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
 def is_complete(directory: str | Path) -> bool:
     manifest = read_manifest(directory) if Path(directory).is_dir() else None
     return bool(manifest and manifest.get("manifest_sha256"))
@@ -152,17 +161,6 @@ def manifest_sha256(manifest: dict) -> str:
     if isinstance(content.get("parent"), dict):
         content["parent"] = {key: value for key, value in content["parent"].items() if key != "path"}
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def layers_record(model, names: list[str]) -> dict[str, dict]:
-    modules = dict(model.named_modules())
-    return {name: layer_record(modules[name].weight) for name in names}
-
-
-def overall_sparsity(layers: dict[str, dict]) -> float:
-    total = sum(record["shape"][0] * record["shape"][1] for record in layers.values())
-    zeros = sum(record["sparsity"] * record["shape"][0] * record["shape"][1] for record in layers.values())
-    return round(zeros / total, 6) if total else 0.0
 
 
 def parent_record(parent: str, parent_manifest: dict | None) -> dict:
@@ -197,30 +195,6 @@ def finish_manifest(manifest: dict, seconds: float) -> dict:
     return manifest
 
 
-def staging_dir(out_dir: Path, purpose: str = "saving") -> Path:
-    """A hidden sibling of `out_dir`, on the same filesystem so the final rename is atomic."""
-    return out_dir.parent / f".{out_dir.name}.{purpose}-{os.getpid()}"
-
-
-def remove_stale_staging(out_dir: Path) -> None:
-    """Staging dirs left by a process that was killed mid-save (their pid is gone) are junk: remove them."""
-    for stale in out_dir.parent.glob(f".{out_dir.name}.saving-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def publish(staging: Path, out_dir: Path) -> None:
-    """Move a finished staging directory into place, replacing an old output only after the new one is whole."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def parent_shard_size(parent_dir: Path | None) -> str:
     """Keep the parent's shard layout: shards no larger than the parent's largest shard."""
     if parent_dir is None or not parent_dir.is_dir():
@@ -245,13 +219,8 @@ def save_checkpoint(
 
     `extra_dirs` maps a subdirectory name (e.g. "adapter") to an existing directory to move in with it.
     """
-    out_dir = Path(out_dir)
     parent_dir = Path(parent_dir) if parent_dir else None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out_dir)
-    staging = staging_dir(out_dir)
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with atomic_dir(out_dir) as staging:
         model.save_pretrained(staging, max_shard_size=parent_shard_size(parent_dir))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -261,11 +230,7 @@ def save_checkpoint(
         for name, source in (extra_dirs or {}).items():
             shutil.copytree(source, staging / name)
         finished = finish_manifest(manifest, time.time() - started if started else 0.0)
-        (staging / MANIFEST).write_text(json.dumps(finished, indent=2) + "\n", encoding="utf-8")
-        publish(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_manifest(staging, finished)
     return finished
 
 

@@ -21,8 +21,27 @@ try:  # recent Typer vendors its own Click; older releases use the click package
 except ImportError:  # pragma: no cover
     from click.exceptions import UsageError
 
+class _FlagHelp:
+    """`--help` is a flag: no `<bool>` after it in the help text (like every other flag of spp)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class SppCommand(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
+class SppGroup(_FlagHelp, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
     name="spp",
+    cls=SppGroup,
     help="Prune a Hugging Face causal LM one-shot, recover it with SPP (sparsity-preserving PEFT), evaluate it.",
     no_args_is_help=True,
     add_completion=False,
@@ -84,7 +103,7 @@ def _emit(result, output_format: OutputFormat, render) -> None:
 
 @app.callback(invoke_without_command=True)
 def root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, metavar="")] = False,
 ) -> None:
     if version:
         from spp_cli.environment import package_version
@@ -94,6 +113,7 @@ def root(
 
 
 @app.command(
+    cls=SppCommand,
     epilog="Examples:\n\n"
     "    spp prune builtin:tiny-llama --method wanda --sparsity 0.5 --calib builtin:python-docs --out runs/w50\n\n"
     "    spp prune meta-llama/Llama-2-7b-hf --method sparsegpt --pattern 2:4 --seqlen 4096 --out llama2-7b-2of4\n\n"
@@ -122,6 +142,7 @@ def prune(options, *, model, out, overwrite, trust_remote_code, allow_pickle, ou
 
 
 @app.command(
+    cls=SppCommand,
     epilog="Examples:\n\n"
     "    spp finetune runs/w50 --data builtin:python-docs --max-steps 100 --batch-size 16 --micro-batch-size 8 --seqlen 256 --out runs/w50-spp\n\n"
     "    spp finetune llama2-7b-2of4 --data alpaca-gpt4 --out llama2-7b-2of4-spp\n\n"
@@ -150,7 +171,7 @@ def finetune(options, *, model_dir, out, overwrite, trust_remote_code, allow_pic
         _emit(manifest, output_format, lambda console, result: render_finetune(console, result, out))
 
 
-@app.command(epilog="Example:\n\n    spp finetune runs/w50 --data d.jsonl --no-merge --out runs/w50-spp && spp merge runs/w50-spp/adapter --out runs/w50-merged")
+@app.command(cls=SppCommand, epilog="Example:\n\n    spp finetune runs/w50 --data d.jsonl --no-merge --out runs/w50-spp && spp merge runs/w50-spp/adapter --out runs/w50-merged")
 def merge(
     adapter_dir: Annotated[str, typer.Argument(help="An SPP adapter directory (adapter_config.json).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory for the merged model.")],
@@ -169,6 +190,7 @@ def merge(
 
 @app.command(
     "eval",
+    cls=SppCommand,
     epilog="Examples:\n\n"
     "    spp eval runs/w50 --tasks wikitext2,boolq --data-dir ../shared/data --limit 100 --out results.json\n\n"
     "    spp eval builtin:tiny-llama runs/w50 --tasks ppl:builtin:python-docs:test --seqlen 256 --out r.json\n\n"
@@ -196,28 +218,29 @@ def eval_command(options, *, out, trust_remote_code, allow_pickle, output_format
 
 
 @app.command(
+    cls=SppCommand,
     epilog="Examples:\n\n"
     "    spp run recipes/quickstart.yaml\n\n"
-    "    spp run recipes/llama2-7b-wanda.yaml stages.prune.sparsity=0.6 output_dir=runs/w60\n\n"
+    "    spp run recipes/paper/llama2-7b-50.yaml stages.prune.sparsity=0.6 output_dir=runs/w60\n\n"
     "    spp run recipes/quickstart.yaml --dry-run",
 )
 def run(
     recipe: Annotated[Path, typer.Argument(help="A recipe YAML file.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value or stages.NAME.KEY=value overrides.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and validate only; load no model.")] = False,
-    overwrite: OverwriteOption = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and check only; load no model.", metavar="")] = False,
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
-    """Run a recipe's stages in order; a finished stage with the same options is skipped, a broken one resumed."""
+    """Run a recipe's stages in order; a finished stage with the same options is skipped, a broken one resumed,
+    a changed one (and every stage after it) rerun into the same folder."""
     from spp_cli.pipeline import run_recipe
     from spp_cli.render import render_run
 
     _quiet_libraries()
-    summary = run_recipe(recipe, overrides or [], dry_run=dry_run, overwrite=overwrite, console=_console(stderr=True))
+    summary = run_recipe(recipe, overrides or [], dry_run=dry_run, console=_console(stderr=True))
     _emit(summary, output_format, render_run)
 
 
-@app.command(epilog="Examples:\n\n    spp verify runs/quickstart/finetune --against runs/quickstart/prune\n\n    spp verify runs/w50")
+@app.command(cls=SppCommand, epilog="Examples:\n\n    spp verify runs/quickstart/finetune --against runs/quickstart/prune\n\n    spp verify runs/w50")
 def verify(
     directory: Annotated[Path, typer.Argument(help="A model directory with spp.json.")],
     against: Annotated[Path | None, typer.Option("--against", help="Parent directory whose zeros must all survive.")] = None,
@@ -233,7 +256,7 @@ def verify(
         raise typer.Exit(1)
 
 
-@app.command(epilog="Example:\n\n    spp report runs/quickstart")
+@app.command(cls=SppCommand, epilog="Example:\n\n    spp report runs/quickstart")
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A `spp run` output directory.")],
     output_format: FormatOption = OutputFormat.human,
@@ -245,13 +268,13 @@ def report(
     _emit(result, output_format, lambda console, r: console.print(f"report written: {r['report']}"))
 
 
-@app.command(epilog="Example:\n\n    spp env --format json")
+@app.command(cls=SppCommand, epilog="Example:\n\n    spp env --format json")
 def env(output_format: FormatOption = OutputFormat.human) -> None:
     """Versions, devices and cache locations."""
     from spp_cli.environment import environment_report
+    from spp_cli.render import render_env
 
-    result = environment_report()
-    _emit(result, output_format, lambda console, r: console.print_json(data=r))
+    _emit(environment_report(), output_format, render_env)
 
 
 INTERRUPTED = "spp: interrupted: rerun the same command to resume\n"
@@ -270,8 +293,8 @@ def run_cli(argv: list[str] | None = None) -> int:
     except typer.Exit as exit_:
         code = exit_.exit_code
     except UsageError as error:
-        if not error.format_message().strip():  # `spp` alone: the help was shown, nothing went wrong
-            return 0
+        if not error.format_message().strip():  # `spp` alone: the help was shown, but no command was given
+            return 2
         where = f"spp {error.ctx.info_name}" if error.ctx and error.ctx.info_name != "spp" else "spp"
         sys.stderr.write(f"spp: error: {_one_line(error.format_message())} (see '{where} --help')\n")
         return 2

@@ -13,6 +13,14 @@ def package_version(name: str) -> str | None:
         return None
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def is_offline() -> bool:
+    """The one offline rule: any Hugging Face offline switch set (1, on, yes, true) means nothing is downloaded."""
+    return any(os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"} for name in OFFLINE_VARIABLES)
+
+
 def versions() -> dict:
     """The versions that decide a stage's numbers (kept in spp.json and results.json)."""
     import torch
@@ -54,5 +62,5 @@ def environment_report() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "hf_cache": cache,
         "spp_cache": os.environ.get("SPP_CACHE", os.path.expanduser("~/.cache/spp")),
-        "offline": {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")},
+        "offline": is_offline(),
     }

@@ -1,4 +1,5 @@
-"""Hashes of a weight's zero set and values, as the spp.json manifest records them (DESIGN.md, Checkpoint)."""
+"""The spp.json manifest's content (DESIGN.md, Checkpoint): per-layer records with the hashes of a weight's zero
+set and values, and the one builder of a stage's manifest."""
 
 import hashlib
 
@@ -26,3 +27,47 @@ def layer_record(weight: torch.Tensor) -> dict:
         "zeros_sha256": zeros_sha256(weight),
         "weight_sha256": weight_sha256(weight),
     }
+
+
+def layers_record(model: torch.nn.Module, names: list[str]) -> dict[str, dict]:
+    modules = dict(model.named_modules())
+    return {name: layer_record(modules[name].weight) for name in names}
+
+
+def overall_sparsity(layers: dict[str, dict]) -> float:
+    """Zeros over weights of the prunable linears only (embeddings, lm_head and norms are never pruned)."""
+    total = sum(record["shape"][0] * record["shape"][1] for record in layers.values())
+    zeros = sum(record["sparsity"] * record["shape"][0] * record["shape"][1] for record in layers.values())
+    return round(zeros / total, 6) if total else 0.0
+
+
+def stage_manifest(
+    stage: str,
+    *,
+    parent: dict,
+    method: str,
+    pattern: str | None,
+    target_sparsity: float | None,
+    dense: bool,
+    layers: dict[str, dict],
+    config: dict,
+    fingerprint: str,
+    **details,
+) -> dict:
+    """A stage's spp.json before checkpoint.finish_manifest adds its hash and times. `details` are the stage's
+    own keys (damping, adapter, training, merged, ...); an output without weights (an adapter alone) has no
+    layers and so no overall_sparsity."""
+    from spp_cli.environment import versions
+
+    manifest = {
+        "stage": stage,
+        "parent": parent,
+        "method": method,
+        "pattern": pattern,
+        "target_sparsity": target_sparsity,
+        "dense": dense,
+        "layers": layers,
+    }
+    if layers:
+        manifest["overall_sparsity"] = overall_sparsity(layers)
+    return {**manifest, **details, "config": config, "fingerprint": fingerprint, "versions": versions()}

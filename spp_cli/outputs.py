@@ -6,6 +6,7 @@ from pathlib import Path
 
 from spp_cli.checkpoint import read_manifest
 from spp_cli.errors import BadInput
+from spp_cli.preflight import check_writable
 
 
 def fingerprint(options: dict, parent_manifest_sha256: str | None) -> str:
@@ -15,7 +16,8 @@ def fingerprint(options: dict, parent_manifest_sha256: str | None) -> str:
 
 
 def check_output_path(out: Path, inputs: list[str | Path]) -> None:
-    """An output must not be, or live inside, one of the stage's inputs (the user's files are never touched)."""
+    """An output must not be, or live inside, one of the stage's inputs (the user's files are never touched),
+    and must be writable (checked now, not after the work)."""
     resolved = out.resolve()
     for item in inputs:
         source = Path(item)
@@ -24,23 +26,47 @@ def check_output_path(out: Path, inputs: list[str | Path]) -> None:
         source = source.resolve()
         if resolved == source or source in resolved.parents or (source.is_dir() and resolved in source.parents):
             raise BadInput(f"output '{out}' overlaps the input '{item}': choose an --out outside the input")
+    check_writable(out)
 
 
-def existing_output(out: Path, fingerprint_now: str, overwrite: bool, stored: dict | None = None) -> bool:
-    """True when `out` already holds this exact result (skip the stage). Raises when it holds something else.
+def written_by_spp(out: Path) -> dict | None:
+    """The record of an output spp wrote (a checkpoint dir's spp.json whose hash matches its content, or a
+    results file spp wrote), else None: only such outputs may ever be replaced."""
+    from spp_cli.checkpoint import manifest_sha256
 
-    `stored` is the finished output's record (its spp.json or results.json); read from `out/spp.json` if None.
+    if out.is_dir():
+        try:
+            stored = read_manifest(out)
+        except BadInput:
+            return None
+        if stored and stored.get("manifest_sha256") == manifest_sha256(stored):
+            return stored
+        return None
+    if out.is_file() and out.suffix == ".json":
+        try:
+            stored = json.loads(out.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return stored if isinstance(stored, dict) and "fingerprint" in stored else None
+    return None
+
+
+def existing_output(out: Path, fingerprint_now: str, overwrite: bool) -> bool:
+    """True when `out` already holds this exact result (skip the stage). Raises when it holds anything else.
+
+    `--overwrite` replaces only what spp wrote; a folder or file of the user's is never replaced, with or
+    without it (and the message does not suggest overwriting it). An empty folder counts as free.
     """
-    if not out.exists():
+    if not out.exists() and not out.is_symlink():
         return False
-    if stored is None and out.is_dir():
-        stored = read_manifest(out)
+    stored = written_by_spp(out)
     if stored is None:
-        if out.is_dir() and not any(out.iterdir()):
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
             return False
-        if overwrite:
-            return False
-        raise BadInput(f"output '{out}' exists and is not an spp output: choose another --out or pass --overwrite")
+        what = "a folder" if out.is_dir() else "a file"
+        raise BadInput(
+            f"output '{out}' is {what} that spp did not write, and spp never replaces those: choose another --out"
+        )
     if stored.get("fingerprint") == fingerprint_now:
         return True
     if overwrite:

@@ -29,19 +29,16 @@ def model_path(recipe: Recipe, reference: str) -> str:
     return reference
 
 
-def owned_by_spp(directory: Path) -> bool:
-    """A stage folder spp wrote before: replacing it when the recipe changed is the point of `spp run`."""
-    return (directory / "spp.json").exists() or (directory / RESULTS).exists() or not directory.exists()
-
-
-def run_stage(recipe: Recipe, stage, overwrite: bool, console) -> dict:
+def run_stage(recipe: Recipe, stage, console) -> dict:
     from spp_cli.render import block_progress
     from spp_cli.stages.evaluate import evaluate_models
     from spp_cli.stages.finetune import finetune
     from spp_cli.stages.prune import prune
 
     directory = Path(recipe.output_dir) / stage.name
-    replace = overwrite or owned_by_spp(directory)
+    # a stage folder spp wrote is replaced when the recipe changed (the point of `spp run`); anything else in its
+    # place is refused by the stage (spp_cli/outputs.py)
+    replace = True
     loading = {"trust_remote_code": recipe.trust_remote_code, "allow_pickle": recipe.allow_pickle}
     options = stage.command_options()
     if isinstance(stage, PruneStage):
@@ -59,13 +56,46 @@ def run_stage(recipe: Recipe, stage, overwrite: bool, console) -> dict:
     )
 
 
+def check_recipe(recipe: Recipe) -> None:
+    """What `--dry-run` promises: every check that needs no model weights, stage by stage (spp_cli/preflight.py)."""
+    from spp_cli import preflight
+    from spp_cli.eval.engine import validate_tasks
+
+    def base_model(reference: str) -> str:
+        """The architecture a stage works on: a stage's output has its root model's shapes."""
+        while reference in recipe.stage_names:
+            reference = recipe.stage(reference).input
+        return model_path(recipe, reference)
+
+    for stage in recipe.stages:
+        preflight.check_writable(stage_output(recipe, stage))
+        for reference in stage.reads():
+            if reference not in recipe.stage_names:
+                preflight.check_model_reference(model_path(recipe, reference), recipe.allow_pickle)
+        if isinstance(stage, PruneStage) and stage.method != "magnitude":
+            preflight.check_source(stage.calib)
+        elif isinstance(stage, FinetuneStage):
+            preflight.check_source(stage.data)
+            preflight.check_report_to(stage.report_to)
+            if stage.method == "spp":
+                pruned_by = recipe.stage(stage.input) if stage.input in recipe.stage_names else None
+                narrowed = isinstance(pruned_by, PruneStage)
+                preflight.check_groups_divide(
+                    base_model(stage.input), stage.groups, pruned_by.targets if narrowed else None,
+                    pruned_by.ignore if narrowed else None, recipe.trust_remote_code,
+                )
+        elif isinstance(stage, EvalStage):
+            validate_tasks(stage.tasks, data_dir=stage.data_dir)
+
+
 def run_recipe(
-    recipe_file: str | Path, overrides: list[str], *, dry_run: bool = False, overwrite: bool = False, console=None
+    recipe_file: str | Path, overrides: list[str], *, dry_run: bool = False, console=None
 ) -> dict:
     """Run (or with dry_run only validate) a recipe; returns a summary of every stage and the last evaluation."""
     recipe = load_recipe(recipe_file, overrides)
     summary = {"recipe": str(recipe_file), "output_dir": recipe.output_dir, "dry_run": dry_run, "stages": []}
     if dry_run:
+        check_recipe(recipe)
         summary["stages"] = [
             {"name": s.name, "type": s.TYPE, "output": str(stage_output(recipe, s)), "options": s.options()}
             for s in recipe.stages
@@ -77,7 +107,7 @@ def run_recipe(
         if console is not None:
             console.print(f"stage {stage.name} ({stage.TYPE}) ...")
         started = time.time()
-        result = run_stage(recipe, stage, overwrite, console)
+        result = run_stage(recipe, stage, console)
         seconds = time.time() - started
         output = stage_output(recipe, stage)
         skipped = bool(result.get("skipped"))

@@ -1,5 +1,7 @@
 """Console output for people (rich). Every number says what it is; scripts use `--format json` instead."""
 
+import math
+
 from rich.table import Table
 
 
@@ -10,7 +12,8 @@ def block_progress(console):
         total = getattr(report, "total", None)
         position = f"{report.index + 1}/{total}" if total else f"{report.index + 1}"
         error = report.reconstruction_error
-        error_text = f"{error:.4g}" if error is not None else "n/a (no calibration)"
+        measured = error is not None and not math.isnan(error)
+        error_text = f"{error:.4g}" if measured else "n/a (no calibration)"
         console.print(f"  block {position}: {report.seconds:.2f} s, relative output error ||Y-Ŷ||²/||Y||² {error_text}")
 
     return on_block
@@ -138,7 +141,7 @@ def render_verify(console, report: dict) -> None:
 def render_run(console, summary: dict) -> None:
     if summary.get("dry_run"):
         console.print(
-            f"recipe {summary['recipe']} is valid; stages: "
+            f"recipe {summary['recipe']} is valid and its inputs check out (nothing was loaded); stages: "
             + ", ".join(f"{stage['name']} ({stage['type']}) -> {stage['output']}" for stage in summary["stages"])
         )
         return
@@ -157,3 +160,13 @@ def render_run(console, summary: dict) -> None:
         console.print(f"stage {stage['name']} ({stage['type']}): {state} -> {stage['output']}")
     if summary.get("report"):
         console.print(f"report: {summary['report']}")
+
+
+def render_env(console, report: dict) -> None:
+    table = Table(title="spp env", show_header=False)
+    for key in ("python", "platform", "cuda_available", "cpu_threads", "hf_cache", "spp_cache", "offline"):
+        table.add_row(key, str(report[key]))
+    table.add_row("devices", ", ".join(report["devices"]))
+    for name, version in report["packages"].items():
+        table.add_row(name, version or "not installed")
+    console.print(table)

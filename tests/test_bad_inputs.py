@@ -83,7 +83,7 @@ def rows(data: Path):
         ("bad targets regex", [*prune, "--method", "magnitude", "--sparsity", "0.5", "--targets", "(unclosed"], "targets"),
         ("unknown dtype", [*prune, "--method", "magnitude", "--sparsity", "0.5", "--dtype", "float8"], "'float8' is not one of 'auto'"),
         ("cuda without a GPU", [*prune, "--method", "magnitude", "--sparsity", "0.5", "--device", "cuda"], "no CUDA GPU"),
-        ("output exists, not spp", [*prune[:2], "--out", "{root}/not-spp", "--method", "magnitude", "--sparsity", "0.5"], "is not an spp output"),
+        ("output exists, not spp", [*prune[:2], "--out", "{root}/not-spp", "--method", "magnitude", "--sparsity", "0.5"], "is a folder that spp did not write"),
         ("output inside the input model", [*prune[:2], "--out", "{root}/dense/pruned", "--method", "magnitude", "--sparsity", "0.5"], "overlaps the input"),
         ("YAML syntax error", ["run", "{root}/bad.yaml"], "line 5"),
         ("unknown recipe key", ["run", "{root}/unknown.yaml"], "stages[0] (prune): unknown key 'sparsty'"),

@@ -123,7 +123,7 @@ def test_interrupted_finetune_resumes_to_the_uninterrupted_result(tmp_path, prun
     assert straight.wait() == 0, straight.stderr.read()
 
     out = tmp_path / "tuned"
-    checkpoints = tmp_path / ".tuned.partial" / "checkpoints"
+    checkpoints = tmp_path / ".tuned.spp-work" / "checkpoints"
     process = spp_process(finetune_argv(pruned_dir, out, test_data))
     wait_for(lambda: (checkpoints / "checkpoint-2" / "trainer_state.json").exists() or process.poll() is not None)
     assert process.poll() is None, "finished before it could be interrupted: " + process.stderr.read()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from spp_cli.environment import is_offline
 from spp_cli.errors import BadInput
 
 # name -> (dataset path, config, split, data_files) for `datasets.load_dataset`
@@ -200,7 +201,7 @@ def _online_records(source: str) -> list[dict]:
     else:
         path, config, split, data_files = ONLINE_SOURCES[source]
         hint = OFFLINE_HINTS[source]
-    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+    if is_offline():
         raise BadInput(f"data source '{source}' needs the Hugging Face Hub, but this run is offline: use {hint}")
     try:
         import datasets

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from spp_cli.data.sources import read_texts, token_stream
+from spp_cli.environment import is_offline
 from spp_cli.errors import BadInput
 
 PROTOCOL = "token, non-overlapping windows"
@@ -43,14 +44,6 @@ _LOCAL_FILES = {
     "wikitext2": (WIKITEXT2_FILE, 'WikiText-2 raw test, one {"text"} row per line'),
     "c4": (C4_FILE, f"the allenai/c4 shard {C4_SHARD}"),
 }
-
-_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def is_offline() -> bool:
-    """True when the Hugging Face offline switches are set (then nothing is downloaded)."""
-    return any(os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"} for name in _OFFLINE_VARIABLES)
-
 
 @torch.inference_mode()
 def token_perplexity(

@@ -5,19 +5,14 @@ after another so that only one is in memory at a time.
 """
 
 import json
-import os
 import time
 from pathlib import Path
 
 from spp_cli import checkpoint
+from spp_cli.atomic import write_text_atomic
 from spp_cli.environment import resolve_device, versions
 from spp_cli.errors import BadInput
-from spp_cli.outputs import check_output_path, existing_output, fingerprint
-
-
-def _read_manifest(path: str) -> dict | None:
-    resolved = checkpoint.resolve_model_path(path)
-    return checkpoint.read_manifest(resolved) if Path(resolved).is_dir() else None
+from spp_cli.outputs import check_output_path, existing_output, fingerprint, written_by_spp
 
 
 def model_summary(path: str, manifest: dict | None) -> dict:
@@ -46,20 +41,12 @@ def check_results_path(out: Path, model_paths: list[str]) -> None:
     if out.is_dir():
         raise BadInput(f"--out '{out}' is a directory: give a file name such as {out / 'results.json'}")
     check_output_path(out, model_paths)
-    if out.exists():
-        try:
-            ours = "fingerprint" in json.loads(out.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            ours = False
-        if not ours:
-            raise BadInput(f"--out '{out}' exists and is not an spp results file: choose another --out")
+    if out.exists() and written_by_spp(out) is None:
+        raise BadInput(f"--out '{out}' exists and is not an spp results file: choose another --out")
 
 
 def write_json_atomic(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    temporary.write_text(json.dumps(content, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(content, indent=2, default=str) + "\n")
 
 
 def evaluate_models(
@@ -101,13 +88,13 @@ def evaluate_models(
         "batch_size": batch_size,
         "dtype": dtype,
     }
-    manifests = {name: _read_manifest(path) for name, path in models.items()}
+    manifests = {name: checkpoint.model_manifest(path) for name, path in models.items()}
     # a model is identified by its manifest hash, else by its name (a hub id or a plain directory)
     parents = {name: (manifests[name] or {}).get("manifest_sha256") or path for name, path in models.items()}
     stage_fingerprint = fingerprint(config, json.dumps(parents, sort_keys=True))
     if skip_if_done and out.is_file():
         stored = json.loads(out.read_text(encoding="utf-8"))
-        if existing_output(out, stage_fingerprint, overwrite, stored=stored):
+        if existing_output(out, stage_fingerprint, overwrite):
             return {
                 "models": results_entries(stored),
                 "notes": stored.get("notes", []),

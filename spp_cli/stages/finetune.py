@@ -12,18 +12,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from spp_cli import checkpoint
+from spp_cli import atomic, checkpoint
 from spp_cli.environment import resolve_device, versions
 from spp_cli.errors import BadInput, CheckFailed
-from spp_cli.manifest import zeros_sha256
+from spp_cli.manifest import layers_record, overall_sparsity, zeros_sha256
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
 
 NOT_FINGERPRINTED = ("device", "report_to", "logging_steps", "save_steps", "eval_steps", "save_total_limit")
-
-
-def work_dir_for(out: Path) -> Path:
-    """Stable (not per-process) so that a rerun finds the previous run's Trainer checkpoints."""
-    return out.parent / f".{out.name}.partial"
 
 
 def _compute_dtype(dtype: str, device: str) -> str:
@@ -132,7 +127,7 @@ def finetune(
     modules = dict(model.named_modules())
     parent_zeros = {name: zeros_sha256(modules[name].weight) for name in targets}
 
-    work_dir = work_dir_for(out)
+    work_dir = atomic.work_dir(out)
     _claim_work_dir(work_dir, stage_fingerprint)
     try:
         result = run_finetune(model, tokenizer, records, train_config, work_dir, target_names=targets)
@@ -187,11 +182,11 @@ def finetune(
         manifest = _save_adapter_only(out, adapter_dir, manifest, started)
     else:
         model_out = merge_trained(result).to(model.spp_stored_dtype)
-        layers = checkpoint.layers_record(model_out, targets)
+        layers = layers_record(model_out, targets)
         if method == "spp":
             check_zeros_kept(model_out, layers, parent_zeros, model_path)
         manifest["layers"] = layers
-        manifest["overall_sparsity"] = checkpoint.overall_sparsity(layers)
+        manifest["overall_sparsity"] = overall_sparsity(layers)
         manifest = checkpoint.save_checkpoint(
             model_out,
             tokenizer,
@@ -235,17 +230,8 @@ def check_zeros_kept(model, layers: dict[str, dict], parent_zeros: dict[str, str
 
 
 def _save_adapter_only(out: Path, adapter_dir: Path, manifest: dict, started: float) -> dict:
-    import json
-
-    checkpoint.remove_stale_staging(out)
-    staging = checkpoint.staging_dir(out)
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with atomic.atomic_dir(out) as staging:
         shutil.copytree(adapter_dir, staging / "adapter")
         finished = checkpoint.finish_manifest(manifest, time.time() - started)
-        (staging / checkpoint.MANIFEST).write_text(json.dumps(finished, indent=2) + "\n")
-        checkpoint.publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        checkpoint.write_manifest(staging, finished)
     return finished

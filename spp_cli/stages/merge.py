@@ -10,7 +10,7 @@ from pathlib import Path
 from spp_cli import checkpoint
 from spp_cli.environment import versions
 from spp_cli.errors import BadInput
-from spp_cli.manifest import zeros_sha256
+from spp_cli.manifest import layers_record, overall_sparsity, zeros_sha256
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.stages.finetune import check_zeros_kept
 
@@ -48,7 +48,7 @@ def merge_adapter(
     parent_zeros = {name: zeros_sha256(modules[name].weight) for name in targets}
     merge_spp(model)
     model.to(model.spp_stored_dtype)
-    layers = checkpoint.layers_record(model, targets)
+    layers = layers_record(model, targets)
     check_zeros_kept(model, layers, parent_zeros, base)
     manifest = {
         "stage": "merge",
@@ -61,7 +61,7 @@ def merge_adapter(
         "adapter": asdict(spp_config),
         "training": stage_manifest.get("training"),
         "layers": layers,
-        "overall_sparsity": checkpoint.overall_sparsity(layers),
+        "overall_sparsity": overall_sparsity(layers),
         "config": options,
         "fingerprint": stage_fingerprint,
         "versions": versions(),

@@ -5,8 +5,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from spp_cli import checkpoint
-from spp_cli.environment import resolve_device, versions
+from spp_cli.environment import resolve_device
 from spp_cli.errors import BadInput, RuntimeFailure
+from spp_cli.manifest import layer_record, stage_manifest
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.recipe import validate_options
 from spp_cli.recipe_schema import PruneStage
@@ -63,7 +64,6 @@ def prune(
     from pruners.experts import weight_of
     from pruners.masks import PatternError
     from pruners.sequential import PrunerOptionError, UnsupportedModelError, prune_model
-    from spp_cli.manifest import layer_record
 
     started = time.time()
     out = Path(out)
@@ -74,7 +74,7 @@ def prune(
     dtype = stage.dtype
     checkpoint.torch_dtype(dtype)
     model_path = checkpoint.resolve_model_path(model)
-    parent_manifest = checkpoint.read_manifest(model_path) if Path(model_path).is_dir() else None
+    parent_manifest = checkpoint.model_manifest(model)
     needs_calibration = method != "magnitude" or stage.sparsity_profile == "owl"  # OWL's outlier ratios need data
     options = {
         "method": method,
@@ -148,23 +148,20 @@ def prune(
     except CholeskyError as error:
         raise RuntimeFailure(f"SparseGPT failed: {error}; try more calibration windows (--nsamples)") from None
     loaded.to(loaded.spp_stored_dtype)
-    layers = {report.name: layer_record(weight_of(loaded, report.name)) for report in reports}  # MoE experts
-    # are slices of fused parameters, not modules
-    manifest = {
-        "stage": "prune",
-        "parent": checkpoint.parent_record(model_path if Path(model_path).exists() else model, parent_manifest),
-        "method": method,
-        "pattern": str(sparsity_pattern),
-        "target_sparsity": sparsity_pattern.sparsity,
-        "overall_sparsity": checkpoint.overall_sparsity(layers),
-        "layers": layers,
-        "dense": False,
-        "damping": {r.name: r.damping for r in reports if r.damping is not None and r.damping > 0.01 + 1e-12},
-        "config": options,
-        "fingerprint": stage_fingerprint,
-        "versions": versions(),
-    }
-    manifest |= new_option_records(stage, blocks_seen, reports)
+    manifest = stage_manifest(
+        "prune",
+        parent=checkpoint.parent_record(model_path if Path(model_path).exists() else model, parent_manifest),
+        method=method,
+        pattern=str(sparsity_pattern),
+        target_sparsity=sparsity_pattern.sparsity,
+        dense=False,
+        # MoE experts are slices of fused parameters, not modules: resolve every name with weight_of
+        layers={report.name: layer_record(weight_of(loaded, report.name)) for report in reports},
+        damping={r.name: r.damping for r in reports if r.damping is not None and r.damping > 0.01 + 1e-12},
+        **new_option_records(stage, blocks_seen, reports),
+        config=options,
+        fingerprint=stage_fingerprint,
+    )
     return checkpoint.save_checkpoint(
         loaded, tokenizer, out, manifest, parent_dir=model_path if Path(model_path).is_dir() else None, started=started
     )

@@ -7,6 +7,7 @@ from conftest import make_llama, make_tokenizer, run_spp
 from safetensors.torch import load_file, save_file
 
 from spp_cli import checkpoint
+from spp_cli.manifest import layers_record
 
 
 def save_two_four(directory):
@@ -21,7 +22,7 @@ def save_two_four(directory):
             drop = groups.topk(2, dim=-1, largest=False).indices
             mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, drop, True).reshape(weight.shape)
             weight[mask] = 0
-    manifest = {"stage": "prune", "pattern": "2:4", "layers": checkpoint.layers_record(model, names), "dense": False}
+    manifest = {"stage": "prune", "pattern": "2:4", "layers": layers_record(model, names), "dense": False}
     checkpoint.save_checkpoint(model, make_tokenizer(), directory, manifest)
     return names
 
