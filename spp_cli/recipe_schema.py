@@ -147,6 +147,22 @@ class PruneStage(Stage):
     true_sequential: bool = _key(
         False, "bool", help="SparseGPT: re-collect statistics after each group of sub-layers."
     )
+    sparsity_profile: str = _key(
+        "uniform", choices=("uniform", "owl"),
+        help="uniform: every block at the sparsity; owl: per-block sparsity from its outlier ratio (OWL), same mean.",
+    )
+    owl_threshold: float = _key(5.0, "float", low=0, low_open=True, help="OWL's M: an outlier exceeds M x the mean.")
+    owl_lambda: float = _key(
+        0.08, "float", low=0, high=0.5, low_open=True, high_open=True,
+        help="OWL's lambda: block sparsities spread over 2 x lambda (max - min), their mean still the sparsity.",
+    )
+    refine: str = _key(
+        "none", choices=("none", "dsnot"),
+        help="dsnot: refine a wanda or sparsegpt mask by prune-and-grow within each row (DSnoT), same sparsity.",
+    )
+    min_expert_tokens: int = _key(
+        16, "int", low=0, help="An MoE expert that saw fewer calibration tokens is pruned by magnitude instead.",
+    )
     device: str | None = _device_key()
     dtype: str | None = _dtype_key()
 
@@ -167,6 +183,13 @@ class PruneStage(Stage):
             fail("is a Wanda option: drop it or use method wanda", "use_variant")
         if self.method != "sparsegpt" and self.true_sequential:
             fail("is a SparseGPT option: drop it or use method sparsegpt", "true_sequential")
+        if self.sparsity_profile == "owl" and ":" in self.pattern:
+            fail(f"owl needs pattern unstructured; {self.pattern} fixes every block's sparsity: drop one of them",
+                 "sparsity_profile")
+        if self.refine == "dsnot" and self.method not in ("wanda", "sparsegpt"):
+            fail(f"dsnot refines a wanda or sparsegpt mask, not {self.method}: use method wanda", "refine")
+        if self.refine == "dsnot" and self.use_variant:
+            fail("dsnot starts from Wanda's per-row mask: drop use_variant", "refine")
 
 
 DEFAULT_SPARSITY = 0.5  # DESIGN.md's CLI default, for recipes and commands alike

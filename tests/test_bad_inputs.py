@@ -130,3 +130,41 @@ def test_at_least_thirty_rows():
     from conftest import TEST_DATA
 
     assert len(rows(TEST_DATA)) >= 30
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OWL, DSnoT and MoE options through the Python API (the CLI options come from the schema)
+
+API_ROWS = [
+    # (id, keyword arguments of spp_cli.prune, a fragment of the one-line message)
+    ("owl with N:M", dict(method="wanda", pattern="2:4", sparsity_profile="owl"),
+     "sparsity_profile: owl needs pattern unstructured"),
+    ("owl lambda 0", dict(method="wanda", sparsity_profile="owl", owl_lambda=0.0), "owl_lambda: 0.0 is out of range"),
+    ("owl lambda 0.5", dict(method="wanda", sparsity_profile="owl", owl_lambda=0.5), "owl_lambda: 0.5 is out of range"),
+    ("owl lambda negative", dict(method="sparsegpt", sparsity_profile="owl", owl_lambda=-0.1),
+     "owl_lambda: -0.1 is out of range"),
+    ("owl threshold 0", dict(method="wanda", sparsity_profile="owl", owl_threshold=0), "owl_threshold: 0 is out of"),
+    ("owl threshold negative", dict(method="magnitude", sparsity_profile="owl", owl_threshold=-1.0),
+     "owl_threshold: -1.0 is out of range"),
+    ("owl lambda too wide for the sparsity", dict(method="wanda", sparsity=0.1, sparsity_profile="owl",
+                                                  owl_lambda=0.3), "lower owl_lambda"),
+    ("unknown sparsity profile", dict(method="wanda", sparsity_profile="layerwise"),
+     "sparsity_profile: 'layerwise' is not one of uniform, owl"),
+    ("dsnot with magnitude", dict(method="magnitude", refine="dsnot"), "refine: dsnot refines a wanda or sparsegpt"),
+    ("dsnot with the wanda variant", dict(method="wanda", refine="dsnot", use_variant=True), "drop use_variant"),
+    ("unknown refine", dict(method="wanda", refine="sparse-grow"), "refine: 'sparse-grow' is not one of none, dsnot"),
+    ("min_expert_tokens negative", dict(method="wanda", min_expert_tokens=-1), "min_expert_tokens: -1 is out of"),
+]
+
+
+@pytest.mark.parametrize("options, message", [pytest.param(o, m, id=name) for name, o, m in API_ROWS])
+def test_bad_prune_option_through_the_api(workspace, options, message):
+    import spp_cli
+    from spp_cli.errors import BadInput
+
+    before = snapshot(workspace)
+    with pytest.raises(BadInput) as raised:
+        spp_cli.prune(str(workspace / "dense"), workspace / "out", calib=str(workspace / "calib.jsonl"), nsamples=2,
+                      seqlen=32, device="cpu", **options)
+    assert "\n" not in str(raised.value) and message in str(raised.value), str(raised.value)
+    assert snapshot(workspace) == before  # nothing published, nothing left behind
