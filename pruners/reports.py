@@ -24,6 +24,7 @@ class BlockReport:
     # NaN when no calibration forward pass was run (magnitude)
     sparsity: float | None = None  # the block's target sparsity (differs across blocks with OWL)
     outlier_ratio: float | None = None  # OWL: percent of Wanda-metric entries above M x their mean; None otherwise
+    total: int | None = None  # how many blocks the model has
 
 
 def layer_report(name: str, weight, seconds: float, error: float | None = None, damping: float | None = None):

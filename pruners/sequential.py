@@ -256,7 +256,7 @@ def _block_reporter(on_block, patterns, outlier_ratios) -> Callable[[int, float,
 
     def report(index: int, seconds: float, error: float) -> None:
         if on_block is not None:
-            on_block(BlockReport(index, seconds, error, patterns[index].sparsity, outlier_ratios[index]))
+            on_block(BlockReport(index, seconds, error, patterns[index].sparsity, outlier_ratios[index], len(patterns)))
 
     return report
 

@@ -14,7 +14,11 @@ def block_progress(console):
         error = report.reconstruction_error
         measured = error is not None and not math.isnan(error)
         error_text = f"{error:.4g}" if measured else "n/a (no calibration)"
-        console.print(f"  block {position}: {report.seconds:.2f} s, relative output error ||Y-Ŷ||²/||Y||² {error_text}")
+        owl = "" if report.outlier_ratio is None else (
+            f", OWL sparsity {report.sparsity:.4f} (outlier ratio {report.outlier_ratio:.2f}%)")
+        console.print(
+            f"  block {position}: {report.seconds:.2f} s, relative output error ||Y-Ŷ||²/||Y||² {error_text}{owl}"
+        )
 
     return on_block
 
@@ -60,6 +64,8 @@ def render_prune(console, manifest: dict, out) -> None:
         f"overall sparsity of the pruned linears {manifest['overall_sparsity']:.4f} "
         f"(target {manifest['target_sparsity']:.4f}) in {manifest.get('seconds', 0):.1f} s -> {out}"
     )
+    for warning in manifest.get("warnings") or []:
+        console.print(f"  warning: {warning}")
     for name, damping in (manifest.get("damping") or {}).items():
         console.print(f"  note: {name} needed Hessian damping {damping} (more than 1% of the mean diagonal)")
 
