@@ -16,6 +16,8 @@ from typing import Any, ClassVar, NoReturn
 
 import yaml
 
+from spp_cli.data.formats import DATA_FORMATS
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATASET_NAMES = ("c4", "wikitext2", "alpaca", "alpaca-gpt4")  # online dataset names, never paths
 Fail = Callable[..., NoReturn]  # fail(message, key) raises BadInput naming the key path
@@ -164,6 +166,12 @@ class FinetuneStage(Stage):
     groups: int = _key(16, "int", low=1)
     dropout: float = _key(0.05, "float", low=0, high=1, high_open=True)
     forward: str = _key("auto", choices=("auto", "naive", "grouped", "fused"))
+    data_format: str = _key(
+        "auto",
+        choices=DATA_FORMATS,
+        help="How records become examples: auto (instruction fields -> alpaca template, messages -> chat, "
+        "else packed text) or one format for every record.",
+    )
     mask_prompt: bool = _key(False, "bool")
     gradient_checkpointing: bool = _key(False, "bool")
     no_merge: bool = _key(False, "bool")
