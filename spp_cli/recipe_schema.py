@@ -17,6 +17,7 @@ from typing import Any, ClassVar, NoReturn
 import yaml
 
 from spp_cli.data.formats import DATA_FORMATS
+from spp_cli.eval.zeroshot import BOS_RULES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATASET_NAMES = ("c4", "wikitext2", "alpaca", "alpaca-gpt4")  # online dataset names, never paths
@@ -214,6 +215,12 @@ class EvalStage(Stage):
     limit: int | None = _key(None, "int", low=1)
     data_dir: str | None = _key(None, path="dir", text="a folder laid out like the offline task bundle")
     batch_size: int = _key(1, "int", low=1)
+    bos: str = _key(
+        "auto",
+        choices=BOS_RULES,
+        help="Zero-shot BOS: auto (lm-eval's default: the tokenizer's own, BOS for LLaMA), yes, or no (the "
+        "Wanda/SPP harness: add_special_tokens=False); quote it in YAML (\"no\").",
+    )
     device: str | None = _device_key()
     dtype: str | None = _dtype_key()
 

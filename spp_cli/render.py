@@ -117,8 +117,27 @@ def eval_table(entries: dict, extra_columns: dict[str, dict[str, str]] | None = 
     return table
 
 
+def bos_line(entries: dict) -> str | None:
+    """One line saying which zero-shot BOS rule each model used (None when no zero-shot task ran)."""
+    rules = {}
+    for name, entry in entries.items():
+        bos = entry.get("bos")
+        if bos:
+            prepended = "BOS prepended" if bos.get("prepends_bos") else "no BOS"
+            rules.setdefault(f"{bos.get('rule')} ({prepended})", []).append(name)
+    if not rules:
+        return None
+    if len(rules) == 1:
+        return f"zero-shot BOS rule: {next(iter(rules))}"
+    return "zero-shot BOS rule: " + "; ".join(f"{', '.join(names)}: {rule}" for rule, names in rules.items())
+
+
 def render_eval(console, results: dict) -> None:
-    console.print(eval_table(results.get("models", {})))
+    """The table of `results` (stages.evaluate.evaluate_models' return: {"models": {name: entry}, "notes"})."""
+    entries = results.get("models", {})
+    console.print(eval_table(entries))
+    if line := bos_line(entries):
+        console.print(line)
     for note in results.get("notes", []):
         console.print(f"note: {note}")
 
