@@ -179,6 +179,12 @@ class FinetuneStage(Stage):
     val_size: int | None = _key(None, "int", low=0, default_text="min(2000, 5%)")
     weight_decay: float = _key(0.001, "float", low=0)
     warmup_ratio: float = _key(0.03, "float", low=0, high=1, high_open=True)
+    loss_normalization: str = _key(
+        "batch",
+        choices=("batch", "micro_batch"),
+        help="Average a step's loss over all its target tokens (batch, transformers 5.x) or per micro-batch "
+        "(micro_batch, SPP's reference on transformers 4.28).",
+    )
     report_to: str = _key("none", choices=("none", "tensorboard", "wandb"))
     save_steps: int | None = _key(None, "int", low=1, default_text="Trainer's")
     device: str | None = _device_key()
