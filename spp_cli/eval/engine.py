@@ -31,8 +31,8 @@ from spp_cli.environment import resolve_device
 from spp_cli.errors import BadInput
 from spp_cli.eval.perplexity import check_available, perplexity_stream, token_perplexity
 from spp_cli.eval.zeroshot import (
-    BOS_RULES,
     BUNDLE_TASKS,
+    check_bos_rule,
     lm_eval_task_names,
     mean_acc_7,
     render_bundle_task,
@@ -74,8 +74,7 @@ def evaluate(
         raise BadInput(f"--limit {limit} is invalid: use a positive number of examples per task")
     if batch_size < 1:
         raise BadInput(f"--batch-size {batch_size} is invalid: use 1 or more")
-    if bos not in BOS_RULES:
-        raise BadInput(f"--bos {bos!r} is unknown: use one of {', '.join(BOS_RULES)}")
+    check_bos_rule(bos)
     seqlen = resolve_seqlen(model.config, seqlen)
     if device is not None:
         model.to(resolve_device(device))

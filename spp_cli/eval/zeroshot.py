@@ -40,8 +40,8 @@ BUNDLE_DIR = Path(__file__).parent / "tasks"
 BUNDLE_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
 # The seven tasks Wanda and SPP report; mean_acc_7 is the mean of their `acc` (not acc_norm).
 MEAN_ACC_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-BOS_RULES = ("auto", "yes", "no")
 _ADD_BOS_TOKEN = {"auto": None, "yes": True, "no": False}  # bos rule -> HFLM(add_bos_token=...)
+BOS_RULES = tuple(_ADD_BOS_TOKEN)
 BUILTIN_SOURCE = {"task_file": "lm-eval built-in", "data": "the Hub or the datasets cache", "prompt": "lm-eval's own"}
 
 
@@ -100,6 +100,12 @@ def lm_eval_task_names() -> list[str]:
     return default_task_manager().all_tasks
 
 
+def check_bos_rule(bos: str) -> None:
+    """BadInput unless `bos` is one of BOS_RULES."""
+    if bos not in BOS_RULES:
+        raise BadInput(f"--bos {bos!r} is unknown: use one of {', '.join(BOS_RULES)}")
+
+
 def bos_record(tokenizer, bos: str) -> dict:
     """What a BOS rule does with `tokenizer`, encoding as lm-eval's HFLM.tok_encode does:
     {"rule": bos, "lm_eval_add_bos_token": None | bool, "prepends_bos": bool}."""
@@ -136,8 +142,7 @@ def run_zeroshot(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    if bos not in BOS_RULES:
-        raise BadInput(f"--bos {bos!r} is unknown: use one of {', '.join(BOS_RULES)}")
+    check_bos_rule(bos)
     bundle = [task for task in tasks if data_dir is not None and task in BUNDLE_TASKS]
     online = [task for task in tasks if task not in bundle]
     results, n_samples, task_versions = {}, {}, {}

@@ -95,7 +95,7 @@ def evaluate_models(
     at the end. verbose: let lm-eval print its logging and progress bars.
     """
     from spp_cli.eval.engine import evaluate, validate_tasks
-    from spp_cli.eval.zeroshot import BOS_RULES
+    from spp_cli.eval.zeroshot import check_bos_rule
 
     if not tasks:
         raise BadInput("no tasks given: use --tasks wikitext2,boolq,... (or ppl:SOURCE)")
@@ -105,8 +105,7 @@ def evaluate_models(
         raise BadInput(f"limit {limit} is invalid: use at least 1 example per task")
     if data_dir is not None and not Path(data_dir).is_dir():
         raise BadInput(f"--data-dir '{data_dir}' is not a directory: point it at a folder laid out like shared/data")
-    if bos not in BOS_RULES:
-        raise BadInput(f"--bos {bos!r} is unknown: use one of {', '.join(BOS_RULES)}")
+    check_bos_rule(bos)
     validate_tasks(tasks, data_dir=data_dir)
     out = Path(out)
     check_results_path(out, [checkpoint.resolve_model_path(path) for path in models.values()])
