@@ -16,7 +16,17 @@ from typing import Any, ClassVar, NoReturn
 
 import yaml
 
-from spp_cli.vocabulary import DEVICE_TEXT, DTYPES, FINETUNE_METHODS, PRUNE_METHODS, REPORT_TO, SPP_FORWARDS
+from spp_cli.vocabulary import (
+    BOS_RULES,
+    DATA_FORMATS,
+    DEVICE_TEXT,
+    DTYPES,
+    FINETUNE_METHODS,
+    LOSS_NORMALIZATIONS,
+    PRUNE_METHODS,
+    REPORT_TO,
+    SPP_FORWARDS,
+)
 
 DATASET_NAMES = ("c4", "wikitext2", "alpaca", "alpaca-gpt4")  # online dataset names, never paths
 Fail = Callable[..., NoReturn]  # fail(message, key) raises BadInput naming the key path
@@ -225,6 +235,12 @@ class FinetuneStage(Stage):
         "auto", choices=SPP_FORWARDS,
         help="SPP forward: auto (fused when dropout is 0, else recompute), naive, recompute, fused.",
     )
+    data_format: str = _key(
+        "auto",
+        choices=DATA_FORMATS,
+        help="How records become examples: auto (instruction fields -> alpaca template, messages -> chat, "
+        "else packed text) or one format for every record.",
+    )
     mask_prompt: bool = _key(False, "bool", help="No loss on prompt tokens.")
     gradient_checkpointing: bool = _key(False, "bool", help="Recompute activations in backward (less memory).")
     no_merge: bool = _key(False, "bool", help="Keep only the adapter; merge later with spp merge.")
@@ -234,6 +250,12 @@ class FinetuneStage(Stage):
     weight_decay: float = _key(0.001, "float", low=0, help="AdamW weight decay.")
     warmup_ratio: float = _key(
         0.03, "float", low=0, high=1, high_open=True, help="Linear warm-up, as a fraction of the steps."
+    )
+    loss_normalization: str = _key(
+        "batch",
+        choices=LOSS_NORMALIZATIONS,
+        help="Average a step's loss over all its target tokens (batch, transformers 5.x) or per micro-batch "
+        "(micro_batch, SPP's reference on transformers 4.28).",
     )
     report_to: str = _key("none", choices=REPORT_TO, help="Where the Trainer logs.")
     save_steps: int | None = _key(
@@ -280,6 +302,12 @@ class EvalStage(Stage):
         help="Run the tasks from local files laid out like shared/data.",
     )
     batch_size: int = _key(1, "int", low=1, help="Sequences per forward.")
+    bos: str = _key(
+        "auto",
+        choices=BOS_RULES,
+        help="Zero-shot BOS: auto (lm-eval's default: the tokenizer's own, BOS for LLaMA), yes, or no (the "
+        "Wanda/SPP harness: add_special_tokens=False).",
+    )
     device: str | None = _device_key()
     dtype: str | None = _dtype_key()
 

@@ -28,9 +28,13 @@ from spp_cli.adapters.spp import SPPConfig, inject_spp, merge_spp
 from spp_cli.adapters.spp_files import ADAPTER_WEIGHTS_NAME, save_spp_adapter
 from spp_cli.data.examples import PaddingCollator, build_examples, pad_token_id
 from spp_cli.errors import BadInput, RuntimeFailure
+from spp_cli.vocabulary import LOSS_NORMALIZATIONS
 
 METHODS = ("spp", "lora")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+# How a step's loss is averaged (docs/fidelity.md): "batch" = transformers 5.x's default, the mean over every
+# target token of the optimizer step (all micro-batches, all devices); "micro_batch" = SPP's reference
+# (transformers 4.28): each micro-batch's own token mean, averaged over accumulation steps and devices.
 
 
 @dataclass
@@ -57,6 +61,7 @@ class FinetuneConfig:
     warmup_ratio: float = 0.03
     lr_scheduler: str = "linear"
     max_grad_norm: float = 1.0
+    loss_normalization: str = "batch"  # LOSS_NORMALIZATIONS
     report_to: str = "none"  # none | tensorboard | wandb
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # training precision: auto (bf16/fp16 autocast on GPU, fp32 on CPU) | float32 | ...
@@ -87,6 +92,8 @@ class FinetuneConfig:
             raise BadInput(f"--lr {self.lr} is invalid: use a positive number (default 4e-3)")
         if self.dtype not in PRECISIONS:
             raise BadInput(f"--dtype {self.dtype!r} is unknown: use one of {', '.join(PRECISIONS)}")
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise BadInput(f"--loss-normalization {self.loss_normalization!r} is unknown: use batch or micro_batch")
         if self.val_size is not None and self.val_size < 0:
             raise BadInput(f"--val-size {self.val_size} is invalid: use 0 (none), a count, or a fraction < 1")
         self.gradient_accumulation(world_size)
@@ -317,6 +324,11 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], config: Finet
         data_collator=PaddingCollator(pad_token_id(tokenizer)), callbacks=list(callbacks or []),
     )
     trainer.remove_callback(PrinterCallback)  # no print in library code; the loss curve is in the result
+    if config.loss_normalization == "micro_batch":
+        # without loss kwargs the Trainer neither counts the step's tokens (num_items_in_batch) nor passes them
+        # to the model: each micro-batch's loss is its own token mean, divided by the accumulation steps, and
+        # DDP averages the ranks' gradients -- transformers 4.28's arithmetic, which SPP's finetune.py ran
+        trainer.model_accepts_loss_kwargs = False
     resume = last_complete_checkpoint(checkpoints)
     start = time.perf_counter()
     try:

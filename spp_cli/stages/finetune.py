@@ -44,11 +44,13 @@ def finetune(
     groups: int = 16,
     dropout: float = 0.05,
     forward: str = "auto",
+    data_format: str = "auto",
     mask_prompt: bool = False,
     gradient_checkpointing: bool = False,
     val_size: int | None = None,
     weight_decay: float = 0.001,
     warmup_ratio: float = 0.03,
+    loss_normalization: str = "batch",
     no_merge: bool = False,
     report_to: str = "none",
     save_steps: int | None = None,
@@ -61,6 +63,7 @@ def finetune(
 ) -> dict:
     """Fine-tune `model_dir` on `data` into `out`; returns the manifest. Skips a finished identical output."""
     from spp_cli.adapters.spp import default_targets
+    from spp_cli.data.formats import normalize_records
     from spp_cli.data.sources import read_records
     from spp_cli.trainer import (
         FinetuneConfig,
@@ -94,6 +97,7 @@ def finetune(
         val_size=val_size,
         weight_decay=weight_decay,
         warmup_ratio=warmup_ratio,
+        loss_normalization=loss_normalization,
         report_to=report_to,
         device=resolve_device(device),
         dtype=dtype,
@@ -102,6 +106,7 @@ def finetune(
     # what decides the result (the fingerprint): the training options, not where or how often it logs and saves
     options = {
         "data": data,
+        "data_format": data_format,
         **{key: value for key, value in asdict(train_config).items() if key not in NOT_FINGERPRINTED},
         "no_merge": no_merge,
         # "auto" trains in fp32 on a CPU but under bf16/fp16 autocast on a GPU: a different result
@@ -113,7 +118,8 @@ def finetune(
     check_output_path(out, [model_path])
     if existing_output(out, stage_fingerprint, overwrite):
         return {**checkpoint.read_manifest(out), "skipped": True}
-    records = read_records(data)
+    # validated and canonical before the model loads: the trainer's build_examples then sees one format a record
+    records = normalize_records(read_records(data), data_format, mask_prompt=mask_prompt, source=data)
 
     model, tokenizer = checkpoint.load_model(
         model_dir,
