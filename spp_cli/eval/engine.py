@@ -28,12 +28,13 @@ import os
 from pathlib import Path
 
 from spp_cli.checkpoint import resolve_seqlen
-from spp_cli.environment import resolve_device
+from spp_cli.environment import is_offline, resolve_device
 from spp_cli.errors import BadInput
 from spp_cli.eval.perplexity import check_available, perplexity_stream, token_perplexity
 from spp_cli.eval.zeroshot import (
     BUNDLE_TASKS,
     check_bos_rule,
+    check_reachable_offline,
     lm_eval_task_names,
     mean_acc_7,
     render_bundle_task,
@@ -160,6 +161,8 @@ def check_data(perplexity_tasks: list[str], zeroshot_tasks: list[str], data_dir)
             render_bundle_task(task, data_dir)
     for task in perplexity_tasks:
         check_available(task, data_dir)
+    if data_dir is None and is_offline():
+        check_reachable_offline(zeroshot_tasks)
 
 
 def format_metric_label(task: str, seqlen: int | None = None) -> str:

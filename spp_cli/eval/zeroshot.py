@@ -188,6 +188,30 @@ def run_zeroshot(
     }
 
 
+# the Hub datasets lm-eval's built-in YAMLs read for the bundle's tasks (lm_eval/tasks/*/: dataset_path)
+HUB_DATASETS = {"boolq": "aps/super_glue", "rte": "nyu-mll/glue", "hellaswag": "Rowan/hellaswag",
+                "winogrande": "allenai/winogrande", "arc_easy": "allenai/ai2_arc", "arc_challenge": "allenai/ai2_arc",
+                "openbookqa": "allenai/openbookqa", "piqa": "baber/piqa"}
+
+
+def check_reachable_offline(tasks: list[str]) -> None:
+    """Offline without --data-dir, a bundle task whose Hub dataset is in no local cache would fail inside lm-eval
+    after the model is loaded: refuse it now, naming the local file that --data-dir would supply."""
+    from datasets import config as datasets_config
+    from huggingface_hub import constants
+
+    for task in tasks:
+        repo = HUB_DATASETS.get(task)
+        if repo is None:
+            continue
+        org, name = repo.split("/")
+        cached = [Path(constants.HF_HUB_CACHE) / f"datasets--{org}--{name}",
+                  Path(datasets_config.HF_DATASETS_CACHE) / f"{org}___{name}"]
+        if not any(path.exists() for path in cached):
+            raise BadInput(f"{task} needs the dataset {repo} from the Hub, but this run is offline and it is not "
+                           f"cached: pass --data-dir DIR with DIR/{_primary_data_file(task)}")
+
+
 def _download_failure(error: Exception, online: list[str]) -> str:
     """One line for a dataset lm-eval could not fetch: the local files that --data-dir would supply instead."""
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
