@@ -73,17 +73,24 @@ def prunable_linears(model: nn.Module, targets: str | None = None, ignore: str |
     """Full module name -> nn.Linear for every linear inside the decoder blocks, in module order.
 
     `targets` keeps only names matching it, `ignore` drops names matching it (re.search on the full name).
-    Embeddings and lm_head live outside the blocks, so they are never returned.
+    Embeddings and lm_head live outside the blocks, so they are never returned. Mixture-of-experts blocks
+    (pruners/experts.py) add one ExpertLinear per expert projection; their routers count only when `targets`
+    is given and matches them.
     """
+    from pruners.experts import block_expert_linears, is_router
+
     prefix, blocks = find_decoder_blocks(model)
     keep, drop = _compile(targets, "--targets"), _compile(ignore, "--ignore")
     found = {}
     for index, block in enumerate(blocks):
-        for sub_name, module in block.named_modules():
+        modules = dict(block.named_modules())
+        for sub_name, module in modules.items():
             name = f"{prefix}.{index}.{sub_name}"
+            parent = modules.get(sub_name.rsplit(".", 1)[0] if "." in sub_name else "")
             if (isinstance(module, nn.Linear) and (keep is None or keep.search(name))
-                    and (drop is None or not drop.search(name))):
+                    and (drop is None or not drop.search(name)) and not (keep is None and is_router(name, parent))):
                 found[name] = module
+        found.update(block_expert_linears(block, f"{prefix}.{index}", keep, drop))
     return found
 
 

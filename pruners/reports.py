@@ -12,6 +12,8 @@ class LayerReport:
     seconds: float  # time spent choosing the mask and updating the weight (no forward passes)
     error: float | None  # SparseGPT's summed OBS loss (the reference's `error`); None for the other methods
     damping: float | None  # SparseGPT: damping actually used, as a fraction of mean(diag H); None otherwise
+    fallback: str | None = None  # "magnitude" for an expert that saw too few calibration tokens (pruners/experts.py)
+    tokens: int | None = None  # calibration tokens an expert's linear saw; None for ordinary linears
 
 
 @dataclass
@@ -20,6 +22,9 @@ class BlockReport:
     seconds: float  # wall time for the whole block: forward passes, statistics and pruning
     reconstruction_error: float  # ||out_dense - out_pruned||^2 / ||out_dense||^2 over all calibration tokens;
     # NaN when no calibration forward pass was run (magnitude)
+    sparsity: float | None = None  # the block's target sparsity (differs across blocks with OWL)
+    outlier_ratio: float | None = None  # OWL: percent of Wanda-metric entries above M x their mean; None otherwise
+    total: int | None = None  # how many blocks the model has
 
 
 def layer_report(name: str, weight, seconds: float, error: float | None = None, damping: float | None = None):

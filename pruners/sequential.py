@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruners import PRUNERS
+from pruners import PRUNERS, experts, owl
 from pruners.blocks import (
     PrunerOptionError,
     StopForward,
@@ -32,6 +32,8 @@ from pruners.blocks import (
     find_decoder_blocks,
     prunable_linears,
 )
+from pruners.dsnot import DSnoTPruner
+from pruners.dsnot import refines as dsnot_refines
 from pruners.masks import SparsityPattern
 from pruners.reports import BlockReport, LayerReport
 
@@ -130,6 +132,9 @@ class _LinearObserver:
 def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: str, pattern: SparsityPattern, *,
                 targets: str | None = None, ignore: str | None = None, device: str | torch.device = "cpu",
                 true_sequential: bool = False, use_variant: bool = False, batch_size: int = 1,
+                sparsity_profile: str = "uniform", owl_threshold: float = owl.DEFAULT_THRESHOLD,
+                owl_lambda: float = owl.DEFAULT_LAMBDA, refine: str = "none",
+                min_expert_tokens: int = experts.DEFAULT_MIN_TOKENS,
                 on_block: Callable[[BlockReport], None] | None = None) -> list[LayerReport]:
     """Prune every target linear of every decoder block of `model` in place, one block at a time.
 
@@ -137,6 +142,12 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
     device: where each block is computed; the model stays on its original device. Calibration activations stay on
     `device` when it is a GPU with room for them, otherwise on CPU.
     batch_size: calibration samples per forward (1 reproduces the references' statistics order).
+    sparsity_profile: "uniform" (every block at pattern.sparsity) or "owl" (pruners/owl.py: per-block sparsity from
+    the block's outlier ratio with owl_threshold M and owl_lambda; unstructured only; needs calibration_ids).
+    refine: "none" or "dsnot" (pruners/dsnot.py: the wanda or sparsegpt initial mask refined by prune-and-grow
+    within each row; linears under a block's `mlp` keep the initial mask, the reference default).
+    min_expert_tokens: a fused-MoE expert projection (pruners/experts.py) that saw fewer calibration tokens is
+    pruned by magnitude instead (its LayerReport says so in `fallback` and `tokens`).
     Returns one LayerReport per pruned linear, in block order and, within a block, the order they were pruned.
     Raises PatternError, UnsupportedModelError, PrunerOptionError (all ValueError) on bad input before any
     weight changes, and CholeskyError (RuntimeError) when SparseGPT fails.
@@ -150,6 +161,21 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
         raise PrunerOptionError(f"true_sequential needs calibration statistics; {method} uses none")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PrunerOptionError(f"batch_size {batch_size!r} is invalid: use an integer >= 1")
+    if refine not in ("none", "dsnot"):
+        raise PrunerOptionError(f"unknown refine {refine!r}: use none or dsnot")
+    if refine == "dsnot" and method not in ("wanda", "sparsegpt"):
+        raise PrunerOptionError(f"refine dsnot refines a wanda or sparsegpt mask; {method} is neither")
+    if refine == "dsnot" and use_variant:
+        raise PrunerOptionError("refine dsnot starts from wanda's per-row mask; drop use_variant")
+    if sparsity_profile not in ("uniform", "owl"):
+        raise PrunerOptionError(f"unknown sparsity_profile {sparsity_profile!r}: use uniform or owl")
+    if sparsity_profile == "owl":
+        if pattern.is_nm:
+            raise PrunerOptionError(
+                f"sparsity_profile owl needs unstructured sparsity; pattern {pattern} fixes every block at "
+                f"{pattern.sparsity:g}: use pattern unstructured or sparsity_profile uniform"
+            )
+        owl.check_owl_options(owl_threshold, owl_lambda)
     prefix, blocks = find_decoder_blocks(model)
     linears = prunable_linears(model, targets, ignore)
     if not linears:
@@ -164,20 +190,46 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
     device = torch.device(device)
     options = {"use_variant": use_variant} if method == "wanda" else {}
 
-    def make_pruner(name: str) -> Any:
-        return pruner_class(linears[name], name, **options)
+    if refine == "dsnot":
+        pruner_class = DSnoTPruner
+
+        def make_pruner(name: str) -> Any:
+            relative = name[len(prefix) + 1:].split(".", 1)[1]
+            return DSnoTPruner(linears[name], name, initial=method, refine=dsnot_refines(relative))
+    else:
+        def make_pruner(name: str) -> Any:
+            return pruner_class(linears[name], name, **options)
+
+    if pruner_class.needs_calibration:  # experts: count routed tokens, fall back to magnitude below the minimum
+        make_layer_pruner = make_pruner
+
+        def make_pruner(name: str) -> Any:
+            pruner = make_layer_pruner(name)
+            if isinstance(linears[name], experts.ExpertLinear):
+                return experts.ExpertPruner(pruner, linears[name], name, min_expert_tokens)
+            return pruner
 
     was_training = model.training
     tf32 = torch.backends.cuda.matmul.allow_tf32
     model.eval()
     torch.backends.cuda.matmul.allow_tf32 = False  # the references keep TF32 off (spec §1.2)
     try:
-        with torch.no_grad():  # not inference_mode: the weights must stay usable by autograd afterwards
+        with torch.no_grad(), experts.eager_experts(blocks):  # no_grad, not inference_mode: the weights must stay
+            # usable by autograd afterwards
+            patterns, outlier_ratios = [pattern] * len(blocks), [None] * len(blocks)
+            if sparsity_profile == "owl":  # a dense pass over every block first, as the reference does
+                _check_calibration(calibration_ids, method)
+                profile = owl.owl_profile(model, blocks, per_block, calibration_ids,
+                                          _batches(calibration_ids, batch_size), device, pattern.sparsity,
+                                          owl_threshold, owl_lambda)
+                patterns = [pattern if s is None else SparsityPattern(s) for s in profile.sparsities]
+                outlier_ratios = profile.outlier_ratios
+            blocks_report = _block_reporter(on_block, patterns, outlier_ratios)
             if not pruner_class.needs_calibration:
-                return _prune_without_data(blocks, per_block, make_pruner, pattern, device, on_block)
+                return _prune_without_data(blocks, per_block, make_pruner, patterns, device, blocks_report)
             _check_calibration(calibration_ids, method)
-            return _prune_with_data(model, blocks, per_block, make_pruner, pattern, device, calibration_ids,
-                                    batch_size, true_sequential, on_block)
+            return _prune_with_data(model, blocks, per_block, make_pruner, patterns, device, calibration_ids,
+                                    batch_size, true_sequential, blocks_report)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         model.train(was_training)
@@ -194,6 +246,21 @@ def _check_calibration(calibration_ids: Any, method: str) -> None:
         )
 
 
+def _batches(calibration_ids: torch.Tensor, batch_size: int) -> list[slice]:
+    nsamples = calibration_ids.shape[0]
+    return [slice(s, min(s + batch_size, nsamples)) for s in range(0, nsamples, batch_size)]
+
+
+def _block_reporter(on_block, patterns, outlier_ratios) -> Callable[[int, float, float], None]:
+    """report(index, seconds, error) -> on_block(BlockReport) with the block's sparsity and OWL outlier ratio."""
+
+    def report(index: int, seconds: float, error: float) -> None:
+        if on_block is not None:
+            on_block(BlockReport(index, seconds, error, patterns[index].sparsity, outlier_ratios[index], len(patterns)))
+
+    return report
+
+
 def _onload(block: nn.Module, device: torch.device) -> torch.device:
     """Move `block` to `device` (if it is not there); return where it was."""
     home = next(block.parameters()).device
@@ -202,17 +269,16 @@ def _onload(block: nn.Module, device: torch.device) -> torch.device:
     return home
 
 
-def _prune_without_data(blocks, per_block, make_pruner, pattern, device, on_block) -> list[LayerReport]:
+def _prune_without_data(blocks, per_block, make_pruner, patterns, device, report_block) -> list[LayerReport]:
     reports = []
     for index, block in enumerate(blocks):
         if not per_block[index]:
             continue
         start = time.perf_counter()
         home = _onload(block, device)
-        reports += [make_pruner(name).prune(pattern) for name in per_block[index]]
+        reports += [make_pruner(name).prune(patterns[index]) for name in per_block[index]]
         _onload(block, home)
-        if on_block is not None:
-            on_block(BlockReport(index, time.perf_counter() - start, math.nan))
+        report_block(index, time.perf_counter() - start, math.nan)
     return reports
 
 
@@ -232,10 +298,9 @@ def _storage_chooser(device: torch.device, blocks: nn.ModuleList, per_block) -> 
     return choose
 
 
-def _prune_with_data(model, blocks, per_block, make_pruner, pattern, device, calibration_ids, batch_size,
-                     true_sequential, on_block) -> list[LayerReport]:
-    nsamples = calibration_ids.shape[0]
-    batches = [slice(s, min(s + batch_size, nsamples)) for s in range(0, nsamples, batch_size)]
+def _prune_with_data(model, blocks, per_block, make_pruner, patterns, device, calibration_ids, batch_size,
+                     true_sequential, report_block) -> list[LayerReport]:
+    batches = _batches(calibration_ids, batch_size)
     captured = capture_block_inputs(model, blocks, calibration_ids, batches, device,
                                     _storage_chooser(device, blocks, per_block))
     inputs, outputs = captured.hidden, torch.empty_like(captured.hidden)
@@ -246,8 +311,8 @@ def _prune_with_data(model, blocks, per_block, make_pruner, pattern, device, cal
         block, calls = blocks[index], captured.calls[index]
         home = _onload(block, device)
         if per_block[index]:
-            block_reports, error = _prune_block(block, per_block[index], make_pruner, pattern, inputs, outputs,
-                                                calls, batches, device, true_sequential)
+            block_reports, error = _prune_block(block, per_block[index], make_pruner, patterns[index], inputs,
+                                                outputs, calls, batches, device, true_sequential)
             reports += block_reports
         else:  # nothing to prune here: just make the next block's inputs
             for batch, out in block_outputs(block, inputs, calls, batches, device):
@@ -255,8 +320,8 @@ def _prune_with_data(model, blocks, per_block, make_pruner, pattern, device, cal
             error = 0.0
         _onload(block, home)
         inputs, outputs = outputs, inputs
-        if on_block is not None and per_block[index]:
-            on_block(BlockReport(index, time.perf_counter() - start, error))
+        if per_block[index]:
+            report_block(index, time.perf_counter() - start, error)
     return reports
 
 
@@ -273,8 +338,11 @@ def _prune_block(block, linears, make_pruner, pattern, inputs, outputs, calls, b
         observer.remove()
     groups = observer.groups()
     never_called = [name for name in linears if name not in observer.owner]
-    if never_called:
-        raise RuntimeError(f"no calibration input reached {', '.join(never_called)}")
+    unrouted = [name for name in never_called if isinstance(linears[name], experts.ExpertLinear)]  # no tokens:
+    # their pruners fall back to magnitude
+    if len(unrouted) < len(never_called):
+        raise RuntimeError(f"no calibration input reached {', '.join(sorted(set(never_called) - set(unrouted)))}")
+    unrouted_reports = [make_pruner(name).prune(pattern) for name in unrouted]
     if not true_sequential:
         reports = observer.prune([name for group in groups for name in group], pattern)
     else:
@@ -287,6 +355,7 @@ def _prune_block(block, linears, make_pruner, pattern, inputs, outputs, calls, b
             finally:
                 partial.remove()
             reports += partial.prune(group, pattern)
+    reports += unrouted_reports
 
     # pruned pass: next block's inputs, and the relative reconstruction error against the dense outputs
     squared_error, squared_norm = 0.0, 0.0

@@ -76,8 +76,12 @@ def inverse_cholesky_upper(hessian: torch.Tensor, percdamp: float = PERCDAMP, re
 
 def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, pattern: SparsityPattern, *,
                            blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
-                           retries: int = DAMPING_RETRIES) -> tuple[torch.Tensor, torch.Tensor, float]:
+                           retries: int = DAMPING_RETRIES, fixed_mask: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Prune `weight` (rows, cols) given the Hessian of its inputs (cols, cols); neither argument is modified.
+
+    fixed_mask: bool (rows, cols), True = prune: use this mask instead of choosing one (the OBS update of the
+    kept weights is the same); `pattern` then only sets the block size.
 
     Returns (new weight (rows, cols) fp32 with exact zeros, per-row OBS loss (rows,), damping fraction used).
     N:M groups are aligned to absolute columns; for an M that does not divide 128 the block size is rounded down
@@ -107,7 +111,9 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, pattern:
         block = weight_t[i1:i2]  # (count, rows) view: updated in place
         block_upper = upper[i1:i2, i1:i2]
         diag = upper_diag[i1:i2].reshape(-1, 1)
-        if pattern.is_nm:
+        if fixed_mask is not None:
+            mask = fixed_mask[:, i1:i2].t().contiguous()
+        elif pattern.is_nm:
             mask = torch.zeros(block.shape, dtype=torch.bool, device=block.device)
         else:  # one threshold over the whole block, from weights that already carry earlier blocks' updates
             mask = unstructured_threshold_mask(block**2 / diag**2, pattern.sparsity)
@@ -115,7 +121,8 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, pattern:
         for b0 in range(0, count, eager):
             b1 = min(b0 + eager, count)
             for i in range(b0, b1):
-                if pattern.is_nm and i % pattern.m == 0:  # choose this group now, from the updated weights
+                choose_group = fixed_mask is None and pattern.is_nm and i % pattern.m == 0
+                if choose_group:  # choose this group now, from the updated weights
                     group_score = block[i:i + pattern.m] ** 2 / diag[i:i + pattern.m] ** 2  # (m, rows)
                     lowest = torch.topk(group_score, pattern.n, dim=0, largest=False).indices
                     mask[i:i + pattern.m].scatter_(0, lowest, True)

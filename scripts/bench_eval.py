@@ -6,6 +6,8 @@ Times, in one run:
   3. lm-eval whole process: `python -m lm_eval --model hf --model_args pretrained=MODEL,dtype=... --tasks <8 tasks>
      --include_path <the same bundle YAMLs> --limit N --num_fewshot 0`, whose accuracies must equal spp's
      (same YAMLs, same model, same batch size).
+  4. spp in-process again with each other `--bos` rule (default: no, the Wanda/SPP harness's
+     add_special_tokens=False), and the accuracy difference per task against the default rule (auto).
 wikitext2 token perplexity has no lm-eval counterpart (its `wikitext` task is word perplexity per document,
 spec/ecosystem.md §3), so it is timed on the spp side only.
 
@@ -42,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seqlen", type=int, default=None, help="perplexity window (default min(2048, positions))")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward, for both tools")
     parser.add_argument("--dtype", default="float32", help="model dtype for both tools")
+    parser.add_argument("--bos-rules", default="no", help="other zero-shot BOS rules to compare with auto (comma list)")
     parser.add_argument("--skip-cli", action="store_true", help="only the in-process spp timings")
     parser.add_argument("--out", default=str(REPO / "bench_out" / "eval.json"))
     args = parser.parse_args()
@@ -99,7 +102,17 @@ def main() -> None:
     bundle = evaluate(model, tokenizer, tasks, limit=args.limit, data_dir=args.data_dir, batch_size=args.batch_size)
     report["spp_bundle_in_process"] = {"seconds": round(time.perf_counter() - started, 3),
                                        "acc": accuracies(bundle["results"]), "n-samples": bundle["n-samples"],
-                                       "mean_acc_7": bundle["mean_acc_7"]}
+                                       "mean_acc_7": bundle["mean_acc_7"], "bos": bundle["bos"]}
+    for rule in [rule for rule in args.bos_rules.split(",") if rule and rule != "auto"]:
+        started = time.perf_counter()
+        other = evaluate(model, tokenizer, tasks, limit=args.limit, data_dir=args.data_dir,
+                         batch_size=args.batch_size, bos=rule)
+        auto_acc, other_acc = report["spp_bundle_in_process"]["acc"], accuracies(other["results"])
+        report[f"spp_bundle_bos_{rule}"] = {
+            "seconds": round(time.perf_counter() - started, 3), "acc": other_acc, "mean_acc_7": other["mean_acc_7"],
+            "bos": other["bos"], "acc_minus_auto": {task: other_acc[task] - auto_acc[task] for task in tasks},
+            "mean_acc_7_minus_auto": other["mean_acc_7"] - bundle["mean_acc_7"],
+        }
     del model
 
     if not args.skip_cli:
@@ -110,7 +123,8 @@ def main() -> None:
                  "--data-dir", args.data_dir, "--limit", str(args.limit), "--batch-size", str(args.batch_size),
                  "--device", "cpu", "--dtype", args.dtype, "--out", str(spp_out), "--format", "json"], env)
             if spp_out.is_file():
-                report["spp_cli"]["acc"] = accuracies(json.loads(spp_out.read_text())["results"])
+                (entry,) = json.loads(spp_out.read_text())["models"].values()  # results.json: one model
+                report["spp_cli"]["acc"] = accuracies(entry["results"])
 
             include = Path(tmp) / "tasks"
             include.mkdir()

@@ -5,6 +5,11 @@
 Each recipe prunes the dense model with Wanda and with SparseGPT (128 C4 windows at the paper's seqlen),
 SPP-tunes both on Alpaca-GPT4 with spec/spp-method.md §2's settings, and evaluates dense, pruned and tuned
 models on WikiText-2 token perplexity and the 7 zero-shot tasks.
+
+The papers' protocol is pinned where spp's defaults differ (docs/fidelity.md): one Alpaca-templated example per
+record (data_format: alpaca, although the hub's alpaca-gpt4 rows also carry `text`), fp16 AMP (dtype: float16),
+the loss averaged per micro-batch (loss_normalization: micro_batch) and zero-shot prompts without BOS (bos: "no",
+quoted because YAML 1.1 reads a bare no as false).
 """
 
 from pathlib import Path
@@ -41,6 +46,7 @@ def recipe(model: str, seqlen: int, pattern: str, sparsity: float | None, name: 
     input: prune-{method}
     method: spp
     data: alpaca-gpt4
+    data_format: alpaca
     epochs: 3
     lr: 4.0e-3
     batch_size: 128
@@ -48,10 +54,13 @@ def recipe(model: str, seqlen: int, pattern: str, sparsity: float | None, name: 
     seqlen: 512
     val_size: 2000
     seed: 42
+    dtype: float16
+    loss_normalization: micro_batch
 """)
     setting = f"{pattern}{f' {sparsity:.0%}' if sparsity else ''}"
     return f"""# {name}: Wanda and SparseGPT at {setting} on {model}, SPP on Alpaca-GPT4,
-# evaluated as in the papers (WikiText-2 token ppl @{seqlen}, 7 zero-shot tasks + PIQA).
+# evaluated as in the papers (WikiText-2 token ppl @{seqlen}, 7 zero-shot tasks + PIQA, no BOS in the prompts).
+# fp16 AMP, per-micro-batch loss and Alpaca-templated examples as SPP's finetune.py (docs/fidelity.md).
 # Made by scripts/make_paper_recipes.py.
 # Needs the Hub (or a local copy: override model=/path and the data sources) and a GPU with ~24 GB.
 #   spp run recipes/paper/{name}.yaml
@@ -65,6 +74,7 @@ stages:
     tasks: {TASKS}
     seqlen: {seqlen}
     batch_size: 8
+    bos: "no"
 """
 
 

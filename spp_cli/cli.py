@@ -18,7 +18,9 @@ from spp_cli.recipe_schema import EvalStage, FinetuneStage, PruneStage, Recipe, 
 
 try:  # recent Typer vendors its own Click; older releases use the click package
     from typer._click.exceptions import UsageError
+    from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover
+    from click import get_current_context
     from click.exceptions import UsageError
 
 class _FlagHelp:
@@ -84,8 +86,16 @@ def _console(stderr: bool = False):
     return Console(file=stream, highlight=False, soft_wrap=True, width=width)
 
 
+def _verbose() -> bool:
+    """`spp -v COMMAND`: let the libraries print their own warnings and progress bars."""
+    context = get_current_context(silent=True)
+    return bool(context is not None and (context.find_root().obj or {}).get("verbose"))
+
+
 def _quiet_libraries() -> None:
     """spp prints its own progress lines; transformers' per-file bars and advisory warnings would bury them."""
+    if _verbose():
+        return
     import huggingface_hub
     import transformers
 
@@ -103,8 +113,11 @@ def _emit(result, output_format: OutputFormat, render) -> None:
 
 @app.callback(invoke_without_command=True)
 def root(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, metavar="")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Let the libraries (transformers, lm-eval) print their own warnings and progress bars.", metavar="")] = False,
 ) -> None:
+    ctx.obj = {"verbose": verbose}
     if version:
         from spp_cli.environment import package_version
 
@@ -204,7 +217,7 @@ def merge(
 )
 def eval_command(options, *, out, trust_remote_code, allow_pickle, output_format) -> None:
     """Evaluate models: the papers' token perplexity and lm-eval zero-shot tasks, online or from --data-dir."""
-    from spp_cli.render import render_eval
+    from spp_cli.render import render_eval, step_progress
     from spp_cli.stages.evaluate import evaluate_models
 
     stage = validate_options(EvalStage, options, flags=True)
@@ -212,7 +225,7 @@ def eval_command(options, *, out, trust_remote_code, allow_pickle, output_format
     del options["models"], options["tasks"]
     results = evaluate_models(
         {name: name for name in stage.models}, stage.tasks, out, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle, **options,
+        allow_pickle=allow_pickle, on_progress=step_progress(_console(stderr=True)), verbose=_verbose(), **options,
     )
     _emit(results, output_format, render_eval)
 

@@ -30,7 +30,7 @@ def model_path(recipe: Recipe, reference: str) -> str:
 
 
 def run_stage(recipe: Recipe, stage, console) -> dict:
-    from spp_cli.render import block_progress
+    from spp_cli.render import block_progress, step_progress
     from spp_cli.stages.evaluate import evaluate_models
     from spp_cli.stages.finetune import finetune
     from spp_cli.stages.prune import prune
@@ -52,7 +52,8 @@ def run_stage(recipe: Recipe, stage, console) -> dict:
         )
     models = {name: model_path(recipe, name) for name in options.pop("models")}
     return evaluate_models(
-        models, options.pop("tasks"), directory / RESULTS, skip_if_done=True, overwrite=replace, **loading, **options
+        models, options.pop("tasks"), directory / RESULTS, skip_if_done=True, overwrite=replace,
+        on_progress=step_progress(console) if console is not None else None, **loading, **options,
     )
 
 

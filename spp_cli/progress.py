@@ -10,14 +10,14 @@ from transformers import TrainerCallback
 
 class TrainingProgress(TrainerCallback):
     """Calls `on_update({"step", "total", "loss", "lr", "tokens_per_second", "eta_seconds", "resumed_from"})`
-    after every optimizer step on the main process; `tokens_per_step` is the global batch × seqlen (an upper
-    bound: padding counts)."""
+    after every optimizer step on the main process. `loss` is the Trainer's mean train loss over the steps since
+    its previous log (None between logs); `lr` the learning rate of the next step; `tokens_per_step` the global
+    batch × seqlen (an upper bound: padding counts)."""
 
     def __init__(self, on_update: Callable[[dict], None], tokens_per_step: int):
         self.on_update = on_update
         self.tokens_per_step = tokens_per_step
         self.loss: float | None = None
-        self.lr: float | None = None
         self.started: float | None = None
         self.first_step = 0
 
@@ -25,11 +25,9 @@ class TrainingProgress(TrainerCallback):
         self.started, self.first_step = time.perf_counter(), state.global_step  # > 0 when resumed
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        self.loss = logs.get("loss", self.loss)
-        self.lr = logs.get("learning_rate", self.lr)
+        self.loss = (logs or {}).get("loss", self.loss)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
         if not state.is_world_process_zero:
             return
         done = state.global_step - self.first_step
@@ -39,8 +37,9 @@ class TrainingProgress(TrainerCallback):
             "step": state.global_step,
             "total": state.max_steps,
             "loss": self.loss,
-            "lr": self.lr,
+            "lr": lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else None,
             "tokens_per_second": self.tokens_per_step / per_step if per_step else None,
             "eta_seconds": per_step * (state.max_steps - state.global_step) if per_step else None,
             "resumed_from": self.first_step or None,
         })
+        self.loss = None

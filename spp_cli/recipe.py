@@ -233,6 +233,8 @@ def _coerce(value: Any, option: Option, fail: Fail) -> Any:
             fail(f"{_show(value)} is not {allowed}")
         return [item.strip() for item in items]
     if option.choices:
+        if isinstance(value, bool) and {"yes", "no"} <= set(option.choices):
+            value = "yes" if value else "no"  # YAML 1.1 reads a bare `bos: no` as false
         if value not in option.choices:
             suggestion = _did_you_mean(value, option.choices) if isinstance(value, str) else ""
             fail(f"{_show(value)} is not {allowed}{suggestion}")

@@ -17,7 +17,17 @@ from typing import Any, ClassVar, NoReturn
 import yaml
 
 from spp_cli.adapters import REGISTRY, misplaced_option
-from spp_cli.vocabulary import DEVICE_TEXT, DTYPES, FINETUNE_METHODS, PRUNE_METHODS, REPORT_TO, SPP_FORWARDS
+from spp_cli.vocabulary import (
+    BOS_RULES,
+    DATA_FORMATS,
+    DEVICE_TEXT,
+    DTYPES,
+    FINETUNE_METHODS,
+    LOSS_NORMALIZATIONS,
+    PRUNE_METHODS,
+    REPORT_TO,
+    SPP_FORWARDS,
+)
 
 DATASET_NAMES = ("c4", "wikitext2", "alpaca", "alpaca-gpt4")  # online dataset names, never paths
 Fail = Callable[..., NoReturn]  # fail(message, key) raises BadInput naming the key path
@@ -155,6 +165,22 @@ class PruneStage(Stage):
     true_sequential: bool = _key(
         False, "bool", help="SparseGPT: re-collect statistics after each group of sub-layers."
     )
+    sparsity_profile: str = _key(
+        "uniform", choices=("uniform", "owl"),
+        help="uniform: every block at the sparsity; owl: per-block sparsity from its outlier ratio (OWL), same mean.",
+    )
+    owl_threshold: float = _key(5.0, "float", low=0, low_open=True, help="OWL's M: an outlier exceeds M x the mean.")
+    owl_lambda: float = _key(
+        0.08, "float", low=0, high=0.5, low_open=True, high_open=True,
+        help="OWL's lambda: block sparsities spread over 2 x lambda (max - min), their mean still the sparsity.",
+    )
+    refine: str = _key(
+        "none", choices=("none", "dsnot"),
+        help="dsnot: refine a wanda or sparsegpt mask by prune-and-grow within each row (DSnoT), same sparsity.",
+    )
+    min_expert_tokens: int = _key(
+        16, "int", low=0, help="An MoE expert that saw fewer calibration tokens is pruned by magnitude instead.",
+    )
     device: str | None = _device_key()
     dtype: str | None = _dtype_key()
 
@@ -175,6 +201,13 @@ class PruneStage(Stage):
             fail("is a Wanda option: drop it or use method wanda", "use_variant")
         if self.method != "sparsegpt" and self.true_sequential:
             fail("is a SparseGPT option: drop it or use method sparsegpt", "true_sequential")
+        if self.sparsity_profile == "owl" and ":" in self.pattern:
+            fail(f"owl needs pattern unstructured; {self.pattern} fixes every block's sparsity: drop one of them",
+                 "sparsity_profile")
+        if self.refine == "dsnot" and self.method not in ("wanda", "sparsegpt"):
+            fail(f"dsnot refines a wanda or sparsegpt mask, not {self.method}: use method wanda", "refine")
+        if self.refine == "dsnot" and self.use_variant:
+            fail("dsnot starts from Wanda's per-row mask: drop use_variant", "refine")
 
 
 DEFAULT_SPARSITY = 0.5  # DESIGN.md's CLI default, for recipes and commands alike
@@ -228,6 +261,12 @@ class FinetuneStage(Stage):
         None, "float", low=0, low_open=True, default_text=_method_defaults("lora_alpha"),
         help="LoRA alpha: the branch is scaled by lora_alpha / lora_r.",
     )
+    data_format: str = _key(
+        "auto",
+        choices=DATA_FORMATS,
+        help="How records become examples: auto (instruction fields -> alpaca template, messages -> chat, "
+        "else packed text) or one format for every record.",
+    )
     mask_prompt: bool = _key(False, "bool", help="No loss on prompt tokens.")
     gradient_checkpointing: bool = _key(False, "bool", help="Recompute activations in backward (less memory).")
     no_merge: bool = _key(False, "bool", help="Keep only the adapter; merge later with spp merge.")
@@ -237,6 +276,12 @@ class FinetuneStage(Stage):
     weight_decay: float = _key(0.001, "float", low=0, help="AdamW weight decay.")
     warmup_ratio: float = _key(
         0.03, "float", low=0, high=1, high_open=True, help="Linear warm-up, as a fraction of the steps."
+    )
+    loss_normalization: str = _key(
+        "batch",
+        choices=LOSS_NORMALIZATIONS,
+        help="Average a step's loss over all its target tokens (batch, transformers 5.x) or per micro-batch "
+        "(micro_batch, SPP's reference on transformers 4.28).",
     )
     report_to: str = _key("none", choices=REPORT_TO, help="Where the Trainer logs.")
     save_steps: int = _key(200, "int", low=1, help="Trainer checkpoint (a resume point) every N steps.")
@@ -286,6 +331,12 @@ class EvalStage(Stage):
         help="Run the tasks from local files laid out like shared/data.",
     )
     batch_size: int = _key(1, "int", low=1, help="Sequences per forward.")
+    bos: str = _key(
+        "auto",
+        choices=BOS_RULES,
+        help="Zero-shot BOS: auto (lm-eval's default: the tokenizer's own, BOS for LLaMA), yes, or no (the "
+        "Wanda/SPP harness: add_special_tokens=False).",
+    )
     device: str | None = _device_key()
     dtype: str | None = _dtype_key()
 

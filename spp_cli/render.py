@@ -14,7 +14,11 @@ def block_progress(console):
         error = report.reconstruction_error
         measured = error is not None and not math.isnan(error)
         error_text = f"{error:.4g}" if measured else "n/a (no calibration)"
-        console.print(f"  block {position}: {report.seconds:.2f} s, relative output error ||Y-Ŷ||²/||Y||² {error_text}")
+        owl = "" if report.outlier_ratio is None else (
+            f", OWL sparsity {report.sparsity:.4f} (outlier ratio {report.outlier_ratio:.2f}%)")
+        console.print(
+            f"  block {position}: {report.seconds:.2f} s, relative output error ||Y-Ŷ||²/||Y||² {error_text}{owl}"
+        )
 
     return on_block
 
@@ -32,7 +36,7 @@ def training_progress(console, every: int | None = None):
         if event["resumed_from"] and event["resumed_from"] == step - 1:
             parts.append(f"resumed after step {event['resumed_from']}")
         if event["loss"] is not None:
-            parts.append(f"train loss {event['loss']:.4f}")
+            parts.append(f"train loss {event['loss']:.4f} (mean since the last log)")
         if event["lr"] is not None:
             parts.append(f"lr {event['lr']:.3g}")
         if event["tokens_per_second"]:
@@ -42,6 +46,26 @@ def training_progress(console, every: int | None = None):
         console.print("  " + ", ".join(parts))
 
     return on_update
+
+
+def step_progress(console, share: float = 0.1):
+    """A callback on_progress(done, total, label) printing "label k/N" at the start, the end and about every
+    `share` of the way, for evaluation (models, perplexity windows, zero-shot tasks)."""
+    shown: dict[str, int] = {}
+
+    def on_progress(done: int, total: int, label: str) -> None:
+        if label == "models":  # the end of the last model: its table follows
+            return
+        if label.startswith("model ") and "·" not in label:  # "model k/N NAME" as model k starts
+            console.print(label)
+            return
+        last = shown.get(label)
+        if done in (0, total) or last is None or done - last >= max(1, round(total * share)):
+            if last != done:
+                console.print(f"  {label} {done}/{total}")
+            shown[label] = done
+
+    return on_progress
 
 
 def _skipped(console, manifest: dict, out) -> bool:
@@ -60,6 +84,8 @@ def render_prune(console, manifest: dict, out) -> None:
         f"overall sparsity of the pruned linears {manifest['overall_sparsity']:.4f} "
         f"(target {manifest['target_sparsity']:.4f}) in {manifest.get('seconds', 0):.1f} s -> {out}"
     )
+    for warning in manifest.get("warnings") or []:
+        console.print(f"  warning: {warning}")
     for name, damping in (manifest.get("damping") or {}).items():
         console.print(f"  note: {name} needed Hessian damping {damping} (more than 1% of the mean diagonal)")
 
@@ -149,8 +175,27 @@ def eval_table(entries: dict, extra_columns: dict[str, dict[str, str]] | None = 
     return table
 
 
+def bos_line(entries: dict) -> str | None:
+    """One line saying which zero-shot BOS rule each model used (None when no zero-shot task ran)."""
+    rules = {}
+    for name, entry in entries.items():
+        bos = entry.get("bos")
+        if bos:
+            prepended = "BOS prepended" if bos.get("prepends_bos") else "no BOS"
+            rules.setdefault(f"{bos.get('rule')} ({prepended})", []).append(name)
+    if not rules:
+        return None
+    if len(rules) == 1:
+        return f"zero-shot BOS rule: {next(iter(rules))}"
+    return "zero-shot BOS rule: " + "; ".join(f"{', '.join(names)}: {rule}" for rule, names in rules.items())
+
+
 def render_eval(console, results: dict) -> None:
-    console.print(eval_table(results.get("models", {})))
+    """The table of `results` (stages.evaluate.evaluate_models' return: {"models": {name: entry}, "notes"})."""
+    entries = results.get("models", {})
+    console.print(eval_table(entries))
+    if line := bos_line(entries):
+        console.print(line)
     for note in results.get("notes", []):
         console.print(f"note: {note}")
 

@@ -23,7 +23,8 @@ def read_stages(run_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
         if (folder / "spp.json").is_file():
             manifests[folder.name] = json.loads((folder / "spp.json").read_text())
         if (folder / "results.json").is_file():
-            evaluations.update(results_entries(json.loads((folder / "results.json").read_text())))
+            results_file = folder / "results.json"
+            evaluations.update(results_entries(json.loads(results_file.read_text()), str(results_file)))
     return manifests, evaluations
 
 

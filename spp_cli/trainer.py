@@ -36,11 +36,15 @@ from spp_cli.adapters import adapter_class, check_method_options, method_named
 from spp_cli.adapters.base import ADAPTER_WEIGHTS_NAME, Adapter
 from spp_cli.data.examples import PaddingCollator, build_examples, pad_token_id
 from spp_cli.errors import BadInput, RuntimeFailure
+from spp_cli.vocabulary import LOSS_NORMALIZATIONS
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 # fixed training choices (not user options), recorded in the fingerprint because they decide the result
 TRAINING_CONSTANTS = {"lr_scheduler": "linear", "max_grad_norm": 1.0}
 SAVE_TOTAL_LIMIT = 2  # Trainer checkpoints kept for resume
+# How a step's loss is averaged (docs/fidelity.md): "batch" = transformers 5.x's default, the mean over every
+# target token of the optimizer step (all micro-batches, all devices); "micro_batch" = SPP's reference
+# (transformers 4.28): each micro-batch's own token mean, averaged over accumulation steps and devices.
 
 
 def learning_rate(options) -> float:
@@ -73,6 +77,8 @@ def check_options(options, world_size: int = 1) -> Adapter:
         raise BadInput(f"--lr {lr} is invalid: use a positive number (default: the method's)")
     if (options.dtype or "auto") not in PRECISIONS:
         raise BadInput(f"--dtype {options.dtype!r} is unknown: use one of {', '.join(PRECISIONS)}")
+    if options.loss_normalization not in LOSS_NORMALIZATIONS:
+        raise BadInput(f"--loss-normalization {options.loss_normalization!r} is unknown: use batch or micro_batch")
     if options.val_size is not None and options.val_size < 0:
         raise BadInput(f"--val-size {options.val_size} is invalid: use 0 (none), a count, or a fraction < 1")
     if options.dropout is not None and not 0 <= options.dropout < 1:
@@ -335,6 +341,11 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
         callbacks=[*_training_callbacks(adapter, model, memory), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # no print in library code; the loss curve is in the result
+    if options.loss_normalization == "micro_batch":
+        # without loss kwargs the Trainer neither counts the step's tokens (num_items_in_batch) nor passes them
+        # to the model: each micro-batch's loss is its own token mean, divided by the accumulation steps, and
+        # DDP averages the ranks' gradients -- transformers 4.28's arithmetic, which SPP's finetune.py ran
+        trainer.model_accepts_loss_kwargs = False
     resume = last_complete_checkpoint(checkpoints)
     start_step = int(Path(resume).name.split("-")[1]) if resume else 0
     if on_cuda:

@@ -29,6 +29,13 @@ def workspace(tmp_path_factory, test_data):
     (root / "good.yaml").write_text(
         "model: builtin:tiny-llama\nstages:\n  - {name: prune, type: prune, method: magnitude, sparsity: 0.5}\n"
     )
+    (root / "bos.yaml").write_text(
+        "model: builtin:tiny-llama\nstages:\n  - {type: eval, tasks: [wikitext2], bos: maybe}\n"
+    )
+    (root / "missing-data.yaml").write_text(
+        f"model: {root / 'dense'}\nstages:\n  - {{type: prune, method: magnitude}}\n"
+        f"  - {{type: finetune, data: {root / 'nowhere.jsonl'}}}\n"
+    )
     (root / "not-spp").mkdir()
     (root / "not-spp" / "notes.txt").write_text("my notes")
     from safetensors.torch import load_file, save_file
@@ -90,7 +97,7 @@ def rows(data: Path):
         ("missing recipe", ["run", "{root}/nope.yaml"], "no such recipe file"),
         ("override of an unknown stage", ["run", "{root}/good.yaml", "stages.tune.lr=1", "--dry-run"], "no stage named 'tune'"),
         ("unknown eval task", ["eval", "{root}/dense", "--tasks", "boolqq", "--out", "{root}/r.json"], "boolq"),
-        ("hub task offline without data", ["eval", "{root}/dense", "--tasks", "arc_easy", "--out", "{root}/r.json"], "--data-dir"),
+        ("hub task offline without data", ["eval", "{root}/dense", "--tasks", "arc_easy", "--out", "{root}/r.json"], "pass --data-dir DIR with DIR/arc_easy/"),
         ("eval --out is a directory", ["eval", "{root}/dense", "--tasks", "wikitext2", "--data-dir", str(data), "--out", "{root}/not-spp"], "is a directory"),
         ("eval --out is someone else's file", ["eval", "{root}/dense", "--tasks", "wikitext2", "--data-dir", str(data), "--out", "{root}/not-spp/notes.txt"], "is not an spp results file"),
         ("eval --out inside the model", ["eval", "{root}/dense", "--tasks", "wikitext2", "--data-dir", str(data), "--out", "{root}/dense/results.json"], "overlaps the input"),
@@ -102,6 +109,25 @@ def rows(data: Path):
         ("finetune, batch not divisible", ["finetune", "{root}/dense", "--data", "{root}/calib.jsonl", "--out", "{root}/ft", "--batch-size", "10", "--micro-batch-size", "4"], "10"),
         ("finetune, fused with dropout", ["finetune", "{root}/dense", "--data", "{root}/calib.jsonl", "--out", "{root}/ft", "--forward", "fused"], "--dropout 0"),
         ("finetune, empty data", ["finetune", "{root}/dense", "--data", "{root}/empty.jsonl", "--out", "{root}/ft"], "has no records"),
+        # found while rebuilding the options and outputs (issue "Trust")
+        ("--overwrite on a folder spp did not write", [*prune[:2], "--out", "{root}/not-spp", "--method", "magnitude", "--overwrite"], "spp never replaces those"),
+        ("a plain file as --out", [*prune[:2], "--out", "{root}/calib.jsonl", "--method", "magnitude", "--overwrite"], "is a file that spp did not write"),
+        ("--out on a read-only filesystem", [*prune[:2], "--out", "/sys/spp-out", "--method", "magnitude"], "cannot write '/sys/spp-out'"),
+        ("device mps", [*prune, "--method", "magnitude", "--device", "mps"], "--device: 'mps' is not auto, cpu, cuda or cuda:N"),
+        ("device gpu0", [*prune, "--method", "magnitude", "--device", "gpu0"], "--device: 'gpu0' is not"),
+        ("seqlen 1", [*prune[:-2], "--seqlen", "1", "--method", "wanda"], "--seqlen: 1 is out of range"),
+        ("nsamples not an integer", [*prune[:-4], "--nsamples", "1.5", "--method", "wanda"], "--nsamples"),
+        ("misspelt option", [*prune, "--method", "wanda", "--sparsty", "0.5"], "No such option: --sparsty"),
+        ("owl with 2:4", [*prune, "--method", "wanda", "--pattern", "2:4", "--sparsity-profile", "owl"], "owl needs pattern unstructured"),
+        ("dsnot after magnitude", [*prune, "--method", "magnitude", "--refine", "dsnot"], "--refine: dsnot refines a wanda or sparsegpt mask"),
+        ("true-sequential with wanda", [*prune, "--method", "wanda", "--true-sequential"], "--true-sequential: is a SparseGPT option"),
+        ("forward grouped (was accepted)", ["finetune", "{root}/dense", "--data", "{root}/calib.jsonl", "--out", "{root}/ft", "--forward", "grouped"], "'grouped' is not one of"),
+        ("unknown finetune method", ["finetune", "{root}/dense", "--data", "{root}/calib.jsonl", "--out", "{root}/ft", "--method", "dora"], "'dora' is not one of"),
+        ("eval bos maybe", ["eval", "{root}/dense", "--tasks", "wikitext2", "--bos", "maybe", "--out", "{root}/r.json"], "'maybe' is not one of"),
+        ("recipe bos maybe", ["run", "{root}/bos.yaml", "--dry-run"], "stages[0] (eval).bos: 'maybe' is not one of auto, yes, no"),
+        ("a finetune key on a prune stage", ["run", "{root}/good.yaml", "stages.prune.lr=1", "--dry-run"], "'lr' is a key of finetune stages"),
+        ("dry run with a missing data file", ["run", "{root}/missing-data.yaml", "--dry-run"], "nowhere.jsonl"),
+        ("eval with no tasks", ["eval", "{root}/dense", "--tasks", ",", "--out", "{root}/r.json"], "--tasks"),
     ]
 
 
@@ -130,3 +156,41 @@ def test_at_least_thirty_rows():
     from conftest import TEST_DATA
 
     assert len(rows(TEST_DATA)) >= 30
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OWL, DSnoT and MoE options through the Python API (the CLI options come from the schema)
+
+API_ROWS = [
+    # (id, keyword arguments of spp_cli.prune, a fragment of the one-line message)
+    ("owl with N:M", dict(method="wanda", pattern="2:4", sparsity_profile="owl"),
+     "sparsity_profile: owl needs pattern unstructured"),
+    ("owl lambda 0", dict(method="wanda", sparsity_profile="owl", owl_lambda=0.0), "owl_lambda: 0.0 is out of range"),
+    ("owl lambda 0.5", dict(method="wanda", sparsity_profile="owl", owl_lambda=0.5), "owl_lambda: 0.5 is out of range"),
+    ("owl lambda negative", dict(method="sparsegpt", sparsity_profile="owl", owl_lambda=-0.1),
+     "owl_lambda: -0.1 is out of range"),
+    ("owl threshold 0", dict(method="wanda", sparsity_profile="owl", owl_threshold=0), "owl_threshold: 0 is out of"),
+    ("owl threshold negative", dict(method="magnitude", sparsity_profile="owl", owl_threshold=-1.0),
+     "owl_threshold: -1.0 is out of range"),
+    ("owl lambda too wide for the sparsity", dict(method="wanda", sparsity=0.1, sparsity_profile="owl",
+                                                  owl_lambda=0.3), "lower owl_lambda"),
+    ("unknown sparsity profile", dict(method="wanda", sparsity_profile="layerwise"),
+     "sparsity_profile: 'layerwise' is not one of uniform, owl"),
+    ("dsnot with magnitude", dict(method="magnitude", refine="dsnot"), "refine: dsnot refines a wanda or sparsegpt"),
+    ("dsnot with the wanda variant", dict(method="wanda", refine="dsnot", use_variant=True), "drop use_variant"),
+    ("unknown refine", dict(method="wanda", refine="sparse-grow"), "refine: 'sparse-grow' is not one of none, dsnot"),
+    ("min_expert_tokens negative", dict(method="wanda", min_expert_tokens=-1), "min_expert_tokens: -1 is out of"),
+]
+
+
+@pytest.mark.parametrize("options, message", [pytest.param(o, m, id=name) for name, o, m in API_ROWS])
+def test_bad_prune_option_through_the_api(workspace, options, message):
+    import spp_cli
+    from spp_cli.errors import BadInput
+
+    before = snapshot(workspace)
+    with pytest.raises(BadInput) as raised:
+        spp_cli.prune(str(workspace / "dense"), workspace / "out", calib=str(workspace / "calib.jsonl"), nsamples=2,
+                      seqlen=32, device="cpu", **options)
+    assert "\n" not in str(raised.value) and message in str(raised.value), str(raised.value)
+    assert snapshot(workspace) == before  # nothing published, nothing left behind

@@ -1,9 +1,11 @@
 """Records -> tokenized training examples (input_ids, attention_mask, labels) and the padding collator.
 
-Record kinds (spp_cli.data.sources.read_records): alpaca {"instruction", "input", "output"} rendered with the alpaca
-template (spec/spp-method.md §2, alpaca-lora's templates/alpaca.json); chat {"messages": [{"role", "content"}]}
-rendered with the tokenizer's chat template, or "role: content" lines without one; plain {"text"} documents,
-concatenated (EOS between documents) and packed into seqlen windows.
+Records (spp_cli.data.sources.read_records) are validated and put in canonical form first
+(spp_cli.data.formats.normalize_records, where the formats and `data_format` are defined): alpaca
+{"instruction", "input", "output"} rendered with the alpaca template (spec/spp-method.md §2, alpaca-lora's
+templates/alpaca.json), one example per record, whatever else the record carries; chat {"messages": [{"role",
+"content"}]} rendered with the tokenizer's chat template, or "role: content" lines without one; plain {"text"}
+documents, concatenated (EOS between documents) and packed into seqlen windows.
 
 Loss is on every token by default (SPP's train_on_inputs=True); mask_prompt=True sets the prompt's labels to -100.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from spp_cli.data.formats import normalize_records
 from spp_cli.errors import BadInput
 
 IGNORE_INDEX = -100
@@ -37,10 +40,8 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:
     """(prompt, full text) of a chat: the prompt ends where the last assistant turn's content begins.
 
     With a chat template the template renders both (the prompt with add_generation_prompt=True); without one,
-    each turn is a "role: content" line.
+    each turn is a "role: content" line. `messages` are already validated (formats.normalize_records).
     """
-    if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise BadInput("a chat record's messages must be a non-empty list of {\"role\", \"content\"} objects")
     last_is_reply = messages[-1]["role"] == "assistant"
     context = messages[:-1] if last_is_reply else messages
     if getattr(tokenizer, "chat_template", None):
@@ -55,12 +56,12 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:
 
 
 def _prompt_and_text(tokenizer, record: dict) -> tuple[str, str, bool]:
-    """(prompt, full text, add_special_tokens) of an alpaca or chat record."""
+    """(prompt, full text, add_special_tokens) of a canonical alpaca or chat record."""
     if "messages" in record:
         prompt, full = render_chat(tokenizer, record["messages"])
         return prompt, full, not getattr(tokenizer, "chat_template", None)  # templates carry their own BOS
-    prompt = alpaca_prompt(str(record.get("instruction", "")), str(record.get("input") or ""))
-    return prompt, prompt + str(record.get("output", "")), True
+    prompt = alpaca_prompt(record["instruction"], record["input"])
+    return prompt, prompt + record["output"], True
 
 
 def tokenize_prompt_records(tokenizer, records: list[dict], seqlen: int, mask_prompt: bool = False) -> list[dict]:
@@ -104,22 +105,39 @@ def pack_texts(tokenizer, texts: list[str], seqlen: int) -> list[dict]:
     return [{"input_ids": w, "attention_mask": [1] * len(w), "labels": list(w)} for w in windows if w]
 
 
-def build_examples(tokenizer, records: list[dict], seqlen: int, mask_prompt: bool = False) -> list[dict]:
-    """Tokenized examples for every record: alpaca/chat records one each, then the packed text windows."""
+def build_examples(
+    tokenizer,
+    records: list[dict],
+    seqlen: int,
+    mask_prompt: bool = False,
+    *,
+    data_format: str = "auto",
+    source: str | None = None,
+) -> list[dict]:
+    """Tokenized examples for every record: alpaca/chat records one each, then the packed text windows.
+
+    data_format: auto | alpaca | chat | text (spp_cli.data.formats); `source` only names the data in errors.
+    Examples with no label left to learn (a prompt that fills seqlen under mask_prompt) are dropped; BadInput
+    when none is left, or for a record the format rejects.
+    """
     if seqlen < 2:
         raise BadInput(f"--seqlen {seqlen} is too short: use at least 2 (default 512)")
+    records = normalize_records(records, data_format, mask_prompt=mask_prompt, source=source)
     prompted = [r for r in records if "text" not in r]
-    texts = [str(r["text"]) for r in records if "text" in r and str(r["text"]).strip()]
-    for record in prompted:
-        if "messages" not in record and "instruction" not in record:
-            raise BadInput(f"record {str(record)[:60]!r} has none of text, instruction, messages: fix the data")
+    texts = [r["text"] for r in records if "text" in r and r["text"].strip()]
     examples = tokenize_prompt_records(tokenizer, prompted, seqlen, mask_prompt) if prompted else []
     if texts:
         examples += pack_texts(tokenizer, texts, seqlen)
-    examples = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"][1:])]
-    if not examples:
+    # labels[0] is never a target (the model predicts token t+1 from token t)
+    learnable = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"][1:])]
+    if not learnable:
+        if mask_prompt and examples:
+            raise BadInput(
+                f"no label is left to train on: under mask_prompt every one of the {len(examples)} examples' "
+                f"prompts fills --seqlen {seqlen}: raise --seqlen or drop --mask-prompt"
+            )
         raise BadInput("the training data gave no examples with tokens to learn: check the data source")
-    return examples
+    return learnable
 
 
 class PaddingCollator:

@@ -176,7 +176,7 @@ def _local_records(path: Path) -> list[dict]:
         data = next(iter(data.values()))  # {"data": [...]} / {"train": [...]}
     if not isinstance(data, list):
         raise BadInput(f"{path}: expected a JSON list of records: use a list of objects or a .jsonl file")
-    return [_check_record(record, f"{path} record {index}") for index, record in enumerate(data)]
+    return [_check_record(record, f"{path} record {index}") for index, record in enumerate(data, start=1)]
 
 
 def _parse_json(text: str, where: str):
@@ -189,7 +189,7 @@ def _parse_json(text: str, where: str):
 
 def _check_record(record, where: str) -> dict:
     if not isinstance(record, dict) or not any(field in record for field in RECORD_FIELDS):
-        raise BadInput(f"{where}: a record needs 'text', 'instruction'/'input'/'output' or 'messages'")
+        raise BadInput(f"{where}: a record needs 'text', 'instruction'/'input'/'output' or 'messages': add one")
     return record
 
 
@@ -209,4 +209,4 @@ def _online_records(source: str) -> list[dict]:
         dataset = datasets.load_dataset(path, config, split=split, data_files=data_files)
     except Exception as error:  # network, auth or a missing dataset: all are the user's to fix
         raise BadInput(f"could not load data source '{source}' ({type(error).__name__}): use {hint}") from None
-    return [_check_record(dict(row), f"{source} row {index}") for index, row in enumerate(dataset)]
+    return [_check_record(dict(row), f"{source} row {index}") for index, row in enumerate(dataset, start=1)]

@@ -5,12 +5,20 @@ Task names (DESIGN.md): `wikitext2` and `c4` are the papers' token perplexity (e
 Python API (eval/zeroshot.py). With `data_dir`, wikitext2 and the eight tasks of zeroshot.BUNDLE_TASKS read
 local files laid out like shared/data, so an air-gapped machine evaluates without the Hub.
 
-The result is one model's object of results.json (DESIGN.md):
+The result is one model's object of results.json (layout: docs/results-json.md):
     {"results": {task: {"alias", "acc,none", "acc_stderr,none", "acc_norm,none", ...}},   # lm-eval's layout
      "perplexity": {task: {"value", "protocol", "seqlen", "windows", "tokens", "source"}},
      "mean_acc_7": float | None, "n-samples": {task: {"original", "effective"}},
-     "task_versions": {task: version}, "sources": {task: where its data came from}, "notes": [str]}
-The caller adds "model", "config" and "versions" and writes the file.
+     "task_versions": {task: version},
+     "sources": {task: {"task_file", "data", "prompt"}},        # zero-shot: which task file, data and prompt
+     "bos": {"rule", "lm_eval_add_bos_token", "prepends_bos"} | None,   # zero-shot BOS rule (zeroshot.py)
+     "notes": [str]}
+The eval stage (spp_cli/stages/evaluate.py) adds "model", "config", "versions" and "seconds" and writes
+results.json as {"models": {name: this object}, "config", "notes", "fingerprint"}, one model or many.
+
+Progress: `on_progress(done, total, label)` is called as work advances: perplexity windows ("wikitext2
+windows", done of total windows) and zero-shot tasks ("zero-shot boolq", done of total tasks). Library code
+never prints; the CLI draws it.
 """
 
 from __future__ import annotations
@@ -20,10 +28,18 @@ import os
 from pathlib import Path
 
 from spp_cli.checkpoint import resolve_seqlen
-from spp_cli.environment import resolve_device
+from spp_cli.environment import is_offline, resolve_device
 from spp_cli.errors import BadInput
 from spp_cli.eval.perplexity import check_available, perplexity_stream, token_perplexity
-from spp_cli.eval.zeroshot import BUNDLE_TASKS, lm_eval_task_names, mean_acc_7, render_bundle_task, run_zeroshot
+from spp_cli.eval.zeroshot import (
+    BUNDLE_TASKS,
+    check_bos_rule,
+    check_reachable_offline,
+    lm_eval_task_names,
+    mean_acc_7,
+    render_bundle_task,
+    run_zeroshot,
+)
 
 PERPLEXITY_TASKS = ("wikitext2", "c4")
 
@@ -38,6 +54,9 @@ def evaluate(
     data_dir: str | os.PathLike | None = None,
     batch_size: int = 1,
     device=None,
+    bos: str = "auto",
+    on_progress=None,
+    verbose: bool = False,
 ) -> dict:
     """Evaluate `model` on `tasks`; returns one results object (module docstring).
 
@@ -46,6 +65,9 @@ def evaluate(
         says the numbers are not the full protocol).
     batch_size: windows (perplexity) or requests (lm-eval) per forward pass.
     device: None keeps the model where it is; "auto", "cpu", "cuda[:i]" move it there (in place).
+    bos: zero-shot BOS rule, auto | yes | no (eval/zeroshot.py); perplexity always has one BOS at the start of
+        its stream, as the papers' code does.
+    on_progress: callable(done, total, label), see the module docstring. verbose: let lm-eval print.
     All task names and local files are checked before any model work (BadInput).
     """
     perplexity_tasks, zeroshot_tasks = validate_tasks(tasks, data_dir=data_dir)
@@ -53,23 +75,27 @@ def evaluate(
         raise BadInput(f"--limit {limit} is invalid: use a positive number of examples per task")
     if batch_size < 1:
         raise BadInput(f"--batch-size {batch_size} is invalid: use 1 or more")
+    check_bos_rule(bos)
     seqlen = resolve_seqlen(model.config, seqlen)
     if device is not None:
         model.to(resolve_device(device))
 
     result = {"results": {}, "perplexity": {}, "mean_acc_7": None, "n-samples": {}, "task_versions": {},
-              "sources": {}, "notes": []}
+              "sources": {}, "bos": None, "notes": []}
     for task in perplexity_tasks:
         stream, source = perplexity_stream(task, tokenizer, seqlen, data_dir)
-        result["perplexity"][task] = token_perplexity(model, stream, seqlen, batch_size, max_windows=limit)
+        result["perplexity"][task] = token_perplexity(
+            model, stream, seqlen, batch_size, max_windows=limit, on_progress=on_progress, label=f"{task} windows"
+        )
         result["perplexity"][task]["source"] = source
         if limit is not None:
             result["perplexity"][task]["limit"] = limit
     if zeroshot_tasks:
         zeroshot = run_zeroshot(model, tokenizer, zeroshot_tasks, data_dir=data_dir, limit=limit,
-                                batch_size=batch_size)
+                                batch_size=batch_size, bos=bos, on_progress=on_progress, verbose=verbose)
         for key in ("results", "n-samples", "task_versions", "sources"):
             result[key] |= zeroshot[key]
+        result["bos"] = zeroshot["bos"]
         result["notes"] += zeroshot["notes"]
         result["mean_acc_7"] = mean_acc_7(result["results"])
     if limit is not None:
@@ -114,11 +140,15 @@ def resolve_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
 
 def _unknown_task_message(task: str) -> str:
     spp_names = [*PERPLEXITY_TASKS, "ppl:SOURCE", *BUNDLE_TASKS]
-    close = difflib.get_close_matches(task, [*spp_names, *lm_eval_task_names()], n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    # lm-eval lists a name once per task, group and tag that has it: deduplicate, keeping the order
+    candidates = list(dict.fromkeys([*spp_names, *lm_eval_task_names()]))
+    close = difflib.get_close_matches(task, candidates, n=3, cutoff=0.6)
+    if close:
+        names = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+        return f"unknown task '{task}': did you mean {names}?"
     return (
-        f"unknown task '{task}': {hint}(tasks: wikitext2, c4, ppl:SOURCE, or an lm-eval task name such as "
-        f"{', '.join(BUNDLE_TASKS)})"
+        f"unknown task '{task}': use wikitext2, c4, ppl:SOURCE or an lm-eval task name such as "
+        f"{', '.join(BUNDLE_TASKS)}"
     )
 
 
@@ -131,6 +161,8 @@ def check_data(perplexity_tasks: list[str], zeroshot_tasks: list[str], data_dir)
             render_bundle_task(task, data_dir)
     for task in perplexity_tasks:
         check_available(task, data_dir)
+    if data_dir is None and is_offline():
+        check_reachable_offline(zeroshot_tasks)
 
 
 def format_metric_label(task: str, seqlen: int | None = None) -> str:

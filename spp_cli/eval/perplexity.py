@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from spp_cli.data.sources import read_texts, token_stream
 from spp_cli.environment import is_offline
 from spp_cli.errors import BadInput
+from spp_cli.eval.hub import download_errors
 
 PROTOCOL = "token, non-overlapping windows"
 
@@ -52,6 +53,8 @@ def token_perplexity(
     seqlen: int,
     batch_size: int = 1,
     max_windows: int | None = None,
+    on_progress=None,
+    label: str = "perplexity windows",
 ) -> dict:
     """Perplexity of `model` on `stream` [1, L] in non-overlapping windows of `seqlen` tokens.
 
@@ -59,8 +62,9 @@ def token_perplexity(
     no attention across windows), so the result does not depend on `batch_size` beyond fp32 round-off. The
     cross-entropy is computed in fp32 whatever the model dtype, and the sum over windows in float64.
     `max_windows` scores only the first windows (a quick run, not the paper protocol). Puts the model in eval
-    mode. Returns {"value", "windows", "seqlen", "protocol", "tokens"} where `tokens` is L, the stream length
-    before the tail (L mod seqlen tokens) is dropped.
+    mode. `on_progress(done, total, label)` is called with 0 first and after every batch (windows scored of
+    nsamples). Returns {"value", "windows", "seqlen", "protocol", "tokens"} where `tokens` is L, the stream
+    length before the tail (L mod seqlen tokens) is dropped.
     """
     if stream.dim() != 2 or stream.shape[0] != 1:
         raise ValueError(f"stream must have shape [1, L], got {list(stream.shape)}")
@@ -82,6 +86,8 @@ def token_perplexity(
     model.eval()
     device = next(model.parameters()).device
     nll_sum = 0.0  # Python float = float64: sum_i nll_i
+    if on_progress is not None:
+        on_progress(0, nsamples, label)
     for start in range(0, nsamples, batch_size):
         batch = windows[start : start + batch_size].to(device)  # [b, seqlen]
         logits = model(input_ids=batch, use_cache=False).logits  # [b, seqlen, vocab]
@@ -90,6 +96,8 @@ def token_perplexity(
             loss = F.cross_entropy(logits[row, :-1].float(), batch[row, 1:])
             nll_sum += loss.double().item() * seqlen
         del logits
+        if on_progress is not None:
+            on_progress(start + batch.shape[0], nsamples, label)
     value = math.exp(nll_sum / (nsamples * seqlen))
     return {"value": value, "windows": nsamples, "seqlen": seqlen, "protocol": PROTOCOL, "tokens": total_tokens}
 
@@ -164,20 +172,6 @@ def _read_jsonl_texts(path: Path) -> list[str]:
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise BadInput(f"{path} line {number}: expected a JSON object with \"text\" ({error})") from None
     return texts
-
-
-def download_errors() -> tuple[type[BaseException], ...]:
-    """What `datasets`/`huggingface_hub` raise when a dataset cannot be fetched (offline, no network, not found)."""
-    import datasets
-    import huggingface_hub.errors
-
-    errors = [ConnectionError, datasets.exceptions.DatasetNotFoundError, huggingface_hub.errors.LocalEntryNotFoundError]
-    for module_name, class_name in (("requests", "ConnectionError"), ("httpx", "TransportError")):
-        try:
-            errors.append(getattr(__import__(module_name), class_name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
 
 
 def _local_file(task: str, data_dir: str | os.PathLike) -> Path:

@@ -11,7 +11,15 @@ HellaSwag caveat: the local hellaswag file (shared/data/SOURCES.md) was extracte
 `process_docs`: the first word of ctx_b is not capitalized ("... on a roof. he" where lm-eval has "He") and
 18 of 10042 lines keep [bracketed] text that lm-eval deletes. Offline hellaswag scores are therefore close
 to, but not bit-identical with, lm-eval's `hellaswag`; results.json says so in results["hellaswag"]["note"]
-and in "notes" (the text comes from hellaswag.yaml's `metadata.spp_note`).
+and in "notes" (the text comes from hellaswag.yaml's `metadata.spp_note`). BoolQ likewise: the local passages
+lack SuperGLUE's "Title -- " prefix (boolq.yaml's spp_note). results.json's "sources" says, per task, which task
+file and data each number used and whether its prompt equals lm-eval's (tasks/README.md).
+
+BOS (`bos`): lm-eval 0.4.13's HFLM leaves BOS to the tokenizer's default (add_bos_token=None: LLaMA's and Gemma's
+tokenizers prepend it), while the Wanda/SPP harness (lm-eval fork df3da98, `hf-causal-experimental`) encodes
+with add_special_tokens=False, i.e. without BOS. BOS_RULES: "auto" = lm-eval's default, "yes" =
+add_bos_token=True (the tokenizer's special tokens), "no" = add_bos_token=False (the papers' harness).
+`bos_record` says what the rule did with the model's tokenizer; results.json stores it.
 """
 
 from __future__ import annotations
@@ -25,12 +33,17 @@ from pathlib import Path
 import yaml
 
 from spp_cli.errors import BadInput
-from spp_cli.eval.perplexity import download_errors
+from spp_cli.eval.hub import download_errors
+from spp_cli.eval.quiet import quiet_lm_eval
+from spp_cli.vocabulary import BOS_RULES
 
 BUNDLE_DIR = Path(__file__).parent / "tasks"
 BUNDLE_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
 # The seven tasks Wanda and SPP report; mean_acc_7 is the mean of their `acc` (not acc_norm).
 MEAN_ACC_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+_ADD_BOS_TOKEN = {"auto": None, "yes": True, "no": False}  # bos rule -> HFLM(add_bos_token=...)
+assert tuple(_ADD_BOS_TOKEN) == BOS_RULES
+BUILTIN_SOURCE = {"task_file": "lm-eval built-in", "data": "the Hub or the datasets cache", "prompt": "lm-eval's own"}
 
 
 def bundle_templates(task: str) -> list[Path]:
@@ -52,6 +65,7 @@ def render_bundle_task(task: str, data_dir: str | os.PathLike) -> dict:
         absent = [str(path) for path in absolute.values() if not path.is_file()]
         if not absent:
             config["dataset_kwargs"]["data_files"] = {split: str(path) for split, path in absolute.items()}
+            config["metadata"]["spp_task_file"] = f"spp_cli/eval/tasks/{template.name}"
             return config
         missing += absent
     raise BadInput(
@@ -87,6 +101,22 @@ def lm_eval_task_names() -> list[str]:
     return default_task_manager().all_tasks
 
 
+def check_bos_rule(bos: str) -> None:
+    """BadInput unless `bos` is one of BOS_RULES."""
+    if bos not in BOS_RULES:
+        raise BadInput(f"--bos {bos!r} is unknown: use one of {', '.join(BOS_RULES)}")
+
+
+def bos_record(tokenizer, bos: str) -> dict:
+    """What a BOS rule does with `tokenizer`, encoding as lm-eval's HFLM.tok_encode does:
+    {"rule": bos, "lm_eval_add_bos_token": None | bool, "prepends_bos": bool}."""
+    add_bos_token = _ADD_BOS_TOKEN[bos]
+    kwargs = {} if add_bos_token is None else {"add_special_tokens": add_bos_token}
+    ids = tokenizer.encode("Question:", **kwargs)
+    prepends = tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+    return {"rule": bos, "lm_eval_add_bos_token": add_bos_token, "prepends_bos": prepends}
+
+
 def run_zeroshot(
     model,
     tokenizer,
@@ -95,46 +125,91 @@ def run_zeroshot(
     data_dir: str | os.PathLike | None = None,
     limit: int | None = None,
     batch_size: int = 1,
+    bos: str = "auto",
+    on_progress=None,
+    verbose: bool = False,
 ) -> dict:
     """Run lm-eval zero-shot `tasks` on an in-memory HF model; bundle tasks come from `data_dir` when given.
 
     Names must already be validated (evaluate.validate_tasks). The model stays on its device (lm-eval takes
     `model.device`) and is put in eval mode; the tokenizer is copied, because lm-eval sets a pad token on it.
-    Returns {"results", "n-samples", "task_versions", "sources", "notes"}, results in lm-eval's layout
-    ({task: {"alias", "acc,none", "acc_stderr,none", ...}}).
+    bos: a BOS_RULES entry (module docstring). Tasks run one at a time so that `on_progress(done, total, label)`
+    is called before each ("zero-shot boolq", done = tasks finished) and once at the end (total, total).
+    lm-eval's logging, tqdm bars and git lookup are silenced unless `verbose` (spp_cli.eval.quiet).
+    Returns {"results", "n-samples", "task_versions", "sources", "bos", "notes"}, results in lm-eval's layout
+    ({task: {"alias", "acc,none", "acc_stderr,none", ...}}), sources {task: {"task_file", "data", "prompt"}}.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    check_bos_rule(bos)
     bundle = [task for task in tasks if data_dir is not None and task in BUNDLE_TASKS]
     online = [task for task in tasks if task not in bundle]
-    with tempfile.TemporaryDirectory(prefix="spp-tasks-") as tmp:
+    results, n_samples, task_versions = {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="spp-tasks-") as tmp, quiet_lm_eval(verbose):
         configs = render_bundle(bundle, data_dir, tmp) if bundle else {}
-        # Bundle tasks go in as YAML paths, so a bundle-only run never indexes lm-eval's 15k built-in YAMLs.
-        specs = [str(Path(tmp) / f"{task}.yaml") if task in configs else task for task in tasks]
         task_manager = default_task_manager() if online else TaskManager(include_defaults=False)
-        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
-        try:
-            output = lm_eval.simple_evaluate(
-                model=lm, tasks=specs, num_fewshot=0, limit=limit, log_samples=False, task_manager=task_manager
-            )
-        except download_errors() as error:
-            raise BadInput(_download_failure(error, online)) from None
-    results, notes = output["results"], []
-    sources = {task: "lm-eval built-in task (dataset from the Hub or the datasets cache)" for task in online}
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size,
+                  add_bos_token=_ADD_BOS_TOKEN[bos])
+        for done, task in enumerate(tasks):
+            if on_progress is not None:
+                on_progress(done, len(tasks), f"zero-shot {task}")
+            # a bundle task goes in as a YAML path, so a bundle-only run never indexes lm-eval's 15k YAMLs
+            spec = str(Path(tmp) / f"{task}.yaml") if task in configs else task
+            try:
+                output = lm_eval.simple_evaluate(
+                    model=lm, tasks=[spec], num_fewshot=0, limit=limit, log_samples=False, task_manager=task_manager
+                )
+            except download_errors() as error:
+                raise BadInput(_download_failure(error, online)) from None
+            results |= output["results"]
+            n_samples |= output["n-samples"]
+            task_versions |= output["versions"]
+        if on_progress is not None and tasks:
+            on_progress(len(tasks), len(tasks), f"zero-shot {tasks[-1]}")
+    notes = []
+    sources = {task: dict(BUILTIN_SOURCE) for task in online}
     for task, config in configs.items():
-        sources[task] = ", ".join(config["dataset_kwargs"]["data_files"].values())
-        if note := config.get("metadata", {}).get("spp_note"):  # e.g. hellaswag's preprocessing caveat
+        metadata = config.get("metadata", {})
+        sources[task] = {"task_file": metadata["spp_task_file"],
+                         "data": ", ".join(config["dataset_kwargs"]["data_files"].values()),
+                         "prompt": metadata.get("spp_prompt", "")}
+        if note := metadata.get("spp_note"):  # e.g. hellaswag's preprocessing, boolq's missing titles
             results[task]["note"] = note
             notes.append(f"{task}: {note}")
     return {
         "results": results,
-        "n-samples": output["n-samples"],
-        "task_versions": output["versions"],
+        "n-samples": n_samples,
+        "task_versions": task_versions,
         "sources": sources,
+        "bos": bos_record(tokenizer, bos),
         "notes": notes,
     }
+
+
+# the Hub datasets lm-eval's built-in YAMLs read for the bundle's tasks (lm_eval/tasks/*/: dataset_path)
+HUB_DATASETS = {"boolq": "aps/super_glue", "rte": "nyu-mll/glue", "hellaswag": "Rowan/hellaswag",
+                "winogrande": "allenai/winogrande", "arc_easy": "allenai/ai2_arc", "arc_challenge": "allenai/ai2_arc",
+                "openbookqa": "allenai/openbookqa", "piqa": "baber/piqa"}
+
+
+def check_reachable_offline(tasks: list[str]) -> None:
+    """Offline without --data-dir, a bundle task whose Hub dataset is in no local cache would fail inside lm-eval
+    after the model is loaded: refuse it now, naming the local file that --data-dir would supply."""
+    from datasets import config as datasets_config
+    from huggingface_hub import constants
+
+    for task in tasks:
+        repo = HUB_DATASETS.get(task)
+        if repo is None:
+            continue
+        org, name = repo.split("/")
+        cached = [Path(constants.HF_HUB_CACHE) / f"datasets--{org}--{name}",
+                  Path(datasets_config.HF_DATASETS_CACHE) / f"{org}___{name}"]
+        if not any(path.exists() for path in cached):
+            raise BadInput(f"{task} needs the dataset {repo} from the Hub, but this run is offline and it is not "
+                           f"cached: pass --data-dir DIR with DIR/{_primary_data_file(task)}")
 
 
 def _download_failure(error: Exception, online: list[str]) -> str:

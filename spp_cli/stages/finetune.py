@@ -98,6 +98,7 @@ def finetune(
     finished identical output.
     """
     from spp_cli.adapters.base import default_targets
+    from spp_cli.data.formats import normalize_records
     from spp_cli.data.sources import read_records
     from spp_cli.trainer import (
         adapted_copy,
@@ -126,7 +127,9 @@ def finetune(
     if existing_output(out, stage_fingerprint, overwrite):
         return {**checkpoint.read_manifest(out), "skipped": True}
     check_parent(model_path, parent_manifest, adapter.keeps_zeros, train_options.method)
-    records = read_records(train_options.data)
+    # validated and canonical before the model loads: the trainer's build_examples then sees one format a record
+    records = normalize_records(read_records(train_options.data), train_options.data_format,
+                                mask_prompt=train_options.mask_prompt, source=train_options.data)
 
     model, tokenizer = checkpoint.load_model(
         model_dir,

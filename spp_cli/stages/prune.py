@@ -7,7 +7,7 @@ from pathlib import Path
 from spp_cli import checkpoint
 from spp_cli.environment import resolve_device
 from spp_cli.errors import BadInput, RuntimeFailure
-from spp_cli.manifest import layers_record, stage_manifest
+from spp_cli.manifest import layer_record, stage_manifest
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.recipe import validate_options
 from spp_cli.recipe_schema import PruneStage
@@ -21,6 +21,27 @@ def parse_pattern(pattern: str, sparsity: float):
         return parse_pattern(pattern, sparsity)
     except PatternError as error:
         raise BadInput(str(error)) from None
+
+
+def new_option_records(stage: PruneStage, blocks: list, reports: list) -> dict:
+    """spp.json entries for OWL (each block's outlier ratio and sparsity), DSnoT and MoE fallbacks, when used."""
+    records = {}
+    if stage.sparsity_profile == "owl":
+        records["sparsity_profile"] = {
+            "profile": "owl", "threshold": stage.owl_threshold, "lambda": stage.owl_lambda,
+            "layer_sparsity": {str(b.index): round(b.sparsity, 8) for b in blocks},
+            "outlier_ratio": {str(b.index): round(b.outlier_ratio, 8) for b in blocks},
+        }
+    if stage.refine != "none":
+        records["refine"] = stage.refine
+    fallbacks = {r.name: {"method": r.fallback, "tokens": r.tokens} for r in reports if r.fallback}
+    if fallbacks:
+        records["expert_fallbacks"] = fallbacks
+        records["warnings"] = [
+            f"{len(fallbacks)} expert linear(s) saw fewer than {stage.min_expert_tokens} calibration tokens and were "
+            "pruned by magnitude (see expert_fallbacks): use more calibration windows (--nsamples)"
+        ]
+    return records
 
 
 def prune(
@@ -40,6 +61,7 @@ def prune(
     parent).
     """
     from pruners import CholeskyError
+    from pruners.experts import weight_of
     from pruners.masks import PatternError
     from pruners.sequential import PrunerOptionError, UnsupportedModelError, prune_model
 
@@ -53,12 +75,13 @@ def prune(
     checkpoint.torch_dtype(dtype)
     model_path = checkpoint.resolve_model_path(model)
     parent_manifest = checkpoint.model_manifest(model)
+    needs_calibration = method != "magnitude" or stage.sparsity_profile == "owl"  # OWL's outlier ratios need data
     options = {
         "method": method,
         "sparsity": sparsity_pattern.sparsity,
         "pattern": str(sparsity_pattern),
-        "calib": None if method == "magnitude" else calib,
-        "nsamples": None if method == "magnitude" else nsamples,
+        "calib": calib if needs_calibration else None,
+        "nsamples": nsamples if needs_calibration else None,
         "seqlen": stage.seqlen,
         "seed": seed,
         "targets": stage.targets,
@@ -67,6 +90,14 @@ def prune(
         "true_sequential": stage.true_sequential,
         "dtype": dtype,
     }
+    # recorded only when used, so the fingerprints (and manifests) of earlier runs stay what they were
+    if stage.sparsity_profile != "uniform":
+        options |= {"sparsity_profile": stage.sparsity_profile, "owl_threshold": stage.owl_threshold,
+                    "owl_lambda": stage.owl_lambda}
+    if stage.refine != "none":
+        options["refine"] = stage.refine
+    if stage.min_expert_tokens != 16:
+        options["min_expert_tokens"] = stage.min_expert_tokens
     stage_fingerprint = fingerprint(options, parent_manifest.get("manifest_sha256") if parent_manifest else model)
     check_output_path(out, [model_path])
     if existing_output(out, stage_fingerprint, overwrite):
@@ -74,19 +105,26 @@ def prune(
 
     checkpoint.check_model(model, allow_pickle)
     calibration_texts = None
-    if method != "magnitude":
+    if needs_calibration:
         from spp_cli.data.sources import read_texts
 
         calibration_texts = read_texts(calib)  # a bad source fails before a large model is loaded
     loaded, tokenizer = checkpoint.load_model(
         model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
     )
-    options["seqlen"] = checkpoint.resolve_seqlen(loaded.config, stage.seqlen) if method != "magnitude" else None
+    options["seqlen"] = checkpoint.resolve_seqlen(loaded.config, stage.seqlen) if needs_calibration else None
     calibration = None
-    if method != "magnitude":
+    if needs_calibration:
         from spp_cli.data.sources import calibration_windows
 
         calibration = calibration_windows(tokenizer, calib, nsamples, options["seqlen"], seed, calibration_texts)
+    blocks_seen = []
+
+    def record_block(report) -> None:
+        blocks_seen.append(report)
+        if on_block is not None:
+            on_block(report)
+
     try:
         reports = prune_model(
             loaded,
@@ -98,7 +136,12 @@ def prune(
             device=compute_device,
             true_sequential=stage.true_sequential,
             use_variant=stage.use_variant,
-            on_block=on_block,
+            sparsity_profile=stage.sparsity_profile,
+            owl_threshold=stage.owl_threshold,
+            owl_lambda=stage.owl_lambda,
+            refine=stage.refine,
+            min_expert_tokens=stage.min_expert_tokens,
+            on_block=record_block,
         )
     except (PatternError, PrunerOptionError, UnsupportedModelError) as error:
         raise BadInput(str(error)) from None
@@ -112,8 +155,10 @@ def prune(
         pattern=str(sparsity_pattern),
         target_sparsity=sparsity_pattern.sparsity,
         dense=False,
-        layers=layers_record(loaded, [report.name for report in reports]),
+        # MoE experts are slices of fused parameters, not modules: resolve every name with weight_of
+        layers={report.name: layer_record(weight_of(loaded, report.name)) for report in reports},
         damping={r.name: r.damping for r in reports if r.damping is not None and r.damping > 0.01 + 1e-12},
+        **new_option_records(stage, blocks_seen, reports),
         config=options,
         fingerprint=stage_fingerprint,
     )

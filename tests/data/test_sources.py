@@ -58,6 +58,7 @@ def test_local_formats(tmp_path, test_data):
         ("bad.jsonl", b'{"text": "a"}\n{"text": \n', "bad.jsonl line 2: not valid JSON"),
         ("latin.jsonl", '{"text": "caf\xe9"}\n'.encode("latin-1"), "not UTF-8"),
         ("fields.jsonl", b'{"prompt": "a"}\n', "line 1: a record needs 'text'"),
+        ("fields.json", b'[{"text": "a"}, {"prompt": "b"}]', "fields.json record 2: a record needs 'text'"),
         ("object.json", b'{"a": 1, "b": 2}', "expected a JSON list of records"),
     ],
 )

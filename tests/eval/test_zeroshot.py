@@ -14,7 +14,7 @@ from conftest import TEST_DATA
 
 from spp_cli.errors import BadInput
 from spp_cli.eval.engine import evaluate, validate_tasks
-from spp_cli.eval.zeroshot import BUNDLE_TASKS, MEAN_ACC_TASKS, render_bundle, render_bundle_task
+from spp_cli.eval.zeroshot import BUNDLE_TASKS, MEAN_ACC_TASKS, render_bundle, render_bundle_task, run_zeroshot
 
 DATA_DIR = TEST_DATA
 RECORDS = {"boolq": 3270, "rte": 277, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376,
@@ -60,13 +60,18 @@ def test_all_eight_tasks_run_offline_with_limit(tiny, offline):
         metrics = result["results"][task]
         assert 0.0 <= metrics["acc,none"] <= 1.0 and metrics["alias"] == task
         assert result["n-samples"][task] == {"original": RECORDS[task], "effective": LIMIT}
-        assert result["sources"][task].startswith(str(DATA_DIR.resolve()))
+        source = result["sources"][task]
+        assert source["data"].startswith(str(DATA_DIR.resolve()))
+        assert source["task_file"] == f"spp_cli/eval/tasks/{task}.yaml"
+        assert source["prompt"].startswith("differs" if task in ("boolq", "hellaswag") else "same as lm-eval's")
     for task in ("hellaswag", "arc_easy", "arc_challenge", "openbookqa", "piqa"):
         assert 0.0 <= result["results"][task]["acc_norm,none"] <= 1.0
     mean = sum(result["results"][task]["acc,none"] for task in MEAN_ACC_TASKS) / 7
     assert result["mean_acc_7"] == pytest.approx(mean, abs=1e-12)
     assert "not bit-identical" in result["results"]["hellaswag"]["note"]
-    assert any(note.startswith("hellaswag:") for note in result["notes"])
+    assert "Title -- " in result["results"]["boolq"]["note"]
+    assert sorted(note.split(":")[0] for note in result["notes"]) == ["boolq", "hellaswag", "limit 5"]
+    assert result["bos"] == {"rule": "auto", "lm_eval_add_bos_token": None, "prepends_bos": True}
     assert result["perplexity"] == {}
     assert json.loads(json.dumps(result)) == result  # plain JSON, no numpy or custom types
 
@@ -156,6 +161,13 @@ def test_unknown_task_suggests_close_names(name, suggestion):
     assert "\n" not in str(error.value)
 
 
+def test_unknown_task_lists_each_suggestion_once():
+    with pytest.raises(BadInput) as error:
+        validate_tasks(["boolqq"])
+    # boolq is both a bundle task and an lm-eval task: named once (lm-eval 0.4.13's task list)
+    assert str(error.value) == "unknown task 'boolqq': did you mean boolq, boolqa_bn or boolq-seq2seq?"
+
+
 def test_missing_local_file_is_named_before_any_model_work(tmp_path):
     with pytest.raises(BadInput, match=r"boolq needs .*boolq/boolq\.jsonl, which is missing: point --data-dir"):
         validate_tasks(["boolq"], data_dir=tmp_path)
@@ -181,3 +193,58 @@ def test_local_records_have_the_documented_layout():
     assert first("arc_easy/arc_easy.jsonl")["query"].startswith("Question: ")
     assert first("piqa/piqa.jsonl")["query"].endswith("\n")
     assert set(first("winogrande/winogrande.jsonl")) == {"context_options", "continuation", "gold"}
+
+
+# ------------------------------------------------------------ BOS rule, progress, quiet lm-eval
+
+def _first_tokens_of_every_forward(model, run) -> set[int]:
+    """The first token id of every row the model is run on during `run()` (lm-eval pads on the right)."""
+    seen = set()
+
+    def record(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        seen.update(input_ids[:, 0].tolist())
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize(("bos", "add_bos_token", "prepends"), [("auto", None, True), ("yes", True, True),
+                                                              ("no", False, False)])
+def test_bos_rule_reaches_every_zero_shot_request_and_is_recorded(tiny, offline, bos, add_bos_token, prepends):
+    model, tokenizer = tiny
+    assert tokenizer("Question:").input_ids[0] == tokenizer.bos_token_id  # the shipped tokenizer adds BOS
+    outputs = []
+    first = _first_tokens_of_every_forward(model, lambda: outputs.append(
+        evaluate(model, tokenizer, ["boolq", "arc_easy"], limit=3, data_dir=DATA_DIR, bos=bos)))
+    assert outputs[0]["bos"] == {"rule": bos, "lm_eval_add_bos_token": add_bos_token, "prepends_bos": prepends}
+    if prepends:
+        assert first == {tokenizer.bos_token_id}  # every request starts with BOS
+    else:
+        assert tokenizer.bos_token_id not in first and len(first) >= 2  # none does (the papers' harness)
+
+
+def test_progress_reports_windows_then_tasks(tiny, offline):
+    model, tokenizer = tiny
+    events = []
+    evaluate(model, tokenizer, ["wikitext2", "boolq", "rte"], seqlen=64, limit=3, data_dir=DATA_DIR, batch_size=2,
+             on_progress=lambda done, total, label: events.append((done, total, label)))
+    assert events == [(0, 3, "wikitext2 windows"), (2, 3, "wikitext2 windows"), (3, 3, "wikitext2 windows"),
+                      (0, 2, "zero-shot boolq"), (1, 2, "zero-shot rte"), (2, 2, "zero-shot rte")]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_lm_eval_noise_is_quiet_unless_verbose(tiny, offline, tmp_path, monkeypatch, capfd, caplog, verbose):
+    monkeypatch.chdir(tmp_path)  # not a git repository: lm-eval's `git describe` complains here
+    model, tokenizer = tiny
+    capfd.readouterr()
+    caplog.clear()
+    run_zeroshot(model, tokenizer, ["boolq"], data_dir=DATA_DIR, limit=2, verbose=verbose)
+    captured = capfd.readouterr()
+    noise = captured.out + captured.err + caplog.text  # pytest takes the log records (the console otherwise)
+    markers = ("`pretrained` model kwarg", "fatal: not a git repository", "it/s]")
+    assert [marker in noise for marker in markers] == [verbose] * 3

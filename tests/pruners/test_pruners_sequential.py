@@ -35,6 +35,10 @@ ARCHITECTURES = {
     "qwen3": lambda: transformers.Qwen3Config(**COMMON, **LLAMA_LIKE, head_dim=16),
     "gemma2": lambda: transformers.Gemma2Config(**{**COMMON, "num_hidden_layers": 3}, **LLAMA_LIKE, head_dim=16,
                                                 sliding_window=8),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 3}, **LLAMA_LIKE, head_dim=16,
+                                                    sliding_window=8, layer_types=["sliding_attention",
+                                                                                   "full_attention",
+                                                                                   "sliding_attention"]),
     "phi3": lambda: transformers.Phi3Config(**COMMON, **LLAMA_LIKE, pad_token_id=0),
     "opt": lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
                                           num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
@@ -106,7 +110,7 @@ def test_model_without_blocks_is_unsupported():
 # capture and replay
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-sdpa", "mistral", "gemma2", "qwen2", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "llama-sdpa", "mistral", "gemma2", "gemma3", "qwen2", "opt"])
 def test_replayed_blocks_reproduce_the_model_forward(arch):
     """Captured block-0 inputs and per-block kwargs, replayed block by block, equal the model's hidden states.
 
