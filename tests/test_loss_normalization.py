@@ -37,8 +37,8 @@ def per_example_losses(model, tokenizer) -> list[tuple[float, int]]:
 
 def first_logged_loss(tmp_path, mode: str) -> float:
     model = pruned_tiny_llama(init_std=0.3)
-    config = FinetuneStage(data="records", max_steps=1, seqlen=256, batch_size=8, micro_batch_size=1, val_size=0, lr=1e-3,
-                           dropout=0.0, save_steps=100, logging_steps=1, loss_normalization=mode)
+    config = FinetuneStage(data="records", max_steps=1, seqlen=256, batch_size=8, micro_batch_size=1, val_size=0,
+                           lr=1e-3, dropout=0.0, save_steps=100, logging_steps=1, loss_normalization=mode)
     result = run_finetune(model, tiny_tokenizer(), RECORDS, config, tmp_path / mode,
                           target_names=decoder_linears(model))
     return result.train_curve[0]["loss"]
