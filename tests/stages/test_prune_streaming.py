@@ -62,6 +62,7 @@ def assert_same_output(streamed: Path, in_memory: Path) -> None:
 
 CASES = {
     "tiny-wanda": ("builtin", "wanda", {"sparsity": 0.5}),
+    "tiny-sparsegpt-dsnot": ("builtin", "sparsegpt", {"sparsity": 0.5, "refine": "dsnot"}),
     "tiny-sparsegpt-2:4-float32": ("builtin", "sparsegpt", {"pattern": "2:4", "dtype": "float32"}),
     "llama-tied-bf16-sparsegpt": ("llama", "sparsegpt", {"sparsity": 0.6, "true_sequential": True}),
     "qwen2-wanda-targets-bfloat16": ("qwen2", "wanda", {"sparsity": 0.5, "targets": r"layers\.[12]\.mlp",
@@ -177,8 +178,11 @@ def test_shards_missing_a_block_tensor_are_one_line_and_nothing_is_written(tmp_p
 def test_streaming_on_needs_a_local_safetensors_directory(tmp_path):
     with pytest.raises(BadInput, match="--streaming on needs a local model directory"):
         prune("org/not-downloaded", tmp_path / "out", method="magnitude", sparsity=0.5, streaming="on")
-    with pytest.raises(BadInput, match="unknown streaming mode 'sometimes'"):
+    with pytest.raises(BadInput, match="streaming: 'sometimes' is not one of auto, on, off"):
         prune("builtin:tiny-llama", tmp_path / "out", method="magnitude", sparsity=0.5, streaming="sometimes")
+    with pytest.raises(BadInput, match="streaming: on cannot serve owl"):
+        prune("builtin:tiny-llama", tmp_path / "out", method="wanda", sparsity_profile="owl", streaming="on", **CALIB)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
@@ -240,3 +244,9 @@ def test_shards_in_another_naming_fall_back_to_the_in_memory_path_unless_streami
     assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
     manifest = prune(str(model), tmp_path / "auto", method="magnitude", sparsity=0.5)
     assert len(manifest["layers"]) == 28 and not staging_path(tmp_path / "auto").exists()
+
+
+def test_owl_reads_every_dense_block_first_so_auto_prunes_it_in_memory(tmp_path):
+    manifest = prune("builtin:tiny-llama", tmp_path / "owl", method="wanda", sparsity_profile="owl", **CALIB)
+    assert sorted(manifest["sparsity_profile"]["layer_sparsity"]) == ["0", "1", "2", "3"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["owl"]
