@@ -10,6 +10,8 @@
    order they run ([q,k,v] -> [o] -> [gate,up] -> [down]), and statistics are recollected after each group.
 Linears fed the very same input tensor share one set of statistics (q, k and v share one Hessian).
 Magnitude needs no forward pass at all.
+With a `store` (pruners/streaming.py) the blocks' weights come from it one block at a time and go back to it once
+pruned, so the model may be a skeleton without block weights, and the driver may start at a later block (resume).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pruners.dsnot import DSnoTPruner
 from pruners.dsnot import refines as dsnot_refines
 from pruners.masks import SparsityPattern
 from pruners.reports import BlockReport, LayerReport
+from pruners.streaming import BlockStore
 
 __all__ = [
     "BlockReport",
@@ -135,7 +138,8 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
                 sparsity_profile: str = "uniform", owl_threshold: float = owl.DEFAULT_THRESHOLD,
                 owl_lambda: float = owl.DEFAULT_LAMBDA, refine: str = "none",
                 min_expert_tokens: int = experts.DEFAULT_MIN_TOKENS,
-                on_block: Callable[[BlockReport], None] | None = None) -> list[LayerReport]:
+                on_block: Callable[[BlockReport], None] | None = None, store: BlockStore | None = None
+                ) -> list[LayerReport]:
     """Prune every target linear of every decoder block of `model` in place, one block at a time.
 
     calibration_ids: LongTensor (nsamples, seqlen); None is allowed for magnitude only (it is ignored there).
@@ -148,7 +152,9 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
     within each row; linears under a block's `mlp` keep the initial mask, the reference default).
     min_expert_tokens: a fused-MoE expert projection (pruners/experts.py) that saw fewer calibration tokens is
     pruned by magnitude instead (its LayerReport says so in `fallback` and `tokens`).
-    Returns one LayerReport per pruned linear, in block order and, within a block, the order they were pruned.
+    store: where block weights come from and go (pruners/streaming.py); None when the model holds them all.
+    Returns one LayerReport per pruned linear, in block order and, within a block, the order they were pruned
+    (with a store: of the blocks from store.first_block on).
     Raises PatternError, UnsupportedModelError, PrunerOptionError (all ValueError) on bad input before any
     weight changes, and CholeskyError (RuntimeError) when SparseGPT fails.
     """
@@ -176,6 +182,9 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
                 f"{pattern.sparsity:g}: use pattern unstructured or sparsity_profile uniform"
             )
         owl.check_owl_options(owl_threshold, owl_lambda)
+        if store is not None:
+            raise PrunerOptionError("sparsity_profile owl reads every dense block before pruning the first; it "
+                                    "needs the whole model in memory, not a block store")
     prefix, blocks = find_decoder_blocks(model)
     linears = prunable_linears(model, targets, ignore)
     if not linears:
@@ -226,10 +235,10 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
                 outlier_ratios = profile.outlier_ratios
             blocks_report = _block_reporter(on_block, patterns, outlier_ratios)
             if not pruner_class.needs_calibration:
-                return _prune_without_data(blocks, per_block, make_pruner, patterns, device, blocks_report)
+                return _prune_without_data(blocks, per_block, make_pruner, patterns, device, blocks_report, store)
             _check_calibration(calibration_ids, method)
             return _prune_with_data(model, blocks, per_block, make_pruner, patterns, device, calibration_ids,
-                                    batch_size, true_sequential, blocks_report)
+                                    batch_size, true_sequential, blocks_report, store)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         model.train(was_training)
@@ -269,15 +278,21 @@ def _onload(block: nn.Module, device: torch.device) -> torch.device:
     return home
 
 
-def _prune_without_data(blocks, per_block, make_pruner, patterns, device, report_block) -> list[LayerReport]:
+def _prune_without_data(blocks, per_block, make_pruner, patterns, device, report_block, store
+                        ) -> list[LayerReport]:
     reports = []
-    for index, block in enumerate(blocks):
+    for index in range(store.first_block if store is not None else 0, len(blocks)):
         if not per_block[index]:
             continue
-        start = time.perf_counter()
+        start, block = time.perf_counter(), blocks[index]
+        if store is not None:
+            store.load_block(index, block)
         home = _onload(block, device)
-        reports += [make_pruner(name).prune(patterns[index]) for name in per_block[index]]
+        block_reports = [make_pruner(name).prune(patterns[index]) for name in per_block[index]]
+        reports += block_reports
         _onload(block, home)
+        if store is not None:
+            store.block_done(index, block, block_reports, None)
         report_block(index, time.perf_counter() - start, math.nan)
     return reports
 
@@ -299,17 +314,23 @@ def _storage_chooser(device: torch.device, blocks: nn.ModuleList, per_block) -> 
 
 
 def _prune_with_data(model, blocks, per_block, make_pruner, patterns, device, calibration_ids, batch_size,
-                     true_sequential, report_block) -> list[LayerReport]:
+                     true_sequential, report_block, store) -> list[LayerReport]:
     batches = _batches(calibration_ids, batch_size)
     captured = capture_block_inputs(model, blocks, calibration_ids, batches, device,
                                     _storage_chooser(device, blocks, per_block))
     inputs, outputs = captured.hidden, torch.empty_like(captured.hidden)
+    first = store.first_block if store is not None else 0
+    if first > 0:  # resuming: the capture still gave every block's keyword arguments; the hidden states are saved
+        inputs.copy_(store.resume_inputs())
     last_pruned = max(i for i, linears in enumerate(per_block) if linears)
     reports: list[LayerReport] = []
-    for index in range(last_pruned + 1):
+    for index in range(first, last_pruned + 1):
         start = time.perf_counter()
         block, calls = blocks[index], captured.calls[index]
+        if store is not None:
+            store.load_block(index, block)
         home = _onload(block, device)
+        block_reports: list[LayerReport] = []
         if per_block[index]:
             block_reports, error = _prune_block(block, per_block[index], make_pruner, patterns[index], inputs,
                                                 outputs, calls, batches, device, true_sequential)
@@ -320,6 +341,8 @@ def _prune_with_data(model, blocks, per_block, make_pruner, patterns, device, ca
             error = 0.0
         _onload(block, home)
         inputs, outputs = outputs, inputs
+        if store is not None:
+            store.block_done(index, block, block_reports, inputs)
         if per_block[index]:
             report_block(index, time.perf_counter() - start, error)
     return reports

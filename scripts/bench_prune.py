@@ -37,6 +37,11 @@ linear of both tools, compares their masks, and (tiny model) computes the WikiTe
 in this venv with spp_cli.eval.perplexity.token_perplexity at the calibration seqlen on the same stream.
 
   .venv/bin/python scripts/bench_prune.py --peer llmcompressor --threads 2 --out bench_out/prune_peer.json
+
+--memory runs the prune stage (streaming on, then off) on random-init hidden-1024 LLaMAs of 4, 16 and 32 blocks
+saved to disk, one subprocess each, and reports their peak RSS against depth (scripts/bench_prune_memory.py):
+
+  OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_prune.py --memory --methods wanda --nsamples 8 --seqlen 128
 """
 
 from __future__ import annotations
@@ -100,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats-random", type=int, default=2, help="--peer: runs per tool on the random LLaMA")
     parser.add_argument("--data-dir", default=str(SHARED_DATA),
                         help="--peer: directory holding wikitext-2-raw-v1/test.jsonl for the perplexity")
+    parser.add_argument("--memory", action="store_true",
+                        help="peak RSS of the prune stage against depth, streaming and in memory")
+    parser.add_argument("--depths", default=None, help="--memory: block counts (default 4,16,32)")
+    parser.add_argument("--scratch", default=None, help="--memory: where the models are saved (default: $TMPDIR)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-model", help=argparse.SUPPRESS)
     parser.add_argument("--worker-method", help=argparse.SUPPRESS)
@@ -595,6 +604,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(methods) - set(allowed)
     if unknown:
         raise SystemExit(f"unknown method(s) {sorted(unknown)}: use {', '.join(allowed)}")
+    if args.memory:
+        sys.path.insert(0, str(REPO / "scripts"))
+        from bench_prune_memory import run_memory_benchmark
+
+        write_report(run_memory_benchmark(args, methods), args.out or "bench_out/prune_memory.json")
+        return
     if args.peer:
         # the driver evaluates perplexity itself: same threads and wait policy as the children, set before torch loads
         os.environ.update(OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY=args.omp_wait_policy)

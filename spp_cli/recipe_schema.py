@@ -181,6 +181,11 @@ class PruneStage(Stage):
     min_expert_tokens: int = _key(
         16, "int", low=0, help="An MoE expert that saw fewer calibration tokens is pruned by magnitude instead.",
     )
+    streaming: str = _key(
+        "auto", choices=("auto", "on", "off"),
+        help="auto: from a local safetensors folder hold one block in RAM and resume a killed run at its block; "
+             "off: load the whole model (same output bytes).",
+    )
     device: str | None = _device_key()
     dtype: str | None = _dtype_key()
 
@@ -208,6 +213,9 @@ class PruneStage(Stage):
             fail(f"dsnot refines a wanda or sparsegpt mask, not {self.method}: use method wanda", "refine")
         if self.refine == "dsnot" and self.use_variant:
             fail("dsnot starts from Wanda's per-row mask: drop use_variant", "refine")
+        if self.streaming == "on" and self.sparsity_profile == "owl":
+            fail("on cannot serve owl, which reads every dense block before pruning the first: use streaming auto",
+                 "streaming")
 
 
 DEFAULT_SPARSITY = 0.5  # DESIGN.md's CLI default, for recipes and commands alike

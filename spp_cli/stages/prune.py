@@ -1,4 +1,9 @@
-"""The prune stage: load a model, draw calibration windows, prune block by block, save a checkpoint + spp.json."""
+"""The prune stage: load a model, draw calibration windows, prune block by block, save a checkpoint + spp.json.
+
+Two paths give bit-identical outputs. Streaming (prune_streaming.py: a local directory of safetensors, the default)
+holds one block at a time and resumes a killed run at its next block; in memory (hub ids, pickle weights, OWL, or
+`streaming="off"`) loads the whole model first and saves it at the end.
+"""
 
 import time
 from collections.abc import Callable
@@ -58,12 +63,14 @@ def prune(
 
     `options` are the prune stage's recipe keys (spp_cli/recipe_schema.py, PruneStage): method, sparsity, pattern,
     calib, nsamples, seqlen, seed, ... Skips the work when `out` already holds the same result (same options and
-    parent).
+    parent). `streaming` is not an option of the result (both paths write the same bytes), so it stays out of the
+    fingerprint. A streamed run that resumed a killed one returns "resumed_from_block": the first block it pruned.
     """
     from pruners import CholeskyError
     from pruners.experts import weight_of
     from pruners.masks import PatternError
     from pruners.sequential import PrunerOptionError, UnsupportedModelError, prune_model
+    from spp_cli.stages import prune_streaming
 
     started = time.time()
     out = Path(out)
@@ -109,15 +116,31 @@ def prune(
         from spp_cli.data.sources import read_texts
 
         calibration_texts = read_texts(calib)  # a bad source fails before a large model is loaded
-    loaded, tokenizer = checkpoint.load_model(
-        model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
-    )
+    streamed = None
+    if stage.sparsity_profile != "owl" and prune_streaming.wants_streaming(stage.streaming, model_path):
+        try:
+            streamed = prune_streaming.open_streamed_model(model_path, dtype, trust_remote_code)
+        except prune_streaming.NotStreamable as reason:
+            if stage.streaming == "on":
+                raise BadInput(f"--streaming on cannot write this model tensor by tensor: {reason}; "
+                               "use --streaming auto") from None
+    if streamed is not None:
+        loaded, tokenizer = streamed.model, prune_streaming.load_tokenizer(model_path, trust_remote_code)
+    else:
+        loaded, tokenizer = checkpoint.load_model(
+            model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        )
     options["seqlen"] = checkpoint.resolve_seqlen(loaded.config, stage.seqlen) if needs_calibration else None
     calibration = None
     if needs_calibration:
         from spp_cli.data.sources import calibration_windows
 
         calibration = calibration_windows(tokenizer, calib, nsamples, options["seqlen"], seed, calibration_texts)
+    store = None
+    if streamed is not None:
+        store = prune_streaming.StreamingStore(streamed, out, prune_streaming.run_fingerprint(
+            stage_fingerprint, streamed.source, calibration, compute_device, dtype))
+        store.open()
     blocks_seen = []
 
     def record_block(report) -> None:
@@ -142,12 +165,24 @@ def prune(
             refine=stage.refine,
             min_expert_tokens=stage.min_expert_tokens,
             on_block=record_block,
+            store=store,
         )
     except (PatternError, PrunerOptionError, UnsupportedModelError) as error:
+        if store is not None:
+            store.discard()  # bad input: nothing is left behind
         raise BadInput(str(error)) from None
-    except CholeskyError as error:
-        raise RuntimeFailure(f"SparseGPT failed: {error}; try more calibration windows (--nsamples)") from None
-    loaded.to(loaded.spp_stored_dtype)
+    except BaseException as error:
+        if store is not None:
+            store.close()  # any other failure keeps the resume directory, and its finished blocks, for the rerun
+        if isinstance(error, CholeskyError):
+            raise RuntimeFailure(f"SparseGPT failed: {error}; try more calibration windows (--nsamples)") from None
+        raise
+    if store is not None:  # every block's records, the resumed run's earlier blocks included
+        layers, all_reports = store.layers, store.layer_reports()
+    else:
+        loaded.to(loaded.spp_stored_dtype)
+        # MoE experts are slices of fused parameters, not modules: resolve every name with weight_of
+        layers, all_reports = {r.name: layer_record(weight_of(loaded, r.name)) for r in reports}, reports
     manifest = stage_manifest(
         "prune",
         parent=checkpoint.parent_record(model_path if Path(model_path).exists() else model, parent_manifest),
@@ -155,13 +190,15 @@ def prune(
         pattern=str(sparsity_pattern),
         target_sparsity=sparsity_pattern.sparsity,
         dense=False,
-        # MoE experts are slices of fused parameters, not modules: resolve every name with weight_of
-        layers={report.name: layer_record(weight_of(loaded, report.name)) for report in reports},
-        damping={r.name: r.damping for r in reports if r.damping is not None and r.damping > 0.01 + 1e-12},
-        **new_option_records(stage, blocks_seen, reports),
+        layers=layers,
+        damping={r.name: r.damping for r in all_reports if r.damping is not None and r.damping > 0.01 + 1e-12},
+        **new_option_records(stage, blocks_seen, all_reports),
         config=options,
         fingerprint=stage_fingerprint,
     )
+    if store is not None:
+        finished = store.finish(manifest, tokenizer, Path(model_path), started)
+        return {**finished, "resumed_from_block": store.resumed_from} if store.resumed_from else finished
     return checkpoint.save_checkpoint(
         loaded, tokenizer, out, manifest, parent_dir=model_path if Path(model_path).is_dir() else None, started=started
     )

@@ -1,0 +1,215 @@
+"""A safetensors checkpoint read and written one tensor at a time (the streaming prune, prune_streaming.py).
+
+`SafetensorsSource` maps every tensor name of a local model directory to its shard (from the shards' headers) and
+reads the tensors asked for through memory-mapped `safe_open`, closing each file after use, so the process never
+holds more of the input than the tensors it asked for.
+`plan_output` decides, from a weightless model skeleton, exactly what `save_pretrained` would write: the same keys
+(tied weights dropped, weight conversions reverted), in the same shards (huggingface_hub's splitter, same size
+limit), with the same safetensors headers and `model.safetensors.index.json`. `ShardWriter` lays those shard
+files out up front and writes each tensor's bytes at its planned offset, whenever it is ready and in any order,
+so a block's pruned weights go straight to their final place and a resumed run rewrites only what was not done.
+The files are byte-identical to save_pretrained's: safetensors orders a file's tensors by dtype (its Dtype enum,
+largest first), then by name, and pads the JSON header with spaces to a multiple of 8 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_DTYPE_NAMES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.uint16: "U16",
+    torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+    torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
+}  # in safetensors' Dtype enum order, which is the order (reversed) it lays a file's tensors out in
+_DTYPE_RANK = {name: rank for rank, name in enumerate(_DTYPE_NAMES.values())}
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+class NotStreamable(Exception):
+    """The model cannot be written tensor by tensor exactly like save_pretrained does (the reason is the text)."""
+
+
+def _read_header(path: Path) -> dict:
+    with path.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return json.loads(handle.read(size))
+
+
+class SafetensorsSource:
+    """The tensors of a local HF model directory: the shards its index names, or its single model.safetensors."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        index = directory / INDEX_NAME
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        else:
+            files = [WEIGHTS_NAME]
+        self.files = [directory / name for name in files]
+        self.entries: dict[str, tuple[Path, torch.dtype, list[int]]] = {}  # name -> (file, dtype, shape)
+        for path in self.files:
+            for name, entry in _read_header(path).items():
+                if name != "__metadata__":
+                    self.entries[name] = (path, _TORCH_DTYPES.get(entry["dtype"]), entry["shape"])
+
+    @staticmethod
+    def usable(directory: Path) -> bool:
+        """A directory transformers would load from safetensors: an index of shards or one model.safetensors."""
+        return (directory / INDEX_NAME).is_file() or (directory / WEIGHTS_NAME).is_file()
+
+    def identity(self) -> list:
+        """What tells one input from another without reading it: each shard's name, size and modification time."""
+        return [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in self.files]
+
+    def first_float_dtype(self) -> torch.dtype | None:
+        return next((dtype for _, dtype, _ in self.entries.values() if dtype is not None and dtype.is_floating_point),
+                    None)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """name -> tensor (CPU, stored dtype) for `names`; each shard is opened once and closed right after."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.entries[name][0], []).append(name)
+        tensors = {}
+        for path, file_names in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for name in file_names:
+                    tensors[name] = handle.get_tensor(name)
+        return tensors
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # as written (the checkpoint's stored dtype for floating tensors)
+    shard: str  # file name inside the output directory
+    offset: int  # absolute byte offset of the tensor's data in its shard
+    nbytes: int
+
+
+@dataclass
+class OutputPlan:
+    tensors: dict[str, PlannedTensor]  # in save_pretrained's state-dict order
+    shard_headers: dict[str, bytes]  # shard file name -> its first bytes (length prefix + padded JSON header)
+    shard_sizes: dict[str, int]  # shard file name -> total bytes
+    index: dict | None  # model.safetensors.index.json's content when sharded
+
+
+def saved_state_dict(model) -> dict[str, torch.Tensor]:
+    """What save_pretrained would save from `model` (a skeleton is fine) had from_pretrained loaded it from a
+    checkpoint whose names need no conversion: the same steps, in the same order (which decides the shards).
+
+    Raises NotStreamable when saving renames weights (a conversion that needs every tensor at once)."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state_dict = model.state_dict()
+    for ignored in model._keys_to_ignore_on_save or ():
+        state_dict.pop(ignored, None)
+    state_dict = remove_tied_weights_from_state_dict(state_dict, model)
+    model._weight_conversions = []  # what from_pretrained records when no conversion matched the checkpoint's names
+    reverted = revert_weight_conversion(model, dict(state_dict))  # (that makes the order dot-natural, as it does)
+    if set(reverted) != set(state_dict):
+        raise NotStreamable(f"{type(model).__name__} renames its weights when saved")
+    return reverted
+
+
+def plan_output(model, stored_dtype: torch.dtype, max_shard_size: str) -> OutputPlan:
+    """Plan the output files of `model` (a skeleton: shapes are enough) saved in `stored_dtype`.
+
+    Call before any weight is loaded into the skeleton: tied weights must still be tied (total_parameters)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    state_dict = saved_state_dict(model)
+    as_saved = {
+        name: torch.empty(tensor.shape, dtype=stored_dtype if tensor.is_floating_point() else tensor.dtype,
+                          device="meta")
+        for name, tensor in state_dict.items()
+    }
+    split = split_torch_state_dict_into_shards(as_saved, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    planned: dict[str, PlannedTensor] = {}
+    headers, sizes = {}, {}
+    for shard, names in split.filename_to_tensors.items():
+        order = sorted(names, key=lambda name: (-_DTYPE_RANK[_DTYPE_NAMES[as_saved[name].dtype]], name))
+        header: dict = {"__metadata__": {"format": "pt"}}
+        begin = 0
+        for name in order:
+            tensor = as_saved[name]
+            nbytes = tensor.numel() * tensor.element_size()
+            header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                            "data_offsets": [begin, begin + nbytes]}
+            begin += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        headers[shard] = len(text).to_bytes(8, "little") + text
+        sizes[shard] = len(headers[shard]) + begin
+        for name in order:
+            start, end = header[name]["data_offsets"]
+            planned[name] = PlannedTensor(name, tuple(as_saved[name].shape), as_saved[name].dtype, shard,
+                                          len(headers[shard]) + start, end - start)
+    index = None
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+    return OutputPlan({name: planned[name] for name in state_dict}, headers, sizes, index)
+
+
+class ShardWriter:
+    """Writes planned tensors into their shard files in `directory`, at their offsets, in any order."""
+
+    def __init__(self, directory: Path, plan: OutputPlan) -> None:
+        self.directory = directory
+        self.plan = plan
+
+    def laid_out(self) -> bool:
+        """True when every shard file exists with its planned header and size (a run to resume)."""
+        for shard, header in self.plan.shard_headers.items():
+            path = self.directory / shard
+            if not path.is_file() or path.stat().st_size != self.plan.shard_sizes[shard]:
+                return False
+            with path.open("rb") as handle:
+                if handle.read(len(header)) != header:
+                    return False
+        return True
+
+    def lay_out(self) -> None:
+        """Create every shard file: its header, then its full size (sparse until the tensors are written)."""
+        for shard, header in self.plan.shard_headers.items():
+            with (self.directory / shard).open("wb") as handle:
+                handle.write(header)
+                handle.truncate(self.plan.shard_sizes[shard])
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write each tensor (already in its planned dtype and shape) at its planned place."""
+        for shard in {self.plan.tensors[name].shard for name in tensors}:
+            descriptor = os.open(self.directory / shard, os.O_WRONLY)
+            try:
+                for name, tensor in tensors.items():
+                    spot = self.plan.tensors[name]
+                    if spot.shard != shard:
+                        continue
+                    if tensor.dtype != spot.dtype or tuple(tensor.shape) != spot.shape:
+                        raise ValueError(f"{name}: {tensor.dtype} {tuple(tensor.shape)} is not the planned "
+                                         f"{spot.dtype} {spot.shape}")
+                    data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+                    written = 0
+                    while written < spot.nbytes:  # pwrite may write less than asked
+                        written += os.pwrite(descriptor, data[written:], spot.offset + written)
+            finally:
+                os.close(descriptor)
+
+    def write_index(self) -> None:
+        if self.plan.index is not None:
+            text = json.dumps(self.plan.index, indent=2, sort_keys=True) + "\n"
+            (self.directory / INDEX_NAME).write_text(text, encoding="utf-8")

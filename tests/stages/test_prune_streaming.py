@@ -1,0 +1,252 @@
+"""The streaming prune (spp_cli/stages/prune_streaming.py): the same bytes as the in-memory path, resume at the
+block after a kill, never a resume across changed options or inputs, and one line for incomplete shards."""
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, make_tokenizer
+from safetensors.torch import load_file, save_file
+
+from spp_cli.errors import BadInput
+from spp_cli.stages.prune import prune
+from spp_cli.stages.prune_streaming import staging_path
+
+CALIB = {"calib": "builtin:python-docs:train", "nsamples": 4, "seqlen": 32, "device": "cpu"}
+
+
+def _config(arch: str):
+    from transformers import Gemma2Config, LlamaConfig, Qwen2Config
+
+    common = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+    if arch == "llama":  # tied embeddings: lm_head is not saved
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if arch == "llama-wide":  # 9 MB in fp32: input shards of 1 MB make output shards of 2 MB, an index
+        return LlamaConfig(**{**common, "vocab_size": 4096, "hidden_size": 128, "intermediate_size": 256})
+    if arch == "qwen2":  # q/k/v biases, sliding-window layers from block 2 on
+        return Qwen2Config(**common, tie_word_embeddings=False, use_sliding_window=True, sliding_window=16,
+                           max_window_layers=2)
+    return Gemma2Config(**common, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+
+
+def save_random(directory: Path, arch: str, dtype=torch.float32, shard: str = "5GB", seed: int = 0) -> Path:
+    """A random-init `arch` model saved to `directory` (with a tokenizer), in `dtype`, sharded at `shard`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(arch)).to(dtype)
+    model.save_pretrained(directory, max_shard_size=shard)
+    make_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def assert_same_output(streamed: Path, in_memory: Path) -> None:
+    """Every file byte for byte, and spp.json equal except its timings."""
+    names = sorted(path.name for path in in_memory.iterdir())
+    assert sorted(path.name for path in streamed.iterdir()) == names
+    for name in names:
+        if name == "spp.json":
+            ours, theirs = (json.loads((d / name).read_text()) for d in (streamed, in_memory))
+            for key in ("seconds", "created"):
+                ours.pop(key), theirs.pop(key)
+            assert ours == theirs
+        else:
+            assert (streamed / name).read_bytes() == (in_memory / name).read_bytes(), name
+
+
+CASES = {
+    "tiny-wanda": ("builtin", "wanda", {"sparsity": 0.5}),
+    "tiny-sparsegpt-dsnot": ("builtin", "sparsegpt", {"sparsity": 0.5, "refine": "dsnot"}),
+    "tiny-sparsegpt-2:4-float32": ("builtin", "sparsegpt", {"pattern": "2:4", "dtype": "float32"}),
+    "llama-tied-bf16-sparsegpt": ("llama", "sparsegpt", {"sparsity": 0.6, "true_sequential": True}),
+    "qwen2-wanda-targets-bfloat16": ("qwen2", "wanda", {"sparsity": 0.5, "targets": r"layers\.[12]\.mlp",
+                                                        "dtype": "bfloat16"}),  # fp32 stored: a lossy round trip
+    "gemma2-magnitude": ("gemma2", "magnitude", {"sparsity": 0.5}),
+    "llama-wide-output-shards-magnitude": ("llama-wide", "magnitude", {"sparsity": 0.5}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_streaming_writes_the_in_memory_checkpoint_byte_for_byte(tmp_path, case):
+    arch, method, options = CASES[case]
+    if arch == "builtin":
+        model = "builtin:tiny-llama"
+    else:
+        model = str(save_random(tmp_path / arch, arch, torch.bfloat16 if "bf16" in case else torch.float32,
+                                shard="1MB" if "wide" in case else "60KB"))  # checkpoint.parent_shard_size
+        assert len(list(Path(model).glob("*.safetensors"))) > 2  # makes the output's from these
+    calib = {} if method == "magnitude" else CALIB
+    in_memory = prune(model, tmp_path / "memory", method=method, streaming="off", **calib, **options)
+    streamed = prune(model, tmp_path / "stream", method=method, streaming="on", **calib, **options)
+    assert_same_output(tmp_path / "stream", tmp_path / "memory")
+    assert ("output-shards" in case) == (tmp_path / "stream" / "model.safetensors.index.json").is_file()
+    assert streamed["layers"] == in_memory["layers"] and len(streamed["layers"]) > 0
+    assert not staging_path(tmp_path / "stream").exists()
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(block: int):
+    def on_block(report):
+        if report.index == block:
+            raise Crash
+    return on_block
+
+
+def test_kill_9_after_block_2_of_4_resumes_at_block_2_bit_identically(tmp_path):
+    model = str(save_random(tmp_path / "llama", "llama", shard="60KB"))
+    options = dict(method="sparsegpt", sparsity=0.5, **CALIB)
+    whole = prune(model, tmp_path / "whole", **options)
+    out = tmp_path / "killed"
+    script = (  # block 1 is the second of four: SIGKILL from its report hook, after its state is saved
+        "import os, signal, sys\n"
+        "from spp_cli.stages.prune import prune\n"
+        "def on_block(report):\n"
+        "    if report.index == 1:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"prune({model!r}, {str(out)!r}, on_block=on_block, **{options!r})\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists()
+    state = json.loads((staging_path(out) / "resume.json").read_text())
+    assert (state["next_block"], state["done_blocks"]) == (2, [0, 1])
+
+    seen = []
+    resumed = prune(model, out, on_block=lambda report: seen.append(report.index), **options)
+    assert resumed["resumed_from_block"] == 2 and seen == [2, 3]
+    assert {name: layer["weight_sha256"] for name, layer in resumed["layers"].items()} == {
+        name: layer["weight_sha256"] for name, layer in whole["layers"].items()
+    }
+    assert len(resumed["layers"]) == 4 * 7
+    assert resumed["manifest_sha256"] == whole["manifest_sha256"]
+    assert_same_output(out, tmp_path / "whole")
+
+
+@pytest.mark.parametrize("change", ["option", "input model"])
+def test_a_changed_option_or_input_never_resumes(tmp_path, change):
+    model = save_random(tmp_path / "llama", "llama")
+    options = dict(method="wanda", sparsity=0.5, **CALIB)
+    with pytest.raises(Crash):
+        prune(str(model), tmp_path / "out", on_block=crash_after(1), **options)
+    assert json.loads((staging_path(tmp_path / "out") / "resume.json").read_text())["next_block"] == 2
+    if change == "option":
+        options["sparsity"] = 0.6
+    else:  # the same path, other weights
+        save_random(model, "llama", seed=1)
+    seen = []
+    rerun = prune(str(model), tmp_path / "out", on_block=lambda report: seen.append(report.index), **options)
+    fresh = prune(str(model), tmp_path / "fresh", **options)
+    assert "resumed_from_block" not in rerun and seen == [0, 1, 2, 3]
+    assert rerun["manifest_sha256"] == fresh["manifest_sha256"]
+    assert_same_output(tmp_path / "out", tmp_path / "fresh")
+
+
+def test_a_staging_dir_held_by_a_live_run_is_never_used(tmp_path):
+    model = save_random(tmp_path / "llama", "llama")
+    staging = staging_path(tmp_path / "out")
+    staging.mkdir()
+    with (staging / "lock").open("a") as held:  # another process is writing this output
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(BadInput, match="another spp prune is writing"):
+            prune(str(model), tmp_path / "out", method="magnitude", sparsity=0.5)
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_missing_a_block_tensor_are_one_line_and_nothing_is_written(tmp_path):
+    model = save_random(tmp_path / "llama", "llama")
+    tensors = load_file(model / "model.safetensors")
+    del tensors["model.layers.2.mlp.down_proj.weight"]
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BadInput) as error:
+        prune(str(model), tmp_path / "out", method="wanda", sparsity=0.5, **CALIB)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "'model.layers.2.mlp.down_proj.weight' (block 2 of 4)" in message and "re-save" in message
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
+
+
+def test_streaming_on_needs_a_local_safetensors_directory(tmp_path):
+    with pytest.raises(BadInput, match="--streaming on needs a local model directory"):
+        prune("org/not-downloaded", tmp_path / "out", method="magnitude", sparsity=0.5, streaming="on")
+    with pytest.raises(BadInput, match="streaming: 'sometimes' is not one of auto, on, off"):
+        prune("builtin:tiny-llama", tmp_path / "out", method="magnitude", sparsity=0.5, streaming="sometimes")
+    with pytest.raises(BadInput, match="streaming: on cannot serve owl"):
+        prune("builtin:tiny-llama", tmp_path / "out", method="wanda", sparsity_profile="owl", streaming="on", **CALIB)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_planned_shards_are_save_pretrained_s_files_byte_for_byte(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    from spp_cli.stages.prune_streaming import open_streamed_model
+    from spp_cli.stages.streamed_checkpoint import ShardWriter, plan_output
+
+    model_dir = save_random(tmp_path / arch, arch, torch.bfloat16)
+    streamed = open_streamed_model(str(model_dir), "auto", False)
+    plan = plan_output(streamed.model, torch.bfloat16, "60KB")  # small shards: many files and an index
+    writer = ShardWriter(tmp_path / "written", plan)
+    (tmp_path / "written").mkdir()
+    writer.lay_out()
+    for name in reversed(plan.tensors):  # any order
+        writer.write({name: streamed.source.read([name])[name]})
+    writer.write_index()
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(tmp_path / "saved", max_shard_size="60KB")
+    saved = sorted(path.name for path in (tmp_path / "saved").glob("model*"))
+    assert len(saved) > 3 and sorted(path.name for path in (tmp_path / "written").iterdir()) == saved
+    for name in saved:
+        assert (tmp_path / "written" / name).read_bytes() == (tmp_path / "saved" / name).read_bytes(), name
+
+
+def test_the_driver_holds_one_block_at_a_time_and_loads_each_once(tmp_path):
+    from pruners.masks import parse_pattern
+    from pruners.sequential import prune_model
+    from spp_cli.stages.prune_streaming import StreamingStore, open_streamed_model
+
+    model_dir = save_random(tmp_path / "llama", "llama")
+    streamed = open_streamed_model(str(model_dir), "auto", False)
+    blocks = streamed.model.model.layers
+    loaded, holding = [], []
+
+    class CountingStore(StreamingStore):
+        def load_block(self, index, block):
+            super().load_block(index, block)
+            loaded.append(index)
+            holding.append([i for i, b in enumerate(blocks) if not next(b.parameters()).is_meta])
+
+    store = CountingStore(streamed, tmp_path / "out", "a fingerprint")
+    store.open()
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    reports = prune_model(streamed.model, ids, "wanda", parse_pattern("unstructured", 0.5), store=store)
+    assert loaded == [0, 1, 2, 3] and holding == [[0], [1], [2], [3]]
+    assert all(next(b.parameters()).is_meta for b in blocks) and len(reports) == 28
+    assert store.first_block == 4 and sorted(store.layers) == sorted(r.name for r in reports)
+    store.close()
+
+
+def test_shards_in_another_naming_fall_back_to_the_in_memory_path_unless_streaming_is_on(tmp_path):
+    model = save_random(tmp_path / "llama", "llama")
+    tensors = load_file(model / "model.safetensors")  # an older naming: what from_pretrained converts, if it can
+    save_file({"transformer." + name: tensor for name, tensor in tensors.items()}, model / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(BadInput, match="--streaming on cannot write this model tensor by tensor: its shards name"):
+        prune(str(model), tmp_path / "on", method="magnitude", sparsity=0.5, streaming="on")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
+    manifest = prune(str(model), tmp_path / "auto", method="magnitude", sparsity=0.5)
+    assert len(manifest["layers"]) == 28 and not staging_path(tmp_path / "auto").exists()
+
+
+def test_owl_reads_every_dense_block_first_so_auto_prunes_it_in_memory(tmp_path):
+    manifest = prune("builtin:tiny-llama", tmp_path / "owl", method="wanda", sparsity_profile="owl", **CALIB)
+    assert sorted(manifest["sparsity_profile"]["layer_sparsity"]) == ["0", "1", "2", "3"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["owl"]
