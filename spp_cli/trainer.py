@@ -123,6 +123,7 @@ class FinetuneResult:
     dense_after_merge: bool  # LoRA: merging makes every target dense (its zeros are lost); SPP: False
     is_main_process: bool = True
     config: dict = field(default_factory=dict)
+    parallelism: str = "single"  # what the Trainer really ran: single | ddp | fsdp1 | fsdp2 | deepspeed
 
 
 def world_size() -> int:
@@ -352,8 +353,18 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], config: Finet
         trainable_params=sum(p.numel() for p in trained.parameters() if p.requires_grad),
         targets=list(target_names), spp_config=spp_config, adapter_state=adapter_state,
         dense_after_merge=config.method == "lora",
-        is_main_process=trainer.args.should_save, config=asdict(config),
+        is_main_process=trainer.args.should_save, config=asdict(config), parallelism=_parallelism(trainer),
     )
+
+
+def _parallelism(trainer) -> str:
+    """The data parallelism the Trainer actually runs, read from accelerate's state rather than from the launch
+    config: accelerate 1.16 on CPU keeps DistributedType.MULTI_CPU and drops an FSDP config, i.e. runs DDP."""
+    if trainer.is_deepspeed_enabled:
+        return "deepspeed"
+    if trainer.is_fsdp_enabled:
+        return f"fsdp{trainer.accelerator.state.fsdp_plugin.fsdp_version}"
+    return "ddp" if trainer.args.world_size > 1 else "single"
 
 
 def _gather_trainable(trainer, model: nn.Module) -> dict[str, torch.Tensor]:

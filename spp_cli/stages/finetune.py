@@ -144,6 +144,9 @@ def finetune(
         raise
     if not result.is_main_process:
         return {"stage": "finetune", "rank": int(os.environ.get("RANK", "0"))}  # rank 0 merges, checks, saves
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true" and not result.parallelism.startswith("fsdp") and console:
+        console.print(f"spp: warning: the launch config asks for FSDP but accelerate ran {result.parallelism} "
+                      "(it ignores FSDP on CPU): the result is right, only nothing was sharded")
     if world_size() > 1:
         # FSDP / ZeRO-3 leave only shards in result.model: rank 0 puts the gathered adapters on the full
         # frozen base, reloaded on the CPU (the base never changes, so the parent's weights are the full weights)
@@ -169,6 +172,8 @@ def finetune(
         "eval_loss": result.eval_loss,
         "trainable_params": result.trainable_params,
         "resumed_from": Path(result.resumed_from).name if result.resumed_from else None,
+        "parallelism": result.parallelism,
+        "processes": world_size(),
     }
     manifest = {
         "stage": "finetune",
