@@ -204,7 +204,7 @@ def _make_trainer_class():
             if set(state) != trainable:
                 raise BadInput(f"checkpoint {resume_from_checkpoint} does not match this run's adapters (different "
                                "method, targets or groups): use a new output directory or --overwrite")
-            model.load_state_dict(state, strict=False)
+            model.load_state_dict(_shard_like(model, state), strict=False)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -216,6 +216,21 @@ def _make_trainer_class():
             return loss
 
     return AdapterTrainer
+
+
+def _shard_like(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (full tensors) with each tensor that is a DTensor parameter in `model` (FSDP2) cut into the same
+    shards, since load_state_dict cannot copy a plain tensor into a DTensor. A collective: call on every rank."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    parameters = dict(model.named_parameters())
+    sharded = {}
+    for name, tensor in state.items():
+        target = parameters[name]
+        if isinstance(target, DTensor):
+            tensor = distribute_tensor(tensor.to(target.device, target.dtype), target.device_mesh, target.placements)
+        sharded[name] = tensor
+    return sharded
 
 
 # Trainer writes trainer_state.json last (after model, optimizer, scheduler and RNG state, whatever their layout:
