@@ -14,11 +14,14 @@ tensor's largest magnitude (about 8 fp32 ulps), leaves room only for a reduction
 torch might change, far below the adapters' movement (β moves by ~1e-2 here).
 """
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,22 +34,48 @@ TOLERANCE = 1e-6  # relative to each merged tensor's max |w|; see the module doc
 
 
 def finetune_options(test_data: Path, out: Path) -> list:
-    """4 optimizer steps of a global batch of 4 (2 processes × 2, or 1 × 2 × 2 accumulated), saving at 2 and 4."""
-    return ["--data", test_data / ALPACA, "--max-steps", "4", "--save-steps", "2", "--batch-size", "4",
+    """8 optimizer steps of a global batch of 4 (2 processes × 2, or 1 × 2 × 2 accumulated), saving every 2."""
+    return ["--data", test_data / ALPACA, "--max-steps", "8", "--save-steps", "2", "--batch-size", "4",
             "--micro-batch-size", "2", "--seqlen", "64", "--val-size", "0", "--dropout", "0", "--forward", "fused",
             "--out", out]
 
 
-def accelerate_launch(program: list, timeout: int = 240) -> subprocess.CompletedProcess:
+def accelerate_launch(program: list, timeout: int = 240, background: bool = False):
+    """`accelerate launch --config_file recipes/launch/fsdp2-cpu.yaml PROGRAM...`: its CompletedProcess, or with
+    background=True the running Popen."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2_CPU,
-               "--main_process_port", port, *program]
-    return subprocess.run([str(c) for c in command], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    command = [str(c) for c in [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2_CPU,
+                                "--main_process_port", port, *program]]
+    if background:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def kill_9_with_workers(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it (torchrun's workers run in their own sessions, so killing
+    the launcher alone would leave them training)."""
+    def descendants(pid: int) -> list[int]:
+        children = []
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with contextlib.suppress(FileNotFoundError):  # a thread or process that just ended
+                children += [int(c) for c in (task / "children").read_text().split()]
+        return children + [d for child in children for d in descendants(child)]
+
+    for pid in [process.pid, *descendants(process.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.is_file():
+        assert process.poll() is None and time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -67,16 +96,23 @@ def zero_hashes(directory: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_fsdp2_two_processes_keep_every_zero_and_equal_one_process(tmp_path, pruned_dir, test_data, capsys):
+def test_fsdp2_two_processes_resume_keep_every_zero_and_equal_one_process(tmp_path, pruned_dir, test_data, capsys):
+    """Killed with -9 after its first checkpoint and rerun, the FSDP2 run ends where one uninterrupted process
+    does."""
     sharded, single = tmp_path / "fsdp2", tmp_path / "single"
-    completed = accelerate_launch([REPO / "tests" / "fsdp_on_cpu.py", "finetune", pruned_dir,
-                                   *finetune_options(test_data, sharded)])
+    program = [REPO / "tests" / "fsdp_on_cpu.py", "finetune", pruned_dir, *finetune_options(test_data, sharded)]
+    first = accelerate_launch(program, background=True)
+    wait_for(tmp_path / ".fsdp2.spp-work" / "checkpoints" / "checkpoint-2" / "trainer_state.json", first)
+    kill_9_with_workers(first)
+    assert not sharded.exists()
+    completed = accelerate_launch(program)
     assert completed.returncode == 0, completed.stderr[-3000:]
     code, _, err = run_spp(["finetune", pruned_dir, *finetune_options(test_data, single)], capsys)
     assert code == 0, err
 
     training = manifest(sharded)["training"]
-    assert (training["parallelism"], training["processes"], training["steps"]) == ("fsdp2", 2, 4)
+    assert (training["parallelism"], training["processes"], training["steps"]) == ("fsdp2", 2, 8)
+    assert training["resumed_from"] in ("checkpoint-2", "checkpoint-4", "checkpoint-6")
     assert manifest(single)["training"]["parallelism"] == "single"
     assert zero_hashes(sharded) == zero_hashes(pruned_dir) and len(zero_hashes(sharded)) == 14
     code, out, err = run_spp(["verify", sharded, "--against", pruned_dir], capsys)
