@@ -191,6 +191,18 @@ def _make_trainer_class():
             save_file(tensors, os.path.join(output_dir, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+            if not self.is_fsdp_enabled:
+                return super()._save_optimizer_and_scheduler(output_dir)
+            # Trainer's FSDP branch would also gather and write the whole model, frozen base included
+            # (pytorch_model_fsdp.bin): the trained tensors are in adapter_model.safetensors already
+            from accelerate.utils import save_fsdp_optimizer
+
+            save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                                output_dir)
+            if self.args.should_save:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
             from safetensors.torch import load_file
 
@@ -362,6 +374,10 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], config: Finet
              for e in trainer.state.log_history if "loss" in e]
     trained = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
     adapter_state = _gather_trainable(trainer, trained)
+    if trainer.is_deepspeed_enabled:  # else rank 0's later from_pretrained of the parent runs under zero.Init and
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # waits on the finished ranks
+
+        unset_hf_deepspeed_config()
     return FinetuneResult(
         model=trained, method=config.method, train_curve=curve, eval_loss=eval_loss, seconds=seconds,
         steps=trainer.state.global_step, resumed_from=resume,

@@ -105,6 +105,9 @@ def test_fsdp2_two_processes_resume_keep_every_zero_and_equal_one_process(tmp_pa
     wait_for(tmp_path / ".fsdp2.spp-work" / "checkpoints" / "checkpoint-2" / "trainer_state.json", first)
     kill_9_with_workers(first)
     assert not sharded.exists()
+    saved = tmp_path / ".fsdp2.spp-work" / "checkpoints" / "checkpoint-2"
+    assert {"adapter_model.safetensors", "optimizer.bin", "scheduler.pt"} <= {p.name for p in saved.iterdir()}
+    assert not (saved / "pytorch_model_fsdp.bin").exists()  # the frozen base is never written to a checkpoint
     completed = accelerate_launch(program)
     assert completed.returncode == 0, completed.stderr[-3000:]
     code, _, err = run_spp(["finetune", pruned_dir, *finetune_options(test_data, single)], capsys)
