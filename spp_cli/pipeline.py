@@ -60,6 +60,7 @@ def run_stage(recipe: Recipe, stage, console) -> dict:
 def check_recipe(recipe: Recipe) -> None:
     """What `--dry-run` promises: every check that needs no model weights, stage by stage (spp_cli/preflight.py)."""
     from spp_cli import preflight
+    from spp_cli.adapters import method_named
     from spp_cli.eval.engine import validate_tasks
 
     def base_model(reference: str) -> str:
@@ -78,11 +79,12 @@ def check_recipe(recipe: Recipe) -> None:
         elif isinstance(stage, FinetuneStage):
             preflight.check_source(stage.data)
             preflight.check_report_to(stage.report_to)
-            if stage.method == "spp":
+            groups = method_named(stage.method).options.get("groups")  # None: the method has no row groups
+            if groups is not None:
                 pruned_by = recipe.stage(stage.input) if stage.input in recipe.stage_names else None
                 narrowed = isinstance(pruned_by, PruneStage)
                 preflight.check_groups_divide(
-                    base_model(stage.input), stage.groups, pruned_by.targets if narrowed else None,
+                    base_model(stage.input), stage.groups or groups, pruned_by.targets if narrowed else None,
                     pruned_by.ignore if narrowed else None, recipe.trust_remote_code,
                 )
         elif isinstance(stage, EvalStage):

@@ -108,6 +108,7 @@ class FinetuneResult:
     steps_run: int = 0  # optimizer steps run by this process (fewer than `steps` after a resume)
     peak_memory_mb: float | None = None  # CUDA: max allocated during training; CPU: training_state_bytes
     memory_measure: str = ""
+    parallelism: str = "single"  # what the Trainer really ran: single | ddp | fsdp1 | fsdp2 | deepspeed
 
     @property
     def method(self) -> str:
@@ -183,6 +184,18 @@ def _make_trainer_class():
             save_file(tensors, os.path.join(output_dir, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+            if not self.is_fsdp_enabled:
+                return super()._save_optimizer_and_scheduler(output_dir)
+            # Trainer's FSDP branch would also gather and write the whole model, frozen base included
+            # (pytorch_model_fsdp.bin): the trained tensors are in adapter_model.safetensors already
+            from accelerate.utils import save_fsdp_optimizer
+
+            save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                                output_dir)
+            if self.args.should_save:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
             from safetensors.torch import load_file
 
@@ -196,7 +209,7 @@ def _make_trainer_class():
             if set(state) != trainable:
                 raise BadInput(f"checkpoint {resume_from_checkpoint} does not match this run's adapters (different "
                                "method, targets or groups): use a new output directory or --overwrite")
-            model.load_state_dict(state, strict=False)
+            model.load_state_dict(_shard_like(model, state), strict=False)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -208,6 +221,21 @@ def _make_trainer_class():
             return loss
 
     return AdapterTrainer
+
+
+def _shard_like(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (full tensors) with each tensor that is a DTensor parameter in `model` (FSDP2) cut into the same
+    shards, since load_state_dict cannot copy a plain tensor into a DTensor. A collective: call on every rank."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    parameters = dict(model.named_parameters())
+    sharded = {}
+    for name, tensor in state.items():
+        target = parameters[name]
+        if isinstance(target, DTensor):
+            tensor = distribute_tensor(tensor.to(target.device, target.dtype), target.device_mesh, target.placements)
+        sharded[name] = tensor
+    return sharded
 
 
 # Trainer writes trainer_state.json last (after model, optimizer, scheduler and RNG state, whatever their layout:
@@ -366,14 +394,30 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
     curve = [{"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate")}
              for e in trainer.state.log_history if "loss" in e]
     trained = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    adapter_state = _gather_trainable(trainer, trained)
+    if trainer.is_deepspeed_enabled:  # else rank 0's later from_pretrained of the parent runs under zero.Init and
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # waits on the finished ranks
+
+        unset_hf_deepspeed_config()
     return FinetuneResult(
         model=trained, adapter=adapter, train_curve=curve, eval_loss=eval_loss, seconds=seconds,
         steps=trainer.state.global_step, resumed_from=resume,
         trainable_params=sum(p.numel() for p in trained.parameters() if p.requires_grad),
-        targets=list(target_names), adapter_state=_gather_trainable(trainer, trained),
+        targets=list(target_names), adapter_state=adapter_state,
         is_main_process=trainer.args.should_save, steps_run=trainer.state.global_step - start_step,
         peak_memory_mb=None if peak_memory_mb is None else round(peak_memory_mb, 3), memory_measure=memory_measure,
+        parallelism=_parallelism(trainer),
     )
+
+
+def _parallelism(trainer) -> str:
+    """The data parallelism the Trainer actually runs, read from accelerate's state rather than from the launch
+    config: accelerate 1.16 on CPU keeps DistributedType.MULTI_CPU and drops an FSDP config, i.e. runs DDP."""
+    if trainer.is_deepspeed_enabled:
+        return "deepspeed"
+    if trainer.is_fsdp_enabled:
+        return f"fsdp{trainer.accelerator.state.fsdp_plugin.fsdp_version}"
+    return "ddp" if trainer.args.world_size > 1 else "single"
 
 
 def _gather_trainable(trainer, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -155,6 +155,9 @@ def finetune(
         raise
     if not result.is_main_process:
         return {"stage": "finetune", "rank": int(os.environ.get("RANK", "0"))}  # rank 0 merges, checks, saves
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true" and not result.parallelism.startswith("fsdp") and console:
+        console.print(f"spp: warning: the launch config asks for FSDP but accelerate ran {result.parallelism} "
+                      "(it ignores FSDP on CPU): the result is right, only nothing was sharded")
     if world_size() > 1:
         # FSDP / ZeRO-3 leave only shards in result.model: rank 0 puts the gathered adapters on the full
         # frozen base, reloaded on the CPU (the base never changes, so the parent's weights are the full weights)
@@ -226,6 +229,8 @@ def _progress_callbacks(console, options: FinetuneStage) -> list:
 
 def _run_record(result) -> dict:
     """This run's statistics: they differ between identical runs, so they never enter the hashed manifest."""
+    from spp_cli.trainer import world_size
+
     return {
         "resumed_from": Path(result.resumed_from).name if result.resumed_from else None,
         "steps_run": result.steps_run,
@@ -233,6 +238,8 @@ def _run_record(result) -> dict:
         "seconds_per_step": round(result.seconds / result.steps_run, 4) if result.steps_run else None,
         "peak_memory_mb": result.peak_memory_mb,
         "memory_measure": result.memory_measure,
+        "parallelism": result.parallelism,
+        "processes": world_size(),
     }
 
 
