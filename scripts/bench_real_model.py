@@ -131,10 +131,12 @@ def prune_all(model_dir: Path, calibration: Path, scratch: Path, peer_python: Pa
 
 
 def peer_compress_seconds(log: Path) -> float:
-    """The sum of llm-compressor's own per-module "compress | METRIC - time Xs" lines in the last child's log: its
-    solve time without the calibration forwards, the counterpart of spp's solve_seconds."""
-    last_child = log.read_text().rsplit("\n===== ", 1)[-1]
-    return round(sum(float(x) for x in re.findall(r"\| compress \| METRIC - time ([0-9.]+)s", last_child)), 3)
+    """The sum of llm-compressor's own per-module "compress | METRIC - time Xs" (Wanda) or "SGPT | METRIC - time Xs"
+    (SparseGPT) lines in the last child's log: its solve time without the calibration forwards, the counterpart of
+    spp's solve_seconds."""
+    last_child = log.read_text(errors="replace").rsplit("\n===== ", 1)[-1]
+    times = re.findall(r"\| (?:compress|SGPT) \| METRIC - time ([0-9.]+)s", last_child)
+    return round(sum(float(x) for x in times), 3)
 
 
 class Evaluator:
