@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown pattern or method {sorted(unknown)}: use {PATTERNS} and {METHODS}")
     if not args.skip_recovery and ("2:4" not in args.patterns.split(",") or "wanda" not in args.methods.split(",")):
-        raise SystemExit("the recovery starts from spp's Wanda 2:4 model: include 2:4 and wanda, or pass --skip-recovery")
+        raise SystemExit("the recovery starts from spp's Wanda 2:4 model: include 2:4 and wanda, "
+                         "or pass --skip-recovery")
     if args.table:
         print(markdown_table(json.loads(Path(args.table).read_text())))
         return
