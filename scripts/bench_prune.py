@@ -261,7 +261,7 @@ def run_matched_worker(args) -> None:
     calibration = load_file(args.worker_calibration)["input_ids"]  # (nsamples, seqlen)
     pattern = parse_pattern(args.pattern, args.sparsity)
     loaded = time.time()
-    prune_model(model, calibration, args.worker_method, pattern)
+    reports = prune_model(model, calibration, args.worker_method, pattern)
     pruned = time.time()
     linears = prunable_linears(model)
     weights = {f"{name}.weight": linear.weight.detach().contiguous() for name, linear in linears.items()}
@@ -273,6 +273,7 @@ def run_matched_worker(args) -> None:
         "started": STARTED,
         "imports_seconds": round(imported - STARTED, 3), "load_seconds": round(loaded - imported, 3),
         "prune_seconds": round(pruned - loaded, 3), "save_seconds": round(done - pruned, 3), "done": done,
+        "solve_seconds": round(sum(report.seconds for report in reports), 3),  # mask choice + update, no forwards
         "peak_rss_mb": round(_rss_mb("VmHWM"), 1),
         "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
@@ -346,8 +347,9 @@ def save_random_llama(directory: Path, tokenizer_from: Path) -> Path:
 
 
 def run_matched(tool: str, model_dir: Path, method: str, calibration: Path, weights_out: Path, peer_python: Path,
-                args, log: Path) -> dict:
-    """One child process of `tool` (spp or llmcompressor); its JSON result plus the driver's own measurements."""
+                args, log: Path, forward_baseline: bool = True) -> dict:
+    """One child process of `tool` (spp or llmcompressor); its JSON result plus the driver's own measurements.
+    forward_baseline: spp's wanda runs also time two plain forward passes (after the result is measured)."""
     result_file = weights_out.with_suffix(".json")
     if tool == "spp":
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--worker-model", str(model_dir),
@@ -356,7 +358,7 @@ def run_matched(tool: str, model_dir: Path, method: str, calibration: Path, weig
                    "--threads", str(args.threads)]
         if args.sparsity is not None:
             command += ["--sparsity", str(args.sparsity)]
-        if method == "wanda":
+        if method == "wanda" and forward_baseline:
             command.append("--worker-forward-baseline")
     else:
         command = [str(peer_python), str(PEER_SCRIPT), "--model", str(model_dir), "--method", method,
