@@ -113,6 +113,8 @@ def render_finetune(console, manifest: dict, out) -> None:
         console.print(f"  adapter only (not merged): {out}/adapter; merge it with `spp merge {out}/adapter --out DIR`")
     else:
         console.print(f"  zeros kept: overall sparsity of the pruned linears {manifest.get('overall_sparsity', 0):.4f}")
+    for warning in manifest.get("warnings") or []:
+        console.print(f"  warning: {warning}")
 
 
 def short_task_name(task: str) -> str:

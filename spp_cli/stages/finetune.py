@@ -186,6 +186,7 @@ def finetune(
         layers = layers_record(model_out, targets)
         if keeps_zeros:
             check_zeros_kept(model_out, layers, parent_zeros, model_path)
+    warnings = _unchanged_merge_warning(layers, parent_manifest, stored_dtype)
     manifest = stage_manifest(
         "finetune",
         parent=checkpoint.parent_record(model_path, parent_manifest),
@@ -205,6 +206,7 @@ def finetune(
             "eval_loss": result.eval_loss,
             "trainable_params": result.trainable_params,
         },
+        **({"warnings": warnings} if warnings else {}),
     )
     if train_options.no_merge:
         manifest = _save_adapter_only(out, adapter_dir, manifest, started)
@@ -225,6 +227,18 @@ def _progress_callbacks(console, options: FinetuneStage) -> list:
     from spp_cli.render import training_progress
 
     return [TrainingProgress(training_progress(console), tokens_per_step=options.batch_size * options.seqlen)]
+
+
+def _unchanged_merge_warning(layers: dict, parent_manifest: dict | None, stored_dtype) -> list[str]:
+    """A merge cast back to a low-precision dtype can round every update away (SPP's multipliers 1 + s·β·α stay
+    within bf16's 2^-9 after a few steps): say so rather than publish a copy of the parent as a tuned model."""
+    parent_layers = (parent_manifest or {}).get("layers") or {}
+    if not layers or any(record["weight_sha256"] != parent_layers.get(name, {}).get("weight_sha256")
+                         for name, record in layers.items()):
+        return []
+    return [f"the merged weights are bit-identical to the parent's: every update was rounded away when cast back "
+            f"to {str(stored_dtype).removeprefix('torch.')}; train longer or at a higher lr, or keep the adapter "
+            "(--no-merge) and merge into a float32 copy"]
 
 
 def _run_record(result) -> dict:

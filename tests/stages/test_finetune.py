@@ -106,3 +106,15 @@ def test_the_console_says_when_a_run_resumed_and_when_a_merge_is_dense():
     lines = console.export_text().splitlines()
     assert lines[1:] == ["  resumed from checkpoint-2 (the result equals an uninterrupted run's)",
                          "  note: the lora merge makes every weight dense; the zero check was skipped"]
+
+
+def test_a_merge_rounded_away_is_reported_not_published_silently(tmp_path):
+    """Gemma 3 270M in bf16 showed it: SPP's multipliers within 2^-9 of 1 vanish when cast back. The shipped
+    model is fp16; an update of 1e-9 vanishes the same way, and the manifest says so."""
+    import spp_cli
+
+    spp_cli.prune("builtin:tiny-llama", tmp_path / "pruned", method="magnitude", sparsity=0.5)
+    manifest = spp_cli.finetune(str(tmp_path / "pruned"), tmp_path / "tuned", data="builtin:python-docs", max_steps=1,
+                                lr=1e-9, batch_size=2, micro_batch_size=2, seqlen=32, val_size=0)
+    assert len(manifest["warnings"]) == 1 and "bit-identical to the parent's" in manifest["warnings"][0]
+    assert "float16" in manifest["warnings"][0]
