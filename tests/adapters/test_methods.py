@@ -191,3 +191,39 @@ def test_peft_records_do_not_depend_on_where_the_base_lives(tmp_path):
     assert records[0] == records[1] and "base_model_name_or_path" not in records[0]
     assert records[0]["peft_type"] == "IA3" and records[0]["feedforward_modules"] == sorted(
         n for n in decoder_linears(pruned_tiny_llama()) if n.endswith("down_proj"))
+
+
+@pytest.mark.parametrize("method", ZERO_KEEPING)
+def test_gemma3_sliding_and_global_attention_adapts_and_merges_keeping_every_zero(method):
+    """Gemma3 (random-init, sliding + full attention, GQA, qk-norm): identity at init, merge equals the adapted
+    forward, and no zero revived — the fine-tuning side of the architecture tests."""
+    import transformers
+
+    from pruners.blocks import prunable_linears
+
+    config = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    names = list(prunable_linears(model))
+    with torch.no_grad():
+        for name in names:
+            weight = model.get_submodule(name).weight
+            weight.mul_(weight.abs() > weight.abs().median())  # 50% magnitude zeros
+    before = {name: model.get_submodule(name).weight.detach().clone() for name in names}
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    pruned = logits(model, ids)
+    adapter = adapter_for(method, **({"dropout": 0.0} if "dropout" in REGISTRY[method].options else {}))
+    adapted = adapter.inject(model, names).eval()
+    assert torch.equal(logits(adapted, ids), pruned)
+    perturb_trainable(adapted)
+    if method == "masked-full":
+        adapter.after_optimizer_step(adapted)
+    adapted.eval()
+    unmerged = logits(adapted, ids)
+    merged = adapter.merge(adapted)
+    assert relative_error(logits(merged, ids), unmerged) < 1e-5
+    for name in names:
+        assert int(((before[name] == 0) & (merged.get_submodule(name).weight != 0)).sum()) == 0
