@@ -170,7 +170,7 @@ def prune(options, *, model, out, overwrite, trust_remote_code, allow_pickle, ou
     trailing=[OVERWRITE, *LOADING, FORMAT],
 )
 def finetune(options, *, model_dir, out, overwrite, trust_remote_code, allow_pickle, output_format) -> None:
-    """Fine-tune a pruned model with SPP (or LoRA) and merge: the merged model keeps exactly the same zeros."""
+    """Fine-tune a pruned model (SPP, or another recovery method) and merge; zero-keeping methods keep every zero."""
     from spp_cli.render import render_finetune
     from spp_cli.stages.finetune import finetune as run_finetune
 
@@ -186,13 +186,13 @@ def finetune(options, *, model_dir, out, overwrite, trust_remote_code, allow_pic
 
 @app.command(cls=SppCommand, epilog="Example:\n\n    spp finetune runs/w50 --data d.jsonl --no-merge --out runs/w50-spp && spp merge runs/w50-spp/adapter --out runs/w50-merged")
 def merge(
-    adapter_dir: Annotated[str, typer.Argument(help="An SPP adapter directory (adapter_config.json).")],
+    adapter_dir: Annotated[str, typer.Argument(help="An adapter directory written by finetune --no-merge (adapter_config.json).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory for the merged model.")],
     overwrite: OverwriteOption = False,
     allow_pickle: PickleOption = False,
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
-    """Merge a --no-merge SPP adapter into its base model, with the same zero checks as finetune."""
+    """Merge a --no-merge adapter into its base model, with the same zero checks as finetune."""
     from spp_cli.render import render_finetune
     from spp_cli.stages.merge import merge_adapter
 
