@@ -19,8 +19,6 @@ import dataclasses
 import enum
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from spp_cli.adapters import REGISTRY, Method, resolved_method_options
+from spp_cli.atomic import atomic_dir
 from spp_cli.errors import BadInput
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -112,11 +111,9 @@ class Adapter:
                   "base_zeros_sha256": {name: zeros_sha256(base_weight(modules[name])) for name in targets}}
         state = self.trainable_state(model)
 
-        def write(tmp: Path) -> None:
-            (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            save_file(state, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-
-        atomic_write_dir(Path(adapter_dir), write)
+        with atomic_dir(adapter_dir) as staging:
+            (staging / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            save_file(state, str(staging / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
     def load(cls, model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[Adapter, nn.Module]:
@@ -210,24 +207,6 @@ def default_targets(model: nn.Module, manifest: dict | None) -> list[str]:
         raise BadInput("nothing to preserve: the model has no zero weights in its decoder linears; "
                        "prune first, or use --method lora")
     return targets
-
-
-def atomic_write_dir(target: Path, write) -> None:
-    """Run write(tmp_dir) in a temp dir next to `target`, then move it into place (old one removed after)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "dir")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:

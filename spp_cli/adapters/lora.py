@@ -20,12 +20,12 @@ from spp_cli.adapters.base import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     Adapter,
-    atomic_write_dir,
     base_weight,
     check_base_zeros,
     json_safe,
     read_adapter_config,
 )
+from spp_cli.atomic import atomic_dir
 from spp_cli.errors import BadInput
 
 
@@ -61,15 +61,13 @@ class PeftAdapter(Adapter):
         zeros = {name: zeros_sha256(base_weight(modules[name])) for name in self.config.target_modules}
         model.peft_config["default"].base_model_name_or_path = base_path
 
-        def write(tmp: Path) -> None:
-            model.save_pretrained(str(tmp))
-            config_path = tmp / ADAPTER_CONFIG_NAME
+        with atomic_dir(adapter_dir) as staging:
+            model.save_pretrained(str(staging))
+            config_path = staging / ADAPTER_CONFIG_NAME
             config = json.loads(config_path.read_text())
             # extra keys: PEFT ignores them on load (with a warning); spp's load reads them to refuse a wrong base
             config.update(base_manifest_sha256=base_manifest_sha256, base_zeros_sha256=zeros)
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-        atomic_write_dir(Path(adapter_dir), write)
 
     @classmethod
     def load(cls, model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[Adapter, nn.Module]:

@@ -16,11 +16,11 @@ from torch import nn
 from spp_cli.adapters.base import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
-    atomic_write_dir,
     resolve_targets,
 )
 from spp_cli.adapters.base import read_adapter_config as read_any_adapter_config
 from spp_cli.adapters.spp import SPPConfig, SPPLinear, inject_spp, spp_layers
+from spp_cli.atomic import atomic_dir
 from spp_cli.errors import BadInput
 
 
@@ -35,7 +35,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, config: SPPConfig, *, base_path: str,
                      base_manifest_sha256: str | None) -> None:
-    """Write adapter_dir/{adapter_config.json, adapter_model.safetensors} atomically (temp dir + rename).
+    """Write adapter_dir/{adapter_config.json, adapter_model.safetensors} atomically (spp_cli/atomic.py).
 
     The config records the base's manifest sha and the zeros_sha256 of every target, so a load onto a base
     with another mask is refused. Call on rank 0 with the full (unwrapped) model.
@@ -62,11 +62,9 @@ def save_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, config: S
     }
     state = adapter_state_dict(model)
 
-    def write(tmp: Path) -> None:
-        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
-        save_file(state, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-
-    atomic_write_dir(Path(adapter_dir), write)
+    with atomic_dir(adapter_dir) as staging:
+        (staging / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
+        save_file(state, str(staging / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
