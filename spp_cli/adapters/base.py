@@ -147,6 +147,19 @@ class Adapter:
 # ---- helpers shared by the adapters ----
 
 
+class WrappedLinear(nn.Module):
+    """A layer around a frozen `self.base` nn.Linear (SPP, masked LoRA). Some model code reads `module.weight` /
+    `.bias` (dtype checks, tied weights): it gets the base's."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+
 def base_weight(module: nn.Module) -> torch.Tensor:
     """The frozen weight of a (possibly wrapped) linear: SPP/PEFT layers expose their base layer."""
     for attribute in ("base", "base_layer"):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spp_cli.adapters.base import Adapter, resolve_targets, set_submodule
+from spp_cli.adapters.base import Adapter, WrappedLinear, resolve_targets, set_submodule
 
 
 @dataclass
@@ -38,7 +38,7 @@ class MaskedLoRAConfig:
         return self.lora_alpha / self.r
 
 
-class MaskedLoRALinear(nn.Module):
+class MaskedLoRALinear(WrappedLinear):
     """A frozen (pruned) nn.Linear plus a masked low-rank branch: lora_A (r, in), lora_B (out, r), fp32."""
 
     def __init__(self, base: nn.Linear, config: MaskedLoRAConfig):
@@ -54,14 +54,6 @@ class MaskedLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         # not saved with the model: it is the base weight's own support, rebuilt on every inject
         self.register_buffer("support", base.weight.detach() != 0, persistent=False)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def delta(self) -> torch.Tensor:
         """(B A) ⊙ 1[W ≠ 0], fp32, (out, in)."""

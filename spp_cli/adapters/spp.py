@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spp_cli.adapters.base import Adapter, resolve_targets, set_submodule
+from spp_cli.adapters.base import Adapter, WrappedLinear, resolve_targets, set_submodule
 from spp_cli.errors import BadInput
 from spp_cli.vocabulary import SPP_FORWARDS
 
@@ -200,7 +200,7 @@ class _FusedLinear(torch.autograd.Function):
 # ---- the layer ----
 
 
-class SPPLinear(nn.Module):
+class SPPLinear(WrappedLinear):
     """A frozen (pruned) nn.Linear plus the SPP branch: spp_alpha (G, in), spp_beta (out,), both fp32.
 
     The base module is kept as `self.base` (its weight is never modified until `merge`).
@@ -226,15 +226,6 @@ class SPPLinear(nn.Module):
         self.spp_alpha = nn.Parameter(torch.empty(config.groups, in_features, dtype=torch.float32, device=device))
         self.spp_beta = nn.Parameter(torch.zeros(out_features, dtype=torch.float32, device=device))
         nn.init.kaiming_uniform_(self.spp_alpha, a=math.sqrt(5))  # U(-1/sqrt(in), 1/sqrt(in))
-
-    # Some model code reads `module.weight` / `.bias` (dtype checks, tied weights): answer with the base's.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     @property
     def in_features(self) -> int:
