@@ -80,6 +80,9 @@ class RouterLinear(nn.Module):
     def register_forward_hook(self, hook, **kwargs):  # the router's input is the linear's input
         return self.router.register_forward_hook(hook, **kwargs)
 
+    def register_forward_pre_hook(self, hook, **kwargs):
+        return self.router.register_forward_pre_hook(hook, **kwargs)
+
 
 def is_fused_experts(module: nn.Module) -> bool:
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)

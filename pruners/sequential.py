@@ -4,8 +4,10 @@
 2. Capture what the model feeds every block, once per calibration batch: the hidden states entering block 0 and
    every keyword argument, per block (`capture_block_inputs`, pruners/blocks.py; no cache object is kept).
 3. For each block: move it to `device`; hook its target linears; run every calibration batch through the dense
-   block (statistics; its outputs are kept as the reference for the reconstruction error); prune; run the
-   batches again through the pruned block to make the next block's inputs; move it back; report.
+   block for statistics (a batch stops at the last linear's input, except the first ERROR_WINDOWS windows, whose
+   dense outputs are the reference for the reported reconstruction error); prune; run the batches again through
+   the pruned block to make the next block's inputs (after the last pruned block, only the error windows: no
+   block reads its outputs); move it back; report.
    With true_sequential, the block's linears are split into groups that consume the same input tensor, in the
    order they run ([q,k,v] -> [o] -> [gate,up] -> [down]), and statistics are recollected after each group.
 Linears fed the very same input tensor share one set of statistics (q, k and v share one Hessian).
@@ -40,6 +42,10 @@ from pruners.masks import SparsityPattern
 from pruners.reports import BlockReport, LayerReport
 from pruners.streaming import BlockStore
 
+ERROR_WINDOWS = 8  # the block reconstruction error is measured on the first 8 calibration windows: it is a report,
+# not an input to pruning, and running every window through the whole dense block only for it cost a sixth of the
+# forward work (spec/pruners.md's references report no such error at all)
+
 __all__ = [
     "BlockReport",
     "LayerReport",
@@ -56,10 +62,13 @@ __all__ = [
 
 
 class _LinearObserver:
-    """Forward hooks on a block's target linears: feed `add_batch`, record call order and shared inputs.
+    """Forward pre-hooks on a block's target linears: feed `add_batch`, record call order and shared inputs.
 
     Linears called one after another on the very same input tensor form a group and share the first one's
     statistics (`owner`). Groups are numbered in call order; only owners in an `active` group collect.
+    The hooks run before their linear, so a pass can end (StopForward) without computing it: `stop_after` ends
+    every pass at that linear; after `stop_when_complete()`, a pass ends as soon as every linear has had its input,
+    which skips the rest of the block (the last linear, the residual) when only statistics are wanted.
     """
 
     def __init__(self, linears: dict[str, nn.Linear], make_pruner: Callable[[str], Any],
@@ -73,10 +82,14 @@ class _LinearObserver:
         self._groups = 0
         self._last_input: torch.Tensor | None = None
         self._last_owner: str | None = None
-        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in linears.items()]
+        self._expected = len(linears)
+        self._called: dict[str, int] = {}  # calls per linear in the current pass
+        self._each_once = True  # every finished pass called every linear exactly once
+        self._stop_when_complete = False
+        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in linears.items()]
 
     def _hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, args: tuple) -> None:
             inp = args[0]
             shared = inp is self._last_input
             owner = self._last_owner if shared else name
@@ -91,15 +104,26 @@ class _LinearObserver:
                 if name not in self.pruners:
                     self.pruners[name] = self.make_pruner(name)
                 self.pruners[name].add_batch(inp)
-            if name == self.stop_after:
+            self._called[name] = self._called.get(name, 0) + 1
+            if name == self.stop_after or (self._stop_when_complete and len(self._called) == self._expected):
                 raise StopForward
         return hook
+
+    def stop_when_complete(self) -> None:
+        """From the next pass on, end each pass once every linear has seen its input -- but only if every pass so
+        far called each linear exactly once (a linear called twice, or an expert no token was routed to, would
+        otherwise lose statistics or never complete)."""
+        self._stop_when_complete = self._each_once
 
     def _new_group(self) -> int:
         self._groups += 1
         return self._groups - 1
 
     def end_batch(self) -> None:
+        if not self._stop_when_complete:
+            self._each_once = (self._each_once and len(self._called) == self._expected
+                               and all(count == 1 for count in self._called.values()))
+        self._called.clear()
         self._last_input = self._last_owner = None
 
     def groups(self) -> list[list[str]]:
@@ -260,12 +284,14 @@ def _batches(calibration_ids: torch.Tensor, batch_size: int) -> list[slice]:
     return [slice(s, min(s + batch_size, nsamples)) for s in range(0, nsamples, batch_size)]
 
 
-def _block_reporter(on_block, patterns, outlier_ratios) -> Callable[[int, float, float], None]:
-    """report(index, seconds, error) -> on_block(BlockReport) with the block's sparsity and OWL outlier ratio."""
+def _block_reporter(on_block, patterns, outlier_ratios) -> Callable[..., None]:
+    """report(index, seconds, error, error_windows) -> on_block(BlockReport), with the block's sparsity and OWL
+    outlier ratio."""
 
-    def report(index: int, seconds: float, error: float) -> None:
+    def report(index: int, seconds: float, error: float, error_windows: int | None = None) -> None:
         if on_block is not None:
-            on_block(BlockReport(index, seconds, error, patterns[index].sparsity, outlier_ratios[index], len(patterns)))
+            on_block(BlockReport(index, seconds, error, patterns[index].sparsity, outlier_ratios[index], len(patterns),
+                                 error_windows))
 
     return report
 
@@ -320,9 +346,10 @@ def _prune_with_data(model, blocks, per_block, make_pruner, patterns, device, ca
                                     _storage_chooser(device, blocks, per_block))
     inputs, outputs = captured.hidden, torch.empty_like(captured.hidden)
     first = store.first_block if store is not None else 0
-    if first > 0:  # resuming: the capture still gave every block's keyword arguments; the hidden states are saved
-        inputs.copy_(store.resume_inputs())
     last_pruned = max(i for i, linears in enumerate(per_block) if linears)
+    if 0 < first <= last_pruned:  # resuming: the capture still gave every block's keyword arguments; the hidden
+        # states entering `first` are saved
+        inputs.copy_(store.resume_inputs())
     reports: list[LayerReport] = []
     for index in range(first, last_pruned + 1):
         start = time.perf_counter()
@@ -333,7 +360,8 @@ def _prune_with_data(model, blocks, per_block, make_pruner, patterns, device, ca
         block_reports: list[LayerReport] = []
         if per_block[index]:
             block_reports, error = _prune_block(block, per_block[index], make_pruner, patterns[index], inputs,
-                                                outputs, calls, batches, device, true_sequential)
+                                                outputs, calls, batches, device, true_sequential,
+                                                next_inputs_needed=index < last_pruned)
             reports += block_reports
         else:  # nothing to prune here: just make the next block's inputs
             for batch, out in block_outputs(block, inputs, calls, batches, device):
@@ -341,22 +369,38 @@ def _prune_with_data(model, blocks, per_block, make_pruner, patterns, device, ca
             error = 0.0
         _onload(block, home)
         inputs, outputs = outputs, inputs
-        if store is not None:
-            store.block_done(index, block, block_reports, inputs)
+        if store is not None:  # after the last pruned block there is nothing left to resume
+            store.block_done(index, block, block_reports, inputs if index < last_pruned else None)
         if per_block[index]:
-            report_block(index, time.perf_counter() - start, error)
+            report_block(index, time.perf_counter() - start, error, batches[_error_batches(batches) - 1].stop)
     return reports
 
 
-def _prune_block(block, linears, make_pruner, pattern, inputs, outputs, calls, batches, device, true_sequential
-                 ) -> tuple[list[LayerReport], float]:
-    """Prune one block (already on `device`); leave its pruned outputs in `outputs`; return reports and error."""
-    # dense pass: statistics (of the first group only, when true_sequential) and the dense outputs
+def _error_batches(batches: list[slice]) -> int:
+    """How many leading batches the reconstruction error is measured on: those holding the first ERROR_WINDOWS."""
+    return sum(1 for batch in batches if batch.start < ERROR_WINDOWS)
+
+
+def _prune_block(block, linears, make_pruner, pattern, inputs, outputs, calls, batches, device, true_sequential,
+                 next_inputs_needed: bool = True) -> tuple[list[LayerReport], float]:
+    """Prune one block (already on `device`); leave its pruned outputs in `outputs`; return reports and error.
+
+    The error batches (`_error_batches`) run through the whole dense block, so their dense outputs can be compared
+    with the pruned ones; every other batch is needed for statistics only and stops at the last linear's input.
+    With next_inputs_needed False (the last pruned block: nothing reads its outputs) only the error batches run
+    through the pruned block, and `outputs` holds pruned outputs for those windows only.
+    """
+    measured = _error_batches(batches)
+    # dense pass: statistics (of the first group only, when true_sequential) and the error batches' dense outputs
     first_group_only = (lambda group: group == 0) if true_sequential else (lambda group: True)
     observer = _LinearObserver(linears, make_pruner, active=first_group_only)
     try:
-        for batch, out in block_outputs(block, inputs, calls, batches, device, observer.end_batch):
+        for batch, out in block_outputs(block, inputs, calls[:measured], batches[:measured], device,
+                                        observer.end_batch):
             outputs[batch].copy_(out)
+        observer.stop_when_complete()
+        for _ in block_outputs(block, inputs, calls[measured:], batches[measured:], device, observer.end_batch):
+            pass  # reached only when the pass could not stop early
     finally:
         observer.remove()
     groups = observer.groups()
@@ -382,9 +426,11 @@ def _prune_block(block, linears, make_pruner, pattern, inputs, outputs, calls, b
 
     # pruned pass: next block's inputs, and the relative reconstruction error against the dense outputs
     squared_error, squared_norm = 0.0, 0.0
-    for batch, out in block_outputs(block, inputs, calls, batches, device):
-        dense = outputs[batch].to(out.device).float()
-        squared_error += float((out.float() - dense).square().sum())
-        squared_norm += float(dense.square().sum())
+    run = len(batches) if next_inputs_needed else measured
+    for index, (batch, out) in enumerate(block_outputs(block, inputs, calls[:run], batches[:run], device)):
+        if index < measured:
+            dense = outputs[batch].to(out.device).float()
+            squared_error += float((out.float() - dense).square().sum())
+            squared_norm += float(dense.square().sum())
         outputs[batch].copy_(out)
     return reports, squared_error / squared_norm if squared_norm > 0 else 0.0

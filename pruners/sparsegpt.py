@@ -16,6 +16,7 @@ lazily -- the same arithmetic as the reference, regrouped, so results agree to f
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -74,14 +75,34 @@ def inverse_cholesky_upper(hessian: torch.Tensor, percdamp: float = PERCDAMP, re
     )
 
 
-def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, pattern: SparsityPattern, *,
+@dataclass
+class HessianFactor:
+    """What the solve needs from a Hessian, computed once for every linear that shares it (q, k and v)."""
+
+    upper: torch.Tensor  # (cols, cols) U with U^T U = (H + damp*I)^-1, H with dead diagonal entries set to 1
+    damping: float  # the damping fraction used
+    dead: torch.Tensor  # bool (cols,): inputs that were always zero (H_jj = 0); their weights are zeroed
+
+
+def factor_hessian(hessian: torch.Tensor, percdamp: float = PERCDAMP, retries: int = DAMPING_RETRIES
+                   ) -> HessianFactor:
+    """The reference's preparation of H (cols, cols) fp32, which is not modified: dead inputs, damping, U."""
+    hessian = hessian.to(torch.float32, copy=True)
+    dead = torch.diagonal(hessian) == 0
+    torch.diagonal(hessian)[dead] = 1
+    upper, damping = inverse_cholesky_upper(hessian, percdamp, retries)
+    return HessianFactor(upper, damping, dead)
+
+
+def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor | None, pattern: SparsityPattern, *,
                            blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
-                           retries: int = DAMPING_RETRIES, fixed_mask: torch.Tensor | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor, float]:
+                           retries: int = DAMPING_RETRIES, fixed_mask: torch.Tensor | None = None,
+                           factor: HessianFactor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Prune `weight` (rows, cols) given the Hessian of its inputs (cols, cols); neither argument is modified.
 
     fixed_mask: bool (rows, cols), True = prune: use this mask instead of choosing one (the OBS update of the
     kept weights is the same); `pattern` then only sets the block size.
+    factor: `factor_hessian(hessian, percdamp, retries)` when already computed (then `hessian` may be None).
 
     Returns (new weight (rows, cols) fp32 with exact zeros, per-row OBS loss (rows,), damping fraction used).
     N:M groups are aligned to absolute columns; for an M that does not divide 128 the block size is rounded down
@@ -96,12 +117,10 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, pattern:
 
     # W^T in fp32: row j holds input column j of W for every output row
     weight_t = torch.empty((cols, rows), dtype=torch.float32, device=weight.device).copy_(weight.t())
-    hessian = hessian.to(torch.float32, copy=True)
-    dead = torch.diagonal(hessian) == 0
-    torch.diagonal(hessian)[dead] = 1
-    weight_t[dead] = 0
-    upper, damping = inverse_cholesky_upper(hessian, percdamp, retries)
-    del hessian
+    if factor is None:
+        factor = factor_hessian(hessian, percdamp, retries)
+    weight_t[factor.dead] = 0
+    upper, damping = factor.upper, factor.damping
     upper_diag = torch.diagonal(upper)
 
     losses = torch.zeros(rows, dtype=torch.float32, device=weight.device)
@@ -151,6 +170,7 @@ class SparseGPTPruner:
         self.percdamp = percdamp
         self.hessian: torch.Tensor | None = None  # (in, in) fp32, allocated by the first add_batch
         self.nsamples = 0
+        self.factor: dict[str, HessianFactor] = {}  # {"factor": ...} once computed; shared with share_statistics
 
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor) -> None:
@@ -161,7 +181,7 @@ class SparseGPTPruner:
 
     def share_statistics(self, other: SparseGPTPruner) -> None:
         """Use `other`'s Hessian (a linear fed the very same input tensor, e.g. k_proj beside q_proj)."""
-        self.hessian, self.nsamples = other.hessian, other.nsamples
+        self.hessian, self.nsamples, self.factor = other.hessian, other.nsamples, other.factor
 
     @torch.no_grad()
     def prune(self, pattern: SparsityPattern) -> LayerReport:
@@ -172,11 +192,13 @@ class SparseGPTPruner:
             raise RuntimeError(f"sparsegpt: no calibration input reached {self.name}")
         start = time.perf_counter()
         try:
+            if "factor" not in self.factor:  # the first linear of those sharing this Hessian to be pruned
+                self.factor["factor"] = factor_hessian(self.hessian, self.percdamp)
             new_weight, losses, damping = sparsegpt_prune_weight(
-                weight, self.hessian, pattern, blocksize=self.blocksize, percdamp=self.percdamp
+                weight, None, pattern, blocksize=self.blocksize, factor=self.factor["factor"]
             )
         except CholeskyError as error:
             raise CholeskyError(f"{self.name}: {error}; use more calibration samples or --ignore it") from None
         weight.copy_(new_weight)
-        self.hessian = None
+        self.hessian = self.factor = None
         return layer_report(self.name, weight, time.perf_counter() - start, float(losses.sum()), damping)

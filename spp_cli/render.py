@@ -13,7 +13,9 @@ def block_progress(console):
         position = f"{report.index + 1}/{total}" if total else f"{report.index + 1}"
         error = report.reconstruction_error
         measured = error is not None and not math.isnan(error)
-        error_text = f"{error:.4g}" if measured else "n/a (no calibration)"
+        windows = getattr(report, "error_windows", None)
+        error_text = (f"{error:.4g}" + (f" (first {windows} windows)" if windows else "")) if measured else (
+            "n/a (no calibration)")
         owl = "" if report.outlier_ratio is None else (
             f", OWL sparsity {report.sparsity:.4f} (outlier ratio {report.outlier_ratio:.2f}%)")
         console.print(

@@ -247,6 +247,52 @@ def test_whole_model_sparsegpt_equals_reference_on_pruned_prefix():
     assert all(r.damping == 0.01 and r.error > 0 for r in reports)
 
 
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_statistics_passes_stop_early_and_change_nothing(batch_size):
+    """More windows than ERROR_WINDOWS: the other windows' dense passes stop at down_proj's input and the last
+    block's pruned pass runs the error windows only -- and the masks still equal the by-hand formulas."""
+    from pruners.sequential import ERROR_WINDOWS
+
+    nsamples = 12
+    ids = calibration(nsamples=nsamples)
+    model, reference = tiny_model(), tiny_model()
+    prefix, blocks = find_decoder_blocks(model)
+    down_runs = [0] * len(blocks)  # executions of each block's down_proj (a forward hook fires only after it ran)
+    hooks = [block.mlp.down_proj.register_forward_hook(
+        lambda module, args, out, index=index: down_runs.__setitem__(index, down_runs[index] + args[0].shape[0]))
+        for index, block in enumerate(blocks)]
+    blocks_seen = []
+    prune_model(model, ids, "wanda", parse_pattern("unstructured", 0.5), batch_size=batch_size,
+                on_block=blocks_seen.append)
+    for hook in hooks:
+        hook.remove()
+    measured = 10 if batch_size == 5 else ERROR_WINDOWS  # whole batches: [0:5] and [5:10] start below 8
+    assert down_runs == [measured + nsamples, measured + measured]  # dense (error windows) + pruned pass
+    assert [b.error_windows for b in blocks_seen] == [measured, measured]
+    sequentially_by_hand(reference, ids, lambda w, x: w.masked_fill(torch.from_numpy(wanda_formula(w, x, 0.5)), 0))
+    for name, lin in prunable_linears(reference).items():
+        assert torch.equal(prunable_linears(model)[name].weight == 0, lin.weight == 0), name
+
+
+def test_sparsegpt_with_more_windows_than_the_error_measures_equals_reference():
+    """12 windows: the early-stopping statistics pass and the one factorisation per shared Hessian (q, k, v;
+    gate, up) give the reference's masks and weights."""
+    reference_fasterprune = _layer_tests().reference_fasterprune
+    ids = calibration(nsamples=12)
+    model, reference = tiny_model(), tiny_model()
+    prune_model(model, ids, "sparsegpt", parse_pattern("unstructured", 0.5))
+
+    def solve(weight, inputs):
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        return reference_fasterprune(weight, 2 / inputs.shape[0] * x.t() @ x, 0.5)[0]
+
+    sequentially_by_hand(reference, ids, solve)
+    for name, lin in prunable_linears(reference).items():
+        mine = prunable_linears(model)[name].weight.detach()
+        assert torch.equal(mine == 0, lin.weight == 0), name
+        assert float((mine - lin.weight.detach()).abs().max()) <= 1e-4 * float(lin.weight.detach().abs().max()), name
+
+
 def test_true_sequential_changes_sparsegpt_weights():
     ids = calibration()
     default, true_sequential = tiny_model(), tiny_model()
