@@ -213,13 +213,53 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calibration_id
 # replaying a block
 
 
+def _same_call(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
+    """Whether two captured calls pass the very same values (the capture interns equal tensors to one object)."""
+
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return x is y
+        if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+            return type(x) is type(y) and len(x) == len(y) and all(same(i, j) for i, j in zip(x, y, strict=True))
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        return type(x) is type(y) and x == y
+
+    return same(a, b)
+
+
+def forward_chunks(calls: list[tuple[tuple, dict]], batches: list[slice], chunk_windows: int
+                   ) -> list[tuple[int, int]]:
+    """(first, stop) batch indices of each forward: runs of consecutive one-window batches with the very same
+    keyword arguments, at most `chunk_windows` long; every batch alone when chunk_windows is 1 or batches hold
+    more than one window (their captured masks have that batch size)."""
+    if chunk_windows <= 1 or any(batch.stop - batch.start != 1 for batch in batches):
+        return [(i, i + 1) for i in range(len(batches))]
+    chunks, first = [], 0
+    for index in range(1, len(batches) + 1):
+        if (index == len(batches) or index - first == chunk_windows
+                or not _same_call(calls[index], calls[first])):
+            chunks.append((first, index))
+            first = index
+    return chunks
+
+
 def block_outputs(block: nn.Module, inputs: torch.Tensor, calls: list[tuple[tuple, dict]], batches: list[slice],
-                   device: torch.device, after_batch: Callable[[], None] | None = None
-                   ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Yield (batch slice, block output on `device`) for every batch; a batch stopped by a hook yields nothing."""
-    for batch, (args, kwargs) in zip(batches, calls, strict=True):
+                   device: torch.device, after_batch: Callable[[], None] | None = None, chunk_windows: int = 1,
+                   before_forward: Callable[[int], None] | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield (batch slice, block output on `device`) for every batch; a batch stopped by a hook yields nothing.
+
+    chunk_windows > 1 runs up to that many one-window batches as one forward (`forward_chunks`) and yields its
+    output per batch; `before_forward(windows)` is told how many windows each forward holds, `after_batch()` is
+    called after each forward.
+    """
+    for first, stop in forward_chunks(calls, batches, chunk_windows):
+        args, kwargs = calls[first]
+        rows = slice(batches[first].start, batches[stop - 1].stop)
+        if before_forward is not None:
+            before_forward(rows.stop - rows.start)
         try:
-            out = block(inputs[batch].to(device), *args, **kwargs)
+            out = block(inputs[rows].to(device), *args, **kwargs)
         except StopForward:
             out = None
         finally:
@@ -227,4 +267,7 @@ def block_outputs(block: nn.Module, inputs: torch.Tensor, calls: list[tuple[tupl
                 after_batch()
         if out is None:
             continue
-        yield batch, out[0] if isinstance(out, (tuple, list)) else out  # transformers < 5 return a tuple
+        out = out[0] if isinstance(out, (tuple, list)) else out  # transformers < 5 return a tuple
+        for index in range(first, stop):
+            batch = batches[index]
+            yield batch, out[batch.start - rows.start:batch.stop - rows.start]

@@ -42,6 +42,8 @@ from pruners.masks import SparsityPattern
 from pruners.reports import BlockReport, LayerReport
 from pruners.streaming import BlockStore
 
+CHUNK_TOKENS = 8192  # calibration windows run through a block several at a time, up to this many tokens a forward:
+# one-window forwards leave most of a CPU's (or GPU's) matrix units idle; the statistics stay per window
 ERROR_WINDOWS = 8  # the block reconstruction error is measured on the first 8 calibration windows: it is a report,
 # not an input to pruning, and running every window through the whole dense block only for it cost a sixth of the
 # forward work (spec/pruners.md's references report no such error at all)
@@ -59,6 +61,14 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------------------------
 # observing a block's linears
+
+
+def _per_window(inp: torch.Tensor, windows: int) -> tuple[torch.Tensor, ...]:
+    """A linear's input for a forward of `windows` windows, (windows, T, c) or flattened (windows*T, c), as one
+    (1, T, c) tensor per window."""
+    if windows == 1:
+        return (inp,)
+    return inp.reshape(windows, -1, inp.shape[-1]).split(1)
 
 
 class _LinearObserver:
@@ -86,7 +96,11 @@ class _LinearObserver:
         self._called: dict[str, int] = {}  # calls per linear in the current pass
         self._each_once = True  # every finished pass called every linear exactly once
         self._stop_when_complete = False
+        self._windows = 1  # calibration windows in the current forward (block_outputs' chunks)
         self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in linears.items()]
+
+    def before_forward(self, windows: int) -> None:
+        self._windows = windows
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -103,7 +117,8 @@ class _LinearObserver:
             if owner == name and self.active(self.group[name]):
                 if name not in self.pruners:
                     self.pruners[name] = self.make_pruner(name)
-                self.pruners[name].add_batch(inp)
+                for window in _per_window(inp, self._windows):  # the statistics' order stays one window a time
+                    self.pruners[name].add_batch(window)
             self._called[name] = self._called.get(name, 0) + 1
             if name == self.stop_after or (self._stop_when_complete and len(self._called) == self._expected):
                 raise StopForward
@@ -381,6 +396,47 @@ def _error_batches(batches: list[slice]) -> int:
     return sum(1 for batch in batches if batch.start < ERROR_WINDOWS)
 
 
+def _chunk_windows(linears: dict[str, nn.Linear], batches: list[slice], seqlen: int) -> int:
+    """Windows per forward: up to CHUNK_TOKENS tokens; 1 for batches of several windows (their captured masks have
+    that batch size) and for routed experts (their inputs are the routed tokens of every window of the forward at
+    once, so the per-window statistics order would be lost)."""
+    if (any(isinstance(linear, experts.ExpertLinear) for linear in linears.values())
+            or any(batch.stop - batch.start != 1 for batch in batches)):
+        return 1
+    return max(1, CHUNK_TOKENS // seqlen)
+
+
+def _dense_pass(block, linears, make_pruner, active, inputs, outputs, calls, batches, device, measured, chunk
+                ) -> tuple[_LinearObserver, int]:
+    """Statistics of every batch, and the error batches' dense outputs into `outputs`; return the observer (its
+    hooks removed) and the chunk size the pruned pass may use.
+
+    With chunk > 1, the first window also runs alone; if the chunked forward does not reproduce it bit for bit
+    (another backend, another kernel for another row count), the pass starts again one window a time and 1 is
+    returned, so the statistics are always those of one-window forwards.
+    """
+    alone = None
+    if chunk > 1:
+        alone = next(block_outputs(block, inputs, calls[:1], batches[:1], device))[1].clone()
+    observer = _LinearObserver(linears, make_pruner, active=active)
+    try:
+        for index, (batch, out) in enumerate(block_outputs(block, inputs, calls[:measured], batches[:measured],
+                                                           device, observer.end_batch, chunk,
+                                                           observer.before_forward)):
+            if index == 0 and alone is not None and not torch.equal(out, alone):
+                break
+            outputs[batch].copy_(out)
+        else:
+            observer.stop_when_complete()
+            for _ in block_outputs(block, inputs, calls[measured:], batches[measured:], device, observer.end_batch,
+                                   chunk, observer.before_forward):
+                pass  # reached only when the pass could not stop early
+            return observer, chunk
+    finally:
+        observer.remove()
+    return _dense_pass(block, linears, make_pruner, active, inputs, outputs, calls, batches, device, measured, 1)
+
+
 def _prune_block(block, linears, make_pruner, pattern, inputs, outputs, calls, batches, device, true_sequential,
                  next_inputs_needed: bool = True) -> tuple[list[LayerReport], float]:
     """Prune one block (already on `device`); leave its pruned outputs in `outputs`; return reports and error.
@@ -389,20 +445,14 @@ def _prune_block(block, linears, make_pruner, pattern, inputs, outputs, calls, b
     with the pruned ones; every other batch is needed for statistics only and stops at the last linear's input.
     With next_inputs_needed False (the last pruned block: nothing reads its outputs) only the error batches run
     through the pruned block, and `outputs` holds pruned outputs for those windows only.
+    Forwards run several one-window batches at once (`_chunk_windows`, checked by `_dense_pass`); statistics are
+    still accumulated one window at a time, in order.
     """
     measured = _error_batches(batches)
     # dense pass: statistics (of the first group only, when true_sequential) and the error batches' dense outputs
     first_group_only = (lambda group: group == 0) if true_sequential else (lambda group: True)
-    observer = _LinearObserver(linears, make_pruner, active=first_group_only)
-    try:
-        for batch, out in block_outputs(block, inputs, calls[:measured], batches[:measured], device,
-                                        observer.end_batch):
-            outputs[batch].copy_(out)
-        observer.stop_when_complete()
-        for _ in block_outputs(block, inputs, calls[measured:], batches[measured:], device, observer.end_batch):
-            pass  # reached only when the pass could not stop early
-    finally:
-        observer.remove()
+    observer, chunk = _dense_pass(block, linears, make_pruner, first_group_only, inputs, outputs, calls, batches,
+                                  device, measured, _chunk_windows(linears, batches, inputs.shape[1]))
     groups = observer.groups()
     never_called = [name for name in linears if name not in observer.owner]
     unrouted = [name for name in never_called if isinstance(linears[name], experts.ExpertLinear)]  # no tokens:
@@ -417,7 +467,8 @@ def _prune_block(block, linears, make_pruner, pattern, inputs, outputs, calls, b
         for group in groups[1:]:  # statistics again, from the block whose earlier groups are pruned
             partial = _LinearObserver({name: linears[name] for name in group}, make_pruner, stop_after=group[-1])
             try:
-                for _ in block_outputs(block, inputs, calls, batches, device, partial.end_batch):
+                for _ in block_outputs(block, inputs, calls, batches, device, partial.end_batch, chunk,
+                                       partial.before_forward):
                     pass
             finally:
                 partial.remove()
@@ -427,7 +478,8 @@ def _prune_block(block, linears, make_pruner, pattern, inputs, outputs, calls, b
     # pruned pass: next block's inputs, and the relative reconstruction error against the dense outputs
     squared_error, squared_norm = 0.0, 0.0
     run = len(batches) if next_inputs_needed else measured
-    for index, (batch, out) in enumerate(block_outputs(block, inputs, calls[:run], batches[:run], device)):
+    for index, (batch, out) in enumerate(block_outputs(block, inputs, calls[:run], batches[:run], device,
+                                                       chunk_windows=chunk)):
         if index < measured:
             dense = outputs[batch].to(out.device).float()
             squared_error += float((out.float() - dense).square().sum())

@@ -17,11 +17,12 @@ tokenizer, windows come from spp_cli.data.sources.calibration_windows.
 
 --peer llmcompressor runs the same pruning through spp and through llm-compressor (scripts/bench_peer_llmcompressor.py,
 in its own virtual environment, created on first use at .bench-venvs/llmcompressor: torch==2.13.0 first, then
-llmcompressor==0.14.0.1, which pins transformers 5.15-5.17). Both tools get the same model directory (the shipped tiny
-model, snapshotted, and a random-init hidden-1024 LLaMA saved once as safetensors), the same calibration windows
-(drawn once with data.sources.calibration_windows from --calib with the tiny model's tokenizer, handed to both as
-input_ids), the same method, sparsity, pattern, seqlen and thread count. Runs alternate spp, peer, spp, peer, ...,
-each in a fresh subprocess, and each reports:
+llmcompressor==0.14.0.1, which pins transformers 5.15-5.17). Both tools get the same model directory (--peer-models:
+the shipped tiny model, snapshotted; random-init LLaMAs saved once as safetensors, hidden 1024 fp32 and hidden 256 GQA
+fp16; any LABEL=DIR), the same calibration windows (drawn once with data.sources.calibration_windows from --calib
+with the tiny model's tokenizer, or a LABEL=DIR model's own, handed to both as input_ids), the same method, sparsity,
+pattern, seqlen and thread count. Runs alternate spp, peer, spp, peer, ... (with --baseline-checkout DIR, the spp of
+that checkout too, whose pruned weights must be bit-identical), each in a fresh subprocess, and each reports:
   process_seconds   from the driver's spawn of the child to the child holding the pruned model in memory with its
                     decoder linears written to a safetensors file: interpreter start, imports, model load
                     (from_pretrained, dtype auto), reading the calibration windows, pruning, that save. Interpreter
@@ -37,6 +38,9 @@ linear of both tools, compares their masks, and (tiny model) computes the WikiTe
 in this venv with spp_cli.eval.perplexity.token_perplexity at the calibration seqlen on the same stream.
 
   .venv/bin/python scripts/bench_prune.py --peer llmcompressor --threads 2 --out bench_out/prune_peer.json
+  git worktree add --detach /tmp/spp-before f4c4aee   # spp before the calibration-pass changes
+  .venv/bin/python scripts/bench_prune.py --peer llmcompressor --peer-models random-llama-h256-gqa-b4,\
+      random-llama-h1024-b8,gemma3-270m=$HOME/.cache/spp-real-models/gemma3-270m-hf --baseline-checkout /tmp/spp-before
 
 --memory runs the prune stage (streaming on, then off) on random-init hidden-1024 LLaMAs of 4, 16 and 32 blocks
 saved to disk, one subprocess each, and reports their peak RSS against depth (scripts/bench_prune_memory.py):
@@ -62,10 +66,12 @@ from pathlib import Path
 STARTED = time.time()  # a worker's process start (this module imports only the standard library)
 REPO = Path(__file__).resolve().parent.parent
 RANDOM_LLAMA = "random-llama-h1024-b8"
+RANDOM_GQA = "random-llama-h256-gqa-b4"
 TINY = "builtin:tiny-llama"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PEER_METHODS = ("wanda", "sparsegpt")  # what llm-compressor has (its magnitude modifier is a schedule, not one-shot)
 PEER_SCRIPT = REPO / "scripts" / "bench_peer_llmcompressor.py"
+SCRIPT_NAME = "bench_prune.py"
 PEER_REQUIREMENTS = ("torch==2.13.0", "llmcompressor==0.14.0.1")  # installed in this order, one pip call each
 SHARED_DATA = REPO.parent / "shared" / "data"
 DEFAULT_CALIB = SHARED_DATA / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
@@ -101,8 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--omp-wait-policy", default="PASSIVE",
                         help="--peer: OMP_WAIT_POLICY for both tools (default PASSIVE: with the default spinning, two "
                              "threads on a 2-core machine shared with other work ran each small matmul ~40x slower)")
+    parser.add_argument("--peer-models", default=f"tiny-llama,{RANDOM_LLAMA}",
+                        help=f"--peer: comma-separated models: tiny-llama, {RANDOM_LLAMA}, {RANDOM_GQA} (hidden 256, "
+                             "4 blocks, 2 KV heads, fp16) or LABEL=DIR for a local HF directory, whose own tokenizer "
+                             "draws its windows (e.g. gemma3-270m=DIR from ../shared/models/gemma3-270m.sh)")
+    parser.add_argument("--baseline-checkout", default=None,
+                        help="--peer: also run the spp of this checkout (e.g. a git worktree of an earlier commit) "
+                             "in the alternation, and check that its pruned weights are bit-identical to this one's")
     parser.add_argument("--repeats", type=int, default=3, help="--peer: runs per tool on the tiny model")
-    parser.add_argument("--repeats-random", type=int, default=2, help="--peer: runs per tool on the random LLaMA")
+    parser.add_argument("--repeats-random", type=int, default=2,
+                        help="--peer: runs per tool on every other model")
     parser.add_argument("--data-dir", default=str(SHARED_DATA),
                         help="--peer: directory holding wikitext-2-raw-v1/test.jsonl for the perplexity")
     parser.add_argument("--memory", action="store_true",
@@ -330,17 +344,26 @@ def ensure_peer_venv(venv: Path) -> Path:
     return python
 
 
-def save_random_llama(directory: Path, tokenizer_from: Path) -> Path:
-    """The random-init hidden-1024 LLaMA (seed 0, fp32) as safetensors, with a tokenizer so the peer can load one."""
+def save_random_llama(directory: Path, tokenizer_from: Path, shape: str = RANDOM_LLAMA) -> Path:
+    """A random-init LLaMA (seed 0) as safetensors, with a tokenizer so the peer can load one: RANDOM_LLAMA (hidden
+    1024, 8 blocks, fp32) or RANDOM_GQA (hidden 256, intermediate 688, 4 blocks, 4 heads over 2 KV heads, vocab 4096,
+    fp16 on disk: the shape of the issue's trained model)."""
     import torch
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-        num_key_value_heads=16, max_position_embeddings=2048,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    if shape == RANDOM_GQA:
+        config = transformers.LlamaConfig(
+            vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=2048,
+        )
+        transformers.LlamaForCausalLM(config).to(torch.float16).save_pretrained(directory)
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+            num_key_value_heads=16, max_position_embeddings=2048,
+        )
+        transformers.LlamaForCausalLM(config).save_pretrained(directory)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(tokenizer_from / name, directory / name)
     return directory
@@ -351,14 +374,15 @@ def run_matched(tool: str, model_dir: Path, method: str, calibration: Path, weig
     """One child process of `tool` (spp or llmcompressor); its JSON result plus the driver's own measurements.
     forward_baseline: spp's wanda runs also time two plain forward passes (after the result is measured)."""
     result_file = weights_out.with_suffix(".json")
-    if tool == "spp":
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--worker-model", str(model_dir),
+    if tool in ("spp", "spp-baseline"):
+        script = Path(__file__).resolve() if tool == "spp" else Path(args.baseline_checkout) / "scripts" / SCRIPT_NAME
+        command = [sys.executable, str(script), "--worker", "--worker-model", str(model_dir),
                    "--worker-method", method, "--worker-result", str(result_file), "--worker-calibration",
                    str(calibration), "--worker-weights-out", str(weights_out), "--pattern", args.pattern,
                    "--threads", str(args.threads)]
         if args.sparsity is not None:
             command += ["--sparsity", str(args.sparsity)]
-        if method == "wanda" and forward_baseline:
+        if method == "wanda" and forward_baseline and tool == "spp":
             command.append("--worker-forward-baseline")
     else:
         command = [str(peer_python), str(PEER_SCRIPT), "--model", str(model_dir), "--method", method,
@@ -455,10 +479,14 @@ def summarize(label: str, method: str, runs: dict[str, list[dict]], checks: dict
     summary = {"model": label, "method": method, "repeats": len(runs["spp"]), "median": medians,
                "ratio_spp_over_peer": ratios, "checks": checks, "perplexity": perplexity}
     targets = {
-        "process_seconds <= 0.7x peer": ratios["process_seconds"] <= 0.7,
-        "prune_seconds <= 0.7x peer": ratios["prune_seconds"] <= 0.7,
+        "process_seconds <= 0.6x peer": ratios["process_seconds"] <= 0.6,
+        "prune_seconds <= 0.6x peer": ratios["prune_seconds"] <= 0.6,
         "peak_rss_mb <= peer": ratios["peak_rss_mb"] <= 1.0,
     }
+    if "spp-baseline" in medians:
+        summary["ratio_spp_over_baseline"] = {
+            key: round(medians["spp"][key] / medians["spp-baseline"][key], 3) for key in keys}
+        targets["weights bit-identical to the baseline checkout"] = checks["spp_vs_baseline"]["identical_weights"]
     for task, values in (perplexity or {}).items():
         values["relative_difference_spp_vs_peer"] = round(values["spp"] / values["llmcompressor"] - 1, 5)
         targets[f"{task} perplexity within 1% of peer"] = abs(values["relative_difference_spp_vs_peer"]) <= 0.01
@@ -479,13 +507,15 @@ def summarize(label: str, method: str, runs: dict[str, list[dict]], checks: dict
 def run_alternating(label: str, model_dir: Path, method: str, repeats: int, calibration: Path, scratch: Path,
                     peer_python: Path, args, log: Path) -> tuple[dict, dict, dict]:
     """spp, peer, spp, peer, ... `repeats` times each; returns (runs per tool, checks, first weights file per tool)."""
-    runs: dict[str, list[dict]] = {"spp": [], "llmcompressor": []}
-    hashes: dict[str, set] = {"spp": set(), "llmcompressor": set()}
+    tools = ["spp", "llmcompressor"] + (["spp-baseline"] if args.baseline_checkout else [])
+    runs: dict[str, list[dict]] = {tool: [] for tool in tools}
+    hashes: dict[str, set] = {tool: set() for tool in tools}
     first: dict[str, Path] = {}
     for repeat in range(repeats):
         for tool in runs:
             weights_file = scratch / f"{label}-{method}-{tool}-{repeat}.safetensors"
-            run = run_matched(tool, model_dir, method, calibration, weights_file, peer_python, args, log)
+            run = run_matched(tool, model_dir, method, calibration, weights_file, peer_python, args, log,
+                              forward_baseline=label in ("tiny-llama", RANDOM_LLAMA))
             weights = read_linears(weights_file)
             run["sparsity"] = check_sparsity(weights, args.pattern_spec)
             hashes[tool].add(weights_sha256(weights))
@@ -499,6 +529,10 @@ def run_alternating(label: str, model_dir: Path, method: str, repeats: int, cali
         "identical_weights_across_repeats": {tool: len(found) == 1 for tool, found in hashes.items()},
         "spp_vs_peer": compare_weights(read_linears(first["spp"]), read_linears(first["llmcompressor"])),
     }
+    if "spp-baseline" in first:  # the same windows and options through an earlier spp: the masks must not move
+        checks["spp_vs_baseline"] = {"identical_weights": hashes["spp"] == hashes["spp-baseline"],
+                                     "baseline_checkout": str(args.baseline_checkout)}
+        first.pop("spp-baseline")  # the perplexity of bit-identical weights would be the same
     return runs, checks, first
 
 
@@ -529,11 +563,23 @@ def run_peer_benchmark(args, methods: list[str]) -> dict:
         calibration = scratch / "calibration.safetensors"
         save_file({"input_ids": calibration_ids.contiguous()}, calibration)
         models = []
-        if not args.skip_tiny:
-            models.append(("tiny-llama", tiny, args.repeats, True))
-        if not args.skip_random:
-            models.append((RANDOM_LLAMA, save_random_llama(scratch / RANDOM_LLAMA, tiny), args.repeats_random, False))
-        for label, model_dir, repeats, evaluate in models:
+        for spec in [name.strip() for name in args.peer_models.split(",") if name.strip()]:
+            if spec == "tiny-llama":
+                models.append(("tiny-llama", tiny, args.repeats, True, calibration))
+            elif spec in (RANDOM_LLAMA, RANDOM_GQA):
+                models.append((spec, save_random_llama(scratch / spec, tiny, spec), args.repeats_random, False,
+                               calibration))
+            elif "=" in spec:  # a local model with its own tokenizer: its own windows from the same source
+                label, directory = spec.split("=", 1)
+                _, own_tokenizer = load_model(directory)
+                own = scratch / f"calibration-{label}.safetensors"
+                save_file({"input_ids": calibration_windows(own_tokenizer, args.calib, args.nsamples, args.seqlen,
+                                                            seed=0).contiguous()}, own)
+                models.append((label, Path(directory), args.repeats_random, False, own))
+            else:
+                raise SystemExit(f"--peer-models: unknown model {spec!r}: use tiny-llama, {RANDOM_LLAMA}, "
+                                 f"{RANDOM_GQA} or LABEL=DIR")
+        for label, model_dir, repeats, evaluate, calibration in models:
             weights_sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
             report_models[label] = {"directory": str(model_dir), "model_safetensors_sha256": weights_sha,
                                     "config": json.loads((model_dir / "config.json").read_text())}
@@ -544,7 +590,7 @@ def run_peer_benchmark(args, methods: list[str]) -> dict:
             for method, (runs, checks, _) in measured.items():
                 perplexity = None if values is None else {
                     task: {"seqlen": by_label["seqlen"], "windows": by_label["windows"], "dense": by_label["dense"],
-                           **{tool: by_label[f"{method}/{tool}"] for tool in runs}}
+                           **{tool: by_label[f"{method}/{tool}"] for tool in runs if f"{method}/{tool}" in by_label}}
                     for task, by_label in values.items()
                 }
                 summaries.append(summarize(label, method, runs, checks, perplexity))
@@ -558,7 +604,8 @@ def run_peer_benchmark(args, methods: list[str]) -> dict:
                    "calibration": f"{args.calib} via spp_cli.data.sources.calibration_windows(tiny tokenizer, seed 0), "
                                   "the same input_ids for both tools and both models",
                    "methods": methods, "threads": args.threads, "omp_wait_policy": args.omp_wait_policy,
-                   "repeats": {"tiny-llama": args.repeats, RANDOM_LLAMA: args.repeats_random},
+                   "repeats": {label: repeats for label, _, repeats, _, _ in models},
+                   "baseline_checkout": args.baseline_checkout,
                    "peer_call": "oneshot(model, dataset=Dataset{input_ids}, recipe=<Modifier>(sparsity, "
                                 f"mask_structure={args.mask_structure!r}, targets=[decoder-block class], "
                                 "ignore=['re:.*lm_head']), num_calibration_samples=nsamples, max_seq_length=seqlen, "

@@ -267,11 +267,49 @@ def test_statistics_passes_stop_early_and_change_nothing(batch_size):
     for hook in hooks:
         hook.remove()
     measured = 10 if batch_size == 5 else ERROR_WINDOWS  # whole batches: [0:5] and [5:10] start below 8
-    assert down_runs == [measured + nsamples, measured + measured]  # dense (error windows) + pruned pass
+    alone = 1 if batch_size == 1 else 0  # one-window batches run chunked, checked against window 0 run alone
+    assert down_runs == [alone + measured + nsamples, alone + measured + measured]  # dense (error) + pruned pass
     assert [b.error_windows for b in blocks_seen] == [measured, measured]
     sequentially_by_hand(reference, ids, lambda w, x: w.masked_fill(torch.from_numpy(wanda_formula(w, x, 0.5)), 0))
     for name, lin in prunable_linears(reference).items():
         assert torch.equal(prunable_linears(model)[name].weight == 0, lin.weight == 0), name
+
+
+def test_a_chunked_forward_that_differs_falls_back_to_one_window_forwards():
+    """Where a forward of several windows does not reproduce one-window forwards bit for bit (here a pre-hook
+    perturbs multi-window inputs, as a backend choosing another kernel for more rows could), the block is redone
+    one window at a time: the statistics, and so the masks, are still those of one-window forwards."""
+    ids = calibration(nsamples=12)
+    model, reference = tiny_model(), tiny_model()
+    _, blocks = find_decoder_blocks(model)
+    seen_windows = []
+
+    def perturb_multiwindow(module, args, kwargs):
+        seen_windows.append(args[0].shape[0])
+        if args[0].shape[0] > 1:
+            hidden = args[0].clone()
+            hidden[..., :8] *= 3  # moves the per-channel input norms, so wanda would choose other weights
+            return (hidden,) + args[1:], kwargs
+        return None
+
+    hooks = [block.register_forward_pre_hook(perturb_multiwindow, with_kwargs=True) for block in blocks]
+    prune_model(model, ids, "wanda", parse_pattern("unstructured", 0.5))
+    for hook in hooks:
+        hook.remove()
+    assert max(seen_windows) == 8  # the chunked error forward was tried ...
+    sequentially_by_hand(reference, ids, lambda w, x: w.masked_fill(torch.from_numpy(wanda_formula(w, x, 0.5)), 0))
+    for name, lin in prunable_linears(reference).items():  # ... and dropped
+        assert torch.equal(prunable_linears(model)[name].weight == 0, lin.weight == 0), name
+
+
+def test_forward_chunks_group_only_equal_one_window_calls():
+    from pruners.blocks import forward_chunks
+
+    shared, other = ((), {"mask": torch.zeros(1)}), ((), {"mask": torch.ones(1)})
+    ones = [slice(i, i + 1) for i in range(5)]
+    assert forward_chunks([shared, shared, shared, other, other], ones, 2) == [(0, 2), (2, 3), (3, 5)]
+    assert forward_chunks([shared] * 5, ones, 1) == [(i, i + 1) for i in range(5)]
+    assert forward_chunks([shared] * 2, [slice(0, 2), slice(2, 4)], 8) == [(0, 1), (1, 2)]
 
 
 def test_sparsegpt_with_more_windows_than_the_error_measures_equals_reference():
