@@ -134,11 +134,11 @@ def block_expert_linears(block: nn.Module, block_name: str, keep: re.Pattern | N
 
 def weight_of(model: nn.Module, name: str) -> torch.Tensor:
     """The weight (out, in) of a prunable linear by its full name: a module's, or an expert slice of a fused one."""
-    modules = dict(model.named_modules())
-    if name in modules:
-        return modules[name].weight
-    owner, expert, projection = name.rsplit(".", 2)
-    return _slices(modules[owner], owner)[(int(expert), projection)].weight
+    try:
+        return model.get_submodule(name).weight  # a path walk, not a scan of every module (MoE: thousands)
+    except AttributeError:
+        owner, expert, projection = name.rsplit(".", 2)
+        return _slices(model.get_submodule(owner), owner)[(int(expert), projection)].weight
 
 
 def _routed_forward(experts: nn.Module, slices: dict[tuple[int, str], ExpertLinear]):

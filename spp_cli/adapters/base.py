@@ -222,6 +222,22 @@ def default_targets(model: nn.Module, manifest: dict | None) -> list[str]:
     return targets
 
 
+def split_fused_experts(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]]:
+    """(the names that are modules, which adapters wrap; the names of fused MoE expert slices, which they cannot).
+
+    transformers 5 fuses a block's experts into 3-D parameters (experts.gate_up_proj (E, 2I, H), down_proj); the
+    pruners name each expert's projection `<experts>.<e>.gate_proj` (pruners/experts.py), but no module has that
+    name, so no adapter can replace it: those slices stay frozen (and keep their zeros)."""
+    modules, experts = [], []
+    for name in names:
+        try:
+            model.get_submodule(name)
+            modules.append(name)
+        except AttributeError:
+            experts.append(name)
+    return modules, experts
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     """adapter_config.json of an adapter directory (BadInput when missing or damaged)."""
     path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
