@@ -37,6 +37,8 @@ class Adapter:
     """One recovery method with its config. Subclasses set `name` and implement make_config/inject/merge."""
 
     name: ClassVar[str] = ""
+    # whether inject adapts fused MoE expert slices (pruners/experts.py names) besides nn.Linear modules
+    adapts_fused_experts: ClassVar[bool] = False
 
     def __init__(self, config: Any):
         self.config = config
@@ -105,10 +107,9 @@ class Adapter:
         from spp_cli.manifest import zeros_sha256
 
         targets = self.target_modules()
-        modules = dict(model.named_modules())
         config = {"peft_type": self.method.peft_type, **self.record(), "base_model_name_or_path": base_path,
                   "base_manifest_sha256": base_manifest_sha256,
-                  "base_zeros_sha256": {name: zeros_sha256(base_weight(modules[name])) for name in targets}}
+                  "base_zeros_sha256": {name: zeros_sha256(target_weight(model, name)) for name in targets}}
         state = self.trainable_state(model)
 
         with atomic_dir(adapter_dir) as staging:
@@ -167,6 +168,16 @@ def base_weight(module: nn.Module) -> torch.Tensor:
         if isinstance(inner, nn.Module):
             return base_weight(inner)
     return module.weight
+
+
+def target_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The frozen weight (out, in) of target `name`: a (possibly wrapped) linear's, or a fused expert's slice."""
+    from pruners.experts import weight_of
+
+    try:
+        return base_weight(model.get_submodule(name))
+    except AttributeError:
+        return weight_of(model, name)
 
 
 def json_safe(value: Any) -> Any:
@@ -253,8 +264,11 @@ def check_base_zeros(model: nn.Module, config: dict, adapter_dir: str | os.PathL
     """BadInput when a target's zero mask on `model` differs from the one the adapter was trained on."""
     from spp_cli.manifest import zeros_sha256
 
-    modules = dict(model.named_modules())
     for name, expected in (config.get("base_zeros_sha256") or {}).items():
-        if name in modules and zeros_sha256(base_weight(modules[name])) != expected:
+        try:
+            weight = target_weight(model, name)
+        except (AttributeError, KeyError, ValueError):
+            continue  # a layer this base lacks: loading the state then names it
+        if zeros_sha256(weight) != expected:
             raise BadInput(f"adapter {adapter_dir} does not fit this base: layer {name} has a different zero mask; "
                            f"load it onto the model it was trained on ({config.get('base_model_name_or_path')})")

@@ -139,10 +139,10 @@ def finetune(
         allow_pickle=allow_pickle,
     )
     pruned = default_targets(model, parent_manifest)
-    targets, frozen_experts = split_fused_experts(model, pruned)
-    if frozen_experts and not targets:
-        raise BadInput(f"'{model_dir}': every pruned layer is a fused MoE expert, which no --method adapts yet: "
-                       "prune the attention linears too (spp prune without --targets)")
+    targets = pruned if adapter.adapts_fused_experts else split_fused_experts(model, pruned)[0]
+    if not targets:
+        raise BadInput(f"'{model_dir}': every pruned layer is a fused MoE expert, which --method "
+                       f"{train_options.method} does not adapt: use --method masked-full, or prune other linears too")
     if parent_manifest is None and console is not None:
         console.print(f"spp: warning: '{model_dir}' has no spp.json: its current zeros define the mask to keep")
     parent_zeros = {name: zeros_sha256(weight_of(model, name)) for name in pruned}
@@ -184,14 +184,15 @@ def finetune(
     run = _run_record(result)
     (adapter_dir / RUN_RECORD).write_text(json.dumps(run, indent=2) + "\n")
     keeps_zeros = result.adapter.keeps_zeros
+    frozen_experts = not_adapted(pruned, result.adapter.target_modules())
     layers = {}
     if not train_options.no_merge:
         model_out = merge_trained(result).to(stored_dtype)
         layers = layers_record(model_out, pruned)  # every pruned tensor, the frozen experts too
         if keeps_zeros:
             check_zeros_kept(model_out, layers, parent_zeros, model_path)
-    warnings = frozen_experts_warnings(frozen_experts) + _unchanged_merge_warning(layers, parent_manifest,
-                                                                                   stored_dtype)
+    warnings = (frozen_experts_warnings(frozen_experts, result.method)
+                + _unchanged_merge_warning(layers, parent_manifest, stored_dtype))
     manifest = stage_manifest(
         "finetune",
         parent=checkpoint.parent_record(model_path, parent_manifest),
@@ -235,12 +236,19 @@ def _progress_callbacks(console, options: FinetuneStage) -> list:
     return [TrainingProgress(training_progress(console), tokens_per_step=options.batch_size * options.seqlen)]
 
 
-def frozen_experts_warnings(frozen_experts: list[str]) -> list[str]:
-    """The fused MoE experts no method adapts (adapters/base.split_fused_experts): said, not hidden."""
+def not_adapted(pruned: list[str], adapted: list[str]) -> list[str]:
+    """The pruned layers the adapter left frozen: fused MoE expert slices (adapters/base.split_fused_experts) that
+    its method cannot wrap, or a fused parameter masked-full found only partly pruned."""
+    adapted = set(adapted)
+    return [name for name in pruned if name not in adapted]
+
+
+def frozen_experts_warnings(frozen_experts: list[str], method: str) -> list[str]:
+    """What not_adapted found, said rather than hidden (one line on the console, and in spp.json)."""
     if not frozen_experts:
         return []
-    return [f"experts: {len(frozen_experts)} fused expert projections are not adapted (no adapter method for fused "
-            "experts yet); they stay frozen and keep their zeros"]
+    return [f"experts: {len(frozen_experts)} fused expert projections are not adapted (--method {method} has no "
+            "form for fused experts; masked-full has); they stay frozen and keep their zeros"]
 
 
 def _unchanged_merge_warning(layers: dict, parent_manifest: dict | None, stored_dtype) -> list[str]:
