@@ -47,7 +47,12 @@ class ExpertLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """A view (out, in) of the fused parameter as it is now (after any .to(device))."""
+        """A view (out, in) of the fused parameter as it is now (after any .to(device)). Under an adapter's
+        parametrization (spp_cli/adapters/spp_experts.py) the stored, frozen weight, as a wrapped linear's
+        `weight` is its base's."""
+        parametrizations = getattr(self.experts, "parametrizations", None)
+        if parametrizations is not None and self.parameter in parametrizations:
+            return parametrizations[self.parameter].original[self.expert, self.rows]
         return getattr(self.experts, self.parameter)[self.expert, self.rows]
 
     @property

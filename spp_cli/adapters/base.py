@@ -249,6 +249,22 @@ def split_fused_experts(model: nn.Module, names: list[str]) -> tuple[list[str], 
     return modules, experts
 
 
+def fully_targeted_experts(model: nn.Module, expert_slices: list[str]) -> dict[tuple[str, str], list[str]]:
+    """(experts module name, fused parameter name) -> its slice names, for each fused parameter every expert slice
+    of which is named (gate_up_proj: E gate_proj + E up_proj slices; down_proj: E down_proj slices). An adapter
+    trains a fused parameter whole, so one only partly pruned stays frozen (its other experts must not change)."""
+    named: dict[tuple[str, str], set[str]] = {}
+    for name in expert_slices:
+        owner, _, projection = name.rsplit(".", 2)
+        named.setdefault((owner, "down_proj" if projection == "down_proj" else "gate_up_proj"), set()).add(name)
+    covered = {}
+    for (owner, parameter), names in named.items():
+        experts = getattr(model.get_submodule(owner), parameter).shape[0]
+        if len(names) == experts * (1 if parameter == "down_proj" else 2):
+            covered[(owner, parameter)] = sorted(names)
+    return covered
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     """adapter_config.json of an adapter directory (BadInput when missing or damaged)."""
     path = Path(adapter_dir) / ADAPTER_CONFIG_NAME

@@ -18,13 +18,12 @@ experts too.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from spp_cli.adapters.base import Adapter, resolve_targets, split_fused_experts
+from spp_cli.adapters.base import Adapter, fully_targeted_experts, resolve_targets, split_fused_experts
 
 SUPPORT = "spp_support_"  # + the parameter's name: a non-persistent buffer, never in a saved state dict
 
@@ -32,21 +31,6 @@ SUPPORT = "spp_support_"  # + the parameter's name: a non-persistent buffer, nev
 @dataclass
 class MaskedFullConfig:
     target_modules: list[str] = field(default_factory=list)
-
-
-def fully_targeted_experts(model: nn.Module, expert_names: list[str]) -> dict[tuple[str, str], list[str]]:
-    """(experts module name, fused parameter name) -> its slice names, for each fused parameter every expert slice
-    of which is named (gate_up_proj: E gate_proj + E up_proj slices; down_proj: E down_proj slices)."""
-    named = defaultdict(set)
-    for name in expert_names:
-        owner, _, projection = name.rsplit(".", 2)
-        named[(owner, "down_proj" if projection == "down_proj" else "gate_up_proj")].add(name)
-    covered = {}
-    for (owner, parameter), names in named.items():
-        experts = getattr(model.get_submodule(owner), parameter).shape[0]
-        if len(names) == experts * (1 if parameter == "down_proj" else 2):
-            covered[(owner, parameter)] = sorted(names)
-    return covered
 
 
 class MaskedFullAdapter(Adapter):
