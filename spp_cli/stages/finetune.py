@@ -248,7 +248,7 @@ def frozen_experts_warnings(frozen_experts: list[str], method: str) -> list[str]
     if not frozen_experts:
         return []
     return [f"experts: {len(frozen_experts)} fused expert projections are not adapted (--method {method} has no "
-            "form for fused experts; masked-full has); they stay frozen and keep their zeros"]
+            "form for fused experts; spp and masked-full have); they stay frozen and keep their zeros"]
 
 
 def _unchanged_merge_warning(layers: dict, parent_manifest: dict | None, stored_dtype) -> list[str]:

@@ -1,8 +1,8 @@
 """Prune -> finetune -> merge -> verify on random-init tiny Mixtral and Qwen3-MoE (fused 3-D experts, transformers 5).
 
 The experts are slices of fused parameters (pruners/experts.py), stored on disk unfused under other names (Mixtral:
-`block_sparse_moe.experts.E.w1/w2/w3`): verify must read each of them, finetune adapts the nn.Linear targets and
-keeps the experts frozen (masked-full trains them under their mask), and every zero of every expert survives.
+`block_sparse_moe.experts.E.w1/w2/w3`): verify must read each of them, finetune adapts the nn.Linear targets,
+SPP and masked-full adapt the experts too (the others leave them frozen and say so), and every zero survives.
 """
 
 import json
@@ -17,6 +17,8 @@ from tiny_models import ALPACA
 
 from pruners.experts import weight_of
 from spp_cli.adapters import adapter_class
+from spp_cli.adapters.spp import SPPConfig, merged_weight
+from spp_cli.adapters.spp_experts import inject_spp_experts, merge_spp_experts, spp_expert_parametrizations
 from spp_cli.stages.finetune import finetune
 from spp_cli.stages.merge import merge_adapter
 from spp_cli.stages.prune import prune
@@ -105,31 +107,25 @@ def test_verify_reads_experts_stored_fused(pruned, tmp_path):
     assert verify_checkpoint(fused, against=pruned_dir)["ok"]
 
 
-def test_spp_adapts_attention_keeps_experts_frozen_and_merge_equals_the_adapted_model(pruned, tmp_path):
+def test_spp_adapts_attention_and_every_expert_and_merge_equals_the_adapted_model(pruned, tmp_path):
     _, _, pruned_dir = pruned
     trained = finetune(str(pruned_dir), tmp_path / "spp", method="spp", no_merge=True, lr=0.05, **TRAIN)
-    assert trained["frozen_experts"] == EXPERT_SLICES
-    assert trained["warnings"] == [f"experts: {EXPERT_SLICES} fused expert projections are not adapted (--method spp "
-                                   "has no form for fused experts; masked-full has); they stay frozen and keep their "
-                                   "zeros"]
+    assert "frozen_experts" not in trained and "warnings" not in trained
     adapter_dir = tmp_path / "spp" / "adapter"
-    assert len(json.loads((adapter_dir / "adapter_config.json").read_text())["target_modules"]) == ATTENTION
-    merged = merge_adapter(adapter_dir, tmp_path / "merged")
     pruned_layers = json.loads((pruned_dir / "spp.json").read_text())["layers"]
-    assert merged["frozen_experts"] == EXPERT_SLICES and set(merged["layers"]) == set(pruned_layers)
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert sorted(adapter_config["target_modules"]) == sorted(pruned_layers)
+    assert adapter_config["experts_forward"] == "fused, no branch dropout"
+    merged = merge_adapter(adapter_dir, tmp_path / "merged")
+    assert set(merged["layers"]) == set(pruned_layers) and "frozen_experts" not in merged
     report = verify_checkpoint(tmp_path / "merged", against=pruned_dir)
     assert report["ok"] and report["layers_checked"] == ATTENTION + EXPERT_SLICES and report["lost_zeros"] == 0
 
     parent, result = load(pruned_dir), load(tmp_path / "merged")
-    changed = 0
     for name in pruned_layers:
         before, after = weight_of(parent, name), weight_of(result, name)
         assert torch.equal(before == 0, after == 0), name  # the exact zero set, no extra zero either
-        if ".experts." in name:
-            assert torch.equal(before, after), name  # frozen
-        else:
-            changed += not torch.equal(before, after)
-    assert changed == ATTENTION  # SPP's update reached every attention linear
+        assert not torch.equal(before, after), name  # SPP's update reached every linear and every expert
     assert all(torch.equal(a, b) for a, b in zip(routers(parent), routers(result), strict=True))
 
     adapted = load(pruned_dir)
@@ -138,6 +134,39 @@ def test_spp_adapts_attention_keeps_experts_frozen_and_merge_equals_the_adapted_
     unmerged, merged_logits = logits(adapted), logits(result)
     assert (unmerged - logits(parent)).abs().max() > 1e-3  # the adapter does something the comparison can see
     assert (unmerged - merged_logits).abs().max() <= 1e-5
+
+
+def test_spp_on_fused_experts_is_spp_on_each_expert_linear(pruned):
+    _, _, pruned_dir = pruned
+    model = load(pruned_dir)
+    names = json.loads((pruned_dir / "spp.json").read_text())["layers"]
+    before = {name: weight_of(model, name).clone() for name in names if ".experts." in name}
+    config = SPPConfig(groups=4, dropout=0.0)
+    inject_spp_experts(model, list(before), config.groups, config.scale)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parametrization in spp_expert_parametrizations(model).values():
+            parametrization.spp_beta.copy_(torch.randn(parametrization.spp_beta.shape, generator=generator))
+    experts = model.model.layers[1].mlp.experts
+    spp = experts.parametrizations.gate_up_proj[0]
+    rows = before["model.layers.1.mlp.experts.2.gate_proj"].shape[0]
+    for projection, part in (("gate_proj", slice(0, 4)), ("up_proj", slice(4, 8))):  # own G = 4 groups each
+        beta = spp.spp_beta[2, :rows] if projection == "gate_proj" else spp.spp_beta[2, rows:]
+        expected = merged_weight(before[f"model.layers.1.mlp.experts.2.{projection}"], spp.spp_alpha[2, part], beta,
+                                 config.scale)
+        block = slice(0, rows) if projection == "gate_proj" else slice(rows, 2 * rows)
+        assert torch.allclose(experts.gate_up_proj[2, block], expected, rtol=0, atol=1e-6), projection
+    down = experts.parametrizations.down_proj[0]
+    expected = merged_weight(before["model.layers.1.mlp.experts.2.down_proj"], down.spp_alpha[2], down.spp_beta[2],
+                             config.scale)
+    assert torch.allclose(experts.down_proj[2], expected, rtol=0, atol=1e-6)
+    # the frozen weight is still what the layers read; the merge writes W' and the plain parameter comes back
+    assert torch.equal(weight_of(model, "model.layers.1.mlp.experts.2.down_proj"),
+                       before["model.layers.1.mlp.experts.2.down_proj"])
+    merge_spp_experts(model)
+    assert isinstance(experts.down_proj, torch.nn.Parameter) and torch.allclose(experts.down_proj[2], expected,
+                                                                                  rtol=0, atol=1e-6)
+    assert set(model.state_dict()) == set(load(pruned_dir).state_dict())
 
 
 def test_masked_full_trains_the_fused_experts_under_their_mask(pruned, tmp_path):
@@ -161,10 +190,15 @@ def test_masked_full_trains_the_fused_experts_under_their_mask(pruned, tmp_path)
 
 @pytest.mark.parametrize("pruned", ["mixtral"], indirect=True)  # one architecture is enough here
 @pytest.mark.parametrize("method", ["masked-lora", "ia3", "lora"])
-def test_every_other_method_adapts_attention_and_keeps_every_expert_zero(method, pruned, tmp_path):
+def test_methods_without_a_fused_form_leave_the_experts_frozen_and_say_so(method, pruned, tmp_path):
     _, _, pruned_dir = pruned
     trained = finetune(str(pruned_dir), tmp_path / method, method=method, **TRAIN)
     assert trained["frozen_experts"] == EXPERT_SLICES and len(trained["layers"]) == ATTENTION + EXPERT_SLICES
+    assert trained["warnings"] == [f"experts: {EXPERT_SLICES} fused expert projections are not adapted (--method "
+                                   f"{method} has no form for fused experts; spp and masked-full have); they stay "
+                                   "frozen and keep their zeros"]
+    adapter_config = json.loads((tmp_path / method / "adapter" / "adapter_config.json").read_text())
+    assert len(adapter_config["target_modules"]) == ATTENTION
     report = verify_checkpoint(tmp_path / method, against=pruned_dir)
     expert_lost = sum(entry["lost_zeros"] for name, entry in report["layers"].items() if ".experts." in name)
     assert expert_lost == 0 and report["ok"] == (method != "lora")  # LoRA: dense attention, experts untouched
