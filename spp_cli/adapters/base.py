@@ -234,11 +234,11 @@ def default_targets(model: nn.Module, manifest: dict | None) -> list[str]:
 
 
 def split_fused_experts(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]]:
-    """(the names that are modules, which adapters wrap; the names of fused MoE expert slices, which they cannot).
+    """(the names that are modules, which adapters wrap; the names of fused MoE expert slices, which no module has).
 
     transformers 5 fuses a block's experts into 3-D parameters (experts.gate_up_proj (E, 2I, H), down_proj); the
-    pruners name each expert's projection `<experts>.<e>.gate_proj` (pruners/experts.py), but no module has that
-    name, so no adapter can replace it: those slices stay frozen (and keep their zeros)."""
+    pruners name each expert's projection `<experts>.<e>.gate_proj` (pruners/experts.py). Only an adapter with
+    `adapts_fused_experts` (spp, masked-full) adapts those; for the others they stay frozen (and keep their zeros)."""
     modules, experts = [], []
     for name in names:
         try:

@@ -83,8 +83,9 @@ def spp_expert_parametrizations(model: nn.Module) -> dict[str, SPPExperts]:
     found = {}
     for name, module in model.named_modules():
         for parameter, chain in getattr(module, "parametrizations", {}).items():
-            if any(isinstance(p, SPPExperts) for p in chain):
-                found[f"{name}.{parameter}"] = next(p for p in chain if isinstance(p, SPPExperts))
+            for parametrization in chain:
+                if isinstance(parametrization, SPPExperts):
+                    found[f"{name}.{parameter}"] = parametrization
     return found
 
 

@@ -142,7 +142,8 @@ def finetune(
     targets = pruned if adapter.adapts_fused_experts else split_fused_experts(model, pruned)[0]
     if not targets:
         raise BadInput(f"'{model_dir}': every pruned layer is a fused MoE expert, which --method "
-                       f"{train_options.method} does not adapt: use --method masked-full, or prune other linears too")
+                       f"{train_options.method} does not adapt: use --method spp or masked-full, "
+                       "or prune other linears too")
     if parent_manifest is None and console is not None:
         console.print(f"spp: warning: '{model_dir}' has no spp.json: its current zeros define the mask to keep")
     parent_zeros = {name: zeros_sha256(weight_of(model, name)) for name in pruned}

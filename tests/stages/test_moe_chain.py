@@ -19,6 +19,7 @@ from pruners.experts import weight_of
 from spp_cli.adapters import adapter_class
 from spp_cli.adapters.spp import SPPConfig, merged_weight
 from spp_cli.adapters.spp_experts import inject_spp_experts, merge_spp_experts, spp_expert_parametrizations
+from spp_cli.errors import BadInput
 from spp_cli.stages.finetune import finetune
 from spp_cli.stages.merge import merge_adapter
 from spp_cli.stages.prune import prune
@@ -204,3 +205,25 @@ def test_methods_without_a_fused_form_leave_the_experts_frozen_and_say_so(method
     assert expert_lost == 0 and report["ok"] == (method != "lora")  # LoRA: dense attention, experts untouched
     parent, result = load(pruned_dir), load(tmp_path / method)
     assert all(torch.equal(weight_of(parent, n), weight_of(result, n)) for n in trained["layers"] if ".experts." in n)
+
+
+@pytest.mark.parametrize("pruned", ["mixtral"], indirect=True)
+def test_partly_pruned_experts_stay_frozen_and_experts_alone_need_a_fused_method(pruned, tmp_path):
+    _, dense, _ = pruned
+    calib = dict(calib=str(dense.parent / "calib.jsonl"), nsamples=4, seqlen=64, min_expert_tokens=1, device="cpu")
+    partly = prune(str(dense), tmp_path / "partly", method="wanda", sparsity=0.5, ignore=r"experts\.3\.", **calib)
+    assert len(partly["layers"]) == ATTENTION + EXPERT_SLICES - 2 * 3
+    trained = finetune(str(tmp_path / "partly"), tmp_path / "spp", method="spp", **TRAIN)
+    # a fused parameter trains whole, so experts 0-2 of a parameter whose expert 3 is dense are not adapted
+    assert trained["frozen_experts"] == EXPERT_SLICES - 2 * 3
+    parent, result = load(tmp_path / "partly"), load(tmp_path / "spp")
+    for block in range(2):
+        for parameter in ("gate_up_proj", "down_proj"):
+            before = getattr(parent.model.layers[block].mlp.experts, parameter)
+            assert torch.equal(before, getattr(result.model.layers[block].mlp.experts, parameter))
+    experts_only = prune(str(dense), tmp_path / "experts", method="wanda", sparsity=0.5, targets=r"experts", **calib)
+    assert all(".experts." in name for name in experts_only["layers"])
+    with pytest.raises(BadInput, match="every pruned layer is a fused MoE expert, which --method masked-lora does "
+                                       "not adapt: use --method spp or masked-full, or prune other linears too"):
+        finetune(str(tmp_path / "experts"), tmp_path / "masked-lora", method="masked-lora", **TRAIN)
+    assert not (tmp_path / "masked-lora").exists()
