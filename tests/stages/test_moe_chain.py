@@ -227,3 +227,32 @@ def test_partly_pruned_experts_stay_frozen_and_experts_alone_need_a_fused_method
                                        "not adapt: use --method spp or masked-full, or prune other linears too"):
         finetune(str(tmp_path / "experts"), tmp_path / "masked-lora", method="masked-lora", **TRAIN)
     assert not (tmp_path / "masked-lora").exists()
+
+
+@pytest.mark.parametrize("pruned", ["mixtral"], indirect=True)
+def test_an_interrupted_moe_finetune_resumes_to_the_uninterrupted_adapter(pruned, tmp_path, monkeypatch):
+    """The experts' α/β live in parametrizations (other names than SPPLinear's): they must resume exactly too."""
+    from transformers import TrainerCallback
+
+    import spp_cli.stages.finetune as stage
+
+    _, _, pruned_dir = pruned
+    options = dict(TRAIN, max_steps=4, save_steps=2, method="spp", lr=0.05)
+    reference = finetune(str(pruned_dir), tmp_path / "reference", **options)
+
+    class InterruptAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stage, "_progress_callbacks", lambda console, options: [InterruptAtStep3()])
+        with pytest.raises(KeyboardInterrupt):
+            finetune(str(pruned_dir), tmp_path / "tuned", **options)
+    resumed = finetune(str(pruned_dir), tmp_path / "tuned", **options)
+    assert resumed["run"]["resumed_from"] == "checkpoint-2"
+    assert resumed["manifest_sha256"] == reference["manifest_sha256"]
+    want, got = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (tmp_path / "reference",
+                                                                                  tmp_path / "tuned"))
+    assert want.keys() == got.keys() and "model.layers.1.mlp.experts.gate_up_proj.spp_alpha" in want
+    assert all(torch.equal(want[key], got[key]) for key in want)
