@@ -47,7 +47,12 @@ class ExpertLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """A view (out, in) of the fused parameter as it is now (after any .to(device))."""
+        """A view (out, in) of the fused parameter as it is now (after any .to(device)). Under an adapter's
+        parametrization (spp_cli/adapters/spp_experts.py) the stored, frozen weight, as a wrapped linear's
+        `weight` is its base's."""
+        parametrizations = getattr(self.experts, "parametrizations", None)
+        if parametrizations is not None and self.parameter in parametrizations:
+            return parametrizations[self.parameter].original[self.expert, self.rows]
         return getattr(self.experts, self.parameter)[self.expert, self.rows]
 
     @property
@@ -134,11 +139,11 @@ def block_expert_linears(block: nn.Module, block_name: str, keep: re.Pattern | N
 
 def weight_of(model: nn.Module, name: str) -> torch.Tensor:
     """The weight (out, in) of a prunable linear by its full name: a module's, or an expert slice of a fused one."""
-    modules = dict(model.named_modules())
-    if name in modules:
-        return modules[name].weight
-    owner, expert, projection = name.rsplit(".", 2)
-    return _slices(modules[owner], owner)[(int(expert), projection)].weight
+    try:
+        return model.get_submodule(name).weight  # a path walk, not a scan of every module (MoE: thousands)
+    except AttributeError:
+        owner, expert, projection = name.rsplit(".", 2)
+        return _slices(model.get_submodule(owner), owner)[(int(expert), projection)].weight
 
 
 def _routed_forward(experts: nn.Module, slices: dict[tuple[int, str], ExpertLinear]):

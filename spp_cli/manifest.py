@@ -30,8 +30,10 @@ def layer_record(weight: torch.Tensor) -> dict:
 
 
 def layers_record(model: torch.nn.Module, names: list[str]) -> dict[str, dict]:
-    modules = dict(model.named_modules())
-    return {name: layer_record(modules[name].weight) for name in names}
+    """name -> layer_record for each named linear: a module's weight, or an expert slice of fused MoE experts."""
+    from pruners.experts import weight_of
+
+    return {name: layer_record(weight_of(model, name)) for name in names}
 
 
 def overall_sparsity(layers: dict[str, dict]) -> float:

@@ -37,6 +37,8 @@ class Adapter:
     """One recovery method with its config. Subclasses set `name` and implement make_config/inject/merge."""
 
     name: ClassVar[str] = ""
+    # whether inject adapts fused MoE expert slices (pruners/experts.py names) besides nn.Linear modules
+    adapts_fused_experts: ClassVar[bool] = False
 
     def __init__(self, config: Any):
         self.config = config
@@ -105,10 +107,9 @@ class Adapter:
         from spp_cli.manifest import zeros_sha256
 
         targets = self.target_modules()
-        modules = dict(model.named_modules())
         config = {"peft_type": self.method.peft_type, **self.record(), "base_model_name_or_path": base_path,
                   "base_manifest_sha256": base_manifest_sha256,
-                  "base_zeros_sha256": {name: zeros_sha256(base_weight(modules[name])) for name in targets}}
+                  "base_zeros_sha256": {name: zeros_sha256(target_weight(model, name)) for name in targets}}
         state = self.trainable_state(model)
 
         with atomic_dir(adapter_dir) as staging:
@@ -169,6 +170,16 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+def target_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The frozen weight (out, in) of target `name`: a (possibly wrapped) linear's, or a fused expert's slice."""
+    from pruners.experts import weight_of
+
+    try:
+        return base_weight(model.get_submodule(name))
+    except AttributeError:
+        return weight_of(model, name)
+
+
 def json_safe(value: Any) -> Any:
     """A config dict as JSON data: sets become sorted lists, enums their value, unknown objects their str."""
     if isinstance(value, dict):
@@ -222,6 +233,38 @@ def default_targets(model: nn.Module, manifest: dict | None) -> list[str]:
     return targets
 
 
+def split_fused_experts(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]]:
+    """(the names that are modules, which adapters wrap; the names of fused MoE expert slices, which no module has).
+
+    transformers 5 fuses a block's experts into 3-D parameters (experts.gate_up_proj (E, 2I, H), down_proj); the
+    pruners name each expert's projection `<experts>.<e>.gate_proj` (pruners/experts.py). Only an adapter with
+    `adapts_fused_experts` (spp, masked-full) adapts those; for the others they stay frozen (and keep their zeros)."""
+    modules, experts = [], []
+    for name in names:
+        try:
+            model.get_submodule(name)
+            modules.append(name)
+        except AttributeError:
+            experts.append(name)
+    return modules, experts
+
+
+def fully_targeted_experts(model: nn.Module, expert_slices: list[str]) -> dict[tuple[str, str], list[str]]:
+    """(experts module name, fused parameter name) -> its slice names, for each fused parameter every expert slice
+    of which is named (gate_up_proj: E gate_proj + E up_proj slices; down_proj: E down_proj slices). An adapter
+    trains a fused parameter whole, so one only partly pruned stays frozen (its other experts must not change)."""
+    named: dict[tuple[str, str], set[str]] = {}
+    for name in expert_slices:
+        owner, _, projection = name.rsplit(".", 2)
+        named.setdefault((owner, "down_proj" if projection == "down_proj" else "gate_up_proj"), set()).add(name)
+    covered = {}
+    for (owner, parameter), names in named.items():
+        experts = getattr(model.get_submodule(owner), parameter).shape[0]
+        if len(names) == experts * (1 if parameter == "down_proj" else 2):
+            covered[(owner, parameter)] = sorted(names)
+    return covered
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     """adapter_config.json of an adapter directory (BadInput when missing or damaged)."""
     path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
@@ -237,8 +280,11 @@ def check_base_zeros(model: nn.Module, config: dict, adapter_dir: str | os.PathL
     """BadInput when a target's zero mask on `model` differs from the one the adapter was trained on."""
     from spp_cli.manifest import zeros_sha256
 
-    modules = dict(model.named_modules())
     for name, expected in (config.get("base_zeros_sha256") or {}).items():
-        if name in modules and zeros_sha256(base_weight(modules[name])) != expected:
+        try:
+            weight = target_weight(model, name)
+        except (AttributeError, KeyError, ValueError):
+            continue  # a layer this base lacks: loading the state then names it
+        if zeros_sha256(weight) != expected:
             raise BadInput(f"adapter {adapter_dir} does not fit this base: layer {name} has a different zero mask; "
                            f"load it onto the model it was trained on ({config.get('base_model_name_or_path')})")

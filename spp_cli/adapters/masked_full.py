@@ -9,6 +9,11 @@ its update is exactly zero), and after every optimizer step W ← W ⊙ 1[W ≠ 
 decoupled weight decay nor any optimizer state can revive a zero. Nothing to merge: the trained weights are the
 model's own. Memory: the trainable parameters are the full target weights (AdamW keeps two more copies, fp32);
 the stage reports trainable_params and the peak memory.
+
+Fused MoE experts (transformers 5: experts.gate_up_proj (E, 2I, H), down_proj (E, H, I); pruners/experts.py) train
+the same way, the mask over the whole 3-D parameter, when every expert slice of it is a target (the default: all
+experts are pruned); a parameter only partly targeted stays frozen, since training it would train its untargeted
+experts too.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from spp_cli.adapters.base import Adapter, resolve_targets
+from spp_cli.adapters.base import Adapter, fully_targeted_experts, resolve_targets, split_fused_experts
 
-SUPPORT = "spp_support"  # the non-persistent buffer name, never in a saved state dict
+SUPPORT = "spp_support_"  # + the parameter's name: a non-persistent buffer, never in a saved state dict
 
 
 @dataclass
@@ -30,10 +35,11 @@ class MaskedFullConfig:
 
 class MaskedFullAdapter(Adapter):
     name = "masked-full"
+    adapts_fused_experts = True
 
     def __init__(self, config: MaskedFullConfig):
         super().__init__(config)
-        self._layers: list[nn.Linear] = []  # each holds its support 1[W ≠ 0] as a buffer (moves with the model)
+        self._trained: list[tuple[nn.Module, str]] = []  # (module, parameter name); the support is a buffer beside it
         self._hooks: list = []
 
     @classmethod
@@ -46,28 +52,36 @@ class MaskedFullAdapter(Adapter):
 
     def inject(self, model: nn.Module, targets: list[str]) -> nn.Module:
         model.requires_grad_(False)
-        names = resolve_targets(model, targets)
+        linears, expert_slices = split_fused_experts(model, targets)
+        names = resolve_targets(model, linears)
         for name in names:
-            layer = model.get_submodule(name)
-            layer.register_buffer(SUPPORT, (layer.weight.detach() != 0).to(layer.weight.dtype), persistent=False)
-            layer.weight.requires_grad_(True)
-            self._hooks.append(layer.weight.register_hook(lambda grad, layer=layer: grad * getattr(layer, SUPPORT)))
-            self._layers.append(layer)
+            self._train_masked(model.get_submodule(name), "weight")
+        for (owner, parameter), slices in fully_targeted_experts(model, expert_slices).items():
+            self._train_masked(model.get_submodule(owner), parameter)
+            names.extend(slices)
         self.config.target_modules = names
         return model
 
+    def _train_masked(self, module: nn.Module, parameter: str) -> None:
+        weight = getattr(module, parameter)
+        module.register_buffer(SUPPORT + parameter, (weight.detach() != 0).to(weight.dtype), persistent=False)
+        weight.requires_grad_(True)
+        self._hooks.append(weight.register_hook(
+            lambda grad, module=module, parameter=parameter: grad * getattr(module, SUPPORT + parameter)))
+        self._trained.append((module, parameter))
+
     @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module) -> None:
-        for layer in self._layers:
-            layer.weight.mul_(getattr(layer, SUPPORT))
+        for module, parameter in self._trained:
+            getattr(module, parameter).mul_(getattr(module, SUPPORT + parameter))
 
     def merge(self, model: nn.Module) -> nn.Module:
         self.after_optimizer_step(model)
         for hook in self._hooks:
             hook.remove()
-        for layer in self._layers:
-            delattr(layer, SUPPORT)  # the plain nn.Linear again
+        for module, parameter in self._trained:
+            delattr(module, SUPPORT + parameter)  # the plain module again
         self._hooks.clear()
-        self._layers.clear()
+        self._trained.clear()
         model.requires_grad_(False)
         return model

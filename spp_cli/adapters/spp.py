@@ -309,6 +309,7 @@ class SPPAdapter(Adapter):
     """
 
     name = "spp"
+    adapts_fused_experts = True  # adapters/spp_experts.py
 
     @classmethod
     def make_config(cls, options: dict) -> SPPConfig:
@@ -323,11 +324,20 @@ class SPPAdapter(Adapter):
         self.config.validate()
 
     def inject(self, model: nn.Module, targets: list[str]) -> nn.Module:
-        inject_spp(model, targets, self.config)
+        from spp_cli.adapters.base import split_fused_experts
+        from spp_cli.adapters.spp_experts import inject_spp_experts
+
+        linears, expert_slices = split_fused_experts(model, targets)
+        inject_spp(model, linears, self.config)
+        adapted = inject_spp_experts(model, expert_slices, self.config.groups, self.config.scale)
+        self.config.target_modules = self.config.target_modules + adapted
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
+        from spp_cli.adapters.spp_experts import merge_spp_experts
+
         merge_spp(model)
+        merge_spp_experts(model)
         return model
 
     def save(self, model: nn.Module, adapter_dir, *, base_path: str, base_manifest_sha256: str | None) -> None:

@@ -1,5 +1,8 @@
 """SPP adapter files in PEFT's layout: adapter_dir/{adapter_config.json, adapter_model.safetensors}.
 
+Fused MoE experts (adapters/spp_experts.py) are targets by their slice names (`<experts>.<e>.gate_proj`); their α/β
+are stored per fused parameter (`<experts>.gate_up_proj.spp_alpha` (E, 2G, H), `...spp_beta` (E, 2I)).
+
 Saving is atomic (temp dir + rename) and records the base's manifest sha and the zeros_sha256 of every target;
 loading injects SPP layers (adapters/spp.py) and refuses a base whose zero masks differ from the trained-on one.
 """
@@ -17,9 +20,12 @@ from spp_cli.adapters.base import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     resolve_targets,
+    split_fused_experts,
+    target_weight,
 )
 from spp_cli.adapters.base import read_adapter_config as read_any_adapter_config
 from spp_cli.adapters.spp import SPPConfig, SPPLinear, inject_spp, spp_layers
+from spp_cli.adapters.spp_experts import expert_state_dict, inject_spp_experts, load_expert_state
 from spp_cli.atomic import atomic_dir
 from spp_cli.errors import BadInput
 
@@ -45,8 +51,10 @@ def save_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, config: S
     from spp_cli.manifest import zeros_sha256
 
     layers = spp_layers(model)
-    if not layers:
+    expert_state = expert_state_dict(model)
+    if not layers and not expert_state:
         raise BadInput("the model has no SPP layers to save: inject (or train) an adapter first")
+    targets = list(layers) + [name for name in config.target_modules if name not in layers]
     adapter_config = {
         "peft_type": "SPP",
         "groups": config.groups,
@@ -54,13 +62,15 @@ def save_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, config: S
         "lora_alpha": config.lora_alpha,
         "r": config.r,
         "dropout": config.dropout,
-        "target_modules": list(layers),
+        "target_modules": targets,
         "forward": config.forward,
+        # the experts' W' is one parametrization (spp_experts.py): SPP's "fused" form, without the branch dropout
+        **({"experts_forward": "fused, no branch dropout"} if expert_state else {}),
         "base_model_name_or_path": base_path,
         "base_manifest_sha256": base_manifest_sha256,
-        "base_zeros_sha256": {name: zeros_sha256(layer.base.weight) for name, layer in layers.items()},
+        "base_zeros_sha256": {name: zeros_sha256(target_weight(model, name)) for name in targets},
     }
-    state = adapter_state_dict(model)
+    state = {**adapter_state_dict(model), **expert_state}
 
     with atomic_dir(adapter_dir) as staging:
         (staging / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
@@ -92,12 +102,11 @@ def load_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *,
     if base_manifest_sha256 and recorded_manifest and base_manifest_sha256 != recorded_manifest:
         raise BadInput(f"adapter {adapter_dir} was trained on base manifest {recorded_manifest[:12]}..., this base "
                        f"is {base_manifest_sha256[:12]}...: load it onto {data.get('base_model_name_or_path')}")
-    targets = resolve_targets(model, data["target_modules"], (nn.Linear, SPPLinear))
-    for name in targets:
-        module = model.get_submodule(name)
-        weight = module.base.weight if isinstance(module, SPPLinear) else module.weight
+    linears, expert_slices = split_fused_experts(model, data["target_modules"])
+    targets = resolve_targets(model, linears, (nn.Linear, SPPLinear))
+    for name in targets + expert_slices:
         expected = data.get("base_zeros_sha256", {}).get(name)
-        if expected is not None and zeros_sha256(weight) != expected:
+        if expected is not None and zeros_sha256(target_weight(model, name)) != expected:
             raise BadInput(f"adapter {adapter_dir} does not fit this base: layer {name} has a different zero mask; "
                            f"load it onto the model it was trained on ({data.get('base_model_name_or_path')})")
     config = SPPConfig(groups=data["groups"], lora_alpha=data["lora_alpha"], r=data["r"], dropout=data["dropout"],
@@ -107,6 +116,8 @@ def load_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *,
         raise BadInput(f"{weights_path} not found: the adapter directory is incomplete")
     state = load_file(str(weights_path))
     layers = inject_spp(model, targets, config)
+    config.target_modules += inject_spp_experts(model, expert_slices, config.groups, config.scale)
+    load_expert_state(model, state, str(weights_path))
     with torch.no_grad():
         for name, layer in layers.items():
             for key, parameter in ((f"{name}.spp_alpha", layer.spp_alpha), (f"{name}.spp_beta", layer.spp_beta)):

@@ -68,14 +68,14 @@ def check_parent(model_path: str, parent_manifest: dict | None, keeps_zeros: boo
         raise BadInput(f"'{model_path}' is a dense {parent_manifest.get('method', 'lora')} output (its zeros are "
                        f"gone): --method {method} keeps zeros; fine-tune the pruned model instead")
     from spp_cli.manifest import weight_sha256
-    from spp_cli.stages.verify import open_weights, read_weight
+    from spp_cli.stored_weights import StoredWeights
 
     layers = parent_manifest.get("layers") or {}
     if not layers:
         return
-    handles = open_weights(Path(model_path))
+    stored = StoredWeights(Path(model_path))
     for name, record in layers.items():
-        weight = read_weight(handles, name, Path(model_path))
+        weight = stored[name]
         if zeros_sha256(weight) != record.get("zeros_sha256") or weight_sha256(weight) != record.get("weight_sha256"):
             raise BadInput(f"'{model_path}': layer {name} no longer matches its spp.json (the weights were changed "
                            "after spp wrote them): restore the checkpoint or rerun the stage that made it")
@@ -97,7 +97,8 @@ def finetune(
     max_steps, ...; None means the default (the method's, for lr and the method-specific options). Skips a
     finished identical output.
     """
-    from spp_cli.adapters.base import default_targets
+    from pruners.experts import weight_of
+    from spp_cli.adapters.base import default_targets, split_fused_experts
     from spp_cli.data.formats import normalize_records
     from spp_cli.data.sources import read_records
     from spp_cli.trainer import (
@@ -137,11 +138,15 @@ def finetune(
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
     )
-    targets = default_targets(model, parent_manifest)
+    pruned = default_targets(model, parent_manifest)
+    targets = pruned if adapter.adapts_fused_experts else split_fused_experts(model, pruned)[0]
+    if not targets:
+        raise BadInput(f"'{model_dir}': every pruned layer is a fused MoE expert, which --method "
+                       f"{train_options.method} does not adapt: use --method spp or masked-full, "
+                       "or prune other linears too")
     if parent_manifest is None and console is not None:
         console.print(f"spp: warning: '{model_dir}' has no spp.json: its current zeros define the mask to keep")
-    modules = dict(model.named_modules())
-    parent_zeros = {name: zeros_sha256(modules[name].weight) for name in targets}
+    parent_zeros = {name: zeros_sha256(weight_of(model, name)) for name in pruned}
     stored_dtype = model.spp_stored_dtype
 
     work_dir = atomic.work_dir(out)
@@ -180,13 +185,15 @@ def finetune(
     run = _run_record(result)
     (adapter_dir / RUN_RECORD).write_text(json.dumps(run, indent=2) + "\n")
     keeps_zeros = result.adapter.keeps_zeros
+    frozen_experts = not_adapted(pruned, result.adapter.target_modules())
     layers = {}
     if not train_options.no_merge:
         model_out = merge_trained(result).to(stored_dtype)
-        layers = layers_record(model_out, targets)
+        layers = layers_record(model_out, pruned)  # every pruned tensor, the frozen experts too
         if keeps_zeros:
             check_zeros_kept(model_out, layers, parent_zeros, model_path)
-    warnings = _unchanged_merge_warning(layers, parent_manifest, stored_dtype)
+    warnings = (frozen_experts_warnings(frozen_experts, result.method)
+                + _unchanged_merge_warning(layers, parent_manifest, stored_dtype))
     manifest = stage_manifest(
         "finetune",
         parent=checkpoint.parent_record(model_path, parent_manifest),
@@ -206,6 +213,7 @@ def finetune(
             "eval_loss": result.eval_loss,
             "trainable_params": result.trainable_params,
         },
+        **({"frozen_experts": len(frozen_experts)} if frozen_experts else {}),
         **({"warnings": warnings} if warnings else {}),
     )
     if train_options.no_merge:
@@ -227,6 +235,21 @@ def _progress_callbacks(console, options: FinetuneStage) -> list:
     from spp_cli.render import training_progress
 
     return [TrainingProgress(training_progress(console), tokens_per_step=options.batch_size * options.seqlen)]
+
+
+def not_adapted(pruned: list[str], adapted: list[str]) -> list[str]:
+    """The pruned layers the adapter left frozen: fused MoE expert slices (adapters/base.split_fused_experts) that
+    its method cannot wrap, or a fused parameter masked-full found only partly pruned."""
+    adapted = set(adapted)
+    return [name for name in pruned if name not in adapted]
+
+
+def frozen_experts_warnings(frozen_experts: list[str], method: str) -> list[str]:
+    """What not_adapted found, said rather than hidden (one line on the console, and in spp.json)."""
+    if not frozen_experts:
+        return []
+    return [f"experts: {len(frozen_experts)} fused expert projections are not adapted (--method {method} has no "
+            "form for fused experts; spp and masked-full have); they stay frozen and keep their zeros"]
 
 
 def _unchanged_merge_warning(layers: dict, parent_manifest: dict | None, stored_dtype) -> list[str]:
@@ -272,15 +295,14 @@ def check_zeros_kept(model, layers: dict[str, dict], parent_zeros: dict[str, str
     changed = [name for name, record in layers.items() if record["zeros_sha256"] != parent_zeros[name]]
     if not changed:
         return
-    from spp_cli.stages.verify import open_weights
+    from pruners.experts import weight_of
+    from spp_cli.stored_weights import StoredWeights
 
     # the hashes differ: count lost zeros exactly against the parent's stored weights
-    handles = open_weights(Path(parent_dir))
-    modules = dict(model.named_modules())
+    stored = StoredWeights(Path(parent_dir))
     lost = []
     for name in changed:
-        parent = handles[f"{name}.weight"].get_tensor(f"{name}.weight")
-        if bool(((parent == 0) & (modules[name].weight.detach().cpu() != 0)).any()):
+        if bool(((stored[name] == 0) & (weight_of(model, name).detach().cpu() != 0)).any()):
             lost.append(name)
     if lost:
         raise CheckFailed(f"the merge lost zeros in {len(lost)} layers ({', '.join(lost[:3])}...): not saved")

@@ -10,15 +10,16 @@ from spp_cli import checkpoint
 from spp_cli.errors import BadInput
 from spp_cli.manifest import layers_record, stage_manifest, zeros_sha256
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
-from spp_cli.stages.finetune import check_zeros_kept
+from spp_cli.stages.finetune import check_zeros_kept, frozen_experts_warnings, not_adapted
 
 
 def merge_adapter(
     adapter_dir: str | Path, out: str | Path, *, overwrite: bool = False, allow_pickle: bool = False
 ) -> dict:
     """`spp merge`: load the adapter's base, check its masks, merge, check the zeros, save."""
+    from pruners.experts import weight_of
     from spp_cli.adapters import adapter_class, method_for_peft_type
-    from spp_cli.adapters.base import read_adapter_config
+    from spp_cli.adapters.base import default_targets, read_adapter_config
 
     started = time.time()
     adapter_dir, out = Path(adapter_dir), Path(out)
@@ -41,15 +42,15 @@ def merge_adapter(
     if existing_output(out, stage_fingerprint, overwrite):
         return {**checkpoint.read_manifest(out), "skipped": True}
     model, tokenizer = checkpoint.load_model(base, dtype="float32", allow_pickle=allow_pickle)
-    modules = dict(model.named_modules())
     stored_dtype = model.spp_stored_dtype
+    # the layers finetune recorded: the base's pruned ones, fused MoE experts (frozen, not adapted) included
+    pruned = default_targets(model, parent_manifest)
     # before loading: masked-full's adapter state is the target weights themselves
-    parent_zeros = {name: zeros_sha256(modules[name].weight) for name in config.get("target_modules", [])
-                    if name in modules}
+    parent_zeros = {name: zeros_sha256(weight_of(model, name)) for name in pruned}
     adapter, adapted = adapter_class(method.name).load(model, adapter_dir)
-    targets = adapter.target_modules()
+    frozen_experts = not_adapted(pruned, adapter.target_modules())
     model = adapter.merge(adapted).to(stored_dtype)
-    layers = layers_record(model, targets)
+    layers = layers_record(model, pruned)
     if adapter.keeps_zeros:
         check_zeros_kept(model, layers, parent_zeros, base)
     manifest = stage_manifest(
@@ -65,6 +66,8 @@ def merge_adapter(
         merged=True,
         adapter=adapter.record(),
         training=finetune_manifest.get("training"),
+        **({"frozen_experts": len(frozen_experts)} if frozen_experts else {}),
+        **({"warnings": frozen_experts_warnings(frozen_experts, method.name)} if frozen_experts else {}),
     )
     with tempfile.TemporaryDirectory() as scratch:
         adapter_copy = Path(scratch) / "adapter"

@@ -1,6 +1,7 @@
 """`spp verify`: does a checkpoint still have the zeros its spp.json declares?
 
-Reads the weights straight from the safetensors files (no model is built), then per pruned layer checks
+Reads the weights straight from the safetensors files (no model is built; an expert of fused MoE experts is read
+from wherever its checkpoint stores it: spp_cli/stored_weights.py), then per pruned layer checks
 - the declared N:M pattern (every group of M inputs in a row has at least N zeros),
 - the zero set against spp.json's `zeros_sha256`,
 - with a parent: lost zeros (a parent zero that is now nonzero: a violation) and extra zeros (counted, allowed).
@@ -13,27 +14,7 @@ import torch
 from spp_cli.checkpoint import read_manifest
 from spp_cli.errors import BadInput
 from spp_cli.manifest import zeros_sha256
-
-
-def open_weights(directory: Path) -> dict:
-    """tensor name -> safe_open handle holding it, over every safetensors shard of `directory`."""
-    from safetensors import safe_open
-
-    handles = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        handle = safe_open(str(path), framework="pt")
-        for key in handle.keys():
-            handles[key] = handle
-    if not handles:
-        raise BadInput(f"'{directory}' has no safetensors weights: point at a model directory")
-    return handles
-
-
-def read_weight(handles: dict, layer: str, directory: Path) -> torch.Tensor:
-    key = f"{layer}.weight"
-    if key not in handles:
-        raise BadInput(f"'{directory}' has no tensor '{key}' although spp.json lists it: the checkpoint is incomplete")
-    return handles[key].get_tensor(key)
+from spp_cli.stored_weights import StoredWeights
 
 
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
@@ -54,24 +35,24 @@ def verify_checkpoint(directory: str | Path, against: str | Path | None = None) 
     pattern = manifest.get("pattern") or "unstructured"
     dense = bool(manifest.get("dense"))  # a LoRA merge: no pattern to hold (its zeros are gone by design)
     n, m = map(int, pattern.split(":")) if ":" in pattern and not dense else (None, None)
-    handles = open_weights(directory)
-    parent_handles = None
+    stored = StoredWeights(directory)
+    parent_stored = None
     if against is not None:
         against = Path(against)
         if not against.is_dir():
             raise BadInput(f"--against '{against}' is not a directory: give the parent model directory")
-        parent_handles = open_weights(against)
+        parent_stored = StoredWeights(against)
     layers, problems = {}, []
     for name, record in manifest.get("layers", {}).items():
-        weight = read_weight(handles, name, directory)
+        weight = stored[name]
         entry = {"sparsity": round(float((weight == 0).float().mean()), 6)}
         if n is not None:
             entry["broken_groups"] = nm_violations(weight, n, m)
             if entry["broken_groups"]:
                 problems.append(f"{name}: {entry['broken_groups']} groups break {pattern}")
         entry["zeros_match_manifest"] = zeros_sha256(weight) == record.get("zeros_sha256")
-        if parent_handles is not None:
-            parent = read_weight(parent_handles, name, against)
+        if parent_stored is not None:
+            parent = parent_stored[name]
             if parent.shape != weight.shape:
                 raise BadInput(f"{name}: shape {list(weight.shape)} differs from the parent's {list(parent.shape)}")
             entry["lost_zeros"] = int(((parent == 0) & (weight != 0)).sum())
