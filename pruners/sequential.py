@@ -63,14 +63,6 @@ __all__ = [
 # observing a block's linears
 
 
-def _per_window(inp: torch.Tensor, windows: int) -> tuple[torch.Tensor, ...]:
-    """A linear's input for a forward of `windows` windows, (windows, T, c) or flattened (windows*T, c), as one
-    (1, T, c) tensor per window."""
-    if windows == 1:
-        return (inp,)
-    return inp.reshape(windows, -1, inp.shape[-1]).split(1)
-
-
 class _LinearObserver:
     """Forward pre-hooks on a block's target linears: feed `add_batch`, record call order and shared inputs.
 
@@ -117,12 +109,25 @@ class _LinearObserver:
             if owner == name and self.active(self.group[name]):
                 if name not in self.pruners:
                     self.pruners[name] = self.make_pruner(name)
-                for window in _per_window(inp, self._windows):  # the statistics' order stays one window a time
-                    self.pruners[name].add_batch(window)
+                self._add(self.pruners[name], inp)
             self._called[name] = self._called.get(name, 0) + 1
             if name == self.stop_after or (self._stop_when_complete and len(self._called) == self._expected):
                 raise StopForward
         return hook
+
+    def _add(self, pruner: Any, inp: torch.Tensor) -> None:
+        """Feed one forward's input to `pruner` one window at a time, in order, as the references do; several
+        windows are converted to fp32 once (the statistics' first step, exact), and Wanda takes their norms in
+        one reduction (`add_windows`)."""
+        if self._windows == 1:
+            pruner.add_batch(inp)
+            return
+        windows = inp.reshape(self._windows, -1, inp.shape[-1]).float()  # (W, T, c)
+        if hasattr(pruner, "add_windows"):
+            pruner.add_windows(windows)
+        else:
+            for window in windows.split(1):
+                pruner.add_batch(window)
 
     def stop_when_complete(self) -> None:
         """From the next pass on, end each pass once every linear has seen its input -- but only if every pass so

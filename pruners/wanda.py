@@ -31,6 +31,17 @@ def accumulate_input_norms(scaler_row: torch.Tensor, nsamples: int, inp: torch.T
     return nsamples
 
 
+def accumulate_window_norms(scaler_row: torch.Tensor, nsamples: int, windows: torch.Tensor) -> int:
+    """`accumulate_input_norms` for each window of `windows` (W, T, c) fp32 in turn, with the W column norms taken
+    in one reduction (the same reduction per window, so the result is bit for bit the one-window loop's)."""
+    squared = torch.linalg.vector_norm(windows, dim=1).square_()  # (W, c)
+    for row in squared:
+        scaler_row.mul_(nsamples / (nsamples + 1))
+        nsamples += 1
+        scaler_row.add_(row.div_(nsamples))
+    return nsamples
+
+
 def wanda_score(weight: torch.Tensor, scaler_row: torch.Tensor) -> torch.Tensor:
     """|W| * sqrt(scaler_row): (out, in) fp32 from a weight (out, in) and per-input statistics (in,)."""
     return weight.abs() * torch.sqrt(scaler_row.reshape(1, -1))
@@ -89,6 +100,11 @@ class WandaPruner:
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor) -> None:
         self.nsamples = accumulate_input_norms(self.scaler_row, self.nsamples, inp)
+
+    @torch.no_grad()
+    def add_windows(self, windows: torch.Tensor) -> None:
+        """`add_batch` of each window of `windows` (W, T, c) fp32, in order."""
+        self.nsamples = accumulate_window_norms(self.scaler_row, self.nsamples, windows)
 
     def share_statistics(self, other: WandaPruner) -> None:
         """Use `other`'s statistics (a linear fed the very same input tensor, e.g. k_proj beside q_proj)."""
