@@ -490,7 +490,7 @@ def summarize(label: str, method: str, runs: dict[str, list[dict]], checks: dict
     for task, values in (perplexity or {}).items():
         values["relative_difference_spp_vs_peer"] = round(values["spp"] / values["llmcompressor"] - 1, 5)
         targets[f"{task} perplexity within 1% of peer"] = abs(values["relative_difference_spp_vs_peer"]) <= 0.01
-    if method == "wanda":
+    if method == "wanda" and all("forward_two_passes_seconds" in run for run in runs["spp"]):
         baseline = statistics.median(run["forward_two_passes_seconds"] for run in runs["spp"])
         capture = statistics.median(run["forward_capture_seconds"] for run in runs["spp"])
         summary["spp_forward_two_passes_seconds"] = round(baseline, 3)
