@@ -18,6 +18,7 @@ Timestamps are time.time() (wall clock) so the driver can put them on one axis w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -35,6 +36,50 @@ def peak_rss_of_this_process_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+OWL_SPARSITIES: dict[str, float] = {}  # block name -> llm-compressor's OWL sparsity, as it inferred them
+
+
+def work_around_owl_bugs() -> None:
+    """Two bugs make llm-compressor 0.14.0.1's sparsity_profile="owl" fail inside oneshot; patch around both,
+    keeping its statistics, hooks, forward passes and formula its own:
+
+    1. `_infer_owl_layer_sparsity` runs from the modifier's on_initialize and calls the basic pipeline, whose
+       lifecycle events (calibration_start, sequential_epoch_end, calibration_end) raise ValueError("Cannot invoke
+       event before initializing"): those three events are silenced while `_get_activations` runs, and only then.
+    2. It returns a dict (block name -> sparsity), but on_calibration_start only unpacks a list (`case list()`), so
+       every linear gets the whole dict as its sparsity (TypeError in sparsify_weight): the dict is handed back as
+       a list in the order of the modifier's target blocks, the order on_calibration_start indexes it by.
+    """
+    from llmcompressor.core import LifecycleCallbacks
+    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
+
+    get_activations, infer = SparsityModifierBase._get_activations, SparsityModifierBase._infer_owl_layer_sparsity
+
+    def get_activations_before_initialization(self, model, dataloader, *args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for event in ("calibration_start", "sequential_epoch_end", "calibration_end"):
+                stack.enter_context(_patched(LifecycleCallbacks, event, classmethod(lambda cls, *a, **k: None)))
+            return get_activations(self, model, dataloader, *args, **kwargs)
+
+    def infer_as_list(self, model, layers, dataloader):
+        sparsities = infer(self, model, layers, dataloader)
+        OWL_SPARSITIES.update({name: float(value) for name, value in sparsities.items()})
+        return [float(sparsities[name]) for name in self._target_layers]
+
+    SparsityModifierBase._get_activations = get_activations_before_initialization
+    SparsityModifierBase._infer_owl_layer_sparsity = infer_as_list
+
+
+@contextlib.contextmanager
+def _patched(owner, name, value):
+    saved = owner.__dict__[name]
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF model directory")
@@ -43,6 +88,10 @@ def main() -> None:
     parser.add_argument("--mask-structure", default="0:0", help='"0:0" (unstructured) or "N:M"')
     parser.add_argument("--calibration", required=True, help="safetensors file with input_ids (nsamples, seqlen)")
     parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--sparsity-profile", choices=["uniform", "owl"], default="uniform",
+                        help='owl: the modifier\'s sparsity_profile="owl" with owl_m and owl_lmbda')
+    parser.add_argument("--owl-m", type=int, default=5, help="OWL's outlier threshold M (llm-compressor types it int)")
+    parser.add_argument("--owl-lmbda", type=float, default=0.08, help="OWL's lambda")
     parser.add_argument("--weights-out", required=True, help="safetensors file for the pruned decoder linears")
     parser.add_argument("--result", required=True, help="JSON file for the timings")
     args = parser.parse_args()
@@ -57,6 +106,8 @@ def main() -> None:
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from safetensors.torch import load_file, save_file
 
+    if args.sparsity_profile == "owl":
+        work_around_owl_bugs()
     imported = time.time()
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").eval()
     calibration = load_file(args.calibration)["input_ids"]  # (nsamples, seqlen) int64
@@ -64,8 +115,10 @@ def main() -> None:
     dataset = datasets.Dataset.from_dict({"input_ids": calibration.tolist()})
     block_classes = list(model._no_split_modules)
     modifier_class = SparseGPTModifier if args.method == "sparsegpt" else WandaPruningModifier
+    owl = {"sparsity_profile": "owl", "owl_m": args.owl_m, "owl_lmbda": args.owl_lmbda} if (
+        args.sparsity_profile == "owl") else {}
     recipe = modifier_class(sparsity=args.sparsity, mask_structure=args.mask_structure,
-                            targets=block_classes, ignore=["re:.*lm_head"])
+                            targets=block_classes, ignore=["re:.*lm_head"], **owl)
     loaded = time.time()
     model = oneshot(
         model=model, dataset=dataset, recipe=recipe, num_calibration_samples=nsamples, max_seq_length=seqlen,
@@ -94,6 +147,8 @@ def main() -> None:
         "min_layer_sparsity": round(min(sparsity.values()), 6),
         "max_layer_sparsity": round(max(sparsity.values()), 6),
         "pruned_linears": len(weights),
+        "sparsity_profile": args.sparsity_profile,
+        "owl_block_sparsity": OWL_SPARSITIES or None,  # llm-compressor's inferred OWL ratios (block name -> sparsity)
         "calibration": {"nsamples": nsamples, "seqlen": seqlen},
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "started": STARTED,

@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline-checkout", default=None,
                         help="--peer: also run the spp of this checkout (e.g. a git worktree of an earlier commit) "
                              "in the alternation, and check that its pruned weights are bit-identical to this one's")
+    parser.add_argument("--sparsity-profile", choices=["uniform", "owl"], default="uniform",
+                        help="--peer: owl gives both tools OWL's per-block sparsity (spp sparsity_profile='owl'; "
+                             "llm-compressor sparsity_profile='owl', owl_m, owl_lmbda) and compares their block ratios")
+    parser.add_argument("--owl-threshold", type=float, default=5.0, help="--sparsity-profile owl: M (an integer for "
+                        "llm-compressor, which types owl_m as int)")
+    parser.add_argument("--owl-lambda", type=float, default=0.08, help="--sparsity-profile owl: lambda")
     parser.add_argument("--repeats", type=int, default=3, help="--peer: runs per tool on the tiny model")
     parser.add_argument("--repeats-random", type=int, default=2,
                         help="--peer: runs per tool on every other model")
@@ -275,7 +281,9 @@ def run_matched_worker(args) -> None:
     calibration = load_file(args.worker_calibration)["input_ids"]  # (nsamples, seqlen)
     pattern = parse_pattern(args.pattern, args.sparsity)
     loaded = time.time()
-    reports = prune_model(model, calibration, args.worker_method, pattern)
+    blocks = []
+    reports = prune_model(model, calibration, args.worker_method, pattern, sparsity_profile=args.sparsity_profile,
+                          owl_threshold=args.owl_threshold, owl_lambda=args.owl_lambda, on_block=blocks.append)
     pruned = time.time()
     linears = prunable_linears(model)
     weights = {f"{name}.weight": linear.weight.detach().contiguous() for name, linear in linears.items()}
@@ -291,6 +299,9 @@ def run_matched_worker(args) -> None:
         "peak_rss_mb": round(_rss_mb("VmHWM"), 1),
         "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
+    if args.sparsity_profile == "owl":
+        result["owl_block_sparsity"] = [{"block": b.index, "sparsity": b.sparsity, "outlier_ratio": b.outlier_ratio}
+                                        for b in blocks]
     if args.worker_forward_baseline:  # after `done` and the RSS reading, so neither includes it
         result.update(time_plain_forwards(model, calibration))
     Path(args.worker_result).write_text(json.dumps(result))
@@ -384,11 +395,17 @@ def run_matched(tool: str, model_dir: Path, method: str, calibration: Path, weig
             command += ["--sparsity", str(args.sparsity)]
         if method == "wanda" and forward_baseline and tool == "spp":
             command.append("--worker-forward-baseline")
+        if args.sparsity_profile != "uniform":  # (a baseline checkout older than OWL knows no such option)
+            command += ["--sparsity-profile", args.sparsity_profile, "--owl-threshold", str(args.owl_threshold),
+                        "--owl-lambda", str(args.owl_lambda)]
     else:
         command = [str(peer_python), str(PEER_SCRIPT), "--model", str(model_dir), "--method", method,
                    "--sparsity", str(args.pattern_spec.sparsity), "--mask-structure", args.mask_structure,
                    "--calibration", str(calibration), "--threads", str(args.threads),
                    "--weights-out", str(weights_out), "--result", str(result_file)]
+        if args.sparsity_profile == "owl":
+            command += ["--sparsity-profile", "owl", "--owl-m", str(int(args.owl_threshold)),
+                        "--owl-lmbda", str(args.owl_lambda)]
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
                    "OMP_WAIT_POLICY": args.omp_wait_policy, "TOKENIZERS_PARALLELISM": "false"}
     load_before = os.getloadavg()[0]
@@ -424,13 +441,25 @@ def weights_sha256(weights: dict) -> str:
     return digest.hexdigest()
 
 
-def check_sparsity(weights: dict, pattern) -> dict:
-    """Per-linear sparsity of a pruned model's decoder linears against the pattern (and N:M structure)."""
+def owl_block_targets(run: dict) -> dict[int, float] | None:
+    """Block index -> the OWL sparsity a tool's run chose (spp: a list of rows; llm-compressor: name -> value)."""
+    found = run.get("owl_block_sparsity")
+    if isinstance(found, list):
+        return {row["block"]: row["sparsity"] for row in found}
+    return {int(name.rsplit(".", 1)[1]): value for name, value in found.items()} if found else None
+
+
+def check_sparsity(weights: dict, pattern, block_targets: dict[int, float] | None = None) -> dict:
+    """Per-linear sparsity of a pruned model's decoder linears against the pattern (and N:M structure), or with
+    OWL against each block's own target (Wanda keeps int(c*s) zeros per row: up to 1/c below it)."""
     layer_sparsity = {name: float((weight == 0).float().mean()) for name, weight in weights.items()}
     zeros = sum(int((weight == 0).sum()) for weight in weights.values())
     total = sum(weight.numel() for weight in weights.values())
     # wanda keeps int(c*s) per row, sparsegpt one <= threshold per 128-column block (a few ties over the target)
     ok = all(abs(value - pattern.sparsity) <= 0.005 for value in layer_sparsity.values())
+    if block_targets is not None:
+        ok = all(abs(value - block_targets[int(name.split(".layers.")[1].split(".")[0])])
+                 <= max(0.005, 1 / weights[name].shape[1]) for name, value in layer_sparsity.items())
     if pattern.is_nm:
         ok = ok and all(bool(((weight.reshape(weight.shape[0], -1, pattern.m) == 0).sum(-1) >= pattern.n).all())
                         for weight in weights.values())
@@ -517,7 +546,7 @@ def run_alternating(label: str, model_dir: Path, method: str, repeats: int, cali
             run = run_matched(tool, model_dir, method, calibration, weights_file, peer_python, args, log,
                               forward_baseline=label in ("tiny-llama", RANDOM_LLAMA))
             weights = read_linears(weights_file)
-            run["sparsity"] = check_sparsity(weights, args.pattern_spec)
+            run["sparsity"] = check_sparsity(weights, args.pattern_spec, owl_block_targets(run))
             hashes[tool].add(weights_sha256(weights))
             runs[tool].append(run)
             first.setdefault(tool, weights_file)
@@ -594,6 +623,11 @@ def run_peer_benchmark(args, methods: list[str]) -> dict:
                     for task, by_label in values.items()
                 }
                 summaries.append(summarize(label, method, runs, checks, perplexity))
+                if args.sparsity_profile == "owl":
+                    from bench_prune_owl import owl_comparison
+
+                    summaries[-1]["owl"] = owl_comparison(runs, model_dir, calibration_ids, args.pattern_spec.sparsity,
+                                                          args.owl_threshold, args.owl_lambda)
                 print(json.dumps({key: summaries[-1][key] for key in ("model", "method", "median",
                                   "ratio_spp_over_peer", "targets_met")}), flush=True)
             peer_versions = next(run["versions"] for runs, _, _ in measured.values() for run in runs["llmcompressor"])
@@ -603,14 +637,24 @@ def run_peer_benchmark(args, methods: list[str]) -> dict:
                    "sparsity": args.pattern_spec.sparsity, "nsamples": args.nsamples, "seqlen": args.seqlen,
                    "calibration": f"{args.calib} via spp_cli.data.sources.calibration_windows(tiny tokenizer, seed 0), "
                                   "the same input_ids for both tools and both models",
+                   "sparsity_profile": args.sparsity_profile,
+                   **({"owl_threshold": args.owl_threshold, "owl_lambda": args.owl_lambda}
+                      if args.sparsity_profile == "owl" else {}),
                    "methods": methods, "threads": args.threads, "omp_wait_policy": args.omp_wait_policy,
                    "repeats": {label: repeats for label, _, repeats, _, _ in models},
                    "baseline_checkout": args.baseline_checkout,
                    "peer_call": "oneshot(model, dataset=Dataset{input_ids}, recipe=<Modifier>(sparsity, "
                                 f"mask_structure={args.mask_structure!r}, targets=[decoder-block class], "
-                                "ignore=['re:.*lm_head']), num_calibration_samples=nsamples, max_seq_length=seqlen, "
+                                "ignore=['re:.*lm_head']" + (
+                                    f", sparsity_profile='owl', owl_m={int(args.owl_threshold)}, owl_lmbda="
+                                    f"{args.owl_lambda}; two 0.14.0.1 OWL bugs patched around: "
+                                    "bench_peer_llmcompressor.work_around_owl_bugs"
+                                    if args.sparsity_profile == "owl" else "") + "), "
+                                "num_calibration_samples=nsamples, max_seq_length=seqlen, "
                                 "shuffle_calibration_samples=False, batch_size=1, pipeline='sequential')",
-                   "spp_call": "prune_model(model, input_ids, method, pattern) (defaults: batch_size 1, device cpu)"},
+                   "spp_call": "prune_model(model, input_ids, method, pattern" + (
+                       ", sparsity_profile='owl', owl_threshold, owl_lambda" if args.sparsity_profile == "owl" else "")
+                   + ") (defaults: batch_size 1, device cpu)"},
         "models": report_models,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "loadavg_at_start": [round(x, 2) for x in load_at_start],
@@ -660,6 +704,9 @@ def main(argv: list[str] | None = None) -> None:
         write_report(run_memory_benchmark(args, methods), args.out or "bench_out/prune_memory.json")
         return
     if args.peer:
+        sys.path.insert(0, str(REPO / "scripts"))  # bench_prune_owl
+        if args.sparsity_profile == "owl" and args.owl_threshold != int(args.owl_threshold):
+            raise SystemExit(f"--owl-threshold {args.owl_threshold} must be an integer: llm-compressor's owl_m is")
         # the driver evaluates perplexity itself: same threads and wait policy as the children, set before torch loads
         os.environ.update(OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY=args.omp_wait_policy)
         if args.calib is None:

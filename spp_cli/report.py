@@ -1,8 +1,9 @@
 """`spp report RUN_DIR`: a markdown report and PNG plots from what the stages wrote (spp.json, results.json).
 
-Plots: metrics per evaluated model, per-layer sparsity of every model stage, the fine-tune loss curve, and with
-several fine-tunes of one parent (recipes/compare-recovery.yaml) the recovery table and its plot. Nothing is
-recomputed: the report reads the stage folders only (the zero check of the recovery table reads their weights).
+Plots: metrics per evaluated model, per-layer sparsity of every model stage, the fine-tune loss curve, with
+several fine-tunes of one parent (recipes/compare-recovery.yaml) the recovery table and its plot, and for a prune
+with `sparsity_profile: owl` each block's OWL sparsity against the uniform target (table, text bars and plot).
+Nothing is recomputed: the report reads the stage folders only (the recovery table's zero check reads their weights).
 """
 
 import json
@@ -200,6 +201,77 @@ def plot_recovery(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def owl_rows(manifest: dict) -> list[dict]:
+    """One row per pruned block of an OWL prune's spp.json: its outlier ratio (percent), OWL sparsity, the uniform
+    target, and the measured sparsity of the block's linears (zeros over weights, from the layer records)."""
+    profile = manifest["sparsity_profile"]
+    zeros: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    for name, record in manifest.get("layers", {}).items():
+        block = name.split("layers.")[-1].split(".", 1)[0] if "layers." in name else None
+        if block is not None:
+            size = record["shape"][0] * record["shape"][1]
+            zeros[block] = zeros.get(block, 0.0) + record["sparsity"] * size
+            weights[block] = weights.get(block, 0) + size
+    target = manifest["target_sparsity"]
+    return [{"block": int(block), "outlier_ratio": profile["outlier_ratio"].get(block),
+             "sparsity": sparsity, "target": target, "difference": sparsity - target,
+             "measured": zeros[block] / weights[block] if block in weights else None}
+            for block, sparsity in sorted(profile["layer_sparsity"].items(), key=lambda item: int(item[0]))]
+
+
+def owl_section(name: str, manifest: dict, rows: list[dict]) -> str:
+    """Markdown: what OWL did, a table of the blocks and a text bar per block (one # per percent of sparsity)."""
+    profile = manifest["sparsity_profile"]
+    target = manifest["target_sparsity"]
+    lines = [f"### {name}: OWL per-block sparsity (M = {profile['threshold']:g}, lambda = {profile['lambda']:g})\n",
+             "OWL (outlier-weighted layerwise sparsity) prunes a block less the more outlier features it has: its "
+             "outlier ratio is the percent of Wanda-metric entries |W_ij|·‖X_j‖ above M × their mean, and the ratios "
+             f"are rescaled to block sparsities spread over 2·lambda = {2 * profile['lambda']:g} whose mean is the "
+             f"uniform target {target:g}.\n",
+             "| block | outlier ratio (%) | OWL sparsity | uniform target | OWL − target | measured sparsity |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        ratio = "-" if row["outlier_ratio"] is None else f"{row['outlier_ratio']:.4f}"
+        measured = "-" if row["measured"] is None else f"{row['measured']:.4f}"
+        lines.append(f"| {row['block']} | {ratio} | {row['sparsity']:.4f} | {target:.4f} | "
+                     f"{row['difference']:+.4f} | {measured} |")
+    lines += ["", "```", f"sparsity per block (#: 1 percent; | marks the uniform target {target:g})"]
+    for row in rows:
+        bar = "#" * round(100 * row["sparsity"])
+        mark = round(100 * target)
+        bar = bar[:mark] + "|" + bar[mark:] if len(bar) >= mark else bar + " " * (mark - len(bar)) + "|"
+        lines.append(f"block {row['block']:>3} {bar} {row['sparsity']:.4f}")
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def plot_owl(name: str, manifest: dict, rows: list[dict], path: Path) -> None:
+    """Bars: each block's OWL sparsity; dashed line: the uniform target; dots (right axis): outlier ratio (%)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 3.6))
+    blocks = [row["block"] for row in rows]
+    axis.bar(blocks, [row["sparsity"] for row in rows], color="#4c72b0", label="OWL sparsity")
+    axis.axhline(manifest["target_sparsity"], linestyle="--", color="gray",
+                 label=f"uniform target {manifest['target_sparsity']:g}")
+    low = min(row["sparsity"] for row in rows)
+    axis.set_ylim(max(0.0, low - 0.05), min(1.0, max(row["sparsity"] for row in rows) + 0.05))
+    axis.set_xticks(blocks)
+    axis.set_xlabel("decoder block")
+    axis.set_ylabel("fraction of zero weights")
+    handles, labels = axis.get_legend_handles_labels()
+    ratios = [(row["block"], row["outlier_ratio"]) for row in rows if row["outlier_ratio"] is not None]
+    if ratios:
+        right = axis.twinx()
+        right.plot([b for b, _ in ratios], [r for _, r in ratios], "o-", color="#c44e52", label="outlier ratio (%)")
+        right.set_ylabel("outlier ratio (%)")
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    axis.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8)
+    axis.set_title(f"{name}: OWL per-block sparsity")
+    _save(plt, figure, path)
+
+
 def write_report(run_dir: str | Path) -> dict:
     """Write RUN_DIR/report.md and its PNGs; returns their paths."""
     run_dir = Path(run_dir)
@@ -237,6 +309,12 @@ def write_report(run_dir: str | Path) -> dict:
         )
     if plot_layer_sparsity(manifests, run_dir / "sparsity.png"):
         sections.append("\n![per-layer sparsity](sparsity.png)\n")
+    for name, manifest in manifests.items():
+        if (manifest.get("sparsity_profile") or {}).get("profile") == "owl":
+            rows = owl_rows(manifest)
+            sections.append(owl_section(name, manifest, rows))
+            plot_owl(name, manifest, rows, run_dir / f"owl-{name}.png")
+            sections.append(f"\n![OWL per-block sparsity of {name}](owl-{name}.png)\n")
     if plot_loss(manifests, run_dir / "loss.png"):
         sections.append("## Fine-tuning\n\n![fine-tune loss](loss.png)\n")
     report = run_dir / "report.md"

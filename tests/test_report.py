@@ -47,3 +47,33 @@ def test_recovery_table_of_a_comparison_run(tmp_path):
     report = (run / "report.md").read_text()
     assert "## Recovery" in report and "| masked-full | masked-full | 81,920 | yes |" in report
     assert str(run / "recovery.png") in written["plots"]
+
+
+def test_owl_prune_reports_each_block_sparsity_against_the_target(tmp_path):
+    run = tmp_path / "run"
+    prune("builtin:tiny-llama", run / "prune", method="wanda", sparsity=0.6, sparsity_profile="owl",
+          calib="builtin:python-docs:train", nsamples=4, seqlen=32, device="cpu")
+    manifest = json.loads((run / "prune" / "spp.json").read_text())
+    profile = manifest["sparsity_profile"]
+
+    written = write_report(run)
+    report = (run / "report.md").read_text()
+    assert "### prune: OWL per-block sparsity (M = 5, lambda = 0.08)" in report
+    assert "whose mean is the uniform target 0.6" in report
+    for block in range(4):  # the tiny model's 4 blocks, each row from spp.json's values
+        sparsity, ratio = profile["layer_sparsity"][str(block)], profile["outlier_ratio"][str(block)]
+        layers = {n: r for n, r in manifest["layers"].items() if n.startswith(f"model.layers.{block}.")}
+        size = {n: r["shape"][0] * r["shape"][1] for n, r in layers.items()}
+        measured = sum(r["sparsity"] * size[n] for n, r in layers.items()) / sum(size.values())
+        row = (f"| {block} | {ratio:.4f} | {sparsity:.4f} | 0.6000 | {sparsity - 0.6:+.4f} | {measured:.4f} |")
+        assert row in report, row
+        width = round(100 * sparsity)  # one # per percent, the target marked by | at 60
+        bar = "#" * 60 + "|" + "#" * (width - 60) if width >= 60 else "#" * width + " " * (60 - width) + "|"
+        assert f"block {block:>3} {bar} {sparsity:.4f}" in report
+        # Wanda keeps int(in_features * s) zeros per row: the measured block sparsity is at most 1/128 below
+        assert 0 <= sparsity - measured < 1 / 128
+    assert str(run / "owl-prune.png") in written["plots"]
+    uniform = tmp_path / "uniform"
+    prune("builtin:tiny-llama", uniform / "prune", method="magnitude", sparsity=0.6, device="cpu")
+    write_report(uniform)
+    assert "OWL" not in (uniform / "report.md").read_text()
