@@ -1,10 +1,13 @@
 """(IA)³ on the pruned linears, with PEFT's own implementation and merge: learned scaling vectors.
 
 Source: Liu et al., "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning"
-(T-Few, arXiv 2205.05638), whose (IA)³ recipe trains the vectors with lr 3e-3; PEFT's IA3Config. The vectors start
-at 1 (the adapted model is the pruned one exactly). A feed-forward layer (PEFT's mapping for the architecture,
-e.g. LLaMA's down_proj) scales its input, y = W (x ⊙ l), every other layer its output, y = (W x) ⊙ l; PEFT's merge
-writes W ⊙ l (columns or rows), so a zero of W stays zero. The stage verifies the zero set after the merge.
+(T-Few, arXiv 2205.05638), whose (IA)³ recipe trains the vectors with lr 3e-3 (r-three/t-few at 114dece,
+configs/ia3.json line 9: "lr": 3e-3, 1000 steps; its optimizer is Adafactor with linear decay, 6% warm-up and no
+weight decay, src/utils/Config.py lines 53-58, where spp trains every method with AdamW); PEFT's IA3Config. The
+vectors start at 1 (the adapted model is the pruned one exactly). A feed-forward layer (PEFT's mapping for the
+architecture, e.g. LLaMA's down_proj) scales its input, y = W (x ⊙ l), every other layer its output,
+y = (W x) ⊙ l; PEFT's merge writes W ⊙ l (columns or rows), so a zero of W stays zero.
+The stage verifies the zero set after the merge.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The quality upper bound of the zero-keeping methods (PERP, Zimmer et al., arXiv 2312.15230, retrains all the
 pruned weights as its reference; so does SparseGPT's and Wanda's "sparse fine-tuning" follow-up work). Default
-lr 2e-5: Stanford Alpaca's full fine-tuning recipe (Taori et al. 2023, github.com/tatsu-lab/stanford_alpaca).
+lr 2e-5: Stanford Alpaca's full fine-tuning recipe (Taori et al. 2023; tatsu-lab/stanford_alpaca at 761dc5b,
+README.md lines 146-148: --learning_rate 2e-5 --weight_decay 0. --warmup_ratio 0.03, cosine schedule, 3 epochs).
 
 How the zeros are kept: a gradient hook multiplies ∂L/∂W by 1[W ≠ 0] (so AdamW's moments stay zero there and
 its update is exactly zero), and after every optimizer step W ← W ⊙ 1[W ≠ 0] is written again, so neither

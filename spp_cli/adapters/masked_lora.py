@@ -5,13 +5,24 @@
 
 Sources: SQFT (Muñoz et al., "SQFT: Low-cost Model Adaptation in Low-precision Sparse Foundation Models",
 arXiv 2410.03750, its "SparsePEFT") and PERP's MaskLoRA (Zimmer et al., "PERP: Rethinking the Prune-Retrain
-Paradigm in the Era of LLMs", arXiv 2312.15230). Both build on LoRA with LoRA's own hyper-parameters; the defaults
-here are those of lora.py (alpaca-lora: r 8, alpha 16, dropout 0.05, lr 3e-4). Init as PEFT's LoRA: A
-kaiming-uniform (a=√5), B zero, so the adapted model starts exactly at the pruned one. Unlike SPP's rescaling,
-the update has full rank on the support (spec/spp-method.md §1.4).
+Paradigm in the Era of LLMs", arXiv 2312.15230). Defaults are those of lora.py (tloen/alpaca-lora finetune.py
+at 8bb8579, lines 37-43: learning_rate 3e-4, lora_r 8, lora_alpha 16, lora_dropout 0.05). The masked-LoRA
+sources agree on the learning rate: SQFT's "SQFT + SparsePEFT" command (IntelLabs/Hardware-Aware-Automated-
+Machine-Learning at fc29bc7, SQFT/README.md line 202; SQFT/legacy/run_command/llama-3-8b/run.sh line 31 with
+--sparse_adapter) trains with 3e-4 (r 32, alpha 64, dropout 0.1, cosine, 100 warm-up steps, 3 epochs); PERP's
+main.py (ZIB-IOL/PERP at 0d4554b, lines 41-52) defaults to 5e-4 with r 16, alpha 32, dropout 0, 20 iterations of
+a small retraining budget. Init as PEFT's LoRA: A kaiming-uniform (a=√5), B zero, so the adapted model starts
+exactly at the pruned one. Unlike SPP's rescaling, the update has full rank on the support (spec/spp-method.md
+§1.4).
 
-Memory: the forward builds (B A) ⊙ mask, an out × in fp32 tensor kept for backward, plus a bool mask buffer per
-layer (out × in bytes); scripts/bench_finetune.py measures both against LoRA.
+Memory and time: no out × in tensor is kept for backward. Two custom autograd functions rebuild (B A) ⊙ M in
+backward from A, B and the bool support (out × in bytes per layer, a buffer):
+- with branch dropout (training, p > 0), `_MaskedBranch`: y = x Wᵀ + b + s·xd Δᵀ, PEFT's LoRA semantics
+  (dropout on the branch input only). 2 GEMMs forward, 3 backward (∂x from W, ∂xd from Δ, P = gᵀ xd).
+- without it (p = 0, or eval), `_MaskedFused`: y = x (W + s·Δ)ᵀ + b in one GEMM; ∂x = g (W + s·Δ), P = gᵀ x.
+  The same function (sums in another order), and what recipes/compare-recovery.yaml runs.
+Gradients (both): P' = s·P ⊙ M (out, in); ∂B = P' Aᵀ, ∂A = Bᵀ P'. scripts/bench_finetune.py measures both
+forms against LoRA (scripts/bench_results/finetune_methods.json).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spp_cli.adapters.base import Adapter, WrappedLinear, resolve_targets, set_submodule
+from spp_cli.adapters.spp import _compute_dtype
 
 
 @dataclass
@@ -36,6 +48,84 @@ class MaskedLoRAConfig:
     @property
     def scale(self) -> float:
         return self.lora_alpha / self.r
+
+
+def masked_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Δ = (B A) ⊙ M, fp32, (out, in): B (out, r), A (r, in), M the bool support (out, in)."""
+    return (lora_B.float() @ lora_A.float()).mul_(support)
+
+
+def _lora_grads(p: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, support: torch.Tensor,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """∂A (r, in), ∂B (out, r) from P = gᵀ x (out, in), the gradient of the unscaled, unmasked update.
+
+    P' = s·P ⊙ M ;  ∂A = Bᵀ P' ;  ∂B = P' Aᵀ     (P is overwritten)
+    """
+    masked = p.float().mul_(support).mul_(scale)
+    return (lora_B.float().t() @ masked).to(lora_A.dtype), (masked @ lora_A.float().t()).to(lora_B.dtype)
+
+
+class _MaskedBranch(torch.autograd.Function):
+    """The branch s · xd Δᵀ (N, out) for xd (N, in), with Δ = (B A) ⊙ M rebuilt in backward instead of kept.
+
+    Saved for backward: xd, A, B and the support (a buffer already resident), never an out×in float tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, xd, lora_A, lora_B, support, scale):
+        dtype = _compute_dtype(lora_A)  # fp32 unless autocast is on (as F.linear on the fp32 Δ would run)
+        delta = masked_delta(lora_A, lora_B, support).to(dtype)  # freed on return
+        out = F.linear(xd.to(dtype), delta).mul_(scale)
+        ctx.save_for_backward(xd, lora_A, lora_B, support)
+        ctx.scale, ctx.dtype = scale, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xd, lora_A, lora_B, support = ctx.saved_tensors
+        scale, dtype = ctx.scale, ctx.dtype
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (N, out)
+        grad_xd = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            delta = masked_delta(lora_A, lora_B, support).mul_(scale).to(dtype)
+            grad_xd = (g @ delta).view_as(xd).to(xd.dtype)
+            del delta
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            p = g.t() @ xd.reshape(-1, xd.shape[-1]).to(dtype)  # (out, in)
+            grad_A, grad_B = _lora_grads(p, lora_A, lora_B, support, scale)
+        return grad_xd, grad_A, grad_B, None, None
+
+
+def _merged_for_matmul(weight, lora_A, lora_B, support, scale, dtype):
+    """W + s·Δ in `dtype` with one out×in fp32 temp."""
+    return masked_delta(lora_A, lora_B, support).mul_(scale).add_(weight.float()).to(dtype)
+
+
+class _MaskedFused(torch.autograd.Function):
+    """x (W + s·Δ)ᵀ + b in one GEMM, the branch without dropout; the merged weight is rebuilt in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, support, scale):
+        dtype = _compute_dtype(x)
+        merged = _merged_for_matmul(weight, lora_A, lora_B, support, scale, dtype)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, support)
+        ctx.scale, ctx.dtype = scale, dtype
+        return F.linear(x.to(dtype), merged, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_A, lora_B, support = ctx.saved_tensors
+        scale, dtype = ctx.scale, ctx.dtype
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (N, out)
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            merged = _merged_for_matmul(weight, lora_A, lora_B, support, scale, dtype)
+            grad_x = (g @ merged).view_as(x).to(x.dtype)
+            del merged
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            p = g.t() @ x.reshape(-1, x.shape[-1]).to(dtype)  # (out, in)
+            grad_A, grad_B = _lora_grads(p, lora_A, lora_B, support, scale)
+        return grad_x, None, None, grad_A, grad_B, None, None
 
 
 class MaskedLoRALinear(WrappedLinear):
@@ -57,14 +147,18 @@ class MaskedLoRALinear(WrappedLinear):
 
     def delta(self) -> torch.Tensor:
         """(B A) ⊙ 1[W ≠ 0], fp32, (out, in)."""
-        return (self.lora_B @ self.lora_A) * self.support
+        return masked_delta(self.lora_A, self.lora_B, self.support)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out). Dropout (training only) acts on the branch input, as in PEFT's LoRA."""
+        weight, bias = self.base.weight, self.base.bias
+        if self.dropout_p == 0 or not self.training:  # xd is x: one GEMM with the merged weight
+            return _MaskedFused.apply(x, weight, bias, self.lora_A, self.lora_B, self.support, self.scale)
         result = self.base(x)
-        xd = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
-        delta = self.delta()
-        return result + (F.linear(xd.to(delta.dtype), delta) * self.scale).to(result.dtype)
-
+        xd = F.dropout(x, self.dropout_p, self.training)
+        branch = _MaskedBranch.apply(xd.reshape(-1, xd.shape[-1]), self.lora_A, self.lora_B, self.support,
+                                     self.scale)
+        return result + branch.view(*result.shape[:-1], -1).to(result.dtype)
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """The base nn.Linear with W ← W + s·(B A) ⊙ 1[W ≠ 0] written into it (fp32 math, W's dtype)."""
