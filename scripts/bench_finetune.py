@@ -1,7 +1,9 @@
 """Benchmark: every recovery method's training-step time and peak memory against PEFT LoRA (r=8), same targets.
 
 Variants: lora (PEFT, r 8), the SPP forwards naive / recompute / fused, and the other methods of
-spp_cli/adapters at their defaults: masked-lora (r 8), ia3 (PEFT), masked-full (mask re-applied after each step).
+spp_cli/adapters at their defaults: masked-lora (r 8, dropout 0.05: the split form), masked-lora-d0 (dropout 0:
+the one-GEMM fused form, as recipes/compare-recovery.yaml runs it), ia3 (PEFT), masked-full (mask re-applied
+after each step). The load average is recorded before and after (on a shared machine, read ratios, not seconds).
 
 A step is forward + backward + AdamW step on one batch (default 4 × 256 tokens). Variants run alternating, one
 step each per round, and the median over rounds is reported. Peak memory is measured in a child process per
@@ -30,8 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("lora", "naive", "recompute", "fused", "masked-lora", "ia3", "masked-full")
-ADAPTER_METHODS = ("masked-lora", "ia3", "masked-full")  # built through the adapter interface at their defaults
+VARIANTS = ("lora", "naive", "recompute", "fused", "masked-lora", "masked-lora-d0", "ia3", "masked-full")
+# built through the adapter interface: variant -> (method, options other than its defaults)
+ADAPTER_METHODS = {"masked-lora": ("masked-lora", {}), "masked-lora-d0": ("masked-lora", {"dropout": 0.0}),
+                   "ia3": ("ia3", {}), "masked-full": ("masked-full", {})}
 MODELS = {
     # name: LlamaConfig kwargs (random init, magnitude-pruned to 50% per matrix before timing)
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -70,7 +74,8 @@ def adapt(base: torch.nn.Module, variant: str):
         from spp_cli.adapters import adapter_class
         from spp_cli.recipe_schema import FinetuneStage
 
-        adapter = adapter_class(variant).from_options(FinetuneStage(data="unused", method=variant))
+        method, options = ADAPTER_METHODS[variant]
+        adapter = adapter_class(method).from_options(FinetuneStage(data="unused", method=method, **options))
         model = adapter.inject(model, targets)
         after_step = adapter.after_optimizer_step
     else:
@@ -167,6 +172,7 @@ def main() -> None:
         return
 
     variants = args.variants.split(",")
+    load_before = os.getloadavg()
     results = {}
     for name in args.models.split(","):
         timing = time_variants(name, variants, batch_shape, args.rounds, args.device)
@@ -191,7 +197,9 @@ def main() -> None:
                      "same batch",
         "batch": list(batch_shape), "rounds": args.rounds, "device": args.device,
         "dtype": "float32", "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
+                                "after": [round(x, 2) for x in os.getloadavg()]},
         "faithful_default": FAITHFUL_DEFAULT, "targets": {"faithful": {"step": 1.6, "memory": 1.2},
                                                           "fused": {"step": 1.3, "memory": 1.1},
                                                           "masked-lora": {"step": 1.8, "memory": 1.3},
