@@ -25,6 +25,8 @@ import copy
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,7 +278,30 @@ def _training_callbacks(adapter: Adapter, model: nn.Module, memory: dict) -> lis
             if "bytes" not in memory and optimizer is not None:
                 memory["bytes"] = training_state_bytes(model, optimizer)
 
-    return [AfterOptimizerStep()]
+    class InterruptAtStepEnd(TrainerCallback):
+        """Ctrl-C raises KeyboardInterrupt where it lands; one landing inside a __del__ or weakref callback is
+        printed and dropped by Python, and training would run on to the end. The flag re-raises it at the step's
+        end (tests/test_faults.py's ctrl-c case caught such a run exiting 0)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.interrupted = False
+            if threading.current_thread() is threading.main_thread():
+                self.previous = signal.getsignal(signal.SIGINT)
+                signal.signal(signal.SIGINT, self._on_sigint)
+
+        def _on_sigint(self, signum, frame):
+            self.interrupted = True
+            raise KeyboardInterrupt
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.interrupted:
+                raise KeyboardInterrupt
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if getattr(self, "previous", None) is not None:
+                signal.signal(signal.SIGINT, self.previous)
+
+    return [AfterOptimizerStep(), InterruptAtStepEnd()]
 
 
 def training_state_bytes(model: nn.Module, optimizer) -> int:
