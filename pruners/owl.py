@@ -11,6 +11,7 @@ computes it (`prune_wanda_outlier`, `prune_sparsegpt_outlier`, `prune_mag_outlie
    n_i - mean(n) + (1 - s); sparsity_i = 1 - density_i. So mean(sparsity) = s exactly, max - min = 2*lambda, and
    the block with the most outliers is pruned least.
 The block ratios then replace the uniform sparsity for Wanda, SparseGPT or magnitude (unstructured only).
+With a BlockStore (a streamed prune) the dense pass holds one block at a time; the prune pass then loads each again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from pruners.blocks import PrunerOptionError, block_outputs, capture_block_inputs
+from pruners.streaming import BlockStore
 from pruners.wanda import accumulate_input_norms, wanda_score
 
 DEFAULT_THRESHOLD = 5.0  # M: the reference README's commands and the paper (main.py's argparse default is 3)
@@ -85,13 +87,21 @@ class _InputNorms:
 
 def owl_profile(model: nn.Module, blocks: nn.ModuleList, per_block: list[dict[str, nn.Linear]],
                 calibration_ids: torch.Tensor, batches: list[slice], device: torch.device, target: float,
-                threshold: float = DEFAULT_THRESHOLD, lam: float = DEFAULT_LAMBDA) -> OwlProfile:
-    """The OWL block sparsities of `model` (not modified): one dense pass over every block with target linears.
+                threshold: float = DEFAULT_THRESHOLD, lam: float = DEFAULT_LAMBDA,
+                store: BlockStore | None = None) -> OwlProfile:
+    """The OWL block sparsities of `model` (not modified): one dense pass over every block up to the last one with
+    target linears, each fed the previous dense block's outputs (the reference's propagation).
 
     per_block[i]: name -> linear of block i's targets. calibration_ids: (nsamples, seqlen); batches slice it.
+    store (pruners/streaming.py): the blocks may be weightless; each is filled by store.load_block just before its
+    pass and emptied by store.unload_block right after (one block in memory at a time), and the profile is kept
+    with the run (store.save_owl_profile). A profile the store already holds (a killed run's, when resuming) is
+    returned as it is, so the remaining blocks get the ratios the finished ones were pruned with.
     Raises PrunerOptionError when a block's sparsity falls outside (0, 1) (lambda too large for the target).
     """
     check_owl_options(threshold, lam)
+    if store is not None and (saved := store.saved_owl_profile()) is not None:
+        return saved
     last = max(i for i, linears in enumerate(per_block) if linears)
     captured = capture_block_inputs(model, blocks, calibration_ids, batches, device,
                                     lambda shape, dtype: torch.device("cpu"))
@@ -99,6 +109,8 @@ def owl_profile(model: nn.Module, blocks: nn.ModuleList, per_block: list[dict[st
     ratios: list[float | None] = [None] * len(blocks)
     for index in range(last + 1):
         block, linears = blocks[index], per_block[index]
+        if store is not None:
+            store.load_block(index, block)
         home = next(block.parameters()).device
         block.to(device)
         collector = _InputNorms(linears, device)
@@ -111,6 +123,8 @@ def owl_profile(model: nn.Module, blocks: nn.ModuleList, per_block: list[dict[st
             metrics = [wanda_score(lin.weight.float(), collector.scaler_row[name]) for name, lin in linears.items()]
             ratios[index] = outlier_ratio(metrics, threshold)
         block.to(home)
+        if store is not None:
+            store.unload_block(index, block)
         inputs, outputs = outputs, inputs
     pruned = [i for i, r in enumerate(ratios) if r is not None]
     values = owl_sparsities([ratios[i] for i in pruned], target, lam)
@@ -122,4 +136,7 @@ def owl_profile(model: nn.Module, blocks: nn.ModuleList, per_block: list[dict[st
                 f"below {min(target, 1 - target) / 2:g} or move the sparsity away from 0 and 1"
             )
         sparsities[i] = value
-    return OwlProfile(ratios, sparsities)
+    profile = OwlProfile(ratios, sparsities)
+    if store is not None:
+        store.save_owl_profile(profile)
+    return profile

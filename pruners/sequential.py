@@ -226,9 +226,6 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
                 f"{pattern.sparsity:g}: use pattern unstructured or sparsity_profile uniform"
             )
         owl.check_owl_options(owl_threshold, owl_lambda)
-        if store is not None:
-            raise PrunerOptionError("sparsity_profile owl reads every dense block before pruning the first; it "
-                                    "needs the whole model in memory, not a block store")
     prefix, blocks = find_decoder_blocks(model)
     linears = prunable_linears(model, targets, ignore)
     if not linears:
@@ -274,7 +271,7 @@ def prune_model(model: nn.Module, calibration_ids: torch.Tensor | None, method: 
                 _check_calibration(calibration_ids, method)
                 profile = owl.owl_profile(model, blocks, per_block, calibration_ids,
                                           _batches(calibration_ids, batch_size), device, pattern.sparsity,
-                                          owl_threshold, owl_lambda)
+                                          owl_threshold, owl_lambda, store)
                 patterns = [pattern if s is None else SparsityPattern(s) for s in profile.sparsities]
                 outlier_ratios = profile.outlier_ratios
             blocks_report = _block_reporter(on_block, patterns, outlier_ratios)

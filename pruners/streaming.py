@@ -5,18 +5,23 @@
 store to fill block i just before it runs (`load_block`) and hands it back once it is pruned and has produced the
 next block's inputs (`block_done`), so the store can write it out and free it. A store that remembers finished
 blocks can also start the driver later than block 0 (`first_block`, with `resume_inputs`: the hidden states that
-enter that block), which is how a killed prune resumes. This package knows nothing of files: the store that reads
-and writes safetensors lives in spp_cli/stages/prune_streaming.py.
+enter that block), which is how a killed prune resumes. OWL's dense pass over every block before the first is
+pruned loads and unloads each block once more (`unload_block`) and keeps its profile with the run
+(`save_owl_profile`). This package knows nothing of files: the store that reads and writes safetensors lives in
+spp_cli/stages/prune_streaming.py.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
 from pruners.reports import LayerReport
+
+if TYPE_CHECKING:
+    from pruners.owl import OwlProfile
 
 
 class BlockStore(Protocol):
@@ -28,6 +33,16 @@ class BlockStore(Protocol):
 
     def load_block(self, index: int, block: nn.Module) -> None:
         """Give `block` (decoder block `index`) its weights, on CPU in the compute dtype, before it runs."""
+
+    def unload_block(self, index: int, block: nn.Module) -> None:
+        """Free `block` (left weightless) without keeping anything: OWL's dense pass (pruners/owl.py) reads every
+        block before the first is pruned, and the prune pass loads it again."""
+
+    def saved_owl_profile(self) -> OwlProfile | None:
+        """The OWL profile `save_owl_profile` kept for this run (a killed run's, when resuming), else None."""
+
+    def save_owl_profile(self, profile: OwlProfile) -> None:
+        """Keep the OWL profile with the run, so a resumed prune uses the ratios its finished blocks got."""
 
     def block_done(self, index: int, block: nn.Module, reports: list[LayerReport],
                    next_inputs: torch.Tensor | None) -> None:

@@ -213,9 +213,6 @@ class PruneStage(Stage):
             fail(f"dsnot refines a wanda or sparsegpt mask, not {self.method}: use method wanda", "refine")
         if self.refine == "dsnot" and self.use_variant:
             fail("dsnot starts from Wanda's per-row mask: drop use_variant", "refine")
-        if self.streaming == "on" and self.sparsity_profile == "owl":
-            fail("on cannot serve owl, which reads every dense block before pruning the first: use streaming auto",
-                 "streaming")
 
 
 DEFAULT_SPARSITY = 0.5  # DESIGN.md's CLI default, for recipes and commands alike

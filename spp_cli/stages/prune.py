@@ -28,14 +28,24 @@ def parse_pattern(pattern: str, sparsity: float):
         raise BadInput(str(error)) from None
 
 
-def new_option_records(stage: PruneStage, blocks: list, reports: list) -> dict:
+def owl_blocks(blocks_seen: list, store) -> dict[int, tuple[float, float]]:
+    """Block index -> (OWL sparsity, outlier ratio) of every pruned block: from the profile a streamed run keeps
+    (which covers the blocks a killed run pruned before this one resumed it), else from this run's BlockReports."""
+    profile = store.saved_owl_profile() if store is not None else None
+    if profile is None:
+        return {b.index: (b.sparsity, b.outlier_ratio) for b in blocks_seen}
+    return {index: (sparsity, ratio) for index, (sparsity, ratio)
+            in enumerate(zip(profile.sparsities, profile.outlier_ratios, strict=True)) if sparsity is not None}
+
+
+def new_option_records(stage: PruneStage, owl: dict[int, tuple[float, float]], reports: list) -> dict:
     """spp.json entries for OWL (each block's outlier ratio and sparsity), DSnoT and MoE fallbacks, when used."""
     records = {}
     if stage.sparsity_profile == "owl":
         records["sparsity_profile"] = {
             "profile": "owl", "threshold": stage.owl_threshold, "lambda": stage.owl_lambda,
-            "layer_sparsity": {str(b.index): round(b.sparsity, 8) for b in blocks},
-            "outlier_ratio": {str(b.index): round(b.outlier_ratio, 8) for b in blocks},
+            "layer_sparsity": {str(index): round(sparsity, 8) for index, (sparsity, _) in owl.items()},
+            "outlier_ratio": {str(index): round(ratio, 8) for index, (_, ratio) in owl.items()},
         }
     if stage.refine != "none":
         records["refine"] = stage.refine
@@ -117,7 +127,7 @@ def prune(
 
         calibration_texts = read_texts(calib)  # a bad source fails before a large model is loaded
     streamed = None
-    if stage.sparsity_profile != "owl" and prune_streaming.wants_streaming(stage.streaming, model_path):
+    if prune_streaming.wants_streaming(stage.streaming, model_path):
         try:
             streamed = prune_streaming.open_streamed_model(model_path, dtype, trust_remote_code)
         except prune_streaming.NotStreamable as reason:
@@ -192,7 +202,7 @@ def prune(
         dense=False,
         layers=layers,
         damping={r.name: r.damping for r in all_reports if r.damping is not None and r.damping > 0.01 + 1e-12},
-        **new_option_records(stage, blocks_seen, all_reports),
+        **new_option_records(stage, owl_blocks(blocks_seen, store), all_reports),
         config=options,
         fingerprint=stage_fingerprint,
     )

@@ -183,6 +183,7 @@ class StreamingStore:
         self.layers: dict[str, dict] = {}  # spp.json layer entries of the finished blocks
         self.lock = None
         self.resumed_from: int | None = None  # the first block of this run, when it continues a killed one
+        self.owl_profile: dict | None = None  # OwlProfile fields, once OWL's dense pass has run
 
     # -- the staging directory ----------------------------------------------------------------------------------
 
@@ -201,6 +202,7 @@ class StreamingStore:
         if state is not None and state.get("fingerprint") == self.fingerprint and self.writer.laid_out():
             self.first_block = state["next_block"]
             self.done_blocks, self.reports, self.layers = state["done_blocks"], state["reports"], state["layers"]
+            self.owl_profile = state.get("owl_profile")
             self.resumed_from = self.first_block if self.first_block > 0 else None
             return
         for entry in self.staging.iterdir():
@@ -217,7 +219,8 @@ class StreamingStore:
 
     def _write_state(self, next_inputs_file: str | None) -> None:
         state = {"fingerprint": self.fingerprint, "next_block": self.first_block, "done_blocks": self.done_blocks,
-                 "inputs": next_inputs_file, "reports": self.reports, "layers": self.layers}
+                 "inputs": next_inputs_file, "reports": self.reports, "layers": self.layers,
+                 "owl_profile": self.owl_profile}
         temporary = self.staging / (RESUME_FILE + ".tmp")
         temporary.write_text(json.dumps(state), encoding="utf-8")
         os.replace(temporary, self.staging / RESUME_FILE)  # atomic: a kill leaves the old state or the new one
@@ -250,6 +253,23 @@ class StreamingStore:
         for relative, full in names.items():
             _set_tensor(block, relative, tensors.pop(full).to(current[relative].dtype))
 
+    def unload_block(self, index: int, block: nn.Module) -> None:
+        """Back to weightless, keeping nothing (after OWL's dense pass; block_done after the prune pass)."""
+        current = block.state_dict()
+        for relative in list(current):
+            _set_tensor(block, relative, torch.empty_like(current.pop(relative), device="meta"))
+        release_freed_memory()
+
+    def saved_owl_profile(self):
+        from pruners.owl import OwlProfile
+
+        return None if self.owl_profile is None else OwlProfile(**self.owl_profile)
+
+    def save_owl_profile(self, profile) -> None:
+        """Kept in resume.json from now on (floats round-trip exactly through JSON)."""
+        self.owl_profile = dataclasses.asdict(profile)
+        self._write_state((self._read_state() or {}).get("inputs"))
+
     def block_done(self, index: int, block: nn.Module, reports: list, next_inputs: torch.Tensor | None) -> None:
         from pruners.experts import weight_of
 
@@ -260,10 +280,8 @@ class StreamingStore:
         for report in reports:  # weight_of: an MoE expert is a slice of a fused parameter, not a module
             self.layers[report.name] = layer_record(self._as_stored(weight_of(self.streamed.model, report.name)))
         self.reports += [dataclasses.asdict(report) for report in reports]
-        for relative in list(current):  # free the block: back to weightless
-            _set_tensor(block, relative, torch.empty_like(current.pop(relative), device="meta"))
-        del stored
-        release_freed_memory()
+        del current, stored
+        self.unload_block(index, block)
         inputs_file = None
         if next_inputs is not None:
             inputs_file = f"inputs-{index + 1}.pt"

@@ -182,8 +182,6 @@ def test_streaming_on_needs_a_local_safetensors_directory(tmp_path):
         prune("org/not-downloaded", tmp_path / "out", method="magnitude", sparsity=0.5, streaming="on")
     with pytest.raises(BadInput, match="streaming: 'sometimes' is not one of auto, on, off"):
         prune("builtin:tiny-llama", tmp_path / "out", method="magnitude", sparsity=0.5, streaming="sometimes")
-    with pytest.raises(BadInput, match="streaming: on cannot serve owl"):
-        prune("builtin:tiny-llama", tmp_path / "out", method="wanda", sparsity_profile="owl", streaming="on", **CALIB)
     assert not any(tmp_path.iterdir())
 
 
@@ -248,7 +246,87 @@ def test_shards_in_another_naming_fall_back_to_the_in_memory_path_unless_streami
     assert len(manifest["layers"]) == 28 and not staging_path(tmp_path / "auto").exists()
 
 
-def test_owl_reads_every_dense_block_first_so_auto_prunes_it_in_memory(tmp_path):
-    manifest = prune("builtin:tiny-llama", tmp_path / "owl", method="wanda", sparsity_profile="owl", **CALIB)
-    assert sorted(manifest["sparsity_profile"]["layer_sparsity"]) == ["0", "1", "2", "3"]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["owl"]
+def _owl_inputs(model):
+    """(blocks, per-block target linears, calibration ids (4, 16), batches of 1) for pruners.owl.owl_profile."""
+    from pruners.blocks import find_decoder_blocks, prunable_linears
+
+    prefix, blocks = find_decoder_blocks(model)
+    per_block = [{} for _ in blocks]
+    for name, linear in prunable_linears(model).items():
+        per_block[int(name[len(prefix) + 1:].split(".")[0])][name] = linear
+    ids = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    return blocks, per_block, ids, [slice(i, i + 1) for i in range(4)]
+
+
+def test_owl_dense_pass_through_a_store_holds_one_block_and_gives_the_in_memory_profile(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pruners.owl import owl_profile
+    from spp_cli.stages.prune_streaming import StreamingStore, open_streamed_model
+
+    model_dir = save_random(tmp_path / "llama", "llama")
+    dense = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        expected = owl_profile(dense, *_owl_inputs(dense)[:2], *_owl_inputs(dense)[2:], torch.device("cpu"), 0.6)
+    streamed = open_streamed_model(str(model_dir), "auto", False)
+    blocks = streamed.model.model.layers
+    loaded, holding = [], []
+
+    class CountingStore(StreamingStore):
+        def load_block(self, index, block):
+            super().load_block(index, block)
+            loaded.append(index)
+            holding.append([i for i, b in enumerate(blocks) if not next(b.parameters()).is_meta])
+
+    store = CountingStore(streamed, tmp_path / "out", "a fingerprint")
+    store.open()
+    with torch.no_grad():
+        profile = owl_profile(streamed.model, *_owl_inputs(streamed.model), torch.device("cpu"), 0.6, store=store)
+    assert profile == expected and len(set(expected.sparsities)) == 3  # exactly equal floats; not uniform (blocks
+    # 1 and 2 of this random model have the same outlier count)
+    assert loaded == [0, 1, 2, 3] and holding == [[0], [1], [2], [3]]
+    assert all(next(b.parameters()).is_meta for b in blocks)
+    assert json.loads((staging_path(tmp_path / "out") / "resume.json").read_text())["owl_profile"] == {
+        "outlier_ratios": expected.outlier_ratios, "sparsities": expected.sparsities}
+    store.close()
+    reopened = CountingStore(streamed, tmp_path / "out", "a fingerprint")  # a rerun of the same run: the kept
+    reopened.open()  # profile, without a second dense pass
+    assert owl_profile(streamed.model, *_owl_inputs(streamed.model), torch.device("cpu"), 0.6,
+                       store=reopened) == expected and loaded == [0, 1, 2, 3]
+    reopened.close()
+
+
+@pytest.mark.parametrize("case", ["tiny-wanda", "tiny-magnitude", "llama-sharded-sparsegpt"])
+def test_streamed_owl_writes_the_in_memory_checkpoint_byte_for_byte(tmp_path, case):
+    model = "builtin:tiny-llama" if case == "tiny-wanda" else str(save_random(tmp_path / "llama", "llama",
+                                                                              shard="60KB"))
+    options = dict(method=case.rsplit("-", 1)[1], sparsity=0.6, sparsity_profile="owl", **CALIB)
+    streamed_blocks = []
+
+    def on_block(report):  # the streamed path: the staging dir exists while blocks are pruned
+        streamed_blocks.append(staging_path(tmp_path / "stream").is_dir())
+
+    in_memory = prune(model, tmp_path / "memory", streaming="off", **options)
+    streamed = prune(model, tmp_path / "stream", streaming="auto", on_block=on_block, **options)
+    assert streamed_blocks == [True] * 4
+    assert_same_output(tmp_path / "stream", tmp_path / "memory")
+    assert streamed["sparsity_profile"] == in_memory["sparsity_profile"]
+    assert len(set(in_memory["sparsity_profile"]["layer_sparsity"].values())) > 1
+
+
+def test_a_killed_streamed_owl_prune_resumes_with_its_kept_profile(tmp_path):
+    model = str(save_random(tmp_path / "llama", "llama"))
+    options = dict(method="wanda", sparsity=0.6, sparsity_profile="owl", **CALIB)
+    whole = prune(model, tmp_path / "whole", streaming="off", **options)
+    with pytest.raises(Crash):
+        prune(model, tmp_path / "out", on_block=crash_after(1), **options)
+    assert (staging_path(tmp_path / "out") / "resume.json").is_file()  # it was streamed
+    state = json.loads((staging_path(tmp_path / "out") / "resume.json").read_text())
+    assert state["next_block"] == 2 and [round(s, 8) for s in state["owl_profile"]["sparsities"]] == [
+        whole["sparsity_profile"]["layer_sparsity"][str(i)] for i in range(4)]
+    seen = []
+    resumed = prune(model, tmp_path / "out", on_block=lambda report: seen.append(report.index), **options)
+    assert resumed["resumed_from_block"] == 2 and seen == [2, 3]
+    assert resumed["sparsity_profile"] == whole["sparsity_profile"]  # every block, the killed run's included
+    assert resumed["manifest_sha256"] == whole["manifest_sha256"]
+    assert_same_output(tmp_path / "out", tmp_path / "whole")
