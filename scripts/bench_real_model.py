@@ -10,9 +10,11 @@ A benchmark, not a CI test. One run does, on one machine, with every size an opt
   4. evaluate the dense model and every pruned result in this venv: WikiText-2 token perplexity @seqlen on the
      first --eval-windows windows of the test stream (spp_cli.eval.perplexity) and the 8 offline zero-shot tasks
      with --limit examples each (spp_cli.eval.engine.evaluate, data from --data-dir);
-  5. recover spp's Wanda 2:4 model with `spp finetune` (SPP, then the LoRA baseline at the same steps, batch,
-     sequence length and data: the local Alpaca subset), check with `spp verify`'s function that SPP kept every
-     zero, and evaluate both;
+  5. recover spp's Wanda 2:4 model with `spp finetune` by every --recovery-methods (default: SPP, LoRA,
+     masked-lora, IA3, masked-full) at the same steps, batch, sequence length and data (the local Alpaca subset),
+     each at its own default learning rate unless --lr is given; check each against the parent with `spp
+     verify`'s function (zeros kept; LoRA is dense by design), record its s/step and memory (adapter/run.json),
+     and evaluate each;
   6. a same-layer, same-input check: block 0's linears see the same (dense) input in both tools, so their masks and
      weights are compared with the reference algorithms (spec/pruners.md; tests/pruners' transcription) on the
      very calibration inputs.
@@ -48,7 +50,8 @@ PATTERNS = ("unstructured", "2:4")  # both at 50%
 METHODS = ("magnitude", "wanda", "sparsegpt")
 ZEROSHOT_ROWS = ("all", "spp", "recovery")
 SIZE_OPTIONS = ("nsamples", "seqlen", "eval_windows", "limit", "zeroshot_rows", "eval_batch_size", "eval_dtype",
-                "steps", "batch_size", "micro_batch_size", "train_seqlen", "lr", "lora_lr", "threads")
+                "steps", "batch_size", "micro_batch_size", "train_seqlen", "lr", "recovery_methods", "threads")
+RECOVERY_METHODS = ("spp", "lora", "masked-lora", "ia3", "masked-full")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,12 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "recovery: dense, spp's Wanda 2:4 and the two recovered models); the rest get ppl only")
     parser.add_argument("--eval-batch-size", type=int, default=4)
     parser.add_argument("--eval-dtype", default="float32", help="dtype the evaluation model computes in")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps of SPP and of LoRA (the same budget)")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps of every recovery (the same budget)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--train-seqlen", type=int, default=256, help="longest training example, in tokens")
-    parser.add_argument("--lr", type=float, default=4e-3, help="SPP's learning rate (spp finetune's default)")
-    parser.add_argument("--lora-lr", type=float, default=None, help="LoRA's (default: --lr, the same as SPP's)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="every recovery method's learning rate (default: each method's own, spp finetune's)")
+    parser.add_argument("--recovery-methods", default=",".join(RECOVERY_METHODS),
+                        help=f"a subset of {','.join(RECOVERY_METHODS)}")
     parser.add_argument("--patterns", default=",".join(PATTERNS), help="a subset of unstructured,2:4 (both at 50%%)")
     parser.add_argument("--methods", default=",".join(METHODS), help="a subset of magnitude,wanda,sparsegpt")
     parser.add_argument("--skip-peer", action="store_true", help="spp only (no llm-compressor rows)")
@@ -214,38 +219,41 @@ def save_pruned_parent(model_dir: Path, weights_file: Path, out: Path, calibrati
     return out
 
 
-def recover(parent: Path, scratch: Path, args) -> dict:
-    """SPP and LoRA on the pruned parent at the same budget; each merged result verified against the parent."""
+def recover(parent: Path, scratch: Path, method: str, args) -> dict:
+    """`method` on the pruned parent at the shared budget; the merged result verified against the parent, with its
+    s/step and memory from adapter/run.json."""
+    from spp_cli.adapters import method_named
     from spp_cli.stages.finetune import finetune
     from spp_cli.stages.verify import verify_checkpoint
 
-    results = {}
-    for method, lr in (("spp", args.lr), ("lora", args.lora_lr or args.lr)):
-        out = scratch / f"recovered-{method}"
-        start = time.perf_counter()
-        manifest = finetune(str(parent), out, data=str(Path(args.data_dir) / ALPACA_FILE), method=method,
-                            max_steps=args.steps, lr=lr, batch_size=args.batch_size,
-                            micro_batch_size=args.micro_batch_size, seqlen=args.train_seqlen, val_size=0,
-                            device="cpu")
-        seconds = time.perf_counter() - start
-        report = verify_checkpoint(out, against=parent)
-        results[method] = {
-            "directory": str(out), "lr": lr, "finetune_seconds": round(seconds, 1),
-            "trainable_params": manifest["training"]["trainable_params"],
-            "loss_curve": manifest["training"]["loss_curve"],
-            "verify": {key: report[key] for key in ("ok", "dense", "pattern", "layers_checked", "lost_zeros",
-                                                     "extra_zeros", "broken_groups")},
-        }
-        print(f"recovery {method}: {seconds:.0f} s, verify ok={report['ok']} lost_zeros={report['lost_zeros']}",
-              flush=True)
-    return results
+    lr = args.lr if args.lr is not None else method_named(method).default_lr
+    out = scratch / f"recovered-{method}"
+    start = time.perf_counter()
+    manifest = finetune(str(parent), out, data=str(Path(args.data_dir) / ALPACA_FILE), method=method,
+                        max_steps=args.steps, lr=lr, batch_size=args.batch_size,
+                        micro_batch_size=args.micro_batch_size, seqlen=args.train_seqlen, val_size=0, device="cpu")
+    seconds = time.perf_counter() - start
+    report = verify_checkpoint(out, against=parent)
+    run = json.loads((out / "adapter" / "run.json").read_text())
+    print(f"recovery {method}: {seconds:.0f} s, verify ok={report['ok']} lost_zeros={report['lost_zeros']}",
+          flush=True)
+    return {
+        "directory": str(out), "lr": lr, "finetune_seconds": round(seconds, 1),
+        "trainable_params": manifest["training"]["trainable_params"],
+        "seconds_per_step": run.get("seconds_per_step"), "peak_memory_mb": run.get("peak_memory_mb"),
+        "memory_measure": run.get("memory_measure"), "loss_curve": manifest["training"]["loss_curve"],
+        "verify": {key: report[key] for key in ("ok", "dense", "pattern", "layers_checked", "lost_zeros",
+                                                 "extra_zeros", "broken_groups")},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     unknown = set(args.patterns.split(",")) - set(PATTERNS) | set(args.methods.split(",")) - set(METHODS)
+    unknown |= set(args.recovery_methods.split(",")) - set(RECOVERY_METHODS)
     if unknown:
-        raise SystemExit(f"unknown pattern or method {sorted(unknown)}: use {PATTERNS} and {METHODS}")
+        raise SystemExit(f"unknown pattern or method {sorted(unknown)}: use {PATTERNS}, {METHODS} and "
+                         f"{RECOVERY_METHODS}")
     if not args.skip_recovery and ("2:4" not in args.patterns.split(",") or "wanda" not in args.methods.split(",")):
         raise SystemExit("the recovery starts from spp's Wanda 2:4 model: include 2:4 and wanda, "
                          "or pass --skip-recovery")
@@ -266,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     peer_python = None if args.skip_peer else (
         Path(args.peer_python) if args.peer_python else bench_prune.ensure_peer_venv(REPO / args.peer_venv))
     report = {
-        "benchmark": "real pretrained model: spp vs llm-compressor pruning, SPP vs LoRA recovery",
+        "benchmark": "real pretrained model: spp vs llm-compressor pruning, every recovery method",
         "model": {"directory": str(model_dir), "build": build,
                   "config": json.loads((model_dir / "config.json").read_text())},
         "sizes": {key: getattr(args, key) for key in SIZE_OPTIONS},
@@ -311,11 +319,12 @@ def main(argv: list[str] | None = None) -> None:
                              if (row["method"], row["pattern"], row["tool"]) == ("wanda", "2:4", "spp"))
             parent = save_pruned_parent(model_dir, Path(spp_wanda["weights"]), scratch / "wanda-2of4-spp",
                                         f"{c4} ({args.nsamples} x {args.seqlen}, seed 0)")
-            report["recovery"] = recover(parent, scratch, args)
-            for result in report["recovery"].values():
+            report["recovery"] = {}
+            dense, pruned = report["rows"][0]["eval"]["wikitext2_ppl"], spp_wanda["eval"]["wikitext2_ppl"]
+            for method in args.recovery_methods.split(","):  # each scored and written as it finishes
+                result = report["recovery"][method] = recover(parent, scratch, method, args)
                 weights = read_decoder_linears(Path(result["directory"]), set(evaluator.dense_linears))
                 result["eval"] = evaluator.evaluate(weights)
-                dense, pruned = report["rows"][0]["eval"]["wikitext2_ppl"], spp_wanda["eval"]["wikitext2_ppl"]
                 result["gap_recovered"] = round((pruned - result["eval"]["wikitext2_ppl"]) / (pruned - dense), 4)
                 write(report, args.out)
     for row in report["rows"]:
@@ -344,7 +353,7 @@ def targets(report: dict) -> dict:
                 found[f"{method} {pattern}: better than magnitude"] = {"ppl": ours, "magnitude": magnitude,
                                                                        "met": ours < magnitude}
     recovery = report.get("recovery")
-    if recovery:
+    if recovery and "spp" in recovery:
         found["SPP lowers the Wanda 2:4 ppl"] = {"met": recovery["spp"]["gap_recovered"] > 0,
                                                  "gap_recovered": recovery["spp"]["gap_recovered"]}
         found["SPP keeps every zero (spp verify)"] = {"met": recovery["spp"]["verify"]["ok"]
@@ -374,12 +383,25 @@ def markdown_table(report: dict) -> str:
             lines.append(f"| {method} {pattern} | {cell(ours, 'wikitext2_ppl')} | {cell(theirs, 'wikitext2_ppl')} | "
                          f"{cell(ours, 'mean_acc_8')} | {cell(theirs, 'mean_acc_8')} | {seconds(ours)} | "
                          f"{seconds(theirs) or 'n/a'} |")
-    for method, result in (report.get("recovery") or {}).items():
+    recovery = report.get("recovery")
+    return "\n".join(lines) + ("\n\n" + recovery_table(report) if recovery else "")
+
+
+def recovery_table(report: dict) -> str:
+    """One line per recovery method of spp's Wanda 2:4 model, as `spp report`'s recovery table."""
+    lines = [f"| Wanda 2:4 + method ({report['sizes']['steps']} steps) | lr | trainable params | zeros kept "
+             "(spp verify) | s/step | memory MB | wikitext2 ppl | % of gap recovered | mean acc |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method, result in report["recovery"].items():
         verify = result["verify"]
-        zeros = "dense after merge" if method == "lora" else f"lost zeros {verify['lost_zeros']}"
-        lines.append(f"| wanda 2:4 + {method} ({report['sizes']['steps']} steps; {zeros}; gap recovered "
-                     f"{100 * result['gap_recovered']:.1f}%) | {cell(result, 'wikitext2_ppl')} | | "
-                     f"{cell(result, 'mean_acc_8')} | | {result['finetune_seconds']:.0f} (finetune) | |")
+        zeros = "no (dense after merge)" if verify["dense"] else (
+            f"yes ({verify['lost_zeros']} lost)" if verify["ok"] else f"NO ({verify['lost_zeros']} lost)")
+        acc = result["eval"]["mean_acc_8"]
+        step, memory = result.get("seconds_per_step"), result.get("peak_memory_mb")
+        lines.append(f"| {method} | {result['lr']:g} | {result['trainable_params']:,} | {zeros} | "
+                     f"{'-' if step is None else f'{step:.2f}'} | {'-' if memory is None else f'{memory:.0f}'} | "
+                     f"{result['eval']['wikitext2_ppl']:.2f} | {100 * result['gap_recovered']:.1f} | "
+                     f"{'–' if acc is None else f'{acc:.3f}'} |")
     return "\n".join(lines)
 
 

@@ -36,10 +36,12 @@ ZERO3_CPU = REPO / "recipes" / "launch" / "deepspeed_zero3-cpu.yaml"
 TOLERANCE = 1e-6  # relative to each merged tensor's max |w|; see the module docstring
 
 
-def finetune_options(test_data: Path, out: Path) -> list:
-    """8 optimizer steps of a global batch of 4 (2 processes × 2, or 1 × 2 × 2 accumulated), saving every 2."""
+def finetune_options(test_data: Path, out: Path, method: str = "spp") -> list:
+    """8 optimizer steps of a global batch of 4 (2 processes × 2, or 1 × 2 × 2 accumulated), saving every 2.
+    masked-lora at --dropout 0 runs its one-GEMM form (the analogue of SPP's --forward fused)."""
+    method_options = ["--forward", "fused"] if method == "spp" else ["--method", method]
     return ["--data", test_data / ALPACA, "--max-steps", "8", "--save-steps", "2", "--batch-size", "4",
-            "--micro-batch-size", "2", "--seqlen", "64", "--val-size", "0", "--dropout", "0", "--forward", "fused",
+            "--micro-batch-size", "2", "--seqlen", "64", "--val-size", "0", "--dropout", "0", *method_options,
             "--out", out]
 
 
@@ -98,18 +100,19 @@ def runs(tmp_path_factory) -> Path:
     return root
 
 
-def assert_equal_to_one_process(runs: Path, out: Path) -> None:
-    """Zeros kept (manifest hashes and `spp verify --against`) and merged weights within TOLERANCE."""
+def assert_equal_to_one_process(runs: Path, out: Path, single: str = "single", moving: str = "spp_beta") -> None:
+    """Zeros kept (manifest hashes and `spp verify --against`) and merged weights within TOLERANCE of the
+    one-process run `runs/single`; `moving` names the adapter tensors that start at zero."""
     assert zero_hashes(out) == zero_hashes(runs / "pruned") and len(zero_hashes(out)) == 14
     verify = subprocess.run([sys.executable, "-m", "spp_cli", "verify", str(out), "--against", str(runs / "pruned")],
                             cwd=REPO, capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    want, got = load_file(runs / "single" / "model.safetensors"), load_file(out / "model.safetensors")
+    want, got = load_file(runs / single / "model.safetensors"), load_file(out / "model.safetensors")
     assert want.keys() == got.keys()
     worst = max(float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want)
     assert worst <= TOLERANCE, f"merged weights differ by {worst:.2e} of their scale"
     adapters = load_file(out / "adapter" / "adapter_model.safetensors")
-    moved = max(float(t.abs().max()) for name, t in adapters.items() if name.endswith("spp_beta"))
+    moved = max(float(t.abs().max()) for name, t in adapters.items() if name.endswith(moving))
     assert moved > 1e-3  # the adapters trained, so the equality is not that of two untouched models
 
 
@@ -146,6 +149,28 @@ def test_fsdp2_two_processes_resume_keep_every_zero_and_equal_one_process(runs, 
     assert training["resumed_from"] in ("checkpoint-2", "checkpoint-4", "checkpoint-6")
     assert_equal_to_one_process(runs, sharded)
     assert training["loss_curve"] == run_training(runs / "single")["loss_curve"]
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_masked_lora_keeps_every_zero_and_equals_one_process(runs, tmp_path):
+    """masked-lora's custom backward under fully_shard: A and B are sharded DTensors, the bool support a
+    replicated buffer. Same dropout-free argument and TOLERANCE as SPP (module docstring): the only difference
+    from one process is the order of a 2-term gradient sum, exact in fp32."""
+    from spp_cli.cli import run_cli
+
+    single = runs / "single-masked-lora"
+    assert run_cli(["finetune", str(runs / "pruned"),
+                    *map(str, finetune_options(TEST_DATA, single, "masked-lora"))]) == 0
+    sharded = tmp_path / "fsdp2-masked-lora"
+    program = [REPO / "tests" / "fsdp_on_cpu.py", "finetune", runs / "pruned",
+               *finetune_options(TEST_DATA, sharded, "masked-lora")]
+    completed = accelerate_launch(FSDP2_CPU, program)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    training = run_training(sharded)
+    assert manifest(sharded)["method"] == "masked-lora"
+    assert (training["parallelism"], training["processes"], training["steps"]) == ("fsdp2", 2, 8)
+    assert_equal_to_one_process(runs, sharded, single.name, moving="lora_B")
+    assert training["loss_curve"] == run_training(single)["loss_curve"]
 
 
 @pytest.mark.slow
