@@ -107,7 +107,8 @@ def pattern_args(pattern: str, args) -> argparse.Namespace:
     spec = parse_pattern(pattern, 0.5 if pattern == "unstructured" else None)
     return argparse.Namespace(pattern=pattern, sparsity=0.5 if pattern == "unstructured" else None,
                               pattern_spec=spec, mask_structure=f"{spec.n}:{spec.m}" if spec.is_nm else "0:0",
-                              threads=args.threads, omp_wait_policy=args.omp_wait_policy)
+                              threads=args.threads, omp_wait_policy=args.omp_wait_policy,
+                              sparsity_profile="uniform", baseline_checkout=None)
 
 
 def prune_all(model_dir: Path, calibration: Path, scratch: Path, peer_python: Path | None, args) -> list[dict]:

@@ -1,6 +1,7 @@
 """The `spp` command line: parse, call the library, print. Heavy imports live inside the commands so that
 `spp --help` answers at once; every failure becomes one line on stderr and an exit code (DESIGN.md)."""
 
+import contextlib
 import inspect
 import json
 import os
@@ -104,9 +105,12 @@ def _quiet_libraries() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
+_JSON_STREAM: list = []  # run_cli's real stdout while a `--format json` command runs with stdout sent to stderr
+
+
 def _emit(result, output_format: OutputFormat, render) -> None:
     if output_format == OutputFormat.json:
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        (_JSON_STREAM[-1] if _JSON_STREAM else sys.stdout).write(json.dumps(result, indent=2, default=str) + "\n")
     else:
         render(_console(), result)
 
@@ -301,8 +305,12 @@ def run_cli(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; errors become one line on stderr (DESIGN.md exit codes)."""
     command = typer.main.get_command(app)
     debug = os.environ.get("SPP_DEBUG") == "1"
+    wants_json = _wants_json(argv if argv is not None else sys.argv[1:])
+    if wants_json:  # libraries that print to stdout (deepspeed's import-time logger) would break the JSON
+        _JSON_STREAM.append(sys.stdout)
     try:
-        code = command.main(args=argv, prog_name="spp", standalone_mode=False)
+        with contextlib.redirect_stdout(sys.stderr) if wants_json else contextlib.nullcontext():
+            code = command.main(args=argv, prog_name="spp", standalone_mode=False)
     except typer.Exit as exit_:
         code = exit_.exit_code
     except UsageError as error:
@@ -327,10 +335,19 @@ def run_cli(argv: list[str] | None = None) -> int:
             return 3
         sys.stderr.write(f"spp: error: {type(error).__name__}: {_one_line(error)[:300]} (rerun with SPP_DEBUG=1 for the traceback)\n")
         return 3
+    finally:
+        if wants_json:
+            _JSON_STREAM.pop()
     code = code if isinstance(code, int) else 0
     if code == 130:  # Typer turns Ctrl-C inside a command into exit code 130
         sys.stderr.write(INTERRUPTED)
     return code
+
+
+def _wants_json(argv: list[str]) -> bool:
+    arguments = [str(a) for a in argv]
+    return "--format=json" in arguments or any(
+        a == "--format" and b == "json" for a, b in zip(arguments, arguments[1:], strict=False))
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """The CLI frame: every command is there, errors are one line with the right exit code, --help is quick."""
 
+import json
 import subprocess
 import sys
 import time
@@ -74,3 +75,24 @@ def test_debug_shows_the_traceback(tmp_path):
         env={"PATH": "", "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "has no spp.json" in result.stderr
+
+
+def test_json_output_keeps_what_libraries_print_off_stdout(tmp_path, capsys, monkeypatch):
+    """deepspeed's logger prints to stdout when accelerate imports it mid-run; with --format json that line
+    would make stdout unparseable, so everything but the result goes to stderr for the command's duration."""
+    import spp_cli.stages.prune as prune_stage
+
+    real_prune = prune_stage.prune
+
+    def noisy_prune(*args, **kwargs):
+        print("[WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.")
+        return real_prune(*args, **kwargs)
+
+    monkeypatch.setattr(prune_stage, "prune", noisy_prune)
+    code, out, err = run_spp(["prune", "builtin:tiny-llama", "--method", "magnitude", "--sparsity", "0.5",
+                              "--out", tmp_path / "m50", "--format", "json"], capsys)
+    assert code == 0
+    assert json.loads(out)["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert "Setting accelerator to CPU" in err and "Setting accelerator" not in out
+    print("after the command")  # stdout is the caller's again
+    assert capsys.readouterr().out == "after the command\n"

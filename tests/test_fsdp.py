@@ -170,7 +170,10 @@ def test_fsdp2_two_processes_masked_lora_keeps_every_zero_and_equals_one_process
     assert manifest(sharded)["method"] == "masked-lora"
     assert (training["parallelism"], training["processes"], training["steps"]) == ("fsdp2", 2, 8)
     assert_equal_to_one_process(runs, sharded, single.name, moving="lora_B")
-    assert training["loss_curve"] == run_training(single)["loss_curve"]
+    sharded_curve, single_curve = training["loss_curve"], run_training(single)["loss_curve"]
+    # Not bit-equal as SPP's is: the reordered gradient sum moves A and B by ~1 ulp, measured 8e-8 of the loss
+    assert [(p["step"], p["lr"]) for p in sharded_curve] == [(p["step"], p["lr"]) for p in single_curve]
+    assert [p["loss"] for p in sharded_curve] == pytest.approx([p["loss"] for p in single_curve], rel=TOLERANCE)
 
 
 @pytest.mark.slow
