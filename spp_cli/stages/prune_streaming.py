@@ -266,9 +266,10 @@ class StreamingStore:
         return None if self.owl_profile is None else OwlProfile(**self.owl_profile)
 
     def save_owl_profile(self, profile) -> None:
-        """Kept in resume.json from now on (floats round-trip exactly through JSON)."""
+        """Kept in resume.json from now on (floats round-trip exactly through JSON). The dense pass runs before any
+        block is pruned, so there are no saved inputs yet."""
         self.owl_profile = dataclasses.asdict(profile)
-        self._write_state((self._read_state() or {}).get("inputs"))
+        self._write_state(None)
 
     def block_done(self, index: int, block: nn.Module, reports: list, next_inputs: torch.Tensor | None) -> None:
         from pruners.experts import weight_of

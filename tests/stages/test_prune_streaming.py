@@ -208,14 +208,11 @@ def test_planned_shards_are_save_pretrained_s_files_byte_for_byte(tmp_path, arch
         assert (tmp_path / "written" / name).read_bytes() == (tmp_path / "saved" / name).read_bytes(), name
 
 
-def test_the_driver_holds_one_block_at_a_time_and_loads_each_once(tmp_path):
-    from pruners.masks import parse_pattern
-    from pruners.sequential import prune_model
-    from spp_cli.stages.prune_streaming import StreamingStore, open_streamed_model
+def counting_store_class(blocks):
+    """(a StreamingStore subclass recording each load_block, the blocks loaded in order, and after each load the
+    indices of the blocks holding weights)."""
+    from spp_cli.stages.prune_streaming import StreamingStore
 
-    model_dir = save_random(tmp_path / "llama", "llama")
-    streamed = open_streamed_model(str(model_dir), "auto", False)
-    blocks = streamed.model.model.layers
     loaded, holding = [], []
 
     class CountingStore(StreamingStore):
@@ -224,6 +221,18 @@ def test_the_driver_holds_one_block_at_a_time_and_loads_each_once(tmp_path):
             loaded.append(index)
             holding.append([i for i, b in enumerate(blocks) if not next(b.parameters()).is_meta])
 
+    return CountingStore, loaded, holding
+
+
+def test_the_driver_holds_one_block_at_a_time_and_loads_each_once(tmp_path):
+    from pruners.masks import parse_pattern
+    from pruners.sequential import prune_model
+    from spp_cli.stages.prune_streaming import open_streamed_model
+
+    model_dir = save_random(tmp_path / "llama", "llama")
+    streamed = open_streamed_model(str(model_dir), "auto", False)
+    blocks = streamed.model.model.layers
+    CountingStore, loaded, holding = counting_store_class(blocks)
     store = CountingStore(streamed, tmp_path / "out", "a fingerprint")
     store.open()
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -262,22 +271,15 @@ def test_owl_dense_pass_through_a_store_holds_one_block_and_gives_the_in_memory_
     from transformers import AutoModelForCausalLM
 
     from pruners.owl import owl_profile
-    from spp_cli.stages.prune_streaming import StreamingStore, open_streamed_model
+    from spp_cli.stages.prune_streaming import open_streamed_model
 
     model_dir = save_random(tmp_path / "llama", "llama")
     dense = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
-        expected = owl_profile(dense, *_owl_inputs(dense)[:2], *_owl_inputs(dense)[2:], torch.device("cpu"), 0.6)
+        expected = owl_profile(dense, *_owl_inputs(dense), torch.device("cpu"), 0.6)
     streamed = open_streamed_model(str(model_dir), "auto", False)
     blocks = streamed.model.model.layers
-    loaded, holding = [], []
-
-    class CountingStore(StreamingStore):
-        def load_block(self, index, block):
-            super().load_block(index, block)
-            loaded.append(index)
-            holding.append([i for i, b in enumerate(blocks) if not next(b.parameters()).is_meta])
-
+    CountingStore, loaded, holding = counting_store_class(blocks)
     store = CountingStore(streamed, tmp_path / "out", "a fingerprint")
     store.open()
     with torch.no_grad():
