@@ -8,8 +8,6 @@ in defaults, stage references and absolute paths. Pure Python (no torch), so `sp
 
 from __future__ import annotations
 
-import difflib
-import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -33,7 +31,8 @@ from spp_cli.recipe_schema import (
     describe_schema,
     schema_fields,
 )
-from spp_cli.vocabulary import DEVICE_PATTERN
+from spp_cli.recipe_values import coerce, did_you_mean, show
+from spp_cli.recipe_yaml import RecipeLoader, parse_yaml
 
 __all__ = [
     "EvalStage",
@@ -49,130 +48,9 @@ __all__ = [
     "parse_yaml",
 ]
 
-# ---------------------------------------------------------------------------------------------- YAML loading
-
-
-class RecipeLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 scalars, because YAML 1.1's surprise people:
-
-    - no sexagesimal numbers: a bare `2:4` is the string "2:4", not the integer 124;
-    - `4e-3` and `1e5` are floats (YAML 1.1 wants a dot: `4.0e-3`), not strings;
-    - only true/false are booleans: yes/no/on/off stay strings (bool keys accept them);
-    - 010 is the integer 10, not octal 8;
-    - a key written twice in one mapping is an error, not "the last one wins".
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        self.flatten_mapping(node)
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int, float, bool)):
-                continue  # unhashable keys are left to SafeLoader's own error
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_REPLACED_TAGS = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
-RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED_TAGS]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-RecipeLoader.add_implicit_resolver(  # decimal (010 is ten, not YAML 1.1's octal eight), 0x.., 0o.., 0b..; no 2:4
-    "tag:yaml.org,2002:int",
-    re.compile(r"^[-+]?(?:0b[01_]+|0o[0-7_]+|0x[0-9a-fA-F_]+|[0-9][0-9_]*)$"),
-    list("-+0123456789"),
-)
-RecipeLoader.add_implicit_resolver(  # a dot or an exponent makes a float: 0.5, .5, 4e-3, 1E5, .inf, .nan
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?"
-        r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
-        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
-def _construct_int(loader: RecipeLoader, node: yaml.ScalarNode) -> int:
-    text = loader.construct_scalar(node).replace("_", "")
-    return int(text, 0) if text.lstrip("+-")[:2].lower() in ("0b", "0o", "0x") else int(text)
-
-
-RecipeLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """YAML text -> Python objects with RecipeLoader; a syntax error is BadInput naming `source` and the line."""
-    try:
-        return yaml.load(text, Loader=RecipeLoader)  # RecipeLoader is a SafeLoader
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-        where = f"{source} line {mark.line + 1}" if mark is not None else source
-        problem = getattr(error, "problem", None) or getattr(error, "context", None) or "invalid syntax"
-        problem = " ".join(str(problem).split())
-        fix = "write each key once" if "duplicate key" in problem else "check the indentation and quoting"
-        raise BadInput(f"{where}: could not parse YAML ({problem}); {fix}") from None
-
-
 # ---------------------------------------------------------------------------------------------- validation
 
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
-
-
-def _show(value: Any) -> str:
-    """A value as the user wrote it in YAML: 'text', 0.5, true, null."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return repr(value)
-    return json.dumps(value, default=str)
-
-
-_KEY_ALIASES = {  # names people bring from other tools -> ours
-    "learning_rate": "lr",
-    "num_epochs": "epochs",
-    "num_train_epochs": "epochs",
-    "steps": "max_steps",
-    "num_samples": "nsamples",
-    "n_samples": "nsamples",
-    "calibration": "calib",
-    "calib_data": "calib",
-    "seq_len": "seqlen",
-    "max_seq_len": "seqlen",
-    "max_length": "seqlen",
-    "sequence_length": "seqlen",
-    "per_device_train_batch_size": "micro_batch_size",
-    "model_name_or_path": "model",
-    "output": "output_dir",
-    "out": "output_dir",
-    "lora_dropout": "dropout",
-    "dataset": "data",
-    "sparsity_ratio": "sparsity",
-    "prune_method": "method",
-    "eval_tasks": "tasks",
-    "model": "models",
-}
-
-
-def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
-    normal = word.replace("-", "_").lower()
-    guess = _KEY_ALIASES.get(normal) if _KEY_ALIASES.get(normal) in candidates else None
-    guess = guess or (normal if normal in candidates else None)
-    guess = guess or next(iter(difflib.get_close_matches(normal, candidates, n=1, cutoff=0.6)), None)
-    return f"; did you mean {guess!r}?" if guess else ""
 
 
 class _Reporter:
@@ -201,84 +79,10 @@ class _Reporter:
         return fail
 
 
-def _coerce(value: Any, option: Option, fail: Fail) -> Any:
-    """Checks one value against its Option and returns it normalised; `fail(message)` raises."""
-    allowed = option.allowed()
-    if value is None:
-        if option.nullable:
-            return None
-        fail(f"null is not allowed; use {allowed}")
-    kind = option.kind
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
-            return _BOOL_WORDS[value.lower()]
-        fail(f"{_show(value)} is not true or false")
-    if kind in ("int", "float"):
-        if isinstance(value, bool):  # bool is an int subclass: `sparsity: yes` must not become 1
-            fail(f"{_show(value)} is a boolean, not a number; use {allowed}")
-        if not isinstance(value, (int, float)):
-            fail(f"{_show(value)} is not a number; use {allowed}")
-        if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                fail(f"{_show(value)} is not an integer; use {allowed}")
-            value = int(value)
-        if not option.in_range(value):
-            fail(f"{_show(value)} is out of range; use {allowed}")
-        return float(value) if kind == "float" else value
-    if kind == "list":
-        items = [part.strip() for part in value.split(",")] if isinstance(value, str) else value
-        if not isinstance(items, list) or not items or not all(isinstance(i, str) and i.strip() for i in items):
-            fail(f"{_show(value)} is not {allowed}")
-        return [item.strip() for item in items]
-    if option.choices:
-        if isinstance(value, bool) and {"yes", "no"} <= set(option.choices):
-            value = "yes" if value else "no"  # YAML 1.1 reads a bare `bos: no` as false
-        if value not in option.choices:
-            suggestion = _did_you_mean(value, option.choices) if isinstance(value, str) else ""
-            fail(f"{_show(value)} is not {allowed}{suggestion}")
-        return value
-    if kind == "pattern" and isinstance(value, int) and not isinstance(value, bool):
-        fail(
-            f'{value} is a number; write the pattern as a quoted string such as "2:4" '
-            "(YAML 1.1 reads a bare 2:4 as 124)"
-        )
-    if not isinstance(value, str):
-        quote = " (quote it to keep it as text)" if isinstance(value, (int, float)) else ""
-        fail(f"{_show(value)} is not a string; use {allowed}{quote}")
-    if not value.strip():
-        fail(f"empty; use {allowed}")
-    value = value.strip()
-    if kind == "regex":
-        try:
-            re.compile(value)
-        except re.error as error:
-            fail(f"{_show(value)} is not a valid regular expression ({error})")
-    if kind == "device" and not DEVICE_PATTERN.fullmatch(value):
-        fail(f"{_show(value)} is not {allowed}")
-    if kind == "pattern":
-        return _normalise_pattern(value, fail)
-    return value
-
-
-def _normalise_pattern(text: str, fail: Fail) -> str:
-    """'unstructured' or 'N:M' with 0 < N < M -> its canonical spelling ("unstructured", "2:4")."""
-    if text.lower() == "unstructured":
-        return "unstructured"
-    match = re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)
-    if not match:
-        fail(f"{_show(text)} is not unstructured or N:M (e.g. 2:4)")
-    n, m = int(match[1]), int(match[2])
-    if not 0 < n < m:
-        fail(f"N:M {n}:{m} is invalid; need 0 < N < M (e.g. 2:4)")
-    return f"{n}:{m}"
-
-
 def _unknown_keys(raw: dict, allowed: Sequence[str], fail: Fail, other_owner: dict[str, str]) -> None:
     for key in raw:
         if key not in allowed:
-            hint = _did_you_mean(str(key), allowed)
+            hint = did_you_mean(str(key), allowed)
             if not hint and key in other_owner:
                 hint = f"; {key!r} is a key of {other_owner[key]}"
             fail(f"unknown key {key!r}{hint} (allowed: {', '.join(allowed)})", key)
@@ -294,7 +98,7 @@ def _read_fields(cls: type, raw: dict, fail: Fail, skip: Sequence[str] = ()) -> 
             if option.required:
                 fail(f"missing; use {option.allowed()}", f.name)
             continue
-        values[f.name] = _coerce(raw[f.name], option, lambda message, key=f.name: fail(message, key))
+        values[f.name] = coerce(raw[f.name], option, lambda message, key=f.name: fail(message, key))
     return values
 
 
@@ -351,7 +155,7 @@ def _resolve_reference(value: str, index: int, stages: list[Stage], base: Path, 
         return value  # a hub id (org/name) or builtin:NAME
     earlier = ", ".join(["dense", *(stage.name for stage in stages[:index] if stage.TYPE != "eval")])
     fail(
-        f"{value!r} is not a stage, a local folder or a hub id{_did_you_mean(value, names[:index])} "
+        f"{value!r} is not a stage, a local folder or a hub id{did_you_mean(value, names[:index])} "
         f"(earlier models: {earlier})",
         key,
     )
@@ -414,7 +218,7 @@ def parse_recipe(
     raw_stages = data.get("stages")
     if not isinstance(raw_stages, list) or not raw_stages:
         top_fail(
-            f"{'missing' if raw_stages is None else _show(raw_stages) + ' is not allowed'}; "
+            f"{'missing' if raw_stages is None else show(raw_stages) + ' is not allowed'}; "
             f"use {Recipe.__dataclass_fields__['stages'].metadata['spp'].allowed()}",
             "stages",
         )
@@ -439,11 +243,11 @@ def _dir_path(value: str, base: Path) -> str:
 
 def _read_stage(raw: Any, index: int, report: _Reporter, owners: dict[str, str]) -> Stage:
     if not isinstance(raw, dict):
-        report.fail(f"expected a mapping with type: prune, finetune or eval, got {_show(raw)}", index)
+        report.fail(f"expected a mapping with type: prune, finetune or eval, got {show(raw)}", index)
     kind = raw.get("type")
     if kind not in STAGE_TYPES:
-        message = "missing; use" if kind is None else f"{_show(kind)} is not"
-        hint = _did_you_mean(kind, list(STAGE_TYPES)) if isinstance(kind, str) else ""
+        message = "missing; use" if kind is None else f"{show(kind)} is not"
+        hint = did_you_mean(kind, list(STAGE_TYPES)) if isinstance(kind, str) else ""
         report.fail(f"{message} one of {', '.join(STAGE_TYPES)}{hint}", index, "type")
     cls = STAGE_TYPES[kind]
     fail = report.for_stage(index, raw["name"] if isinstance(raw.get("name"), str) and raw["name"] else kind)
@@ -456,7 +260,7 @@ def _read_stage(raw: Any, index: int, report: _Reporter, owners: dict[str, str])
         fail("'dense' is reserved for the recipe's model; pick another name", "name")
     if not _STAGE_NAME.fullmatch(stage.name):
         fail(
-            f"{_show(stage.name)} is not a valid stage name; use letters, digits, _ and - "
+            f"{show(stage.name)} is not a valid stage name; use letters, digits, _ and - "
             "(it names the folder <output_dir>/<name>)",
             "name",
         )
@@ -526,7 +330,7 @@ def validate_options(cls: type[Stage], values: dict[str, Any], *, flags: bool = 
     allowed = [f.name for f in schema_fields(cls) if f.name not in COMMAND_KEYS]
     for key in values:
         if key not in allowed:
-            hint = _did_you_mean(label(key), [label(name) for name in allowed])
+            hint = did_you_mean(label(key), [label(name) for name in allowed])
             raise BadInput(f"unknown {cls.TYPE} option {label(key)!r}{hint}")
     stage = cls(**_read_fields(cls, values, fail, skip=COMMAND_KEYS))
     stage.name = cls.TYPE
@@ -565,7 +369,7 @@ def _find_stage(stages: Any, name: str, text: str) -> int:
     if name.isdigit() and int(name) < len(stages) and isinstance(stages[int(name)], dict):
         return int(name)
     raise BadInput(
-        f"override {text}: no stage named {name!r}{_did_you_mean(name, names)} (stages: {', '.join(names) or 'none'})"
+        f"override {text}: no stage named {name!r}{did_you_mean(name, names)} (stages: {', '.join(names) or 'none'})"
     )
 
 
