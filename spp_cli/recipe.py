@@ -1,9 +1,10 @@
 """Recipes: the YAML file `spp run` executes (DESIGN.md, Recipe).
 
 A recipe names a model, an output folder and a list of typed stages (prune, finetune, eval). This module reads it
-with a YAML loader that avoids YAML 1.1's traps, applies `key.path=value` overrides, checks every key against the
-schema tables (spp_cli/recipe_schema.py; errors are one line naming the key path and what is allowed), and fills
-in defaults, stage references and absolute paths. Pure Python (no torch), so `spp run --dry-run` answers at once.
+with a YAML loader that avoids YAML 1.1's traps (spp_cli/recipe_yaml.py), applies `key.path=value` overrides,
+checks every key against the schema tables (spp_cli/recipe_schema.py, values by spp_cli/recipe_values.py; errors
+are one line naming the key path and what is allowed), and fills in defaults, stage references and absolute paths.
+Pure Python (no torch), so `spp run --dry-run` answers at once.
 """
 
 from __future__ import annotations
