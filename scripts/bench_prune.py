@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="peak RSS of the prune stage against depth, streaming and in memory")
     parser.add_argument("--depths", default=None, help="--memory: block counts (default 4,16,32)")
     parser.add_argument("--scratch", default=None, help="--memory: where the models are saved (default: $TMPDIR)")
+    parser.add_argument("--memory-repeats", type=int, default=1,
+                        help="--memory: streaming on, off, on, off, ... this many times per depth (default 1)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-model", help=argparse.SUPPRESS)
     parser.add_argument("--worker-method", help=argparse.SUPPRESS)
