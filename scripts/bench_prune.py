@@ -25,8 +25,9 @@ pattern, seqlen and thread count. Runs alternate spp, peer, spp, peer, ... (with
 that checkout too, whose pruned weights must be bit-identical), each in a fresh subprocess, and each reports:
   process_seconds   from the driver's spawn of the child to the child holding the pruned model in memory with its
                     decoder linears written to a safetensors file: interpreter start, imports, model load
-                    (from_pretrained, dtype auto), reading the calibration windows, pruning, that save. Interpreter
-                    teardown and anything measured afterwards are excluded.
+                    (from_pretrained, dtype auto; neither tool loads a tokenizer, since both are handed token ids),
+                    reading the calibration windows, pruning, that save. Interpreter teardown and anything measured
+                    afterwards are excluded. (A baseline checkout older than this rule loads the tokenizer too.)
   prune_seconds     spp: the prune_model(...) call; llm-compressor: the oneshot(...) call (dataset -> dataloader,
                     tracing, calibration passes, solves)
   peak_rss_mb       the child's peak RSS (VmHWM) when the pruned weights are saved (not ru_maxrss: Linux carries
@@ -282,7 +283,9 @@ def run_matched_worker(args) -> None:
     from spp_cli.checkpoint import load_model
 
     imported = time.time()
-    model, _ = load_model(args.worker_model)  # what `spp prune` does: from_pretrained, dtype auto, safetensors only
+    # what `spp prune` does (from_pretrained, dtype auto, safetensors only) but without the tokenizer: like the
+    # peer, this worker is handed the windows as token ids (Gemma 3's tokenizer alone takes 5-8 s to build)
+    model, _ = load_model(args.worker_model, tokenizer=False)
     calibration = load_file(args.worker_calibration)["input_ids"]  # (nsamples, seqlen)
     pattern = parse_pattern(args.pattern, args.sparsity)
     loaded = time.time()
