@@ -13,10 +13,10 @@ from torch import nn
 
 from pruners import CholeskyError, PatternError, parse_pattern
 from pruners.blocks import block_outputs, capture_block_inputs
+from pruners.observer import LinearObserver
 from pruners.sequential import (
     PrunerOptionError,
     UnsupportedModelError,
-    _LinearObserver,
     find_decoder_blocks,
     prunable_linears,
     prune_model,
@@ -151,7 +151,7 @@ def test_linear_groups_follow_call_order_and_shared_inputs():
         prefix, blocks = find_decoder_blocks(model)
         linears = {name: module for name, module in prunable_linears(model).items()
                    if name.startswith(f"{prefix}.0.")}
-        observer = _LinearObserver(linears, lambda name: None, active=lambda group: False)
+        observer = LinearObserver(linears, lambda name: None, active=lambda group: False)
         with torch.no_grad():
             model(calibration()[:1])
         observer.remove()
