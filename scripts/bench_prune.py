@@ -285,7 +285,7 @@ def run_matched_worker(args) -> None:
     imported = time.time()
     # what `spp prune` does (from_pretrained, dtype auto, safetensors only) but without the tokenizer: like the
     # peer, this worker is handed the windows as token ids (Gemma 3's tokenizer alone takes 5-8 s to build)
-    model, _ = load_model(args.worker_model, tokenizer=False)
+    model, _ = load_model(args.worker_model, with_tokenizer=False)
     calibration = load_file(args.worker_calibration)["input_ids"]  # (nsamples, seqlen)
     pattern = parse_pattern(args.pattern, args.sparsity)
     loaded = time.time()
@@ -329,11 +329,11 @@ def time_plain_forwards(model, calibration_ids) -> dict:
     import torch
 
     from pruners.blocks import StopForward, block_outputs, capture_block_inputs, find_decoder_blocks
-    from pruners.sequential import CHUNK_TOKENS
+    from pruners.sequential import _chunk_windows, prunable_linears
 
     _, blocks = find_decoder_blocks(model)
     batches = [slice(i, i + 1) for i in range(calibration_ids.shape[0])]
-    chunk = max(1, CHUNK_TOKENS // calibration_ids.shape[1])
+    chunk = _chunk_windows(prunable_linears(model), batches, calibration_ids.shape[1])  # prune_model's own rule
     cpu = torch.device("cpu")
 
     def stop(module, args):

@@ -131,7 +131,7 @@ def block0_check(model_dir: Path, calibration_ids: torch.Tensor, weights_files: 
 
     from spp_cli.checkpoint import load_model
 
-    model, _ = load_model(str(model_dir), tokenizer=False)  # the stored dtype, which both tools pruned in
+    model, _ = load_model(str(model_dir), with_tokenizer=False)  # the stored dtype, which both tools pruned in
     inputs = {"reference": capture_block0_inputs(model, calibration_ids)}
     dense = {name: module.weight.detach().clone() for name, module in model.named_modules()
              if name in inputs["reference"]}

@@ -99,11 +99,11 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
-    tokenizer: bool = True,
+    with_tokenizer: bool = True,
 ):
     """(model, tokenizer) from a local directory, `builtin:NAME`, or a hub id. Only safetensors unless allowed.
 
-    tokenizer=False returns (model, None): transformers 5 builds a tokenizer in Python from tokenizer.json, 5-8 s
+    with_tokenizer=False returns (model, None): transformers 5 builds a tokenizer in Python from tokenizer.json, 5-8 s
     for Gemma 3's 262k-token vocabulary, so a caller that does not use it should not load it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,7 +114,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype(dtype), use_safetensors=None if allow_pickle else True, **options
         )
-        tokenizer = AutoTokenizer.from_pretrained(path, **options) if tokenizer else None
+        tokenizer = AutoTokenizer.from_pretrained(path, **options) if with_tokenizer else None
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BadInput(f"could not load model '{path_or_id}': {first_line}") from None

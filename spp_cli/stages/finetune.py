@@ -171,7 +171,7 @@ def finetune(
             dtype=_compute_dtype(train_options.dtype, "cpu"),
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
-            tokenizer=False,
+            with_tokenizer=False,
         )
         result = adapted_copy(base, result)
 
