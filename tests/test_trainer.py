@@ -171,7 +171,7 @@ def test_lora_baseline_trains_and_merges_dense(tmp_path):
 
 
 DDP_SCRIPT = textwrap.dedent("""
-    import json, sys
+    import atexit, json, sys
     sys.path[:0] = [{tests!r}, {repo!r}]
     import torch.distributed as dist
     from spp_cli.trainer import merge_trained, run_finetune
@@ -180,11 +180,16 @@ DDP_SCRIPT = textwrap.dedent("""
     from test_trainer import alpaca_records, small_config, zero_hashes
     from tiny_models import decoder_linears, pruned_tiny_llama, tiny_tokenizer
 
+    def record_teardown():  # registered first, so it runs after spp's exit handler (atexit is last in, first out)
+        open(f"{{sys.argv[2]}}.rank{{rank}}.exit", "w").write(str(dist.is_initialized()))
+
+    atexit.register(record_teardown)
     model = pruned_tiny_llama(init_std=0.3)
     before = zero_hashes(model)
     config = small_config(max_steps=2, batch_size=8, micro_batch_size=2, val_size=0)
     result = run_finetune(model, tiny_tokenizer(), alpaca_records()[:200], config, sys.argv[1],
                           target_names=decoder_linears(model))
+    rank = dist.get_rank()
     adapters = {{k: weight_sha256(v) for k, v in adapter_state_dict(result.model).items()}}
     out = {{"rank": dist.get_rank(), "world": dist.get_world_size(), "backend": dist.get_backend(),
            "steps": result.steps, "adapters": adapters}}
@@ -214,6 +219,8 @@ def test_ddp_two_cpu_processes_gloo_keep_every_zero(tmp_path):
     assert rank0["world"] == 2 and rank0["backend"] == "gloo" and rank0["steps"] == rank1["steps"] == 2
     assert rank0["adapters"] == rank1["adapters"] and len(rank0["adapters"]) == 28  # gradients were all-reduced
     assert rank0["after"] == rank0["before"] and len(rank0["before"]) == 14 and "after" not in rank1
+    # gloo's threads must not outlive the interpreter (they can abort a finished rank): the group is gone at exit
+    assert [(tmp_path / f"out.rank{r}.exit").read_text() for r in (0, 1)] == ["False", "False"]
 
 
 def test_gradient_checkpointing_trains_the_adapters(tmp_path):
