@@ -127,25 +127,14 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-_teardown_registered = False
-
-
-def _destroy_process_group_at_exit() -> None:
-    """Destroy the process group the Trainer's arguments started, at interpreter exit but before finalization.
+def _destroy_process_group() -> None:
+    """Destroy the process group the Trainer's arguments started (run_finetune registers this to run at exit).
 
     Left alive, gloo's worker threads are torn down during finalization and can abort the process ("terminate
     called without an active exception", SIGABRT), which torchrun reports as a failed rank after a finished run.
     Nothing runs collectives after run_finetune (rank 0 merges and saves alone), so exit is the place."""
-    global _teardown_registered
-    if _teardown_registered or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    _teardown_registered = True
-
-    def destroy() -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-    atexit.register(destroy)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def split_examples(examples: list[dict], val_size: int | float | None, seed: int) -> tuple[list[dict], list[dict]]:
@@ -314,7 +303,9 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
         callbacks=[*_training_callbacks(adapter, model, memory), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # no print in library code; the loss curve is in the result
-    _destroy_process_group_at_exit()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.unregister(_destroy_process_group)  # once per process, however many runs
+        atexit.register(_destroy_process_group)
     if options.loss_normalization == "micro_batch":
         # without loss kwargs the Trainer neither counts the step's tokens (num_items_in_batch) nor passes them
         # to the model: each micro-batch's loss is its own token mean, divided by the accumulation steps, and

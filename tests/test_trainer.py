@@ -191,11 +191,11 @@ DDP_SCRIPT = textwrap.dedent("""
                           target_names=decoder_linears(model))
     rank = dist.get_rank()
     adapters = {{k: weight_sha256(v) for k, v in adapter_state_dict(result.model).items()}}
-    out = {{"rank": dist.get_rank(), "world": dist.get_world_size(), "backend": dist.get_backend(),
+    out = {{"rank": rank, "world": dist.get_world_size(), "backend": dist.get_backend(),
            "steps": result.steps, "adapters": adapters}}
     if result.is_main_process:  # merge and save on rank 0 only, on the full weights
         out.update(before=before, after=zero_hashes(merge_trained(result)))
-    json.dump(out, open(f"{{sys.argv[2]}}.rank{{dist.get_rank()}}.json", "w"))
+    json.dump(out, open(f"{{sys.argv[2]}}.rank{{rank}}.json", "w"))
 """)
 
 
