@@ -70,6 +70,25 @@ def step_progress(console, share: float = 0.1):
     return on_progress
 
 
+def event_printer(console):
+    """The one listener the CLI gives every stage (spp_cli/events.py): each event kind drawn as a console line."""
+    on_block, on_step, on_progress = block_progress(console), training_progress(console), step_progress(console)
+
+    def on_event(event) -> None:
+        if event.kind == "block":
+            on_block(event.payload)
+        elif event.kind == "step":
+            on_step(event.payload)
+        elif event.kind == "progress":
+            on_progress(event.payload["done"], event.payload["total"], event.payload["label"])
+        elif event.kind == "warning":
+            console.print(f"spp: warning: {event.payload}")
+        else:
+            console.print(f"spp: {event.payload}")
+
+    return on_event
+
+
 def _skipped(console, manifest: dict, out) -> bool:
     if manifest.get("skipped"):
         console.print(
