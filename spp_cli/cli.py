@@ -66,17 +66,15 @@ def _recipe_flag(key: str) -> inspect.Parameter:
 
 FORMAT = parameter("output_format", OutputFormat, typer.Option("--format", help="human tables, or JSON for scripts."),
                    OutputFormat.human)
-OVERWRITE = parameter("overwrite", bool, typer.Option(
-    "--overwrite", help="Replace an output that spp wrote earlier with other options (never anything else).",
-    metavar="", show_default=False), False)
+OVERWRITE_HELP = "Replace an output that spp wrote earlier with other options (never anything else)."
+OVERWRITE = parameter("overwrite", bool, typer.Option("--overwrite", help=OVERWRITE_HELP, metavar="",
+                                                      show_default=False), False)
 LOADING = [_recipe_flag("trust_remote_code"), _recipe_flag("allow_pickle")]
 FormatOption = Annotated[OutputFormat, typer.Option("--format", help="human tables, or JSON for scripts.")]
 PickleOption = Annotated[bool, typer.Option(
     "--allow-pickle", help="Also read pickle .bin weights, which can run code when loaded (off: safetensors only).",
     metavar="", show_default=False)]
-OverwriteOption = Annotated[bool, typer.Option(
-    "--overwrite", help="Replace an output that spp wrote earlier with other options (never anything else).",
-    metavar="", show_default=False)]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP, metavar="", show_default=False)]
 
 
 def _console(stderr: bool = False):
@@ -217,19 +215,20 @@ def merge(
     EvalStage,
     positional="models",
     leading=[parameter("out", Path, typer.Option("--out", help="results.json to write."))],
-    trailing=[*LOADING, FORMAT],
+    trailing=[OVERWRITE, *LOADING, FORMAT],
 )
-def eval_command(options, *, out, trust_remote_code, allow_pickle, output_format) -> None:
+def eval_command(options, *, out, overwrite, trust_remote_code, allow_pickle, output_format) -> None:
     """Evaluate models: the papers' token perplexity and lm-eval zero-shot tasks, online or from --data-dir."""
-    from spp_cli.render import render_eval, step_progress
+    from spp_cli.render import event_printer, render_eval
     from spp_cli.stages.evaluate import evaluate_models
 
     stage = validate_options(EvalStage, options, flags=True)
     _quiet_libraries()
     del options["models"], options["tasks"]
     results = evaluate_models(
-        {name: name for name in stage.models}, stage.tasks, out, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle, on_progress=step_progress(_console(stderr=True)), verbose=_verbose(), **options,
+        {name: name for name in stage.models}, stage.tasks, out, overwrite=overwrite,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        on_event=event_printer(_console(stderr=True)), verbose=_verbose(), **options,
     )
     _emit(results, output_format, render_eval)
 

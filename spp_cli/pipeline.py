@@ -30,7 +30,7 @@ def model_path(recipe: Recipe, reference: str) -> str:
 
 
 def run_stage(recipe: Recipe, stage, console) -> dict:
-    from spp_cli.render import block_progress, step_progress
+    from spp_cli.render import block_progress, event_printer
     from spp_cli.stages.evaluate import evaluate_models
     from spp_cli.stages.finetune import finetune
     from spp_cli.stages.prune import prune
@@ -41,6 +41,7 @@ def run_stage(recipe: Recipe, stage, console) -> dict:
     replace = True
     loading = {"trust_remote_code": recipe.trust_remote_code, "allow_pickle": recipe.allow_pickle}
     options = stage.command_options()
+    on_event = event_printer(console) if console is not None else None
     if isinstance(stage, PruneStage):
         return prune(
             model_path(recipe, stage.input), directory, overwrite=replace, on_block=block_progress(console),
@@ -51,44 +52,40 @@ def run_stage(recipe: Recipe, stage, console) -> dict:
             model_path(recipe, stage.input), directory, overwrite=replace, console=console, **loading, **options
         )
     models = {name: model_path(recipe, name) for name in options.pop("models")}
-    return evaluate_models(
-        models, options.pop("tasks"), directory / RESULTS, skip_if_done=True, overwrite=replace,
-        on_progress=step_progress(console) if console is not None else None, **loading, **options,
-    )
+    return evaluate_models(models, options.pop("tasks"), directory / RESULTS, overwrite=replace, on_event=on_event,
+                           **loading, **options)
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """What `--dry-run` promises: every check that needs no model weights, stage by stage (spp_cli/preflight.py)."""
+    """Every check that needs no model weights, stage by stage (spp_cli/preflight.py): the stage functions' own
+    checks, with a stage's not-yet-written input standing in for by its root model's architecture. `spp run` makes
+    them all before the first stage starts; `--dry-run` makes only them."""
     from spp_cli import preflight
-    from spp_cli.adapters import method_named
-    from spp_cli.eval.engine import validate_tasks
 
-    def base_model(reference: str) -> str:
-        """The architecture a stage works on: a stage's output has its root model's shapes."""
+    def existing(reference: str) -> str | None:
+        """What a stage reads, when it exists before the run (None: an earlier stage's output)."""
+        return None if reference in recipe.stage_names else model_path(recipe, reference)
+
+    def architecture(reference: str) -> str:
+        """A stage's output has its root model's shapes."""
         while reference in recipe.stage_names:
             reference = recipe.stage(reference).input
         return model_path(recipe, reference)
 
+    loading = {"allow_pickle": recipe.allow_pickle, "trust_remote_code": recipe.trust_remote_code}
     for stage in recipe.stages:
         preflight.check_writable(stage_output(recipe, stage))
-        for reference in stage.reads():
-            if reference not in recipe.stage_names:
-                preflight.check_model_reference(model_path(recipe, reference), recipe.allow_pickle)
-        if isinstance(stage, PruneStage) and stage.method != "magnitude":
-            preflight.check_source(stage.calib)
+        if isinstance(stage, PruneStage):
+            preflight.check_prune(stage, existing(stage.input), architecture=architecture(stage.input), **loading)
         elif isinstance(stage, FinetuneStage):
-            preflight.check_source(stage.data)
-            preflight.check_report_to(stage.report_to)
-            groups = method_named(stage.method).options.get("groups")  # None: the method has no row groups
-            if groups is not None:
-                pruned_by = recipe.stage(stage.input) if stage.input in recipe.stage_names else None
-                narrowed = isinstance(pruned_by, PruneStage)
-                preflight.check_groups_divide(
-                    base_model(stage.input), stage.groups or groups, pruned_by.targets if narrowed else None,
-                    pruned_by.ignore if narrowed else None, recipe.trust_remote_code,
-                )
+            pruned_by = recipe.stage(stage.input) if stage.input in recipe.stage_names else None
+            adapted = {"targets": pruned_by.targets, "ignore": pruned_by.ignore} if isinstance(
+                pruned_by, PruneStage) else None
+            preflight.check_finetune(stage, existing(stage.input), architecture=architecture(stage.input),
+                                     adapted=adapted, **loading)
         elif isinstance(stage, EvalStage):
-            validate_tasks(stage.tasks, data_dir=stage.data_dir)
+            preflight.check_eval(stage, {name: existing(name) for name in stage.reads()},
+                                 architectures={name: architecture(name) for name in stage.reads()}, **loading)
 
 
 def run_recipe(
@@ -97,8 +94,8 @@ def run_recipe(
     """Run (or with dry_run only validate) a recipe; returns a summary of every stage and the last evaluation."""
     recipe = load_recipe(recipe_file, overrides)
     summary = {"recipe": str(recipe_file), "output_dir": recipe.output_dir, "dry_run": dry_run, "stages": []}
+    check_recipe(recipe)  # a bad later stage fails now, not after the earlier stages' work
     if dry_run:
-        check_recipe(recipe)
         summary["stages"] = [
             {"name": s.name, "type": s.TYPE, "output": str(stage_output(recipe, s)), "options": s.options()}
             for s in recipe.stages

@@ -2,7 +2,10 @@
 every output can be written, every data source is readable (and reachable offline), every model reference
 resolves, an optional logger is installed, and SPP's row groups divide every layer it will adapt.
 
-Each check raises BadInput (one line naming the problem and the fix) and has no other effect.
+Each check raises BadInput (one line naming the problem and the fix) and has no other effect. The stage checks at
+the end (`check_prune`, `check_finetune`, `check_eval`) are the one list of what a stage verifies before it loads any
+weights; the stage functions call them (so the commands and the Python API run them) and so does `spp run` for
+every stage before the first one starts (`--dry-run` runs them alone).
 """
 
 import importlib.util
@@ -54,7 +57,8 @@ def check_model_reference(model: str, allow_pickle: bool = False) -> None:
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
-def check_report_to(report_to: str) -> None:
+def check_report_to(report_to: str | None) -> None:
+    """An optional logger's package is installed (Trainer's callbacks only find out after the model loads)."""
     package = LOGGER_PACKAGES.get(report_to)
     if package and importlib.util.find_spec(package) is None:
         raise BadInput(f"--report-to {report_to} needs the '{package}' package: pip install {package}, "
@@ -62,10 +66,10 @@ def check_report_to(report_to: str) -> None:
 
 
 def check_groups_divide(model: str, groups: int | None, targets: str | None = None, ignore: str | None = None,
-                        trust_remote_code: bool = False) -> None:
+                        trust_remote_code: bool = False, names: set[str] | None = None) -> None:
     """SPP shares alpha across `groups` contiguous row groups, so every adapted linear's out_features must be a
     multiple of `groups` (None: SPP's default). Checked on the architecture alone (a weightless skeleton on the
-    meta device)."""
+    meta device); `names`, when given, are the only layers adapted."""
     from spp_cli.adapters import resolved_method_options
 
     groups = resolved_method_options("spp", {"groups": groups})["groups"]
@@ -78,9 +82,82 @@ def check_groups_divide(model: str, groups: int | None, targets: str | None = No
     config = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    rows = {name: linear.out_features for name, linear in prunable_linears(skeleton, targets, ignore).items()}
+    rows = {name: linear.out_features for name, linear in prunable_linears(skeleton, targets, ignore).items()
+            if names is None or name in names}
     misfit = next((name for name, count in rows.items() if count % groups), None)
     if misfit is not None:
         fits = max(g for g in range(1, groups + 1) if all(count % g == 0 for count in rows.values()))
         raise BadInput(f"groups {groups} does not divide {misfit}'s {rows[misfit]} output rows: use groups {fits} "
                        "(the largest that divides every adapted layer)")
+
+
+def model_config(model: str, trust_remote_code: bool = False):
+    """The model's config alone (config.json: no weights are read)."""
+    from transformers import AutoConfig
+
+    from spp_cli.checkpoint import resolve_model_path
+
+    return AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
+
+
+def check_seqlen(model: str, seqlen: int | None, trust_remote_code: bool = False) -> None:
+    """An explicit seqlen fits the model's positions (a longer window would run, slowly and wrongly)."""
+    if seqlen is None:
+        return
+    from spp_cli.checkpoint import resolve_seqlen
+
+    resolve_seqlen(model_config(model, trust_remote_code), seqlen)
+
+
+def check_prune(stage, model: str | None, *, architecture: str | None = None, allow_pickle: bool = False,
+                trust_remote_code: bool = False) -> None:
+    """A validated PruneStage on `model` (None: an earlier stage's output, not written yet), whose architecture is
+    that of `architecture` (default `model`)."""
+    if model is not None:
+        check_model_reference(model, allow_pickle)
+    if stage.method != "magnitude" or stage.sparsity_profile == "owl":  # only these read calibration windows
+        check_source(stage.calib)
+        check_seqlen(architecture or model, stage.seqlen, trust_remote_code)
+
+
+def check_finetune(stage, model: str | None, *, architecture: str | None = None, adapted: dict | None = None,
+                   allow_pickle: bool = False, trust_remote_code: bool = False) -> None:
+    """A validated FinetuneStage on `model` (None: not written yet; `architecture` stands for it). `adapted`
+    narrows the layers SPP's row groups must divide: {"targets", "ignore"} regexes of the stage that pruned it;
+    without it, the layers `model`'s spp.json lists (or every prunable linear)."""
+    from spp_cli.adapters import method_named
+
+    if model is not None:
+        check_model_reference(model, allow_pickle)
+    check_source(stage.data)
+    check_report_to(stage.report_to)
+    architecture = architecture or model
+    check_seqlen(architecture, stage.seqlen, trust_remote_code)
+    groups = method_named(stage.method).options.get("groups")  # None: the method has no row groups
+    if groups is not None:
+        narrowing = adapted if adapted is not None else {"names": _pruned_layer_names(model)}
+        check_groups_divide(architecture, stage.groups or groups, trust_remote_code=trust_remote_code, **narrowing)
+
+
+def check_eval(stage, models: dict[str, str | None], *, architectures: dict[str, str] | None = None,
+               allow_pickle: bool = False, trust_remote_code: bool = False) -> None:
+    """A validated EvalStage on `models` (name -> reference, None: not written yet; `architectures` stands for
+    those). Every model is checked before the first is evaluated."""
+    from spp_cli.eval.engine import validate_tasks
+
+    if stage.data_dir is not None and not Path(stage.data_dir).is_dir():
+        raise BadInput(f"--data-dir '{stage.data_dir}' is not a directory: point it at a folder laid out like "
+                       "shared/data")
+    validate_tasks(stage.tasks, data_dir=stage.data_dir)
+    for name, model in models.items():
+        if model is not None:
+            check_model_reference(model, allow_pickle)
+        check_seqlen((architectures or {}).get(name) or model, stage.seqlen, trust_remote_code)
+
+
+def _pruned_layer_names(model: str | None) -> set[str] | None:
+    """The layers an adapter will wrap, from the model's spp.json (None: no spp.json, every prunable linear)."""
+    from spp_cli.checkpoint import model_manifest
+
+    manifest = model_manifest(model) if model is not None else None
+    return set(manifest["layers"]) if manifest and manifest.get("layers") else None

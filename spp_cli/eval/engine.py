@@ -33,7 +33,6 @@ from spp_cli.errors import BadInput
 from spp_cli.eval.perplexity import check_available, perplexity_stream, token_perplexity
 from spp_cli.eval.zeroshot import (
     BUNDLE_TASKS,
-    check_bos_rule,
     check_reachable_offline,
     lm_eval_task_names,
     mean_acc_7,
@@ -68,14 +67,10 @@ def evaluate(
     bos: zero-shot BOS rule, auto | yes | no (eval/zeroshot.py); perplexity always has one BOS at the start of
         its stream, as the papers' code does.
     on_progress: callable(done, total, label), see the module docstring. verbose: let lm-eval print.
-    All task names and local files are checked before any model work (BadInput).
+    All task names and local files are checked before any model work (BadInput); the option values themselves are
+    the eval stage's to check (its schema, spp_cli/recipe_schema.py EvalStage).
     """
     perplexity_tasks, zeroshot_tasks = validate_tasks(tasks, data_dir=data_dir)
-    if limit is not None and limit < 1:
-        raise BadInput(f"--limit {limit} is invalid: use a positive number of examples per task")
-    if batch_size < 1:
-        raise BadInput(f"--batch-size {batch_size} is invalid: use 1 or more")
-    check_bos_rule(bos)
     seqlen = resolve_seqlen(model.config, seqlen)
     if device is not None:
         model.to(resolve_device(device))

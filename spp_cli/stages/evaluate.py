@@ -11,11 +11,14 @@ import json
 import time
 from pathlib import Path
 
-from spp_cli import checkpoint
+from spp_cli import checkpoint, preflight
 from spp_cli.atomic import write_text_atomic
 from spp_cli.environment import resolve_device, versions
 from spp_cli.errors import BadInput
+from spp_cli.events import Listener, notify
 from spp_cli.outputs import check_output_path, existing_output, fingerprint, written_by_spp
+from spp_cli.recipe import validate_options
+from spp_cli.recipe_schema import EvalStage
 
 
 def model_summary(path: str, manifest: dict | None) -> dict:
@@ -56,108 +59,90 @@ def write_json_atomic(path: Path, content: dict) -> None:
 
 def evaluate_models(
     models: dict[str, str],
-    tasks: list[str],
+    tasks: list[str] | str,
     out: str | Path,
     *,
-    seqlen: int | None = None,
-    limit: int | None = None,
-    data_dir: str | None = None,
-    batch_size: int = 1,
-    device: str = "auto",
-    dtype: str = "auto",
-    bos: str = "auto",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
-    skip_if_done: bool = False,
-    overwrite: bool = True,
-    on_progress=None,
+    overwrite: bool = False,
+    on_event: Listener | None = None,
     verbose: bool = False,
+    **options,
 ) -> dict:
     """Evaluate every model (name -> path) on `tasks`; write `out` (results.json) and return
     {"models": {name: results object}, "notes": [...], "out": str}.
 
-    bos: the zero-shot BOS rule, auto | yes | no (spp_cli.eval.zeroshot). on_progress(done, total, label):
-    called with (k - 1, N, "model k/N NAME") as model k starts, then with every event of engine.evaluate,
-    its label prefixed "model k/N NAME · " (e.g. "model 2/3 prune · wikitext2 windows"), and (N, N, "models")
-    at the end. verbose: let lm-eval print its logging and progress bars.
+    `options` are the other EvalStage keys (spp_cli/recipe_schema.py): seqlen, limit, data_dir, batch_size, device,
+    dtype, bos. A results file spp wrote with the same options and models is returned as it is ("skipped"); one
+    with other options is replaced only with `overwrite`, and a file spp did not write never. Progress goes to
+    `on_event` (spp_cli/events.py) as "progress" events: (k - 1, N, "model k/N NAME") as model k starts, then every
+    event of engine.evaluate with its label prefixed "model k/N NAME · ". verbose: let lm-eval print its logging
+    and progress bars.
     """
-    from spp_cli.eval.engine import evaluate, validate_tasks
-    from spp_cli.eval.zeroshot import check_bos_rule
-
-    if not tasks:
-        raise BadInput("no tasks given: use --tasks wikitext2,boolq,... (or ppl:SOURCE)")
-    if batch_size < 1:
-        raise BadInput(f"batch size {batch_size} is invalid: use at least 1")
-    if limit is not None and limit < 1:
-        raise BadInput(f"limit {limit} is invalid: use at least 1 example per task")
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise BadInput(f"--data-dir '{data_dir}' is not a directory: point it at a folder laid out like shared/data")
-    check_bos_rule(bos)
-    validate_tasks(tasks, data_dir=data_dir)
+    stage = validate_options(EvalStage, {"models": list(models), "tasks": tasks, **options})
     out = Path(out)
-    check_results_path(out, [checkpoint.resolve_model_path(path) for path in models.values()])
-    config = {
-        "tasks": tasks,
-        "seqlen": seqlen,
-        "limit": limit,
-        "data_dir": data_dir,
-        "batch_size": batch_size,
-        "dtype": dtype,
-        "bos": bos,
-    }
+    check_inputs(stage, models, out, allow_pickle, trust_remote_code)
     manifests = {name: checkpoint.model_manifest(path) for name, path in models.items()}
-    # a model is identified by its manifest hash, else by its name (a hub id or a plain directory)
-    parents = {name: (manifests[name] or {}).get("manifest_sha256") or path for name, path in models.items()}
-    stage_fingerprint = fingerprint(config, json.dumps(parents, sort_keys=True))
-    if skip_if_done and out.is_file():
-        stored = json.loads(out.read_text(encoding="utf-8"))
-        if existing_output(out, stage_fingerprint, overwrite):
-            return {
-                "models": results_entries(stored, str(out)),
-                "notes": stored.get("notes", []),
-                "out": str(out),
-                "skipped": True,
-            }
-    compute_device = resolve_device(device)
-    entries, notes = {}, []
+    config = result_options(stage)
+    stage_fingerprint = fingerprint(config, json.dumps(parent_identities(models, manifests), sort_keys=True))
+    if existing_output(out, stage_fingerprint, overwrite):
+        return finished_result(out)
+    entries = {}
     for number, (name, path) in enumerate(models.items(), start=1):
-        started = time.time()
-        model_label = f"model {number}/{len(models)} {name}"
-        if on_progress is not None:
-            on_progress(number - 1, len(models), model_label)
-        model, tokenizer = checkpoint.load_model(
-            path, dtype=dtype, device=compute_device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
-        )
-        result = evaluate(
-            model,
-            tokenizer,
-            tasks,
-            seqlen=seqlen,
-            limit=limit,
-            data_dir=data_dir,
-            batch_size=batch_size,
-            device=compute_device,
-            bos=bos,
-            on_progress=_prefixed(on_progress, model_label),
-            verbose=verbose,
-        )
-        result["model"] = model_summary(path, manifests[name])
-        result["config"] = config
-        result["versions"] = versions()
-        result["seconds"] = round(time.time() - started, 2)
-        entries[name] = result
-        notes += [note for note in result.get("notes", []) if note not in notes]
-        del model
-    if on_progress is not None:
-        on_progress(len(models), len(models), "models")
-    content = {"schema_version": RESULTS_SCHEMA_VERSION, "models": entries, "config": config, "notes": notes,
-               "fingerprint": stage_fingerprint}
-    write_json_atomic(out, content)
+        label = f"model {number}/{len(models)} {name}"
+        notify(on_event, "eval", "progress", {"done": number - 1, "total": len(models), "label": label})
+        entries[name] = evaluate_one(path, manifests[name], stage, config, _prefixed(on_event, label),
+                                     trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, verbose=verbose)
+    notes = list(dict.fromkeys(note for entry in entries.values() for note in entry.get("notes", [])))
+    write_json_atomic(out, {"schema_version": RESULTS_SCHEMA_VERSION, "models": entries, "config": config,
+                            "notes": notes, "fingerprint": stage_fingerprint})
     return {"models": entries, "notes": notes, "out": str(out)}
 
 
-def _prefixed(on_progress, prefix: str):
-    """on_progress with every label prefixed (None stays None)."""
-    if on_progress is None:
+def check_inputs(stage: EvalStage, models: dict[str, str], out: Path, allow_pickle: bool,
+                 trust_remote_code: bool) -> None:
+    """Every check before the first model loads: the stage's preflight, then where the results go."""
+    preflight.check_eval(stage, models, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    check_results_path(out, [checkpoint.resolve_model_path(path) for path in models.values()])
+
+
+def result_options(stage: EvalStage) -> dict:
+    """What decides the results (results.json's "config" and the fingerprint): every option but the models
+    (they are the parents) and the device."""
+    return {key: value for key, value in stage.command_options().items() if key not in ("models", "device")}
+
+
+def parent_identities(models: dict[str, str], manifests: dict[str, dict | None]) -> dict[str, str]:
+    """A model is identified by its manifest hash, else by its reference (a hub id or a plain directory)."""
+    return {name: (manifests[name] or {}).get("manifest_sha256") or path for name, path in models.items()}
+
+
+def finished_result(out: Path) -> dict:
+    stored = json.loads(out.read_text(encoding="utf-8"))
+    return {"models": results_entries(stored, str(out)), "notes": stored.get("notes", []), "out": str(out),
+            "skipped": True}
+
+
+def evaluate_one(path: str, manifest: dict | None, stage: EvalStage, config: dict, on_progress, *,
+                 trust_remote_code: bool, allow_pickle: bool, verbose: bool) -> dict:
+    """One model's results object: load it on the stage's device, run every task, free it."""
+    from spp_cli.eval.engine import evaluate
+
+    started = time.time()
+    device = resolve_device(stage.device)
+    model, tokenizer = checkpoint.load_model(
+        path, dtype=stage.dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
+    result = evaluate(model, tokenizer, stage.tasks, seqlen=stage.seqlen, limit=stage.limit,
+                      data_dir=stage.data_dir, batch_size=stage.batch_size, device=device, bos=stage.bos,
+                      on_progress=on_progress, verbose=verbose)
+    return result | {"model": model_summary(path, manifest), "config": config, "versions": versions(),
+                     "seconds": round(time.time() - started, 2)}
+
+
+def _prefixed(on_event: Listener | None, prefix: str):
+    """engine.evaluate's on_progress(done, total, label) as "progress" events with the label prefixed."""
+    if on_event is None:
         return None
-    return lambda done, total, label: on_progress(done, total, f"{prefix} · {label}")
+    return lambda done, total, label: notify(on_event, "eval", "progress",
+                                             {"done": done, "total": total, "label": f"{prefix} · {label}"})

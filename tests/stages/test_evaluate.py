@@ -42,17 +42,18 @@ def test_progress_says_model_k_of_n_and_prefixes_the_inner_events(tmp_path):
     events = []
     evaluate_models({"a": "builtin:tiny-llama", "b": "builtin:tiny-llama"}, ["ppl:builtin:python-docs:test"],
                     tmp_path / "results.json", seqlen=64, limit=2, device="cpu", batch_size=2,
-                    on_progress=lambda done, total, label: events.append((done, total, label)))
-    assert events == [
+                    on_event=events.append)
+    assert {(event.stage, event.kind) for event in events} == {("eval", "progress")}
+    assert [(e.payload["done"], e.payload["total"], e.payload["label"]) for e in events] == [
         (0, 2, "model 1/2 a"), (0, 2, "model 1/2 a · ppl:builtin:python-docs:test windows"),
         (2, 2, "model 1/2 a · ppl:builtin:python-docs:test windows"),
         (1, 2, "model 2/2 b"), (0, 2, "model 2/2 b · ppl:builtin:python-docs:test windows"),
-        (2, 2, "model 2/2 b · ppl:builtin:python-docs:test windows"), (2, 2, "models"),
+        (2, 2, "model 2/2 b · ppl:builtin:python-docs:test windows"),
     ]
 
 
 def test_a_flat_results_file_from_an_older_spp_is_named(tmp_path):
     with pytest.raises(BadInput, match=r"old\.json has no \"models\" object .*rerun spp eval"):
         results_entries({"results": {}, "perplexity": {}}, "old.json")
-    with pytest.raises(BadInput, match="--bos 'maybe' is unknown: use one of auto, yes, no"):
+    with pytest.raises(BadInput, match="bos: 'maybe' is not one of auto, yes, no"):
         evaluate_models({"a": "builtin:tiny-llama"}, ["wikitext2"], tmp_path / "r.json", bos="maybe")
