@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from spp_cli.atomic import write_text_atomic
 from spp_cli.errors import BadInput
 from spp_cli.eval.hub import download_errors
 from spp_cli.eval.quiet import quiet_lm_eval
@@ -96,9 +97,31 @@ def default_task_manager():
     return TaskManager()
 
 
+@functools.cache
 def lm_eval_task_names() -> list[str]:
-    """Every task, group and tag name lm-eval knows."""
-    return default_task_manager().all_tasks
+    """Every task, group and tag name lm-eval knows. Indexing its ~15k YAMLs takes 5-15 s, so the names are kept
+    in spp's cache folder ($SPP_CACHE, default ~/.cache/spp) per lm-eval version and task folder: a bad task name
+    is then refused in well under a second after the first lookup on a machine."""
+    import json
+
+    import lm_eval
+
+    tasks_dir = Path(lm_eval.__file__).parent / "tasks"
+    key = f"{lm_eval.__version__}-{tasks_dir.stat().st_mtime_ns}"
+    cache = Path(os.environ.get("SPP_CACHE", os.path.expanduser("~/.cache/spp"))) / "lm-eval-task-names.json"
+    try:
+        stored = json.loads(cache.read_text(encoding="utf-8"))
+        if stored.get("key") == key:
+            return stored["names"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    names = list(default_task_manager().all_tasks)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cache, json.dumps({"key": key, "names": names}))
+    except OSError:
+        pass  # a read-only home only costs the next lookup its seconds
+    return names
 
 
 def check_bos_rule(bos: str) -> None:

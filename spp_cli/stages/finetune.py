@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from spp_cli import atomic, checkpoint
+from spp_cli import atomic, checkpoint, preflight
 from spp_cli.adapters import METHOD_OPTIONS, resolved_method_options
 from spp_cli.errors import BadInput, CheckFailed
 from spp_cli.manifest import layers_record, stage_manifest, zeros_sha256
@@ -128,6 +128,7 @@ def finetune(
     if existing_output(out, stage_fingerprint, overwrite):
         return {**checkpoint.read_manifest(out), "skipped": True}
     check_parent(model_path, parent_manifest, adapter.keeps_zeros, train_options.method)
+    preflight.check_finetune(train_options, model_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     # validated and canonical before the model loads: the trainer's build_examples then sees one format a record
     records = normalize_records(read_records(train_options.data), train_options.data_format,
                                 mask_prompt=train_options.mask_prompt, source=train_options.data)

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from spp_cli import checkpoint
+from spp_cli import checkpoint, preflight
 from spp_cli.environment import resolve_device
 from spp_cli.errors import BadInput, RuntimeFailure
 from spp_cli.manifest import layer_record, stage_manifest
@@ -120,7 +120,7 @@ def prune(
     if existing_output(out, stage_fingerprint, overwrite):
         return {**checkpoint.read_manifest(out), "skipped": True}
 
-    checkpoint.check_model(model, allow_pickle)
+    preflight.check_prune(stage, model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     calibration_texts = None
     if needs_calibration:
         from spp_cli.data.sources import read_texts
