@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from spp_cli.atomic import atomic_dir
-from spp_cli.errors import BadInput
+from spp_cli.errors import BadInput, first_line
 
 MANIFEST = "spp.json"
 ASSETS = Path(__file__).parent / "assets"
@@ -116,8 +116,7 @@ def load_model(
         )
         tokenizer = AutoTokenizer.from_pretrained(path, **options) if with_tokenizer else None
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BadInput(f"could not load model '{path_or_id}': {first_line}") from None
+        raise BadInput(f"could not load model '{path_or_id}': {first_line(error)}") from None
     model.eval()
     model.spp_stored_dtype = stored_dtype(path, model)
     return model.to(device), tokenizer

@@ -26,3 +26,9 @@ class RuntimeFailure(SppError):
     """The work itself failed (out of memory, NaN loss, Cholesky failure after retries): exit 3."""
 
     exit_code = 3
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a library's error message (its name when it has none): what a one-line error quotes."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

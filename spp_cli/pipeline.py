@@ -16,7 +16,8 @@ RESULTS = "results.json"
 
 
 def stage_output(recipe: Recipe, stage) -> Path:
-    directory = Path(recipe.output_dir) / stage.name
+    """A prune/finetune stage's checkpoint folder, an eval stage's results.json."""
+    directory = recipe.stage_dir(stage.name)
     return directory / RESULTS if isinstance(stage, EvalStage) else directory
 
 
@@ -25,7 +26,7 @@ def model_path(recipe: Recipe, reference: str) -> str:
     if reference == "dense":
         return recipe.model
     if reference in recipe.stage_names:
-        return str(Path(recipe.output_dir) / reference)
+        return str(recipe.stage_dir(reference))
     return reference
 
 
@@ -35,7 +36,7 @@ def run_stage(recipe: Recipe, stage, console) -> dict:
     from spp_cli.stages.finetune import finetune
     from spp_cli.stages.prune import prune
 
-    directory = Path(recipe.output_dir) / stage.name
+    directory = recipe.stage_dir(stage.name)
     # a stage folder spp wrote is replaced when the recipe changed (the point of `spp run`); anything else in its
     # place is refused by the stage (spp_cli/outputs.py)
     replace = True

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from spp_cli.data.sources import read_texts, token_stream
 from spp_cli.environment import is_offline
-from spp_cli.errors import BadInput
+from spp_cli.errors import BadInput, first_line
 from spp_cli.eval.hub import download_errors
 
 PROTOCOL = "token, non-overlapping windows"
@@ -192,7 +192,7 @@ def _load_hub_texts(task: str, name: str, config: str | None, **kwargs) -> list[
     try:
         return datasets.load_dataset(name, config, **kwargs)["text"]
     except download_errors() as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise BadInput(
             f"{task}: could not load {name} ({reason}): pass --data-dir DIR with DIR/{_LOCAL_FILES[task][0]}"
         ) from None

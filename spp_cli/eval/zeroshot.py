@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from spp_cli.atomic import write_text_atomic
-from spp_cli.errors import BadInput
+from spp_cli.errors import BadInput, first_line
 from spp_cli.eval.hub import download_errors
 from spp_cli.eval.quiet import quiet_lm_eval
 from spp_cli.vocabulary import BOS_RULES
@@ -237,7 +237,7 @@ def check_reachable_offline(tasks: list[str]) -> None:
 
 def _download_failure(error: Exception, online: list[str]) -> str:
     """One line for a dataset lm-eval could not fetch: the local files that --data-dir would supply instead."""
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    reason = first_line(error)
     local = [f"DIR/{_primary_data_file(task)}" for task in online if task in BUNDLE_TASKS]
     if local:
         return f"lm-eval could not download a dataset ({reason}): pass --data-dir DIR with {', '.join(local)}"
