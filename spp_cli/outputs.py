@@ -6,6 +6,7 @@ from pathlib import Path
 
 from spp_cli.checkpoint import read_manifest
 from spp_cli.errors import BadInput
+from spp_cli.ownership import changed_files
 from spp_cli.preflight import check_writable
 
 
@@ -67,8 +68,15 @@ def existing_output(out: Path, fingerprint_now: str, overwrite: bool) -> bool:
         raise BadInput(
             f"output '{out}' is {what} that spp did not write, and spp never replaces those: choose another --out"
         )
+    changed, added = changed_files(out) if out.is_dir() else ([], [])
+    if changed:  # its spp.json no longer describes it: neither finished nor spp's to replace
+        raise BadInput(f"output '{out}' was changed after spp wrote it ({changed[0]}): spp never replaces or reuses "
+                       "it; restore it, or move it away and rerun")
     if stored.get("fingerprint") == fingerprint_now:
         return True
+    if added:
+        raise BadInput(f"output '{out}' holds {added[0]}, which spp did not write, and spp never deletes those: "
+                       "move it away, or choose another --out")
     if overwrite:
         return False
     raise BadInput(f"output '{out}' holds a result made with other options: pass --overwrite to replace it")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from spp_cli.errors import BadInput
+from spp_cli.ownership import check_replaceable_file, write_owned
 from spp_cli.recipe import EvalStage, FinetuneStage, PruneStage, Recipe, dump_resolved, load_recipe
 
 RESULTS = "results.json"
@@ -74,6 +75,8 @@ def check_recipe(recipe: Recipe) -> None:
         return model_path(recipe, reference)
 
     loading = {"allow_pickle": recipe.allow_pickle, "trust_remote_code": recipe.trust_remote_code}
+    for name in ("run.json", "report.md"):  # written at the end: a user's file there is refused now, not then
+        check_replaceable_file(Path(recipe.output_dir) / name)
     for stage in recipe.stages:
         preflight.check_writable(stage_output(recipe, stage))
         if isinstance(stage, PruneStage):
@@ -113,7 +116,7 @@ def run_recipe(
         output = stage_output(recipe, stage)
         skipped = bool(result.get("skipped"))
         (output.parent if output.suffix else output).mkdir(parents=True, exist_ok=True)
-        (output.parent if output.suffix else output).joinpath("recipe.yaml").write_text(dump_resolved(recipe, stage))
+        write_owned((output.parent if output.suffix else output) / "recipe.yaml", dump_resolved(recipe, stage))
         summary["stages"].append(
             {
                 "name": stage.name,
@@ -128,7 +131,7 @@ def run_recipe(
     for stage_summary in summary["stages"]:
         if stage_summary["name"] in (summary.get("evaluation") or {}):
             summary["evaluation"][stage_summary["name"]].setdefault("stage_seconds", stage_summary["seconds"])
-    (output_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_owned(output_dir / "run.json", json.dumps(summary, indent=2, default=str) + "\n")
     try:
         from spp_cli.report import write_report
 

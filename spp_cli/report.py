@@ -7,9 +7,11 @@ Nothing is recomputed: the report reads the stage folders only (the recovery tab
 """
 
 import json
+import os
 from pathlib import Path
 
 from spp_cli.errors import BadInput
+from spp_cli.ownership import check_replaceable_file, remember, write_owned
 
 
 def read_stages(run_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -40,9 +42,14 @@ def _pyplot():
 
 
 def _save(plt, figure, path: Path) -> None:
+    """Save a plot spp owns (never over a user's file of that name; spp_cli/ownership.py)."""
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    check_replaceable_file(path)
+    staging = path.with_name(f".{path.stem}.spp-staging-{os.getpid()}{path.suffix}")
+    figure.savefig(staging, dpi=110)
     plt.close(figure)
+    os.replace(staging, path)
+    remember(path.parent, [path.name])
 
 
 def plot_metrics(evaluations: dict, path: Path) -> bool:
@@ -272,6 +279,9 @@ def plot_owl(name: str, manifest: dict, rows: list[dict], path: Path) -> None:
     _save(plt, figure, path)
 
 
+PLOTS = ("metrics.png", "recovery.png", "sparsity.png", "loss.png")
+
+
 def write_report(run_dir: str | Path) -> dict:
     """Write RUN_DIR/report.md and its PNGs; returns their paths."""
     run_dir = Path(run_dir)
@@ -280,6 +290,10 @@ def write_report(run_dir: str | Path) -> dict:
     manifests, evaluations = read_stages(run_dir)
     if not manifests and not evaluations:
         raise BadInput(f"'{run_dir}' holds no stage output (spp.json or results.json): run `spp run RECIPE` first")
+    owl_plots = [f"owl-{name}.png" for name, m in manifests.items()
+                 if (m.get("sparsity_profile") or {}).get("profile") == "owl"]
+    for name in ["report.md", *PLOTS, *owl_plots]:  # all refused before any is written
+        check_replaceable_file(run_dir / name)
     sections = [f"# spp report: {run_dir.name}\n"]
     if evaluations:
         sections.append("## Evaluation\n\n" + markdown_table(evaluations, manifests) + "\n")
@@ -318,5 +332,6 @@ def write_report(run_dir: str | Path) -> dict:
     if plot_loss(manifests, run_dir / "loss.png"):
         sections.append("## Fine-tuning\n\n![fine-tune loss](loss.png)\n")
     report = run_dir / "report.md"
-    report.write_text("\n".join(sections) + "\n", encoding="utf-8")
-    return {"report": str(report), "plots": [str(p) for p in sorted(run_dir.glob("*.png"))]}
+    write_owned(report, "\n".join(sections) + "\n")
+    plots = [run_dir / name for name in [*PLOTS, *owl_plots] if (run_dir / name).is_file()]
+    return {"report": str(report), "plots": [str(p) for p in sorted(plots)]}
