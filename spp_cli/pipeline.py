@@ -30,7 +30,7 @@ def model_path(recipe: Recipe, reference: str) -> str:
 
 
 def run_stage(recipe: Recipe, stage, console) -> dict:
-    from spp_cli.render import block_progress, step_progress
+    from spp_cli.render import block_progress, event_printer, step_progress
     from spp_cli.stages.evaluate import evaluate_models
     from spp_cli.stages.finetune import finetune
     from spp_cli.stages.prune import prune
@@ -48,7 +48,8 @@ def run_stage(recipe: Recipe, stage, console) -> dict:
         )
     if isinstance(stage, FinetuneStage):
         return finetune(
-            model_path(recipe, stage.input), directory, overwrite=replace, console=console, **loading, **options
+            model_path(recipe, stage.input), directory, overwrite=replace,
+            on_event=event_printer(console) if console is not None else None, **loading, **options,
         )
     models = {name: model_path(recipe, name) for name in options.pop("models")}
     return evaluate_models(
