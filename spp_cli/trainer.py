@@ -64,14 +64,10 @@ def gradient_accumulation(options, world_size: int) -> int:
 
 
 def check_options(options, world_size: int = 1) -> Adapter:
-    """The rules the schema cannot hold; returns the (not yet injected) adapter the options describe.
-
-    Ranges, choices and an option of another method are the schema's (FinetuneStage, checked when the options are
-    built with recipe.validate_options, as every entry point does): not checked again here. What is left needs this
-    run: the global batch split over its `world_size` processes, and the method's own rules on its config
-    (adapter.validate, e.g. SPP's fused forward needs dropout 0). What needs the loaded model (a layer's
-    out_features against the groups) is refused when the adapter is injected.
-    """
+    """What the schema (FinetuneStage's ranges and choices, via recipe.validate_options) cannot check; returns the
+    (not yet injected) adapter. Left: the global batch split over this run's `world_size` processes and the method's
+    own rules (adapter.validate: SPP's fused forward needs dropout 0). What needs the loaded model (out_features
+    against the groups) is refused when the adapter is injected."""
     gradient_accumulation(options, world_size)
     adapter = adapter_class(options.method).from_options(options)
     adapter.validate()

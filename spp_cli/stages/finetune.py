@@ -1,12 +1,13 @@
 """The finetune stage: a recovery method (SPP, or another from spp_cli/adapters) on a pruned model, merge, check
 every zero, save. `finetune` reads as its steps, each a function below:
 
-    resolve  -> the validated options, device, precision, the parent's spp.json and the stage's fingerprint
-    check    -> the output path (a finished identical output is skipped), the parent's provenance, the records
-    load     -> the model, the layers to adapt and the parent's zero hashes
-    train    -> trainer.run_finetune in a resumable work dir; after a multi-process run, the adapters on rank 0
-    record   -> the adapter saved, merged, every zero checked, the manifest
-    publish  -> OUT written atomically, the work dir removed
+    resolve          the validated options, device, precision, the parent's spp.json and the fingerprint
+    check            the parent's provenance and the training records (after the output path and the skip of an
+                     identical finished output), all before any weights load
+    load             the model, the layers to adapt and the parent's zero hashes
+    train            trainer.run_finetune in a resumable work dir; on_main_process: the full weights on rank 0
+    save_adapter, merge_and_check, record    the adapter, the merge with every zero checked, spp.json
+    publish          OUT written atomically, the work dir removed
 
 Output layout (DESIGN.md): OUT/ is the merged HF model + spp.json, OUT/adapter/ the adapter (plus run.json: this
 run's wall-clock statistics, which vary run to run and so stay out of the hashed manifest). With --no-merge,
@@ -43,14 +44,6 @@ def _compute_dtype(dtype: str, device: str) -> str:
     if dtype == "auto" and device == "cpu":
         return "float32"
     return dtype
-
-
-def stage_options(options: dict) -> FinetuneStage:
-    """The keyword arguments of `finetune` as the schema's options object, with the recipe's checks (unknown
-    keys, ranges, an option of another method: BadInput)."""
-    from spp_cli.recipe import validate_options
-
-    return validate_options(FinetuneStage, options)
 
 
 def fingerprinted_options(options: FinetuneStage, precision: str) -> dict:
@@ -144,10 +137,6 @@ class FinetunePlan:
         """Trainer checkpoints and the adapter until the stage completes (a rerun resumes from them)."""
         return atomic.work_dir(self.out)
 
-    @property
-    def parent_manifest_sha256(self) -> str | None:
-        return self.parent_manifest.get("manifest_sha256") if self.parent_manifest else None
-
 
 @dataclass
 class LoadedBase:
@@ -162,11 +151,13 @@ class LoadedBase:
 
 
 def resolve(model_dir: str, out: Path, options: dict, loading: dict) -> FinetunePlan:
-    """The options through the schema and the method's own rules (BadInput before anything loads), the device and
-    the precision training runs in, the parent's spp.json and the fingerprint."""
+    """The keyword options through the schema (unknown keys, ranges, an option of another method) and the method's
+    own rules, all BadInput before anything loads; the device and the precision training runs in, the parent's
+    spp.json and the fingerprint."""
+    from spp_cli.recipe import validate_options
     from spp_cli.trainer import check_options, resolved_precision, training_device, world_size
 
-    train_options = stage_options(options)
+    train_options = validate_options(FinetuneStage, options)
     train_options.device = training_device(train_options.device)
     train_options.dtype = train_options.dtype or "auto"
     adapter = check_options(train_options, world_size())
@@ -251,7 +242,7 @@ def save_adapter(plan: FinetunePlan, result) -> dict:
     adapter_dir = plan.work_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     save_trained_adapter(result, adapter_dir, base_path=str(Path(plan.model_path).resolve()),
-                         base_manifest_sha256=plan.parent_manifest_sha256)
+                         base_manifest_sha256=(plan.parent_manifest or {}).get("manifest_sha256"))
     run = _run_record(result)
     (adapter_dir / RUN_RECORD).write_text(json.dumps(run, indent=2) + "\n")
     return run
