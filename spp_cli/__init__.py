@@ -16,7 +16,7 @@ _API = {
     "finetune": ("spp_cli.stages.finetune", "finetune"),
     "merge": ("spp_cli.stages.merge", "merge_adapter"),
     "evaluate": ("spp_cli.stages.evaluate", "evaluate_models"),
-    "load_spp_adapter": ("spp_cli.adapters.spp_files", "load_spp_adapter"),
+    "load_spp_adapter": ("spp_cli.adapters.spp", "load_spp_adapter"),
     "run_recipe": ("spp_cli.pipeline", "run_recipe"),
     "verify": ("spp_cli.stages.verify", "verify_checkpoint"),
     "load_model": ("spp_cli.checkpoint", "load_model"),

@@ -173,14 +173,14 @@ def prune(options, *, model, out, overwrite, trust_remote_code, allow_pickle, ou
 )
 def finetune(options, *, model_dir, out, overwrite, trust_remote_code, allow_pickle, output_format) -> None:
     """Fine-tune a pruned model (SPP, or another recovery method) and merge; zero-keeping methods keep every zero."""
-    from spp_cli.render import render_finetune
+    from spp_cli.render import event_printer, render_finetune
     from spp_cli.stages.finetune import finetune as run_finetune
 
     validate_options(FinetuneStage, options, flags=True)
     _quiet_libraries()
     manifest = run_finetune(
         model_dir, out, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-        console=_console(stderr=True), **options,
+        on_event=event_printer(_console(stderr=True)), **options,
     )
     if "rank" not in manifest:  # under torchrun/accelerate only rank 0 merges, saves and reports
         _emit(manifest, output_format, lambda console, result: render_finetune(console, result, out))

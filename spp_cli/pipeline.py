@@ -51,7 +51,7 @@ def run_stage(recipe: Recipe, stage, console) -> dict:
         )
     if isinstance(stage, FinetuneStage):
         return finetune(
-            model_path(recipe, stage.input), directory, overwrite=replace, console=console, **loading, **options
+            model_path(recipe, stage.input), directory, overwrite=replace, on_event=on_event, **loading, **options
         )
     models = {name: model_path(recipe, name) for name in options.pop("models")}
     return evaluate_models(models, options.pop("tasks"), directory / RESULTS, overwrite=replace, on_event=on_event,

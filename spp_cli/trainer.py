@@ -36,13 +36,11 @@ import torch
 from torch import nn
 
 from spp_cli.adapter_trainer import NonFiniteLoss, adapter_trainer_class, last_complete_checkpoint
-from spp_cli.adapters import adapter_class, check_method_options, method_named
+from spp_cli.adapters import adapter_class, method_named
 from spp_cli.adapters.base import Adapter
 from spp_cli.data.examples import PaddingCollator, build_examples, pad_token_id
 from spp_cli.errors import BadInput, RuntimeFailure
-from spp_cli.vocabulary import LOSS_NORMALIZATIONS
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 # fixed training choices (not user options), recorded in the fingerprint because they decide the result
 TRAINING_CONSTANTS = {"lr_scheduler": "linear", "max_grad_norm": 1.0}
 SAVE_TOTAL_LIMIT = 2  # Trainer checkpoints kept for resume
@@ -66,27 +64,10 @@ def gradient_accumulation(options, world_size: int) -> int:
 
 
 def check_options(options, world_size: int = 1) -> Adapter:
-    """BadInput (one line) on any bad option; returns the (not yet injected) adapter the options describe."""
-    check_method_options(options.method, dataclasses.asdict(options))
-    for name in ("batch_size", "micro_batch_size", "seqlen", "logging_steps", "save_steps", "lora_r", "groups"):
-        value = getattr(options, name)
-        if value is not None and value <= 0:
-            raise BadInput(f"--{name.replace('_', '-')} {value} is invalid: use a positive integer")
-    if options.max_steps is not None and options.max_steps <= 0:
-        raise BadInput(f"--max-steps {options.max_steps} is invalid: use a positive integer (or --epochs)")
-    if options.max_steps is None and not options.epochs > 0:
-        raise BadInput(f"--epochs {options.epochs} is invalid: use a positive number")
-    lr = learning_rate(options)
-    if not (lr > 0 and math.isfinite(lr)):
-        raise BadInput(f"--lr {lr} is invalid: use a positive number (default: the method's)")
-    if (options.dtype or "auto") not in PRECISIONS:
-        raise BadInput(f"--dtype {options.dtype!r} is unknown: use one of {', '.join(PRECISIONS)}")
-    if options.loss_normalization not in LOSS_NORMALIZATIONS:
-        raise BadInput(f"--loss-normalization {options.loss_normalization!r} is unknown: use batch or micro_batch")
-    if options.val_size is not None and options.val_size < 0:
-        raise BadInput(f"--val-size {options.val_size} is invalid: use 0 (none), a count, or a fraction < 1")
-    if options.dropout is not None and not 0 <= options.dropout < 1:
-        raise BadInput(f"--dropout {options.dropout} is out of range: use a value in [0, 1)")
+    """What the schema (FinetuneStage's ranges and choices, via recipe.validate_options) cannot check; returns the
+    (not yet injected) adapter. Left: the global batch split over this run's `world_size` processes and the method's
+    own rules (adapter.validate: SPP's fused forward needs dropout 0). What needs the loaded model (out_features
+    against the groups) is refused when the adapter is injected."""
     gradient_accumulation(options, world_size)
     adapter = adapter_class(options.method).from_options(options)
     adapter.validate()
@@ -117,10 +98,6 @@ class FinetuneResult:
     @property
     def method(self) -> str:
         return self.adapter.name
-
-    @property
-    def dense_after_merge(self) -> bool:
-        return not self.adapter.keeps_zeros
 
 
 def world_size() -> int:
@@ -240,9 +217,9 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
     injected; a PEFT method wraps it, see result.model). Trainer checkpoints go to work_dir/checkpoints; an
     existing checkpoint there is resumed from. Raises BadInput on bad options or data, RuntimeFailure on a
     NaN/inf loss (the last good checkpoint is kept). `callbacks` are extra transformers TrainerCallbacks (e.g.
-    the CLI's progress display); the library itself prints nothing.
+    the stage's progress events); the library itself prints nothing.
     """
-    from transformers import PrinterCallback, TrainingArguments, set_seed
+    from transformers import set_seed
 
     world = world_size()
     adapter = check_options(options, world)
@@ -258,9 +235,21 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
         model.config.use_cache = False
     model = adapter.inject(model, list(target_names))
 
-    on_cuda = device.startswith("cuda")
     checkpoints = Path(work_dir) / "checkpoints"
-    args = TrainingArguments(
+    args = training_arguments(options, checkpoints, device, precision, world, evaluate=bool(val_set))
+    memory: dict = {}  # the training state's size on a CPU, measured at the first optimizer step
+    trainer = _adapter_trainer(model, args, adapter, tokenizer, train_set, val_set, memory, callbacks, options)
+    resume = last_complete_checkpoint(checkpoints)
+    on_cuda = device.startswith("cuda")
+    seconds, eval_loss = _train(trainer, resume, checkpoints, learning_rate(options), bool(val_set), on_cuda)
+    return _trained_result(trainer, adapter, target_names, resume, seconds, eval_loss, _peak_memory(on_cuda, memory))
+
+
+def training_arguments(options, checkpoints: Path, device: str, precision: str, world: int, *, evaluate: bool):
+    """transformers' TrainingArguments for a FinetuneStage: the schedule, logging, checkpoints and precision."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=options.micro_batch_size,
         per_device_eval_batch_size=options.micro_batch_size,
@@ -281,8 +270,8 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
         save_strategy="steps",
         save_steps=options.save_steps,
         save_total_limit=SAVE_TOTAL_LIMIT,
-        eval_strategy="steps" if val_set else "no",
-        eval_steps=options.save_steps if val_set else None,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=options.save_steps if evaluate else None,
         seed=options.seed,
         report_to=[] if options.report_to == "none" else [options.report_to],
         use_cpu=device == "cpu",
@@ -296,7 +285,12 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
         **_precision_flags(precision),
     )
 
-    memory: dict = {}
+
+def _adapter_trainer(model: nn.Module, args, adapter: Adapter, tokenizer, train_set: list[dict],
+                     val_set: list[dict], memory: dict, callbacks: list | None, options):
+    """The AdapterTrainer (spp_cli/adapter_trainer.py) with the adapter's hooks, silent, torn down at exit."""
+    from transformers import PrinterCallback
+
     trainer = adapter_trainer_class()(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
         data_collator=PaddingCollator(pad_token_id(tokenizer)),
@@ -311,8 +305,13 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
         # to the model: each micro-batch's loss is its own token mean, divided by the accumulation steps, and
         # DDP averages the ranks' gradients -- transformers 4.28's arithmetic, which SPP's finetune.py ran
         trainer.model_accepts_loss_kwargs = False
-    resume = last_complete_checkpoint(checkpoints)
-    start_step = int(Path(resume).name.split("-")[1]) if resume else 0
+    return trainer
+
+
+def _train(trainer, resume: str | None, checkpoints: Path, lr: float, evaluate: bool,
+           on_cuda: bool) -> tuple[float, float | None]:
+    """Train (from `resume` if given), then the held-out loss: (seconds, eval_loss or None). A non-finite loss
+    is a RuntimeFailure naming the last good checkpoint."""
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -322,11 +321,15 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
         last = last_complete_checkpoint(checkpoints)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
         raise RuntimeFailure(f"training loss became NaN/inf at step {stop.step}: {kept}; lower --lr "
-                             f"(now {learning_rate(options)}) or check the data, then rerun to resume") from None
-    eval_loss = trainer.evaluate()["eval_loss"] if val_set else None
-    seconds = time.perf_counter() - start
-    peak_memory_mb, memory_measure = _peak_memory(on_cuda, memory)
+                             f"(now {lr}) or check the data, then rerun to resume") from None
+    eval_loss = trainer.evaluate()["eval_loss"] if evaluate else None
+    return time.perf_counter() - start, eval_loss
 
+
+def _trained_result(trainer, adapter: Adapter, target_names: list[str], resume: str | None, seconds: float,
+                    eval_loss: float | None, peak_memory: tuple[float | None, str]) -> FinetuneResult:
+    """The FinetuneResult: the loss curve, the gathered trainable state (a collective: every rank) and the
+    unwrapped model."""
     # from trainer.state.log_history, which a resumed run restores, so the curve covers the whole training
     curve = [{"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate")}
              for e in trainer.state.log_history if "loss" in e]
@@ -336,6 +339,8 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # waits on the finished ranks
 
         unset_hf_deepspeed_config()
+    peak_memory_mb, memory_measure = peak_memory
+    start_step = int(Path(resume).name.split("-")[1]) if resume else 0
     return FinetuneResult(
         model=trained, adapter=adapter, train_curve=curve, eval_loss=eval_loss, seconds=seconds,
         steps=trainer.state.global_step, resumed_from=resume,

@@ -105,7 +105,7 @@ def test_training_lowers_loss_and_keeps_every_zero(tmp_path):
     assert result.steps == 8 and [p["step"] for p in result.train_curve] == list(range(1, 9))
     first, last = result.train_curve[0]["loss"], result.train_curve[-1]["loss"]
     assert last < first - 1.0 and result.eval_loss < first - 1.0  # ~9.0 -> ~7.0 on this seed
-    assert len(spp_layers(result.model)) == 14 and not result.dense_after_merge
+    assert len(spp_layers(result.model)) == 14 and result.adapter.keeps_zeros
     assert result.trainable_params == 12 * 16 * 64 + 2 * 16 * 128 + 10 * 64 + 4 * 128  # 16·in + out per layer
     elsewhere = adapted_copy(pruned_tiny_llama(init_std=0.3), result)  # how rank 0 merges after FSDP / ZeRO-3
     merged = merge_trained(result)
@@ -163,7 +163,7 @@ def test_lora_baseline_trains_and_merges_dense(tmp_path):
     before = zero_hashes(model)
     result = run_finetune(model, tiny_tokenizer(), alpaca_records(), small_config(method="lora", max_steps=3),
                           tmp_path, target_names=names)
-    assert result.dense_after_merge
+    assert not result.adapter.keeps_zeros
     assert result.trainable_params == 8 * 8 * (64 + 64) + 6 * 8 * (64 + 128)  # r·(in + out)
     merged = merge_trained(result)
     assert type(merged).__name__ == "LlamaForCausalLM"
@@ -176,7 +176,6 @@ DDP_SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     from spp_cli.trainer import merge_trained, run_finetune
     from spp_cli.manifest import weight_sha256
-    from spp_cli.adapters.spp_files import adapter_state_dict
     from test_trainer import alpaca_records, small_config, zero_hashes
     from tiny_models import decoder_linears, pruned_tiny_llama, tiny_tokenizer
 
@@ -190,7 +189,7 @@ DDP_SCRIPT = textwrap.dedent("""
     result = run_finetune(model, tiny_tokenizer(), alpaca_records()[:200], config, sys.argv[1],
                           target_names=decoder_linears(model))
     rank = dist.get_rank()
-    adapters = {{k: weight_sha256(v) for k, v in adapter_state_dict(result.model).items()}}
+    adapters = {{k: weight_sha256(v) for k, v in result.adapter.trainable_state(result.model).items()}}
     out = {{"rank": rank, "world": dist.get_world_size(), "backend": dist.get_backend(),
            "steps": result.steps, "adapters": adapters}}
     if result.is_main_process:  # merge and save on rank 0 only, on the full weights
@@ -248,7 +247,7 @@ def test_every_zero_keeping_method_lowers_the_loss_and_keeps_every_zero(method, 
                           tmp_path, target_names=decoder_linears(model))
     first, last = result.train_curve[0]["loss"], result.train_curve[-1]["loss"]
     assert result.steps == 8 and last < first - 0.5, (first, last)
-    assert result.trainable_params == trainable and not result.dense_after_merge
+    assert result.trainable_params == trainable and result.adapter.keeps_zeros
     merged = merge_trained(result)
     assert type(merged).__name__ == "LlamaForCausalLM" and zero_hashes(merged) == before
 

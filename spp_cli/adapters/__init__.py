@@ -8,7 +8,8 @@ the adapter classes (which import torch) are imported only when `adapter_class(n
     plain = adapter.merge(model)                                      # nn.Linear modules again
 
 A method reads the general fine-tune options (lr, batch_size, ...) and its own ones, listed in `options` below
-(schema field -> default); giving a method an option it does not read is bad input (check_method_options).
+(schema field -> default); giving a method an option it does not read is bad input (misplaced_option, which
+the recipe schema's FinetuneStage.check reports).
 """
 
 from __future__ import annotations
@@ -79,18 +80,6 @@ def misplaced_option(method: str, options: dict[str, Any]) -> str | None:
         if options.get(key) is not None and key not in reads:
             return key
     return None
-
-
-def check_method_options(method: str, options: dict[str, Any]) -> None:
-    """BadInput (one line) for an unknown method or an option of another method; `options` by schema name."""
-    from spp_cli.errors import BadInput
-
-    key = misplaced_option(method, options)
-    if key is not None:
-        users = [m.name for m in REGISTRY.values() if key in m.options]
-        flag = "--" + key.replace("_", "-")
-        raise BadInput(f"{flag} applies to --method {' or '.join(users)}, not {method}: drop {flag} "
-                       f"(or use --method {users[0]})")
 
 
 def resolved_method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,8 @@ Lifecycle, as in PEFT's tuners (STYLE.md):
     plain = adapter.merge(model)                      # plain nn.Linear modules: save_pretrained writes the
                                                       # original keys; keeps every zero iff adapter.keeps_zeros
 `record()` is what spp.json's "adapter" and adapter_config.json hold: the config dataclass as JSON, never
-written field by field. Library code: no printing, no stage folders.
+written field by field (`file_record` may add values derived from it, `file_key` rename a tensor in the file).
+Library code: no printing, no stage folders.
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ class Adapter:
         """spp.json's "adapter": the config dataclass as JSON (adapter_config.json adds peft_type and the base)."""
         return json_safe(dataclasses.asdict(self.config))
 
+    def file_record(self, model: nn.Module) -> dict:
+        """adapter_config.json's method part: record() unless a method adds values derived from its config."""
+        return self.record()
+
+    def file_key(self, parameter_name: str) -> str:
+        """The name a trainable parameter has in adapter_model.safetensors: its own unless a method renames it."""
+        return parameter_name
+
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """{parameter name: contiguous CPU copy} of every trainable parameter."""
         return {name: p.detach().cpu().contiguous().clone() for name, p in model.named_parameters()
@@ -106,11 +115,13 @@ class Adapter:
 
         from spp_cli.manifest import zeros_sha256
 
+        state = {self.file_key(name): tensor for name, tensor in self.trainable_state(model).items()}
+        if not state:
+            raise BadInput("the model has no adapter parameters to save: inject (or train) an adapter first")
         targets = self.target_modules()
-        config = {"peft_type": self.method.peft_type, **self.record(), "base_model_name_or_path": base_path,
+        config = {"peft_type": self.method.peft_type, **self.file_record(model), "base_model_name_or_path": base_path,
                   "base_manifest_sha256": base_manifest_sha256,
                   "base_zeros_sha256": {name: zeros_sha256(target_weight(model, name)) for name in targets}}
-        state = self.trainable_state(model)
 
         with atomic_dir(adapter_dir) as staging:
             (staging / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -128,7 +139,9 @@ class Adapter:
         weights = Path(adapter_dir) / ADAPTER_WEIGHTS_NAME
         if not weights.is_file():
             raise BadInput(f"{weights} not found: the adapter directory is incomplete")
-        adapter.load_trainable_state(adapted, load_file(str(weights)))
+        parameter_names = {adapter.file_key(name): name for name, p in adapted.named_parameters() if p.requires_grad}
+        state = {parameter_names.get(key, key): tensor for key, tensor in load_file(str(weights)).items()}
+        adapter.load_trainable_state(adapted, state)
         return adapter, adapted
 
     @classmethod

@@ -19,20 +19,33 @@ Forward variants (`SPPConfig.forward`), all the same function of the parameters:
 A per-group form (spec §1.2: concat_g[(x ⊙ α_g) W_gᵀ] ⊙ β, with a per-group backward) was measured too: 3-10×
 slower than "recompute" on CPU (G small GEMMs plus G·B·in elementwise passes), so it is not offered.
 
-Adapter files (save, load): adapters/spp_files.py. `SPPAdapter` (the end of this file) is the method behind the
-adapter interface (adapters/base.py); its default learning rate, 4e-3, is the paper code's (spec §2).
+`SPPAdapter` (the end of this file) is the method behind the adapter interface (adapters/base.py), which saves and
+loads it like every other method (PEFT's layout: adapter_config.json + adapter_model.safetensors); its default
+learning rate, 4e-3, is the paper code's (spec §2). Fused MoE experts: adapters/spp_experts.py.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spp_cli.adapters.base import Adapter, WrappedLinear, resolve_targets, set_submodule
+from spp_cli.adapters.base import (
+    ADAPTER_CONFIG_NAME,
+    Adapter,
+    WrappedLinear,
+    read_adapter_config,
+    resolve_targets,
+    set_submodule,
+    split_fused_experts,
+)
+from spp_cli.adapters.spp_experts import inject_spp_experts, merge_spp_experts, spp_expert_parametrizations
 from spp_cli.errors import BadInput
 from spp_cli.vocabulary import SPP_FORWARDS
 
@@ -301,11 +314,19 @@ def merge_spp(model: nn.Module) -> None:
         set_submodule(model, name, layer.merged_linear())
 
 
+# the experts' W' is one parametrization (spp_experts.py): SPP's "fused" form, without the branch dropout
+EXPERTS_FORWARD = "fused, no branch dropout"
+# an expert parametrization's parameter "<experts>.parametrizations.<fused>.0.spp_alpha" is stored as
+# "<experts>.<fused>.spp_alpha" in adapter_model.safetensors
+_EXPERT_PARAMETER = re.compile(r"\.parametrizations\.(\w+)\.0\.(spp_alpha|spp_beta)$")
+
+
 class SPPAdapter(Adapter):
     """SPP behind the adapter interface: Lu et al., ICML 2024 (arXiv 2405.16057), github.com/Lucky-Lance/SPP.
 
     Defaults are the paper code's (spec/spp-method.md §1-2): G = 16 groups, s = lora_alpha / lora_r = 16 / 8,
-    dropout 0.05, AdamW lr 4e-3. Keeps every zero: the merge is W ⊙ (1 + s·M).
+    dropout 0.05, AdamW lr 4e-3. Keeps every zero: the merge is W ⊙ (1 + s·M). Files: the base's save/load, with
+    the scale (and the experts' forward) in adapter_config.json and the experts' α/β stored per fused parameter.
     """
 
     name = "spp"
@@ -324,9 +345,6 @@ class SPPAdapter(Adapter):
         self.config.validate()
 
     def inject(self, model: nn.Module, targets: list[str]) -> nn.Module:
-        from spp_cli.adapters.base import split_fused_experts
-        from spp_cli.adapters.spp_experts import inject_spp_experts
-
         linears, expert_slices = split_fused_experts(model, targets)
         inject_spp(model, linears, self.config)
         adapted = inject_spp_experts(model, expert_slices, self.config.groups, self.config.scale)
@@ -334,20 +352,36 @@ class SPPAdapter(Adapter):
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
-        from spp_cli.adapters.spp_experts import merge_spp_experts
-
         merge_spp(model)
         merge_spp_experts(model)
         return model
 
-    def save(self, model: nn.Module, adapter_dir, *, base_path: str, base_manifest_sha256: str | None) -> None:
-        from spp_cli.adapters.spp_files import save_spp_adapter
+    def file_record(self, model: nn.Module) -> dict:
+        """The config, with the scale it implies beside the groups (the key order SPP's files always had)."""
+        record = self.record()
+        record = {"groups": record.pop("groups"), "scale": self.config.scale, **record}
+        if spp_expert_parametrizations(model):
+            record["experts_forward"] = EXPERTS_FORWARD
+        return record
 
-        save_spp_adapter(model, adapter_dir, self.config, base_path=base_path,
-                         base_manifest_sha256=base_manifest_sha256)
+    def file_key(self, parameter_name: str) -> str:
+        return _EXPERT_PARAMETER.sub(r".\1.\2", parameter_name)
 
-    @classmethod
-    def load(cls, model: nn.Module, adapter_dir) -> tuple[SPPAdapter, nn.Module]:
-        from spp_cli.adapters.spp_files import load_spp_adapter
 
-        return cls(load_spp_adapter(model, adapter_dir)), model
+def load_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *,
+                     base_manifest_sha256: str | None = None) -> SPPConfig:
+    """Inject SPP layers into `model` (in place) and load a saved SPP adapter; returns its SPPConfig.
+
+    Refuses (BadInput), before the model is modified, a directory that is not an SPP adapter, a base whose manifest
+    sha differs from the one the adapter was trained on (when both are known) or whose target zero masks differ.
+    """
+    record = read_adapter_config(adapter_dir)
+    if record.get("peft_type") != "SPP":
+        raise BadInput(f"{Path(adapter_dir) / ADAPTER_CONFIG_NAME}: peft_type is {record.get('peft_type')!r}, "
+                       "not 'SPP': this is not an SPP adapter")
+    recorded = record.get("base_manifest_sha256")
+    if base_manifest_sha256 and recorded and base_manifest_sha256 != recorded:
+        raise BadInput(f"adapter {adapter_dir} was trained on base manifest {recorded[:12]}..., this base is "
+                       f"{base_manifest_sha256[:12]}...: load it onto {record.get('base_model_name_or_path')}")
+    adapter, _ = SPPAdapter.load(model, adapter_dir)
+    return adapter.config

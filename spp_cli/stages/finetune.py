@@ -1,5 +1,13 @@
 """The finetune stage: a recovery method (SPP, or another from spp_cli/adapters) on a pruned model, merge, check
-every zero, save.
+every zero, save. `finetune` reads as its steps, each a function below:
+
+    resolve          the validated options, device, precision, the parent's spp.json and the fingerprint
+    check            the parent's provenance and the training records (after the output path and the skip of an
+                     identical finished output), all before any weights load
+    load             the model, the layers to adapt and the parent's zero hashes
+    train            trainer.run_finetune in a resumable work dir; on_main_process: the full weights on rank 0
+    save_adapter, merge_and_check, record    the adapter, the merge with every zero checked, spp.json
+    publish          OUT written atomically, the work dir removed
 
 Output layout (DESIGN.md): OUT/ is the merged HF model + spp.json, OUT/adapter/ the adapter (plus run.json: this
 run's wall-clock statistics, which vary run to run and so stay out of the hashed manifest). With --no-merge,
@@ -13,11 +21,14 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from spp_cli import atomic, checkpoint, preflight
 from spp_cli.adapters import METHOD_OPTIONS, resolved_method_options
 from spp_cli.errors import BadInput, CheckFailed
+from spp_cli.events import Listener, notify
 from spp_cli.manifest import layers_record, stage_manifest, zeros_sha256
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.recipe_schema import COMMAND_KEYS, FinetuneStage, schema_fields
@@ -33,14 +44,6 @@ def _compute_dtype(dtype: str, device: str) -> str:
     if dtype == "auto" and device == "cpu":
         return "float32"
     return dtype
-
-
-def stage_options(options: dict) -> FinetuneStage:
-    """The keyword arguments of `finetune` as the schema's options object, with the recipe's checks (unknown
-    keys, ranges, an option of another method: BadInput)."""
-    from spp_cli.recipe import validate_options
-
-    return validate_options(FinetuneStage, options)
 
 
 def fingerprinted_options(options: FinetuneStage, precision: str) -> dict:
@@ -88,127 +91,199 @@ def finetune(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
-    console=None,
+    on_event: Listener | None = None,
     **options,
 ) -> dict:
-    """Fine-tune `model_dir` into `out`; returns the manifest (plus "resumed_from" when the run resumed).
+    """Fine-tune `model_dir` into `out`; returns the manifest (plus "run": this run's statistics).
 
     `options` are the FinetuneStage fields (spp_cli/recipe_schema.py) by name: data (required), method, lr,
     max_steps, ...; None means the default (the method's, for lr and the method-specific options). Skips a
-    finished identical output.
+    finished identical output. `on_event` (spp_cli/events.py) gets a "step" per optimizer step and the warnings.
     """
-    from pruners.experts import weight_of
-    from spp_cli.adapters.base import default_targets, split_fused_experts
-    from spp_cli.data.formats import normalize_records
-    from spp_cli.data.sources import read_records
-    from spp_cli.trainer import (
-        adapted_copy,
-        check_options,
-        merge_trained,
-        resolved_precision,
-        run_finetune,
-        save_trained_adapter,
-        training_device,
-        world_size,
-    )
-
     started = time.time()
-    out = Path(out)
-    train_options = stage_options(options)
+    plan = resolve(model_dir, Path(out), options, {"trust_remote_code": trust_remote_code,
+                                                   "allow_pickle": allow_pickle})
+    check_output_path(plan.out, [plan.model_path])
+    if existing_output(plan.out, plan.fingerprint, overwrite):
+        return {**checkpoint.read_manifest(plan.out), "skipped": True}
+    records = check(plan)
+    base = load(plan, on_event)
+    result = train(plan, base, records, on_event)
+    if not result.is_main_process:
+        return {"stage": "finetune", "rank": int(os.environ.get("RANK", "0"))}  # rank 0 merges, checks, saves
+    result = on_main_process(plan, result, on_event)
+    run = save_adapter(plan, result)
+    model_out, layers = merge_and_check(plan, base, result)
+    manifest = record(plan, base, result, layers)
+    return {**publish(plan, model_out, base.tokenizer, manifest, started), "run": run}
+
+
+@dataclass
+class FinetunePlan:
+    """What `resolve` decides before any weights are read."""
+
+    model_dir: str  # as given: a directory, a hub id or builtin:NAME (what load_model reads)
+    model_path: str  # its local directory
+    out: Path
+    options: FinetuneStage  # validated; device and dtype resolved
+    adapter: Any  # the method's adapter, not yet injected (keeps_zeros, adapts_fused_experts)
+    parent_manifest: dict | None  # the parent's spp.json (None for a model spp did not write)
+    config: dict  # the fingerprinted options: spp.json's "config"
+    fingerprint: str
+    loading: dict  # trust_remote_code, allow_pickle
+
+    @property
+    def work_dir(self) -> Path:
+        """Trainer checkpoints and the adapter until the stage completes (a rerun resumes from them)."""
+        return atomic.work_dir(self.out)
+
+
+@dataclass
+class LoadedBase:
+    """The model `load` read, with what the later steps compare against."""
+
+    model: Any
+    tokenizer: Any
+    pruned: list[str]  # every pruned layer (fused MoE expert slices included)
+    targets: list[str]  # the ones the method adapts
+    parent_zeros: dict[str, str]  # name -> zeros_sha256 before training
+    stored_dtype: Any  # the checkpoint's dtype, which the merged model is saved in
+
+
+def resolve(model_dir: str, out: Path, options: dict, loading: dict) -> FinetunePlan:
+    """The keyword options through the schema (unknown keys, ranges, an option of another method) and the method's
+    own rules, all BadInput before anything loads; the device and the precision training runs in, the parent's
+    spp.json and the fingerprint."""
+    from spp_cli.recipe import validate_options
+    from spp_cli.trainer import check_options, resolved_precision, training_device, world_size
+
+    train_options = validate_options(FinetuneStage, options)
     train_options.device = training_device(train_options.device)
     train_options.dtype = train_options.dtype or "auto"
-    adapter = check_options(train_options, world_size())  # fail on bad options before anything is loaded
+    adapter = check_options(train_options, world_size())
     precision = resolved_precision(train_options.dtype, train_options.device)
     model_path = checkpoint.resolve_model_path(model_dir)
     parent_manifest = checkpoint.read_manifest(model_path) if Path(model_path).is_dir() else None
     config = fingerprinted_options(train_options, precision)
-    checkpoint.torch_dtype(train_options.dtype)
-    stage_fingerprint = fingerprint(config, parent_manifest.get("manifest_sha256") if parent_manifest else model_dir)
-    check_output_path(out, [model_path])
-    if existing_output(out, stage_fingerprint, overwrite):
-        return {**checkpoint.read_manifest(out), "skipped": True}
-    check_parent(model_path, parent_manifest, adapter.keeps_zeros, train_options.method)
-    preflight.check_finetune(train_options, model_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    # validated and canonical before the model loads: the trainer's build_examples then sees one format a record
-    records = normalize_records(read_records(train_options.data), train_options.data_format,
-                                mask_prompt=train_options.mask_prompt, source=train_options.data)
+    parent = parent_manifest.get("manifest_sha256") if parent_manifest else model_dir
+    return FinetunePlan(model_dir, model_path, out, train_options, adapter, parent_manifest, config,
+                        fingerprint(config, parent), loading)
 
-    model, tokenizer = checkpoint.load_model(
-        model_dir,
-        dtype=_compute_dtype(train_options.dtype, train_options.device),
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-    )
-    pruned = default_targets(model, parent_manifest)
-    targets = pruned if adapter.adapts_fused_experts else split_fused_experts(model, pruned)[0]
+
+def check(plan: FinetunePlan) -> list[dict]:
+    """The parent's provenance, the stage's preflight (spp_cli/preflight.py: seqlen, logger, source, groups), then
+    the training records read and validated (one canonical format a record, so the trainer's build_examples sees
+    no surprise); all before the model loads."""
+    from spp_cli.data.formats import normalize_records
+    from spp_cli.data.sources import read_records
+
+    options = plan.options
+    check_parent(plan.model_path, plan.parent_manifest, plan.adapter.keeps_zeros, options.method)
+    preflight.check_finetune(options, plan.model_dir, **plan.loading)
+    return normalize_records(read_records(options.data), options.data_format, mask_prompt=options.mask_prompt,
+                             source=options.data)
+
+
+def load(plan: FinetunePlan, on_event: Listener | None) -> LoadedBase:
+    """The model in its training dtype, the pruned layers (the parent's spp.json, else every linear with a zero)
+    and those the method adapts; BadInput when it adapts none of them."""
+    from pruners.experts import weight_of
+    from spp_cli.adapters.base import default_targets, split_fused_experts
+
+    options = plan.options
+    model, tokenizer = checkpoint.load_model(plan.model_dir, dtype=_compute_dtype(options.dtype, options.device),
+                                             **plan.loading)
+    pruned = default_targets(model, plan.parent_manifest)
+    targets = pruned if plan.adapter.adapts_fused_experts else split_fused_experts(model, pruned)[0]
     if not targets:
-        raise BadInput(f"'{model_dir}': every pruned layer is a fused MoE expert, which --method "
-                       f"{train_options.method} does not adapt: use --method spp or masked-full, "
-                       "or prune other linears too")
-    if parent_manifest is None and console is not None:
-        console.print(f"spp: warning: '{model_dir}' has no spp.json: its current zeros define the mask to keep")
+        raise BadInput(f"'{plan.model_dir}': every pruned layer is a fused MoE expert, which --method "
+                       f"{options.method} does not adapt: use --method spp or masked-full, or prune other linears too")
+    if plan.parent_manifest is None:
+        notify(on_event, "finetune", "warning",
+               f"'{plan.model_dir}' has no spp.json: its current zeros define the mask to keep")
     parent_zeros = {name: zeros_sha256(weight_of(model, name)) for name in pruned}
-    stored_dtype = model.spp_stored_dtype
+    return LoadedBase(model, tokenizer, pruned, targets, parent_zeros, model.spp_stored_dtype)
 
-    work_dir = atomic.work_dir(out)
-    _claim_work_dir(work_dir, stage_fingerprint)
+
+def train(plan: FinetunePlan, base: LoadedBase, records: list[dict], on_event: Listener | None):
+    """trainer.run_finetune in the stage's work dir, resuming its last checkpoint; a run refused before its first
+    checkpoint leaves nothing behind."""
+    from spp_cli.trainer import run_finetune
+
+    work_dir = plan.work_dir
+    _claim_work_dir(work_dir, plan.fingerprint)
     try:
-        result = run_finetune(model, tokenizer, records, train_options, work_dir, target_names=targets,
-                              callbacks=_progress_callbacks(console, train_options))
+        return run_finetune(base.model, base.tokenizer, records, plan.options, work_dir, target_names=base.targets,
+                            callbacks=_progress_callbacks(on_event, plan.options))
     except BadInput:
         if not any(work_dir.glob("checkpoints/checkpoint-*")):
             shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume: leave nothing behind
         raise
-    if not result.is_main_process:
-        return {"stage": "finetune", "rank": int(os.environ.get("RANK", "0"))}  # rank 0 merges, checks, saves
-    if os.environ.get("ACCELERATE_USE_FSDP") == "true" and not result.parallelism.startswith("fsdp") and console:
-        console.print(f"spp: warning: the launch config asks for FSDP but accelerate ran {result.parallelism} "
-                      "(it ignores FSDP on CPU): the result is right, only nothing was sharded")
-    if world_size() > 1:
-        # FSDP / ZeRO-3 leave only shards in result.model: rank 0 puts the gathered adapters on the full
-        # frozen base, reloaded on the CPU (the base never changes, so the parent's weights are the full weights)
-        base, _ = checkpoint.load_model(
-            model_dir,
-            dtype=_compute_dtype(train_options.dtype, "cpu"),
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-            with_tokenizer=False,
-        )
-        result = adapted_copy(base, result)
 
-    adapter_dir = work_dir / "adapter"
+
+def on_main_process(plan: FinetunePlan, result, on_event: Listener | None):
+    """The result with full weights on rank 0. FSDP / ZeRO-3 leave only shards in result.model: after a
+    multi-process run the gathered adapters go on the full frozen base, reloaded on the CPU (the base never
+    changes, so the parent's weights are the full weights)."""
+    from spp_cli.trainer import adapted_copy, world_size
+
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true" and not result.parallelism.startswith("fsdp"):
+        notify(on_event, "finetune", "warning", f"the launch config asks for FSDP but accelerate ran "
+               f"{result.parallelism} (it ignores FSDP on CPU): the result is right, only nothing was sharded")
+    if world_size() == 1:
+        return result
+    base, _ = checkpoint.load_model(plan.model_dir, dtype=_compute_dtype(plan.options.dtype, "cpu"),
+                                    with_tokenizer=False, **plan.loading)
+    return adapted_copy(base, result)
+
+
+def save_adapter(plan: FinetunePlan, result) -> dict:
+    """The adapter (before any merge) and run.json into the work dir; returns run.json's statistics."""
+    from spp_cli.trainer import save_trained_adapter
+
+    adapter_dir = plan.work_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
-    save_trained_adapter(
-        result,
-        adapter_dir,
-        base_path=str(Path(model_path).resolve()),
-        base_manifest_sha256=parent_manifest.get("manifest_sha256") if parent_manifest else None,
-    )
+    save_trained_adapter(result, adapter_dir, base_path=str(Path(plan.model_path).resolve()),
+                         base_manifest_sha256=(plan.parent_manifest or {}).get("manifest_sha256"))
     run = _run_record(result)
     (adapter_dir / RUN_RECORD).write_text(json.dumps(run, indent=2) + "\n")
+    return run
+
+
+def merge_and_check(plan: FinetunePlan, base: LoadedBase, result):
+    """(the merged model in the checkpoint's dtype, spp.json's "layers"): every pruned tensor, the frozen experts
+    too; a zero-keeping method must have kept every zero (CheckFailed). (None, {}) with --no-merge."""
+    from spp_cli.trainer import merge_trained
+
+    if plan.options.no_merge:
+        return None, {}
+    model_out = merge_trained(result).to(base.stored_dtype)
+    layers = layers_record(model_out, base.pruned)
+    if result.adapter.keeps_zeros:
+        check_zeros_kept(model_out, layers, base.parent_zeros, plan.model_path)
+    return model_out, layers
+
+
+def record(plan: FinetunePlan, base: LoadedBase, result, layers: dict) -> dict:
+    """spp.json: provenance, the layers, the fingerprinted config, the adapter's record and the training curve
+    (identical for a resumed and an uninterrupted run: the resume itself is in run.json, not hashed)."""
+    parent = plan.parent_manifest or {}
     keeps_zeros = result.adapter.keeps_zeros
-    frozen_experts = not_adapted(pruned, result.adapter.target_modules())
-    layers = {}
-    if not train_options.no_merge:
-        model_out = merge_trained(result).to(stored_dtype)
-        layers = layers_record(model_out, pruned)  # every pruned tensor, the frozen experts too
-        if keeps_zeros:
-            check_zeros_kept(model_out, layers, parent_zeros, model_path)
+    frozen_experts = not_adapted(base.pruned, result.adapter.target_modules())
     warnings = (frozen_experts_warnings(frozen_experts, result.method)
-                + _unchanged_merge_warning(layers, parent_manifest, stored_dtype))
-    manifest = stage_manifest(
+                + _unchanged_merge_warning(layers, plan.parent_manifest, base.stored_dtype))
+    return stage_manifest(
         "finetune",
-        parent=checkpoint.parent_record(model_path, parent_manifest),
+        parent=checkpoint.parent_record(plan.model_path, plan.parent_manifest),
         method=result.method,
-        pattern=(parent_manifest or {}).get("pattern") if keeps_zeros else None,
-        target_sparsity=(parent_manifest or {}).get("target_sparsity") if keeps_zeros else None,
+        pattern=parent.get("pattern") if keeps_zeros else None,
+        target_sparsity=parent.get("target_sparsity") if keeps_zeros else None,
         dense=not keeps_zeros,
         layers=layers,
-        config=config,
-        fingerprint=stage_fingerprint,
-        merged=not train_options.no_merge,
+        config=plan.config,
+        fingerprint=plan.fingerprint,
+        merged=not plan.options.no_merge,
         adapter=result.adapter.record(),
-        # identical for a resumed and an uninterrupted run (the resume itself is in run.json, not hashed)
         training={
             "steps": result.steps,
             "loss_curve": result.train_curve,
@@ -218,25 +293,31 @@ def finetune(
         **({"frozen_experts": len(frozen_experts)} if frozen_experts else {}),
         **({"warnings": warnings} if warnings else {}),
     )
-    if train_options.no_merge:
-        manifest = _save_adapter_only(out, adapter_dir, manifest, started)
+
+
+def publish(plan: FinetunePlan, model_out, tokenizer, manifest: dict, started: float) -> dict:
+    """OUT/ atomically: the merged model + adapter/ + spp.json (or, with --no-merge, adapter/ + spp.json); the
+    work dir goes. Returns the finished manifest."""
+    adapter_dir = plan.work_dir / "adapter"
+    if plan.options.no_merge:
+        manifest = _save_adapter_only(plan.out, adapter_dir, manifest, started)
     else:
-        manifest = checkpoint.save_checkpoint(
-            model_out, tokenizer, out, manifest, parent_dir=model_path, started=started,
-            extra_dirs={"adapter": adapter_dir},
-        )
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return {**manifest, "run": run}
+        manifest = checkpoint.save_checkpoint(model_out, tokenizer, plan.out, manifest, parent_dir=plan.model_path,
+                                              started=started, extra_dirs={"adapter": adapter_dir})
+    shutil.rmtree(plan.work_dir, ignore_errors=True)
+    return manifest
 
 
-def _progress_callbacks(console, options: FinetuneStage) -> list:
-    """spp's own progress lines (step k/N, loss, lr, tokens/s, ETA) when there is a console to print on."""
-    if console is None:
+def _progress_callbacks(on_event: Listener | None, options: FinetuneStage) -> list:
+    """A "step" event per optimizer step (step k/N, loss, lr, tokens/s, ETA) when someone listens."""
+    if on_event is None:
         return []
     from spp_cli.progress import TrainingProgress
-    from spp_cli.render import training_progress
 
-    return [TrainingProgress(training_progress(console), tokens_per_step=options.batch_size * options.seqlen)]
+    def on_update(update: dict) -> None:
+        notify(on_event, "finetune", "step", update)
+
+    return [TrainingProgress(on_update, tokens_per_step=options.batch_size * options.seqlen)]
 
 
 def not_adapted(pruned: list[str], adapted: list[str]) -> list[str]:

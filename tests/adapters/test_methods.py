@@ -9,7 +9,7 @@ import torch
 from tiny_models import batch_ids, decoder_linears, pruned_tiny_llama, relative_error
 from torch import nn
 
-from spp_cli.adapters import METHODS, REGISTRY, adapter_class, check_method_options
+from spp_cli.adapters import METHODS, REGISTRY, adapter_class
 from spp_cli.errors import BadInput
 from spp_cli.manifest import zeros_sha256
 from spp_cli.recipe_schema import FinetuneStage
@@ -58,22 +58,24 @@ def test_registry_defaults_are_the_spp_config_defaults():
     assert (spp.groups, spp.dropout, spp.forward, spp.r, spp.lora_alpha) == (16, 0.05, "auto", 8, 16)
 
 
-FIX = "drop --{0} (or use --method spp)"
+FIX = "; drop it or change the method"
 MISPLACED = [
-    ("lora", {"groups": 8}, "--groups applies to --method spp, not lora: " + FIX.format("groups")),
-    ("ia3", {"lora_r": 4}, "--lora-r applies to --method spp or lora or masked-lora, not ia3: " + FIX.format("lora-r")),
-    ("masked-full", {"dropout": 0.1},
-     "--dropout applies to --method spp or lora or masked-lora, not masked-full: " + FIX.format("dropout")),
-    ("masked-lora", {"forward": "fused"},
-     "--forward applies to --method spp, not masked-lora: " + FIX.format("forward")),
-    ("qlora", {}, "--method 'qlora' is unknown: use one of spp, lora, masked-lora, ia3, masked-full"),
+    ("lora", {"groups": 8}, "--groups: applies to method spp, not lora" + FIX),
+    ("ia3", {"lora_r": 4}, "--lora-r: applies to method spp or lora or masked-lora, not ia3" + FIX),
+    ("masked-full", {"dropout": 0.1}, "--dropout: applies to method spp or lora or masked-lora, not masked-full" + FIX),
+    ("masked-lora", {"forward": "fused"}, "--forward: applies to method spp, not masked-lora" + FIX),
+    ("qlora", {}, "--method: 'qlora' is not one of spp, lora, masked-lora, ia3, masked-full; did you mean 'lora'?"),
 ]
 
 
 @pytest.mark.parametrize(("method", "options", "message"), MISPLACED)
 def test_an_option_of_another_method_or_an_unknown_method_is_bad_input(method, options, message):
+    """One rule, the schema's (FinetuneStage.check with adapters.misplaced_option), for every entry point."""
+    from spp_cli.recipe import validate_options
+    from spp_cli.recipe_schema import FinetuneStage
+
     with pytest.raises(BadInput) as error:
-        check_method_options(method, options)
+        validate_options(FinetuneStage, {"data": "d.jsonl", "method": method, **options}, flags=True)
     assert str(error.value) == message
 
 

@@ -118,3 +118,38 @@ def test_a_merge_rounded_away_is_reported_not_published_silently(tmp_path):
                                 lr=1e-9, batch_size=2, micro_batch_size=2, seqlen=32, val_size=0)
     assert len(manifest["warnings"]) == 1 and "bit-identical to the parent's" in manifest["warnings"][0]
     assert "float16" in manifest["warnings"][0]
+
+
+def test_the_stage_reports_its_steps_and_warnings_as_events(tmp_path):
+    make_llama().save_pretrained(tmp_path / "dense")
+    make_tokenizer().save_pretrained(tmp_path / "dense")
+    prune(str(tmp_path / "dense"), tmp_path / "pruned", method="magnitude", sparsity=0.5, device="cpu")
+    (tmp_path / "pruned" / "spp.json").unlink()  # a model spp did not write: its zeros are the mask, and it says so
+    events = []
+    finetune(str(tmp_path / "pruned"), tmp_path / "out", method="spp", on_event=events.append, **TINY)
+    assert {event.stage for event in events} == {"finetune"}
+    warnings = [event.payload for event in events if event.kind == "warning"]
+    assert warnings == [f"'{tmp_path / 'pruned'}' has no spp.json: its current zeros define the mask to keep"]
+    steps = [event.payload for event in events if event.kind == "step"]
+    assert [step["step"] for step in steps] == [1, 2] and all(step["total"] == 2 for step in steps)
+    assert {event.kind for event in events} == {"warning", "step"}
+
+
+QUICKSTART = dict(method="spp", data="builtin:python-docs:train", max_steps=120, batch_size=16, micro_batch_size=16,
+                  seqlen=256, lr=4.0e-3, dropout=0, val_size=0, device="cpu")
+
+
+def test_the_fingerprint_of_the_quickstart_options_is_the_one_it_always_was(tmp_path):
+    """Pinned from the stage before it became named steps (commit 64e02f8): a changed dict re-runs every
+    finished fine-tune and changes the quickstart's manifest_sha256."""
+    from spp_cli.stages.finetune import resolve
+
+    plan = resolve("builtin:tiny-llama", tmp_path / "out", QUICKSTART, {})
+    assert plan.config == {
+        "method": "spp", "data": "builtin:python-docs:train", "max_steps": 120, "epochs": 3.0, "lr": 0.004,
+        "batch_size": 16, "micro_batch_size": 16, "seqlen": 256, "seed": 42, "data_format": "auto",
+        "mask_prompt": False, "gradient_checkpointing": False, "no_merge": False, "val_size": 0,
+        "weight_decay": 0.001, "warmup_ratio": 0.03, "loss_normalization": "batch", "dtype": "auto", "groups": 16,
+        "dropout": 0.0, "forward": "auto", "lora_r": 8, "lora_alpha": 16, "lr_scheduler": "linear",
+        "max_grad_norm": 1.0, "precision": "float32"}
+    assert plan.fingerprint == "474a7bb773ad7ed4943ba892fe0f2cd48187d9f96ed1331e72d6122e46cdd107"
