@@ -6,7 +6,7 @@ from pathlib import Path
 
 from spp_cli.checkpoint import read_manifest
 from spp_cli.errors import BadInput
-from spp_cli.ownership import changed_files
+from spp_cli.ownership import changed_files, read_record
 from spp_cli.preflight import check_writable
 
 
@@ -52,28 +52,42 @@ def written_by_spp(out: Path) -> dict | None:
     return None
 
 
+def check_spp_output(out: Path) -> dict | None:
+    """The record of what spp wrote at `out` (None: nothing there, or an empty folder). BadInput when `out` is
+    something spp did not write, or an output of spp's changed since (its spp.json no longer describes it: it is
+    neither finished nor spp's to replace). Added files are the caller's to judge."""
+    if not out.exists() and not out.is_symlink():
+        return None
+    stored = written_by_spp(out)
+    if stored is None:
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            return None
+        what = "a folder" if out.is_dir() else "a file"
+        raise BadInput(
+            f"output '{out}' is {what} that spp did not write, and spp never replaces those: choose another --out"
+        )
+    changed = changed_files(out)[0] if out.is_dir() else []
+    if changed:
+        raise BadInput(f"output '{out}' was changed after spp wrote it ({changed[0]}): spp never replaces or reuses "
+                       "it; restore it, or move it away and rerun")
+    return stored
+
+
 def existing_output(out: Path, fingerprint_now: str, overwrite: bool) -> bool:
     """True when `out` already holds this exact result (skip the stage). Raises when it holds anything else.
 
     `--overwrite` replaces only what spp wrote; a folder or file of the user's is never replaced, with or
     without it (and the message does not suggest overwriting it). An empty folder counts as free.
     """
-    if not out.exists() and not out.is_symlink():
-        return False
-    stored = written_by_spp(out)
+    stored = check_spp_output(out)
     if stored is None:
-        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-            return False
-        what = "a folder" if out.is_dir() else "a file"
-        raise BadInput(
-            f"output '{out}' is {what} that spp did not write, and spp never replaces those: choose another --out"
-        )
-    changed, added = changed_files(out) if out.is_dir() else ([], [])
-    if changed:  # its spp.json no longer describes it: neither finished nor spp's to replace
-        raise BadInput(f"output '{out}' was changed after spp wrote it ({changed[0]}): spp never replaces or reuses "
-                       "it; restore it, or move it away and rerun")
+        return False
     if stored.get("fingerprint") == fingerprint_now:
         return True
+    if out.is_dir() and read_record(out) is None:
+        raise BadInput(f"output '{out}' was written by an older spp that kept no record of its files, so spp cannot "
+                       "tell them from yours: delete it yourself, or choose another --out")
+    added = changed_files(out)[1] if out.is_dir() else []
     if added:
         raise BadInput(f"output '{out}' holds {added[0]}, which spp did not write, and spp never deletes those: "
                        "move it away, or choose another --out")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from spp_cli.errors import BadInput
+from spp_cli.outputs import check_spp_output
 from spp_cli.ownership import check_replaceable_file, write_owned
 from spp_cli.recipe import EvalStage, FinetuneStage, PruneStage, Recipe, dump_resolved, load_recipe
 
@@ -79,6 +80,7 @@ def check_recipe(recipe: Recipe) -> None:
         check_replaceable_file(Path(recipe.output_dir) / name)
     for stage in recipe.stages:
         preflight.check_writable(stage_output(recipe, stage))
+        check_spp_output(stage_output(recipe, stage))  # a user's folder there is refused now, as the stage would
         if isinstance(stage, PruneStage):
             preflight.check_prune(stage, existing(stage.input), architecture=architecture(stage.input), **loading)
         elif isinstance(stage, FinetuneStage):
