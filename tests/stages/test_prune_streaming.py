@@ -226,7 +226,7 @@ def counting_store_class(blocks):
 
 def test_the_driver_holds_one_block_at_a_time_and_loads_each_once(tmp_path):
     from pruners.masks import parse_pattern
-    from pruners.sequential import prune_model
+    from pruners.sequential import PruneOptions, prune_model
     from spp_cli.stages.prune_streaming import open_streamed_model
 
     model_dir = save_random(tmp_path / "llama", "llama")
@@ -236,7 +236,7 @@ def test_the_driver_holds_one_block_at_a_time_and_loads_each_once(tmp_path):
     store = CountingStore(streamed, tmp_path / "out", "a fingerprint")
     store.open()
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
-    reports = prune_model(streamed.model, ids, "wanda", parse_pattern("unstructured", 0.5), store=store)
+    reports = prune_model(streamed.model, ids, PruneOptions("wanda", parse_pattern("unstructured", 0.5)), store=store)
     assert loaded == [0, 1, 2, 3] and holding == [[0], [1], [2], [3]]
     assert all(next(b.parameters()).is_meta for b in blocks) and len(reports) == 28
     assert store.first_block == 4 and sorted(store.layers) == sorted(r.name for r in reports)
