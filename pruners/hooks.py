@@ -19,6 +19,7 @@ linears, with the block on the compute device (`BlockContext`):
                               dense output in block.outputs
     end_block(block)          block.outputs holds the next block's inputs; block.report goes to on_block next
 
+Everything runs under torch.no_grad (a hook that trains enables grad itself) with the model in eval mode.
 Around the run: start(run) before the first block (OWL's dense pass over the whole model) and finish(run) after
 the last or on failure. make_pruner(name, linear, inner) chooses the object that observes and prunes one linear;
 `inner()` builds what the hooks before it (and the method) would. Without calibration data (magnitude) a block

@@ -22,7 +22,7 @@ class BlockReport:
     index: int  # position of the block in the decoder's ModuleList
     seconds: float  # wall time for the whole block: forward passes, statistics and pruning
     reconstruction_error: float  # ||out_dense - out_pruned||^2 / ||out_dense||^2 over the tokens of the first
-    # pruners.sequential.ERROR_WINDOWS calibration windows (all when there are fewer); NaN for magnitude (no data)
+    # pruners.hooks.ERROR_WINDOWS calibration windows (all when there are fewer); NaN for magnitude (no data)
     sparsity: float | None = None  # the block's target sparsity (differs across blocks with OWL)
     outlier_ratio: float | None = None  # OWL: percent of Wanda-metric entries above M x their mean; None otherwise
     total: int | None = None  # how many blocks the model has

@@ -26,11 +26,13 @@ from spp_cli.recipe_schema import PruneStage
 # spp.json's "config" (and so the fingerprint) holds the validated options by one rule: RECORDED always (sparsity
 # and pattern as parsed, calib and nsamples None when no calibration data is read); each key of RECORDED_WHEN_SET,
 # with the options that only mean something then, only when it is not the schema's default, so the manifests and
-# fingerprints of runs made before those options existed stay what they were. Not recorded: streaming (both paths
-# write the same bytes) and device.
+# fingerprints of runs made before those options existed stay what they were. NOT_RECORDED: where the output goes
+# (name, input: the parent is fingerprinted by its manifest), streaming (both paths write the same bytes), device.
+# A new PruneStage key goes in one of the three (tests/stages/test_prune_stage.py checks).
 RECORDED = ("method", "sparsity", "pattern", "calib", "nsamples", "seqlen", "seed", "targets", "ignore",
             "use_variant", "true_sequential", "dtype")
 RECORDED_WHEN_SET = {"sparsity_profile": ("owl_threshold", "owl_lambda"), "refine": (), "min_expert_tokens": ()}
+NOT_RECORDED = ("name", "input", "streaming", "device")
 CALIBRATION_KEYS = ("calib", "nsamples")
 
 

@@ -1,5 +1,6 @@
 """The prune stage's recorded options (spp.json "config", the fingerprint) and its checks against the driver's."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -11,7 +12,7 @@ from spp_cli.errors import BadInput
 from spp_cli.outputs import fingerprint
 from spp_cli.recipe import validate_options
 from spp_cli.recipe_schema import PruneStage
-from spp_cli.stages.prune import recorded_options
+from spp_cli.stages.prune import NOT_RECORDED, RECORDED, RECORDED_WHEN_SET, recorded_options
 
 
 def options_before_the_rule(stage, pattern) -> dict:
@@ -68,6 +69,13 @@ def test_recorded_options_are_the_hand_built_dict_key_for_key_and_in_order(optio
     recorded = recorded_options(stage, pattern)
     assert list(recorded.items()) == list(expected.items())  # the order too: spp.json is written unsorted
     assert fingerprint(recorded, "parent") == fingerprint(expected, "parent")
+
+
+def test_every_prune_option_is_recorded_or_declared_not_to_be():
+    when_set = [name for key, companions in RECORDED_WHEN_SET.items() for name in (key, *companions)]
+    declared = [*RECORDED, *when_set, *NOT_RECORDED]
+    assert len(declared) == len(set(declared))
+    assert set(declared) == {f.name for f in dataclasses.fields(PruneStage)}
 
 
 def test_magnitude_records_exactly_these_options():
