@@ -20,15 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pruners.errors import PrunerOptionError, UnsupportedModelError
+from pruners.experts import block_expert_linears, is_router
+
 _CACHE_KEYS = frozenset({"cache", "past_key_value", "past_key_values", "layer_past"})
-
-
-class UnsupportedModelError(ValueError):
-    """The model's decoder blocks cannot be found (or its forward never reaches them)."""
-
-
-class PrunerOptionError(ValueError):
-    """An option of prune_model that cannot work: unknown method, missing calibration data, bad regex, ..."""
 
 
 class StopForward(Exception):
@@ -77,8 +72,6 @@ def prunable_linears(model: nn.Module, targets: str | None = None, ignore: str |
     (pruners/experts.py) add one ExpertLinear per expert projection; their routers count only when `targets`
     is given and matches them.
     """
-    from pruners.experts import block_expert_linears, is_router
-
     prefix, blocks = find_decoder_blocks(model)
     keep, drop = _compile(targets, "--targets"), _compile(ignore, "--ignore")
     found = {}

@@ -24,15 +24,20 @@ The reference's sparsegpt initial mask uses a Hessian that its WrappedGPT never 
 input counts as dead and the metric is 0); here it is the real Hessian, and after refinement the kept weights get
 SparseGPT's OBS update for the final mask (`sparsegpt_prune_weight(fixed_mask=...)`): without it, sparsegpt +
 dsnot would throw away SparseGPT's weight reconstruction (10x the block error on the test models).
+In the driver, `DSnoTRefinement` (a hook, pruners/hooks.py) makes a DSnoTPruner of every linear: the refinement
+needs its own statistics and, after SparseGPT, the OBS update for the refined mask, so it cannot run after a
+method's pruner has already updated the weights for the unrefined one.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from pruners.hooks import PruneHook, PruneRun
 from pruners.masks import SparsityPattern, nm_mask
 from pruners.reports import LayerReport, layer_report
 from pruners.sparsegpt import CholeskyError, accumulate_hessian, inverse_cholesky_upper, sparsegpt_prune_weight
@@ -253,3 +258,20 @@ class DSnoTPruner:
             weight.masked_fill_(mask, 0)
         self.scaler_row = self.sum_row = self.variance = self.hessian = None
         return layer_report(self.name, weight, time.perf_counter() - start, loss, damping)
+
+
+class DSnoTRefinement(PruneHook):
+    """Prunes every target linear with a DSnoTPruner starting from `initial`'s mask (wanda or sparsegpt); linears
+    under a block's `mlp` keep the initial mask (the reference's --skip_layer mlp). Replaces the method's pruner,
+    so it comes first among the hooks."""
+
+    def __init__(self, initial: str) -> None:
+        self.initial = initial
+        self.prefix = ""
+
+    def start(self, run: PruneRun) -> None:
+        self.prefix = run.prefix
+
+    def make_pruner(self, name: str, linear: nn.Module, inner: Callable[[], object]) -> DSnoTPruner:
+        relative = name[len(self.prefix) + 1:].split(".", 1)[1]  # "self_attn.q_proj" of "model.layers.0.self_attn..."
+        return DSnoTPruner(linear, name, initial=self.initial, refine=refines(relative))

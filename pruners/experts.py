@@ -6,27 +6,28 @@ intermediate), both (out, in) per expert, and a forward that picks an implementa
 - each expert's gate, up and down projections are `ExpertLinear`s: nn.Linear-like modules whose `weight` is a view
   of the fused parameter (in-place pruning writes through), named `<experts>.<e>.gate_proj|up_proj|down_proj` as in
   the pre-fusion checkpoints;
-- `eager_experts` replaces each fused module's forward, while pruning, by the reference eager loop calling those
+- `use_eager_experts` replaces each fused module's forward, while pruning, by the reference eager loop calling those
   modules on the tokens routed to each expert, so forward hooks observe exactly those tokens (gate and up see the
   very same tensor, so they share statistics, as q/k/v do);
 - routers (the `gate`/`router` of a module that has `experts`, an nn.Linear or a TopKRouter's weight) are pruned
   only when `targets` is given and matches their name;
 - `ExpertPruner` counts the tokens an expert saw and falls back to magnitude below `min_tokens` (LayerReport's
-  `fallback` and `tokens` record it).
+  `fallback` and `tokens` record it);
+- `ExpertFallback`, a driver hook (pruners/hooks.py), does all of this while the driver runs.
 """
 
 from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruners.blocks import UnsupportedModelError
+from pruners.errors import UnsupportedModelError
+from pruners.hooks import BlockContext, PruneHook, PruneRun
 from pruners.magnitude import MagnitudePruner
 from pruners.masks import SparsityPattern
 from pruners.reports import LayerReport
@@ -39,6 +40,9 @@ _SLICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fused module
 
 class ExpertLinear(nn.Module):
     """One expert's projection, rows of a fused 3-D parameter, seen as a bias-free nn.Linear (weight (out, in))."""
+
+    routed = True  # its input is the tokens routed to it from every window of a forward at once (the driver runs
+    # such blocks one window a forward, so statistics keep the references' per-window order)
 
     def __init__(self, experts: nn.Module, parameter: str, expert: int, rows: slice) -> None:
         super().__init__()
@@ -168,22 +172,28 @@ def _routed_forward(experts: nn.Module, slices: dict[tuple[int, str], ExpertLine
     return forward
 
 
-@contextmanager
-def eager_experts(blocks: nn.ModuleList) -> Iterator[None]:
-    """While active, every fused experts module in `blocks` runs the eager loop through its ExpertLinear slices."""
+def use_eager_experts(blocks: nn.ModuleList) -> list[tuple[nn.Module, object]]:
+    """Make every fused experts module in `blocks` run the eager loop through its ExpertLinear slices; return what
+    `restore_experts` needs to undo it."""
     patched = []
     try:
         for name, module in blocks.named_modules():
             if is_fused_experts(module):
                 patched.append((module, module.__dict__.get("forward")))
                 module.forward = _routed_forward(module, _slices(module, name))
-        yield
-    finally:
-        for module, forward in patched:
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
+    except BaseException:
+        restore_experts(patched)
+        raise
+    return patched
+
+
+def restore_experts(patched: list[tuple[nn.Module, object]]) -> None:
+    """Give each module `use_eager_experts` patched its own forward back."""
+    for module, forward in patched:
+        if forward is None:
+            del module.forward
+        else:
+            module.forward = forward
 
 
 class ExpertPruner:
@@ -211,3 +221,30 @@ class ExpertPruner:
             report = self.inner.prune(pattern)
         report.tokens = self.tokens[0]
         return report
+
+
+class ExpertFallback(PruneHook):
+    """MoE experts in the driver: eager experts for the whole run, an ExpertPruner around each expert projection's
+    pruner (when the method observes inputs), and experts no token was routed to pruned by the fallback right after
+    the block's statistics (their reports come after the block's other linears')."""
+
+    def __init__(self, min_tokens: int = DEFAULT_MIN_TOKENS) -> None:
+        self.min_tokens = min_tokens
+        self.patched: list = []
+
+    def start(self, run: PruneRun) -> None:
+        self.patched = use_eager_experts(run.blocks)
+
+    def finish(self, run: PruneRun) -> None:
+        restore_experts(self.patched)
+
+    def make_pruner(self, name: str, linear: nn.Module, inner: Callable[[], object]) -> object:
+        pruner = inner()
+        if isinstance(linear, ExpertLinear) and pruner.needs_calibration:
+            return ExpertPruner(pruner, linear, name, self.min_tokens)
+        return pruner
+
+    def after_statistics(self, block: BlockContext) -> None:
+        unrouted = [name for name in block.unobserved if isinstance(block.linears[name], ExpertLinear)]
+        block.reports += [block.make_pruner(name).prune(block.pattern) for name in unrouted]  # 0 tokens: fallback
+        block.unobserved = [name for name in block.unobserved if name not in unrouted]

@@ -10,30 +10,27 @@ computes it (`prune_wanda_outlier`, `prune_sparsegpt_outlier`, `prune_mag_outlie
 3. Across blocks: n_i = (r_i - min r) / (max r - min r) * 2*lambda  (in [0, 2*lambda]); density_i =
    n_i - mean(n) + (1 - s); sparsity_i = 1 - density_i. So mean(sparsity) = s exactly, max - min = 2*lambda, and
    the block with the most outliers is pruned least.
-The block ratios then replace the uniform sparsity for Wanda, SparseGPT or magnitude (unstructured only).
+The block ratios then replace the uniform sparsity for Wanda, SparseGPT or magnitude (unstructured only):
+`OwlSparsity`, a driver hook (pruners/hooks.py), runs the dense pass before the first block and sets each block's.
 With a BlockStore (a streamed prune) the dense pass holds one block at a time; the prune pass then loads each again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
-from pruners.blocks import PrunerOptionError, block_outputs, capture_block_inputs
+from pruners.blocks import block_outputs, capture_block_inputs
+from pruners.errors import PrunerOptionError
+from pruners.hooks import BlockContext, PruneHook, PruneRun
+from pruners.masks import SparsityPattern
+from pruners.reports import OwlProfile
 from pruners.streaming import BlockStore
 from pruners.wanda import accumulate_input_norms, wanda_score
 
 DEFAULT_THRESHOLD = 5.0  # M: the reference README's commands and the paper (main.py's argparse default is 3)
 DEFAULT_LAMBDA = 0.08  # the reference README's commands and the paper
-
-
-@dataclass
-class OwlProfile:
-    outlier_ratios: list[float | None]  # per block, in percent; None for a block without target linears
-    sparsities: list[float | None]  # per block; None where nothing is pruned
 
 
 def check_owl_options(threshold: float, lam: float) -> None:
@@ -140,3 +137,23 @@ def owl_profile(model: nn.Module, blocks: nn.ModuleList, per_block: list[dict[st
     if store is not None:
         store.save_owl_profile(profile)
     return profile
+
+
+class OwlSparsity(PruneHook):
+    """OWL in the driver: the dense pass over the model before the first block, then each block's sparsity."""
+
+    needs_calibration = True  # the outlier ratios need data even for magnitude
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, lam: float = DEFAULT_LAMBDA) -> None:
+        self.threshold, self.lam = threshold, lam
+        self.profile: OwlProfile | None = None
+
+    def start(self, run: PruneRun) -> None:
+        self.profile = owl_profile(run.model, run.blocks, run.per_block, run.calibration_ids, run.batches,
+                                   run.device, run.pattern.sparsity, self.threshold, self.lam, run.store)
+
+    def begin_block(self, block: BlockContext) -> None:
+        sparsity = self.profile.sparsities[block.index]
+        if sparsity is not None:
+            block.pattern = SparsityPattern(sparsity)
+        block.report.outlier_ratio = self.profile.outlier_ratios[block.index]

@@ -1,4 +1,5 @@
-"""What pruning reports back: one LayerReport per pruned linear, one BlockReport per decoder block."""
+"""What pruning reports back: one LayerReport per pruned linear, one BlockReport per decoder block, and OWL's
+profile (kept with a streamed run, pruners/streaming.py)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,19 @@ class BlockReport:
     index: int  # position of the block in the decoder's ModuleList
     seconds: float  # wall time for the whole block: forward passes, statistics and pruning
     reconstruction_error: float  # ||out_dense - out_pruned||^2 / ||out_dense||^2 over the tokens of the first
-    # pruners.sequential.ERROR_WINDOWS calibration windows (all when there are fewer); NaN for magnitude (no data)
+    # pruners.hooks.ERROR_WINDOWS calibration windows (all when there are fewer); NaN for magnitude (no data)
     sparsity: float | None = None  # the block's target sparsity (differs across blocks with OWL)
     outlier_ratio: float | None = None  # OWL: percent of Wanda-metric entries above M x their mean; None otherwise
     total: int | None = None  # how many blocks the model has
     error_windows: int | None = None  # how many calibration windows reconstruction_error is measured on
+
+
+@dataclass
+class OwlProfile:
+    """OWL's per-block result (pruners/owl.py)."""
+
+    outlier_ratios: list[float | None]  # per block, in percent; None for a block without target linears
+    sparsities: list[float | None]  # per block; None where nothing is pruned
 
 
 def layer_report(name: str, weight, seconds: float, error: float | None = None, damping: float | None = None):

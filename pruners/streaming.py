@@ -13,15 +13,12 @@ spp_cli/stages/prune_streaming.py.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from pruners.reports import LayerReport
-
-if TYPE_CHECKING:
-    from pruners.owl import OwlProfile
+from pruners.reports import LayerReport, OwlProfile
 
 
 class BlockStore(Protocol):

@@ -206,7 +206,7 @@ def run_worker(args) -> None:
 
     sys.path.insert(0, str(REPO))
     from pruners import parse_pattern
-    from pruners.sequential import prunable_linears, prune_model
+    from pruners.sequential import PruneOptions, prunable_linears, prune_model
 
     model, tokenizer = _load(args.worker_model)
     calibration, source = _calibration(model, tokenizer, args)
@@ -214,8 +214,8 @@ def run_worker(args) -> None:
     rss_before = _rss_mb()
     blocks = []
     start = time.perf_counter()
-    reports = prune_model(model, None if args.worker_method == "magnitude" else calibration, args.worker_method,
-                          pattern, device=args.device, on_block=blocks.append)
+    reports = prune_model(model, None if args.worker_method == "magnitude" else calibration,
+                          PruneOptions(args.worker_method, pattern, device=args.device), on_block=blocks.append)
     prune_seconds = time.perf_counter() - start
     linears = prunable_linears(model)
     zeros = sum(int((linear.weight == 0).sum()) for linear in linears.values())
@@ -279,7 +279,7 @@ def run_matched_worker(args) -> None:
     from safetensors.torch import load_file, save_file
 
     from pruners import parse_pattern
-    from pruners.sequential import prunable_linears, prune_model
+    from pruners.sequential import PruneOptions, prunable_linears, prune_model
     from spp_cli.checkpoint import load_model
 
     imported = time.time()
@@ -290,8 +290,9 @@ def run_matched_worker(args) -> None:
     pattern = parse_pattern(args.pattern, args.sparsity)
     loaded = time.time()
     blocks = []
-    reports = prune_model(model, calibration, args.worker_method, pattern, sparsity_profile=args.sparsity_profile,
-                          owl_threshold=args.owl_threshold, owl_lambda=args.owl_lambda, on_block=blocks.append)
+    options = PruneOptions(args.worker_method, pattern, sparsity_profile=args.sparsity_profile,
+                           owl_threshold=args.owl_threshold, owl_lambda=args.owl_lambda)
+    reports = prune_model(model, calibration, options, on_block=blocks.append)
     pruned = time.time()
     linears = prunable_linears(model)
     weights = {f"{name}.weight": linear.weight.detach().contiguous() for name, linear in linears.items()}

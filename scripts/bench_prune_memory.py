@@ -40,7 +40,7 @@ started = time.perf_counter()
 from spp_cli.stages.prune import prune
 blocks = []
 options = json.loads(sys.argv[1])
-prune(on_block=blocks.append, **options)
+prune(on_event=lambda event: blocks.append(event.payload), **options)
 with open("/proc/self/status") as status:
     peak = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
 print(json.dumps({"peak_rss_mb": round(peak, 1), "child_seconds": round(time.perf_counter() - started, 3),

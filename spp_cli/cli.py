@@ -144,14 +144,14 @@ def root(
 )
 def prune(options, *, model, out, overwrite, trust_remote_code, allow_pickle, output_format) -> None:
     """Prune a model one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M) into an HF checkpoint + spp.json."""
-    from spp_cli.render import block_progress, render_prune
+    from spp_cli.render import event_printer, render_prune
     from spp_cli.stages.prune import prune as run_prune
 
     validate_options(PruneStage, options, flags=True)
     _quiet_libraries()
     manifest = run_prune(
         model, out, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-        on_block=block_progress(_console(stderr=True)), **options,
+        on_event=event_printer(_console(stderr=True)), **options,
     )
     _emit(manifest, output_format, lambda console, result: render_prune(console, result, out))
 

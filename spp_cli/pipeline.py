@@ -33,7 +33,7 @@ def model_path(recipe: Recipe, reference: str) -> str:
 
 
 def run_stage(recipe: Recipe, stage, console) -> dict:
-    from spp_cli.render import block_progress, event_printer
+    from spp_cli.render import event_printer
     from spp_cli.stages.evaluate import evaluate_models
     from spp_cli.stages.finetune import finetune
     from spp_cli.stages.prune import prune
@@ -47,8 +47,7 @@ def run_stage(recipe: Recipe, stage, console) -> dict:
     on_event = event_printer(console) if console is not None else None
     if isinstance(stage, PruneStage):
         return prune(
-            model_path(recipe, stage.input), directory, overwrite=replace, on_block=block_progress(console),
-            **loading, **options,
+            model_path(recipe, stage.input), directory, overwrite=replace, on_event=on_event, **loading, **options
         )
     if isinstance(stage, FinetuneStage):
         return finetune(

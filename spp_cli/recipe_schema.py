@@ -202,7 +202,7 @@ class PruneStage(Stage):
                 )
         elif self.sparsity is None:
             self.sparsity = DEFAULT_SPARSITY
-        if self.method == "magnitude" and self.use_variant:
+        if self.method != "wanda" and self.use_variant:
             fail("is a Wanda option: drop it or use method wanda", "use_variant")
         if self.method != "sparsegpt" and self.true_sequential:
             fail("is a SparseGPT option: drop it or use method sparsegpt", "true_sequential")

@@ -1,21 +1,218 @@
 """The prune stage: load a model, draw calibration windows, prune block by block, save a checkpoint + spp.json.
 
+`prune` reads as its steps: resolve (the validated options, the fingerprint) -> check (output path, finished
+output, model files, calibration source: all before weights load) -> load (model, tokenizer, windows, streaming
+store) -> run (pruners.sequential.prune_model) -> record (spp.json) -> publish (the output directory).
+
 Two paths give bit-identical outputs. Streaming (prune_streaming.py: a local directory of safetensors, the default)
-holds one block at a time and resumes a killed run at its next block; in memory (hub ids, pickle weights, OWL, or
-`streaming="off"`) loads the whole model first and saves it at the end.
+holds one block at a time and resumes a killed run at its next block; in memory (hub ids, pickle weights, fused MoE
+experts, or `streaming="off"`) loads the whole model first and saves it at the end.
 """
 
+import dataclasses
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from spp_cli import checkpoint, preflight
 from spp_cli.environment import resolve_device
 from spp_cli.errors import BadInput, RuntimeFailure
+from spp_cli.events import Listener, notify
 from spp_cli.manifest import layer_record, stage_manifest
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.recipe import validate_options
 from spp_cli.recipe_schema import PruneStage
+
+# spp.json's "config" (and so the fingerprint) holds the validated options by one rule: RECORDED always (sparsity
+# and pattern as parsed, calib and nsamples None when no calibration data is read); each key of RECORDED_WHEN_SET,
+# with the options that only mean something then, only when it is not the schema's default, so the manifests and
+# fingerprints of runs made before those options existed stay what they were. NOT_RECORDED: where the output goes
+# (name, input: the parent is fingerprinted by its manifest), streaming (both paths write the same bytes), device.
+# A new PruneStage key goes in one of the three (tests/stages/test_prune_stage.py checks).
+RECORDED = ("method", "sparsity", "pattern", "calib", "nsamples", "seqlen", "seed", "targets", "ignore",
+            "use_variant", "true_sequential", "dtype")
+RECORDED_WHEN_SET = {"sparsity_profile": ("owl_threshold", "owl_lambda"), "refine": (), "min_expert_tokens": ()}
+NOT_RECORDED = ("name", "input", "streaming", "device")
+CALIBRATION_KEYS = ("calib", "nsamples")
+
+
+@dataclasses.dataclass
+class PrunePlan:
+    """What `resolve` decided; the later steps read it."""
+
+    model: str  # as given: hub id, local directory or builtin:NAME
+    out: Path
+    stage: PruneStage  # the validated options
+    pattern: Any  # pruners.masks.SparsityPattern
+    device: str  # the resolved compute device
+    model_path: str
+    parent_manifest: dict | None
+    config: dict  # recorded_options: spp.json's "config", seqlen as given (resolved once the model is loaded)
+    fingerprint: str
+    needs_calibration: bool  # every method but magnitude, and OWL's outlier ratios
+    calibration_texts: list | None = None  # read by `check`, so a bad source fails before the model loads
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: Any  # the HF model (a skeleton without block weights when streamed)
+    tokenizer: Any
+    calibration: Any  # LongTensor (nsamples, seqlen), or None
+    seqlen: int | None  # the resolved window length, None without calibration data
+    store: Any  # prune_streaming.StreamingStore, or None in memory
+
+
+def prune(model: str, out: str | Path, *, overwrite: bool = False, trust_remote_code: bool = False,
+          allow_pickle: bool = False, on_event: Listener | None = None, **options) -> dict:
+    """Prune `model` one-shot into `out` (an HF directory with exact zeros + spp.json). Returns the manifest.
+
+    `options` are the prune stage's recipe keys (spp_cli/recipe_schema.py, PruneStage): method, sparsity, pattern,
+    calib, nsamples, seqlen, seed, ... Skips the work when `out` already holds the same result (same options and
+    parent). `on_event` hears one "block" event per pruned block (payload: pruners.reports.BlockReport). A streamed
+    run that resumed a killed one returns "resumed_from_block": the first block it pruned.
+    """
+    started = time.time()
+    plan = resolve(model, Path(out), options)
+    finished = check(plan, overwrite, allow_pickle, trust_remote_code)
+    if finished is not None:
+        return finished
+    loaded = load(plan, trust_remote_code, allow_pickle)
+    reports, blocks_seen = run(plan, loaded, on_event)
+    manifest = record(plan, loaded, reports, blocks_seen)
+    return publish(plan, loaded, manifest, started)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the steps
+
+
+def resolve(model: str, out: Path, options: dict) -> PrunePlan:
+    """The validated options, the pattern and device they name, the parent, the recorded options and fingerprint."""
+    stage = validate_options(PruneStage, options)
+    pattern = parse_pattern(stage.pattern, stage.sparsity)
+    device = resolve_device(stage.device)
+    checkpoint.torch_dtype(stage.dtype)
+    model_path = checkpoint.resolve_model_path(model)
+    parent_manifest = checkpoint.model_manifest(model)
+    config = recorded_options(stage, pattern)
+    stage_fingerprint = fingerprint(config, parent_manifest.get("manifest_sha256") if parent_manifest else model)
+    return PrunePlan(model, out, stage, pattern, device, model_path, parent_manifest, config, stage_fingerprint,
+                     needs_calibration(stage))
+
+
+def check(plan: PrunePlan, overwrite: bool, allow_pickle: bool, trust_remote_code: bool) -> dict | None:
+    """What needs no weights: the output path; the finished output's manifest (marked skipped) when it holds this
+    very result, else None; the stage's preflight (spp_cli/preflight.py: the model's files, the calibration source,
+    seqlen against the model's positions); the calibration texts (read here)."""
+    check_output_path(plan.out, [plan.model_path])
+    if existing_output(plan.out, plan.fingerprint, overwrite):
+        return {**checkpoint.read_manifest(plan.out), "skipped": True}
+    preflight.check_prune(plan.stage, plan.model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if plan.needs_calibration:
+        from spp_cli.data.sources import read_texts
+
+        plan.calibration_texts = read_texts(plan.stage.calib)
+    return None
+
+
+def load(plan: PrunePlan, trust_remote_code: bool, allow_pickle: bool) -> LoadedModel:
+    """The model (streamed: a skeleton whose blocks the store fills one at a time), its tokenizer, the calibration
+    windows, and the streaming store (opened: a rerun of a killed prune resumes it)."""
+    from spp_cli.stages import prune_streaming
+
+    stage = plan.stage
+    streamed = prune_streaming.streamed_model(stage.streaming, plan.model_path, stage.dtype, trust_remote_code)
+    if streamed is not None:
+        model = streamed.model
+        tokenizer = prune_streaming.load_tokenizer(plan.model_path, trust_remote_code)
+    else:
+        model, tokenizer = checkpoint.load_model(plan.model, dtype=stage.dtype, trust_remote_code=trust_remote_code,
+                                                 allow_pickle=allow_pickle)
+    seqlen = calibration = store = None
+    if plan.needs_calibration:
+        from spp_cli.data.sources import calibration_windows
+
+        seqlen = checkpoint.resolve_seqlen(model.config, stage.seqlen)
+        calibration = calibration_windows(tokenizer, stage.calib, stage.nsamples, seqlen, stage.seed,
+                                          plan.calibration_texts)
+    if streamed is not None:
+        store = prune_streaming.StreamingStore(streamed, plan.out, prune_streaming.run_fingerprint(
+            plan.fingerprint, streamed.source, calibration, plan.device, stage.dtype))
+        store.open()
+    return LoadedModel(model, tokenizer, calibration, seqlen, store)
+
+
+def run(plan: PrunePlan, loaded: LoadedModel, on_event: Listener | None) -> tuple[list, list]:
+    """Prune the loaded model in place (streamed: block by block into the store). Returns the LayerReports and the
+    BlockReports of this run. Bad input removes the store's staging directory; any other failure keeps it (and its
+    finished blocks) for the rerun."""
+    from pruners import CholeskyError
+    from pruners.masks import PatternError
+    from pruners.sequential import PrunerOptionError, UnsupportedModelError, prune_model
+
+    blocks_seen = []
+
+    def on_block(report) -> None:
+        blocks_seen.append(report)
+        notify(on_event, "prune", "block", report)
+
+    try:
+        reports = prune_model(loaded.model, loaded.calibration, pruner_options(plan), on_block=on_block,
+                              store=loaded.store)
+    except (PatternError, PrunerOptionError, UnsupportedModelError) as error:
+        if loaded.store is not None:
+            loaded.store.discard()  # bad input: nothing is left behind
+        raise BadInput(str(error)) from None
+    except BaseException as error:
+        if loaded.store is not None:
+            loaded.store.close()
+        if isinstance(error, CholeskyError):
+            raise RuntimeFailure(f"SparseGPT failed: {error}; try more calibration windows (--nsamples)") from None
+        raise
+    return reports, blocks_seen
+
+
+def record(plan: PrunePlan, loaded: LoadedModel, reports: list, blocks_seen: list) -> dict:
+    """spp.json (unfinished: checkpoint.finish_manifest adds the timing and its hash): every pruned layer's record,
+    SparseGPT's raised dampings, what OWL, DSnoT and MoE fallbacks did, and the recorded options."""
+    from pruners.experts import weight_of
+    from pruners.sparsegpt import PERCDAMP
+
+    if loaded.store is not None:  # every block's records, the resumed run's earlier blocks included
+        layers, all_reports = loaded.store.layers, loaded.store.layer_reports()
+    else:
+        loaded.model.to(loaded.model.spp_stored_dtype)
+        # MoE experts are slices of fused parameters, not modules: resolve every name with weight_of
+        layers, all_reports = {r.name: layer_record(weight_of(loaded.model, r.name)) for r in reports}, reports
+    model_path = plan.model_path
+    return stage_manifest(
+        "prune",
+        parent=checkpoint.parent_record(model_path if Path(model_path).exists() else plan.model, plan.parent_manifest),
+        method=plan.stage.method,
+        pattern=str(plan.pattern),
+        target_sparsity=plan.pattern.sparsity,
+        dense=False,
+        layers=layers,
+        damping={r.name: r.damping for r in all_reports if r.damping is not None and r.damping > PERCDAMP + 1e-12},
+        **new_option_records(plan.stage, owl_blocks(blocks_seen, loaded.store), all_reports),
+        config={**plan.config, "seqlen": loaded.seqlen},
+        fingerprint=plan.fingerprint,
+    )
+
+
+def publish(plan: PrunePlan, loaded: LoadedModel, manifest: dict, started: float) -> dict:
+    """Write the output atomically (streamed: finish the staging directory the blocks were written into)."""
+    model_path = Path(plan.model_path)
+    if loaded.store is not None:
+        finished = loaded.store.finish(manifest, loaded.tokenizer, model_path, started)
+        resumed = loaded.store.resumed_from
+        return {**finished, "resumed_from_block": resumed} if resumed else finished
+    return checkpoint.save_checkpoint(loaded.model, loaded.tokenizer, plan.out, manifest,
+                                      parent_dir=model_path if model_path.is_dir() else None, started=started)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what the steps use
 
 
 def parse_pattern(pattern: str, sparsity: float):
@@ -26,6 +223,34 @@ def parse_pattern(pattern: str, sparsity: float):
         return parse_pattern(pattern, sparsity)
     except PatternError as error:
         raise BadInput(str(error)) from None
+
+
+def needs_calibration(stage: PruneStage) -> bool:
+    return stage.method != "magnitude" or stage.sparsity_profile == "owl"  # OWL's outlier ratios need data
+
+
+def recorded_options(stage: PruneStage, pattern) -> dict:
+    """spp.json's "config" before the model is loaded (seqlen as given), by the rule above RECORDED."""
+    defaults = {f.name: f.default for f in dataclasses.fields(PruneStage)}
+    values = {**{f.name: getattr(stage, f.name) for f in dataclasses.fields(PruneStage)},
+              "sparsity": pattern.sparsity, "pattern": str(pattern)}
+    if not needs_calibration(stage):
+        values |= dict.fromkeys(CALIBRATION_KEYS)
+    config = {key: values[key] for key in RECORDED}
+    for key, companions in RECORDED_WHEN_SET.items():
+        if values[key] != defaults[key]:
+            config |= {name: values[name] for name in (key, *companions)}
+    return config
+
+
+def pruner_options(plan: PrunePlan):
+    """The driver's PruneOptions: every option the stage and the driver share, by name."""
+    from pruners.options import PruneOptions
+
+    shared = ({f.name for f in dataclasses.fields(PruneOptions)} & {f.name for f in dataclasses.fields(PruneStage)}
+              - {"method", "pattern", "device"})
+    return PruneOptions(plan.stage.method, plan.pattern, device=plan.device,
+                        **{name: getattr(plan.stage, name) for name in shared})
 
 
 def owl_blocks(blocks_seen: list, store) -> dict[int, tuple[float, float]]:
@@ -57,158 +282,3 @@ def new_option_records(stage: PruneStage, owl: dict[int, tuple[float, float]], r
             "pruned by magnitude (see expert_fallbacks): use more calibration windows (--nsamples)"
         ]
     return records
-
-
-def prune(
-    model: str,
-    out: str | Path,
-    *,
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-    on_block: Callable | None = None,
-    **options,
-) -> dict:
-    """Prune `model` one-shot into `out` (an HF directory with exact zeros + spp.json). Returns the manifest.
-
-    `options` are the prune stage's recipe keys (spp_cli/recipe_schema.py, PruneStage): method, sparsity, pattern,
-    calib, nsamples, seqlen, seed, ... Skips the work when `out` already holds the same result (same options and
-    parent). `streaming` is not an option of the result (both paths write the same bytes), so it stays out of the
-    fingerprint. A streamed run that resumed a killed one returns "resumed_from_block": the first block it pruned.
-    """
-    from pruners import CholeskyError
-    from pruners.experts import weight_of
-    from pruners.masks import PatternError
-    from pruners.sequential import PrunerOptionError, UnsupportedModelError, prune_model
-    from spp_cli.stages import prune_streaming
-
-    started = time.time()
-    out = Path(out)
-    stage = validate_options(PruneStage, options)
-    method, calib, nsamples, seed = stage.method, stage.calib, stage.nsamples, stage.seed
-    sparsity_pattern = parse_pattern(stage.pattern, stage.sparsity)
-    compute_device = resolve_device(stage.device)
-    dtype = stage.dtype
-    checkpoint.torch_dtype(dtype)
-    model_path = checkpoint.resolve_model_path(model)
-    parent_manifest = checkpoint.model_manifest(model)
-    needs_calibration = method != "magnitude" or stage.sparsity_profile == "owl"  # OWL's outlier ratios need data
-    options = {
-        "method": method,
-        "sparsity": sparsity_pattern.sparsity,
-        "pattern": str(sparsity_pattern),
-        "calib": calib if needs_calibration else None,
-        "nsamples": nsamples if needs_calibration else None,
-        "seqlen": stage.seqlen,
-        "seed": seed,
-        "targets": stage.targets,
-        "ignore": stage.ignore,
-        "use_variant": stage.use_variant,
-        "true_sequential": stage.true_sequential,
-        "dtype": dtype,
-    }
-    # recorded only when used, so the fingerprints (and manifests) of earlier runs stay what they were
-    if stage.sparsity_profile != "uniform":
-        options |= {"sparsity_profile": stage.sparsity_profile, "owl_threshold": stage.owl_threshold,
-                    "owl_lambda": stage.owl_lambda}
-    if stage.refine != "none":
-        options["refine"] = stage.refine
-    if stage.min_expert_tokens != 16:
-        options["min_expert_tokens"] = stage.min_expert_tokens
-    stage_fingerprint = fingerprint(options, parent_manifest.get("manifest_sha256") if parent_manifest else model)
-    check_output_path(out, [model_path])
-    if existing_output(out, stage_fingerprint, overwrite):
-        return {**checkpoint.read_manifest(out), "skipped": True}
-
-    preflight.check_prune(stage, model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    calibration_texts = None
-    if needs_calibration:
-        from spp_cli.data.sources import read_texts
-
-        calibration_texts = read_texts(calib)  # a bad source fails before a large model is loaded
-    streamed = None
-    if prune_streaming.wants_streaming(stage.streaming, model_path):
-        try:
-            streamed = prune_streaming.open_streamed_model(model_path, dtype, trust_remote_code)
-        except prune_streaming.NotStreamable as reason:
-            if stage.streaming == "on":
-                raise BadInput(f"--streaming on cannot write this model tensor by tensor: {reason}; "
-                               "use --streaming auto") from None
-    if streamed is not None:
-        loaded, tokenizer = streamed.model, prune_streaming.load_tokenizer(model_path, trust_remote_code)
-    else:
-        loaded, tokenizer = checkpoint.load_model(
-            model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
-        )
-    options["seqlen"] = checkpoint.resolve_seqlen(loaded.config, stage.seqlen) if needs_calibration else None
-    calibration = None
-    if needs_calibration:
-        from spp_cli.data.sources import calibration_windows
-
-        calibration = calibration_windows(tokenizer, calib, nsamples, options["seqlen"], seed, calibration_texts)
-    store = None
-    if streamed is not None:
-        store = prune_streaming.StreamingStore(streamed, out, prune_streaming.run_fingerprint(
-            stage_fingerprint, streamed.source, calibration, compute_device, dtype))
-        store.open()
-    blocks_seen = []
-
-    def record_block(report) -> None:
-        blocks_seen.append(report)
-        if on_block is not None:
-            on_block(report)
-
-    try:
-        reports = prune_model(
-            loaded,
-            calibration,
-            method,
-            sparsity_pattern,
-            targets=stage.targets,
-            ignore=stage.ignore,
-            device=compute_device,
-            true_sequential=stage.true_sequential,
-            use_variant=stage.use_variant,
-            sparsity_profile=stage.sparsity_profile,
-            owl_threshold=stage.owl_threshold,
-            owl_lambda=stage.owl_lambda,
-            refine=stage.refine,
-            min_expert_tokens=stage.min_expert_tokens,
-            on_block=record_block,
-            store=store,
-        )
-    except (PatternError, PrunerOptionError, UnsupportedModelError) as error:
-        if store is not None:
-            store.discard()  # bad input: nothing is left behind
-        raise BadInput(str(error)) from None
-    except BaseException as error:
-        if store is not None:
-            store.close()  # any other failure keeps the resume directory, and its finished blocks, for the rerun
-        if isinstance(error, CholeskyError):
-            raise RuntimeFailure(f"SparseGPT failed: {error}; try more calibration windows (--nsamples)") from None
-        raise
-    if store is not None:  # every block's records, the resumed run's earlier blocks included
-        layers, all_reports = store.layers, store.layer_reports()
-    else:
-        loaded.to(loaded.spp_stored_dtype)
-        # MoE experts are slices of fused parameters, not modules: resolve every name with weight_of
-        layers, all_reports = {r.name: layer_record(weight_of(loaded, r.name)) for r in reports}, reports
-    manifest = stage_manifest(
-        "prune",
-        parent=checkpoint.parent_record(model_path if Path(model_path).exists() else model, parent_manifest),
-        method=method,
-        pattern=str(sparsity_pattern),
-        target_sparsity=sparsity_pattern.sparsity,
-        dense=False,
-        layers=layers,
-        damping={r.name: r.damping for r in all_reports if r.damping is not None and r.damping > 0.01 + 1e-12},
-        **new_option_records(stage, owl_blocks(blocks_seen, store), all_reports),
-        config=options,
-        fingerprint=stage_fingerprint,
-    )
-    if store is not None:
-        finished = store.finish(manifest, tokenizer, Path(model_path), started)
-        return {**finished, "resumed_from_block": store.resumed_from} if store.resumed_from else finished
-    return checkpoint.save_checkpoint(
-        loaded, tokenizer, out, manifest, parent_dir=model_path if Path(model_path).is_dir() else None, started=started
-    )

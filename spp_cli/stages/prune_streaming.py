@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pruners.reports import LayerReport
+from pruners.reports import LayerReport, OwlProfile
 from spp_cli import atomic, checkpoint
 from spp_cli.errors import BadInput
 from spp_cli.manifest import layer_record
@@ -50,6 +50,20 @@ def wants_streaming(streaming: str, model_path: str) -> bool:
             "download it first or use --streaming auto"
         )
     return streaming != "off" and local
+
+
+def streamed_model(streaming: str, model_path: str, dtype: str, trust_remote_code: bool) -> StreamedModel | None:
+    """The streamed skeleton (`open_streamed_model`) when `streaming` and the model allow it, else None (the
+    in-memory path). Raises BadInput when `streaming` is "on" and the model cannot be streamed."""
+    if not wants_streaming(streaming, model_path):
+        return None
+    try:
+        return open_streamed_model(model_path, dtype, trust_remote_code)
+    except NotStreamable as reason:
+        if streaming == "on":
+            raise BadInput(f"--streaming on cannot write this model tensor by tensor: {reason}; "
+                           "use --streaming auto") from None
+        return None
 
 
 def staging_path(out: Path) -> Path:
@@ -261,8 +275,6 @@ class StreamingStore:
         release_freed_memory()
 
     def saved_owl_profile(self):
-        from pruners.owl import OwlProfile
-
         return None if self.owl_profile is None else OwlProfile(**self.owl_profile)
 
     def save_owl_profile(self, profile) -> None:
@@ -359,4 +371,4 @@ def run_fingerprint(stage_fingerprint: str, source: SafetensorsSource, calibrati
 
 
 __all__ = ["NotStreamable", "StreamingStore", "open_streamed_model", "run_fingerprint", "staging_path",
-           "wants_streaming"]
+           "streamed_model", "wants_streaming"]

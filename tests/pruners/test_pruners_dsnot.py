@@ -6,7 +6,7 @@ import transformers
 
 from pruners import parse_pattern
 from pruners.dsnot import DSnoTPruner, refine_nm, refine_unstructured, reorder_by_sign
-from pruners.sequential import PrunerOptionError, prunable_linears, prune_model
+from pruners.sequential import PruneOptions, PrunerOptionError, prunable_linears, prune_model
 from pruners.wanda import wanda_score
 
 
@@ -150,8 +150,8 @@ def calibration():
 
 def pruned(method, pattern, refine):
     model, blocks = llama(), []
-    prune_model(model, calibration(), method, parse_pattern(pattern, 0.5 if pattern == "unstructured" else None),
-                refine=refine, on_block=blocks.append)
+    options = PruneOptions(method, parse_pattern(pattern, 0.5 if pattern == "unstructured" else None), refine=refine)
+    prune_model(model, calibration(), options, on_block=blocks.append)
     return {name: lin.weight.detach() for name, lin in prunable_linears(model).items()}, blocks
 
 
@@ -209,4 +209,5 @@ def test_bad_refine_options():
         (dict(method="wanda", refine="owl"), "unknown refine 'owl'"),
     ]:
         with pytest.raises(PrunerOptionError, match=message):
-            prune_model(model, calibration(), options.pop("method"), parse_pattern("unstructured", 0.5), **options)
+            prune_model(model, calibration(),
+                        PruneOptions(options.pop("method"), parse_pattern("unstructured", 0.5), **options))

@@ -7,7 +7,7 @@ import transformers
 
 from pruners import parse_pattern
 from pruners.experts import ExpertLinear, weight_of
-from pruners.sequential import prunable_linears, prune_model
+from pruners.sequential import PruneOptions, prunable_linears, prune_model
 
 VOCAB = 128
 MOE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -81,8 +81,8 @@ def test_each_expert_is_pruned_with_the_tokens_routed_to_it(arch):
     ids = calibration()
     model, reference = moe_model(arch), moe_model(arch)
     x, routed = routed_tokens(reference, ids)
-    reports = {r.name: r for r in prune_model(model, ids, "wanda", parse_pattern("unstructured", 0.5),
-                                              min_expert_tokens=1)}
+    options = PruneOptions("wanda", parse_pattern("unstructured", 0.5), min_expert_tokens=1)
+    reports = {r.name: r for r in prune_model(model, ids, options)}
     counts = [int(routed[e].sum()) for e in range(4)]
     assert min(counts) >= 1 and max(counts) > min(counts), counts  # uneven routing: the test can tell experts apart
     experts = reference.model.layers[0].mlp.experts
@@ -105,7 +105,7 @@ def test_moe_end_to_end_every_method_and_pattern(arch):
         for pattern in [parse_pattern("unstructured", 0.5), parse_pattern("2:4")]:
             model = moe_model(arch)
             routers = [block.mlp.gate.weight.detach().clone() for block in model.model.layers]
-            reports = prune_model(model, ids, method, pattern, min_expert_tokens=1)
+            reports = prune_model(model, ids, PruneOptions(method, pattern, min_expert_tokens=1))
             assert {r.name for r in reports} == set(prunable_linears(model))
             for name in prunable_linears(model):
                 zeros = weight_of(model, name) == 0
@@ -121,7 +121,8 @@ def test_moe_end_to_end_every_method_and_pattern(arch):
 
 def test_router_is_pruned_when_targeted_explicitly():
     model = moe_model("mixtral")
-    reports = prune_model(model, calibration(), "wanda", parse_pattern("unstructured", 0.5), targets=r"mlp\.gate$")
+    reports = prune_model(model, calibration(),
+                          PruneOptions("wanda", parse_pattern("unstructured", 0.5), targets=r"mlp\.gate$"))
     assert [r.name for r in reports] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     assert float((model.model.layers[0].mlp.gate.weight == 0).float().mean()) == 0.5
     assert float((model.model.layers[0].mlp.experts.gate_up_proj == 0).float().mean()) == 0.0
@@ -133,9 +134,9 @@ def test_expert_with_too_few_tokens_falls_back_to_magnitude():
     _, routed = routed_tokens(moe_model("mixtral"), ids)
     counts = {e: int(routed[e].sum()) for e in range(4)}
     threshold = sorted(counts.values())[1] + 1  # the two least-used experts of block 0 fall back
-    reports = {r.name: r for r in prune_model(model, ids, "sparsegpt", parse_pattern("unstructured", 0.5),
-                                              min_expert_tokens=threshold)}
-    prune_model(magnitude, None, "magnitude", parse_pattern("unstructured", 0.5))
+    options = PruneOptions("sparsegpt", parse_pattern("unstructured", 0.5), min_expert_tokens=threshold)
+    reports = {r.name: r for r in prune_model(model, ids, options)}
+    prune_model(magnitude, None, PruneOptions("magnitude", parse_pattern("unstructured", 0.5)))
     fell_back = {e for e in range(4) if reports[f"model.layers.0.mlp.experts.{e}.gate_proj"].fallback}
     assert fell_back == {e for e, n in counts.items() if n < threshold} and len(fell_back) == 2
     for e in range(4):

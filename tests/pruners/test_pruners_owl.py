@@ -7,7 +7,13 @@ import transformers
 
 from pruners import PatternError, parse_pattern
 from pruners.owl import owl_sparsities
-from pruners.sequential import PrunerOptionError, find_decoder_blocks, prunable_linears, prune_model
+from pruners.sequential import (
+    PruneOptions,
+    PrunerOptionError,
+    find_decoder_blocks,
+    prunable_linears,
+    prune_model,
+)
 
 VOCAB, SEQLEN, NSAMPLES, BLOCKS = 128, 16, 4, 4
 
@@ -59,9 +65,9 @@ def reference_owl(model, ids, sparsity, threshold, lam):
 
 def run(method, sparsity=0.5, lam=0.08, threshold=5.0, **options):
     model, blocks = tiny_llama(), []
-    reports = prune_model(model, calibration(), method, parse_pattern("unstructured", sparsity),
-                          sparsity_profile="owl", owl_threshold=threshold, owl_lambda=lam, on_block=blocks.append,
-                          **options)
+    owl = PruneOptions(method, parse_pattern("unstructured", sparsity), sparsity_profile="owl",
+                       owl_threshold=threshold, owl_lambda=lam, **options)
+    reports = prune_model(model, calibration(), owl, on_block=blocks.append)
     return model, reports, blocks
 
 
@@ -102,8 +108,9 @@ def test_every_layer_is_pruned_at_its_block_ratio(method):
 
 def test_uniform_profile_is_unchanged():
     uniform, owl_model = tiny_llama(), tiny_llama()
-    prune_model(uniform, calibration(), "wanda", parse_pattern("unstructured", 0.5))
-    prune_model(owl_model, calibration(), "wanda", parse_pattern("unstructured", 0.5), sparsity_profile="uniform")
+    prune_model(uniform, calibration(), PruneOptions("wanda", parse_pattern("unstructured", 0.5)))
+    prune_model(owl_model, calibration(),
+                PruneOptions("wanda", parse_pattern("unstructured", 0.5), sparsity_profile="uniform"))
     for name, lin in prunable_linears(uniform).items():
         assert torch.equal(lin.weight, prunable_linears(owl_model)[name].weight), name
 
@@ -130,6 +137,6 @@ def test_bad_owl_options_raise_before_any_change():
     for options, message in cases:
         arguments = dict(pattern=parse_pattern("unstructured", 0.5), sparsity_profile="owl") | options
         with pytest.raises((PrunerOptionError, PatternError), match=message):
-            prune_model(model, calibration(), "wanda", arguments.pop("pattern"), **arguments)
+            prune_model(model, calibration(), PruneOptions("wanda", arguments.pop("pattern"), **arguments))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert find_decoder_blocks(model)[0] == "model.layers"

@@ -15,6 +15,7 @@ from pruners import CholeskyError, PatternError, parse_pattern
 from pruners.blocks import block_outputs, capture_block_inputs
 from pruners.observer import LinearObserver
 from pruners.sequential import (
+    PruneOptions,
     PrunerOptionError,
     UnsupportedModelError,
     find_decoder_blocks,
@@ -101,7 +102,7 @@ def test_model_without_blocks_is_unsupported():
             self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
 
     with pytest.raises(UnsupportedModelError, match=r"no decoder blocks found: Plain has no ModuleList of Block"):
-        prune_model(Plain(), None, "magnitude", parse_pattern("unstructured", 0.5))
+        prune_model(Plain(), None, PruneOptions("magnitude", parse_pattern("unstructured", 0.5)))
     with pytest.raises(UnsupportedModelError, match="no decoder blocks found"):
         find_decoder_blocks(nn.Sequential(nn.Linear(4, 4)))
 
@@ -198,7 +199,8 @@ def sequentially_by_hand(model, ids, choose_mask):
 def test_whole_model_magnitude_equals_per_matrix_formula():
     model, reference = tiny_model(), tiny_model()
     blocks_seen = []
-    reports = prune_model(model, None, "magnitude", parse_pattern("unstructured", 0.6), on_block=blocks_seen.append)
+    reports = prune_model(model, None, PruneOptions("magnitude", parse_pattern("unstructured", 0.6)),
+                          on_block=blocks_seen.append)
     for name, lin in prunable_linears(reference).items():
         assert np.array_equal((prunable_linears(model)[name].weight == 0).numpy(),
                               magnitude_formula(lin.weight.detach(), 0.6)), name
@@ -211,7 +213,7 @@ def test_whole_model_wanda_equals_formula_on_pruned_prefix(batch_size):
     ids = calibration()
     model, reference = tiny_model(), tiny_model()
     blocks_seen = []
-    reports = prune_model(model, ids, "wanda", parse_pattern("unstructured", 0.5), batch_size=batch_size,
+    reports = prune_model(model, ids, PruneOptions("wanda", parse_pattern("unstructured", 0.5), batch_size=batch_size),
                           on_block=blocks_seen.append)
     sequentially_by_hand(reference, ids, lambda w, x: w.masked_fill(torch.from_numpy(wanda_formula(w, x, 0.5)), 0))
     pruned, expected = prunable_linears(model), prunable_linears(reference)
@@ -222,7 +224,7 @@ def test_whole_model_wanda_equals_formula_on_pruned_prefix(batch_size):
     assert [b.index for b in blocks_seen] == [0, 1] and all(0 < b.reconstruction_error < 1 for b in blocks_seen)
     # the outlier channels make wanda choose differently from magnitude
     magnitude = tiny_model()
-    prune_model(magnitude, None, "magnitude", parse_pattern("unstructured", 0.5))
+    prune_model(magnitude, None, PruneOptions("magnitude", parse_pattern("unstructured", 0.5)))
     differing = sum(int((pruned[n].weight.eq(0) != prunable_linears(magnitude)[n].weight.eq(0)).sum())
                     for n in pruned)
     assert differing > 500
@@ -232,7 +234,7 @@ def test_whole_model_sparsegpt_equals_reference_on_pruned_prefix():
     reference_fasterprune = _layer_tests().reference_fasterprune  # the transcribed reference solver
     ids = calibration(nsamples=8)
     model, reference = tiny_model(), tiny_model()
-    reports = prune_model(model, ids, "sparsegpt", parse_pattern("unstructured", 0.5))
+    reports = prune_model(model, ids, PruneOptions("sparsegpt", parse_pattern("unstructured", 0.5)))
 
     def solve(weight, inputs):
         x = inputs.reshape(-1, inputs.shape[-1]).float()
@@ -262,7 +264,7 @@ def test_statistics_passes_stop_early_and_change_nothing(batch_size):
         lambda module, args, out, index=index: down_runs.__setitem__(index, down_runs[index] + args[0].shape[0]))
         for index, block in enumerate(blocks)]
     blocks_seen = []
-    prune_model(model, ids, "wanda", parse_pattern("unstructured", 0.5), batch_size=batch_size,
+    prune_model(model, ids, PruneOptions("wanda", parse_pattern("unstructured", 0.5), batch_size=batch_size),
                 on_block=blocks_seen.append)
     for hook in hooks:
         hook.remove()
@@ -293,7 +295,7 @@ def test_a_chunked_forward_that_differs_falls_back_to_one_window_forwards():
         return None
 
     hooks = [block.register_forward_pre_hook(perturb_multiwindow, with_kwargs=True) for block in blocks]
-    prune_model(model, ids, "wanda", parse_pattern("unstructured", 0.5))
+    prune_model(model, ids, PruneOptions("wanda", parse_pattern("unstructured", 0.5)))
     for hook in hooks:
         hook.remove()
     assert max(seen_windows) == 8  # the chunked error forward was tried ...
@@ -318,7 +320,7 @@ def test_sparsegpt_with_more_windows_than_the_error_measures_equals_reference():
     reference_fasterprune = _layer_tests().reference_fasterprune
     ids = calibration(nsamples=12)
     model, reference = tiny_model(), tiny_model()
-    prune_model(model, ids, "sparsegpt", parse_pattern("unstructured", 0.5))
+    prune_model(model, ids, PruneOptions("sparsegpt", parse_pattern("unstructured", 0.5)))
 
     def solve(weight, inputs):
         x = inputs.reshape(-1, inputs.shape[-1]).float()
@@ -334,8 +336,9 @@ def test_sparsegpt_with_more_windows_than_the_error_measures_equals_reference():
 def test_true_sequential_changes_sparsegpt_weights():
     ids = calibration()
     default, true_sequential = tiny_model(), tiny_model()
-    prune_model(default, ids, "sparsegpt", parse_pattern("unstructured", 0.5))
-    prune_model(true_sequential, ids, "sparsegpt", parse_pattern("unstructured", 0.5), true_sequential=True)
+    prune_model(default, ids, PruneOptions("sparsegpt", parse_pattern("unstructured", 0.5)))
+    prune_model(true_sequential, ids,
+                PruneOptions("sparsegpt", parse_pattern("unstructured", 0.5), true_sequential=True))
     a, b = prunable_linears(default), prunable_linears(true_sequential)
     assert torch.equal(a["model.layers.0.self_attn.q_proj"].weight, b["model.layers.0.self_attn.q_proj"].weight)
     down_default, down_true = (x["model.layers.0.mlp.down_proj"].weight.detach() for x in (a, b))
@@ -353,7 +356,7 @@ def test_architectures_end_to_end(arch):
         for pattern in [parse_pattern("unstructured", 0.5), parse_pattern("2:4")]:
             model = tiny_model(arch)
             before = untouched_parameters(model)
-            reports = prune_model(model, ids, method, pattern)
+            reports = prune_model(model, ids, PruneOptions(method, pattern))
             linears = prunable_linears(model)
             assert [r.name for r in reports] and {r.name for r in reports} == set(linears)
             for name, lin in linears.items():
@@ -396,14 +399,15 @@ def test_bad_options_raise_before_any_change():
     for options, error, message in cases:
         arguments = dict(calibration_ids=calibration(), pattern=pattern) | options
         with pytest.raises(error, match=message):
-            prune_model(model, arguments.pop("calibration_ids"), arguments.pop("method"), arguments.pop("pattern"),
-                        **arguments)
+            prune_model(model, arguments.pop("calibration_ids"),
+                        PruneOptions(arguments.pop("method"), arguments.pop("pattern"), **arguments))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
 def test_targets_and_ignore_limit_what_is_pruned():
     model = tiny_model()
-    reports = prune_model(model, calibration(), "wanda", parse_pattern("2:4"), targets=r"layers\.1\.", ignore="k_proj")
+    reports = prune_model(model, calibration(),
+                          PruneOptions("wanda", parse_pattern("2:4"), targets=r"layers\.1\.", ignore="k_proj"))
     assert sorted(r.name for r in reports) == sorted(
         n for n in prunable_linears(model) if n.startswith("model.layers.1.") and "k_proj" not in n)
     assert float((model.model.layers[0].self_attn.q_proj.weight == 0).float().mean()) == 0.0
@@ -413,7 +417,7 @@ def test_targets_and_ignore_limit_what_is_pruned():
 def test_pruned_model_stays_trainable_and_keeps_its_mode():
     model = tiny_model()
     model.train()
-    prune_model(model, calibration(), "sparsegpt", parse_pattern("2:4"))
+    prune_model(model, calibration(), PruneOptions("sparsegpt", parse_pattern("2:4")))
     assert model.training
     assert not model.model.layers[0].mlp.up_proj.weight.is_inference()
     model(calibration()).logits.sum().backward()  # weights were written under no_grad, not inference_mode
@@ -426,4 +430,4 @@ def test_cholesky_failure_is_a_runtime_error():
         model.model.layers[0].mlp.up_proj.weight.fill_(float("nan"))  # NaN activations downstream
         model.model.layers[0].mlp.gate_proj.weight.fill_(float("nan"))
     with pytest.raises(CholeskyError, match="down_proj"):
-        prune_model(model, calibration(), "sparsegpt", parse_pattern("unstructured", 0.5))
+        prune_model(model, calibration(), PruneOptions("sparsegpt", parse_pattern("unstructured", 0.5)))

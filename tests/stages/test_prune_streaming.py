@@ -95,10 +95,10 @@ class Crash(Exception):
 
 
 def crash_after(block: int):
-    def on_block(report):
-        if report.index == block:
+    def on_event(event):
+        if event.payload.index == block:
             raise Crash
-    return on_block
+    return on_event
 
 
 def test_kill_9_after_block_2_of_4_resumes_at_block_2_bit_identically(tmp_path):
@@ -109,10 +109,10 @@ def test_kill_9_after_block_2_of_4_resumes_at_block_2_bit_identically(tmp_path):
     script = (  # block 1 is the second of four: SIGKILL from its report hook, after its state is saved
         "import os, signal, sys\n"
         "from spp_cli.stages.prune import prune\n"
-        "def on_block(report):\n"
-        "    if report.index == 1:\n"
+        "def on_event(event):\n"
+        "    if event.payload.index == 1:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"prune({model!r}, {str(out)!r}, on_block=on_block, **{options!r})\n"
+        f"prune({model!r}, {str(out)!r}, on_event=on_event, **{options!r})\n"
     )
     killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                             # the same thread count as this process: SparseGPT's float sums depend on it
@@ -124,7 +124,7 @@ def test_kill_9_after_block_2_of_4_resumes_at_block_2_bit_identically(tmp_path):
     assert (state["next_block"], state["done_blocks"]) == (2, [0, 1])
 
     seen = []
-    resumed = prune(model, out, on_block=lambda report: seen.append(report.index), **options)
+    resumed = prune(model, out, on_event=lambda event: seen.append(event.payload.index), **options)
     assert resumed["resumed_from_block"] == 2 and seen == [2, 3]
     assert {name: layer["weight_sha256"] for name, layer in resumed["layers"].items()} == {
         name: layer["weight_sha256"] for name, layer in whole["layers"].items()
@@ -139,14 +139,14 @@ def test_a_changed_option_or_input_never_resumes(tmp_path, change):
     model = save_random(tmp_path / "llama", "llama")
     options = dict(method="wanda", sparsity=0.5, **CALIB)
     with pytest.raises(Crash):
-        prune(str(model), tmp_path / "out", on_block=crash_after(1), **options)
+        prune(str(model), tmp_path / "out", on_event=crash_after(1), **options)
     assert json.loads((staging_path(tmp_path / "out") / "resume.json").read_text())["next_block"] == 2
     if change == "option":
         options["sparsity"] = 0.6
     else:  # the same path, other weights
         save_random(model, "llama", seed=1)
     seen = []
-    rerun = prune(str(model), tmp_path / "out", on_block=lambda report: seen.append(report.index), **options)
+    rerun = prune(str(model), tmp_path / "out", on_event=lambda event: seen.append(event.payload.index), **options)
     fresh = prune(str(model), tmp_path / "fresh", **options)
     assert "resumed_from_block" not in rerun and seen == [0, 1, 2, 3]
     assert rerun["manifest_sha256"] == fresh["manifest_sha256"]
@@ -226,7 +226,7 @@ def counting_store_class(blocks):
 
 def test_the_driver_holds_one_block_at_a_time_and_loads_each_once(tmp_path):
     from pruners.masks import parse_pattern
-    from pruners.sequential import prune_model
+    from pruners.sequential import PruneOptions, prune_model
     from spp_cli.stages.prune_streaming import open_streamed_model
 
     model_dir = save_random(tmp_path / "llama", "llama")
@@ -236,7 +236,7 @@ def test_the_driver_holds_one_block_at_a_time_and_loads_each_once(tmp_path):
     store = CountingStore(streamed, tmp_path / "out", "a fingerprint")
     store.open()
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
-    reports = prune_model(streamed.model, ids, "wanda", parse_pattern("unstructured", 0.5), store=store)
+    reports = prune_model(streamed.model, ids, PruneOptions("wanda", parse_pattern("unstructured", 0.5)), store=store)
     assert loaded == [0, 1, 2, 3] and holding == [[0], [1], [2], [3]]
     assert all(next(b.parameters()).is_meta for b in blocks) and len(reports) == 28
     assert store.first_block == 4 and sorted(store.layers) == sorted(r.name for r in reports)
@@ -305,11 +305,11 @@ def test_streamed_owl_writes_the_in_memory_checkpoint_byte_for_byte(tmp_path, ca
     options = dict(method=case.rsplit("-", 1)[1], sparsity=0.6, sparsity_profile="owl", **CALIB)
     streamed_blocks = []
 
-    def on_block(report):  # the streamed path: the staging dir exists while blocks are pruned
+    def on_event(event):  # the streamed path: the staging dir exists while blocks are pruned
         streamed_blocks.append(staging_path(tmp_path / "stream").is_dir())
 
     in_memory = prune(model, tmp_path / "memory", streaming="off", **options)
-    streamed = prune(model, tmp_path / "stream", streaming="auto", on_block=on_block, **options)
+    streamed = prune(model, tmp_path / "stream", streaming="auto", on_event=on_event, **options)
     assert streamed_blocks == [True] * 4
     assert_same_output(tmp_path / "stream", tmp_path / "memory")
     assert streamed["sparsity_profile"] == in_memory["sparsity_profile"]
@@ -321,13 +321,13 @@ def test_a_killed_streamed_owl_prune_resumes_with_its_kept_profile(tmp_path):
     options = dict(method="wanda", sparsity=0.6, sparsity_profile="owl", **CALIB)
     whole = prune(model, tmp_path / "whole", streaming="off", **options)
     with pytest.raises(Crash):
-        prune(model, tmp_path / "out", on_block=crash_after(1), **options)
+        prune(model, tmp_path / "out", on_event=crash_after(1), **options)
     assert (staging_path(tmp_path / "out") / "resume.json").is_file()  # it was streamed
     state = json.loads((staging_path(tmp_path / "out") / "resume.json").read_text())
     assert state["next_block"] == 2 and [round(s, 8) for s in state["owl_profile"]["sparsities"]] == [
         whole["sparsity_profile"]["layer_sparsity"][str(i)] for i in range(4)]
     seen = []
-    resumed = prune(model, tmp_path / "out", on_block=lambda report: seen.append(report.index), **options)
+    resumed = prune(model, tmp_path / "out", on_event=lambda event: seen.append(event.payload.index), **options)
     assert resumed["resumed_from_block"] == 2 and seen == [2, 3]
     assert resumed["sparsity_profile"] == whole["sparsity_profile"]  # every block, the killed run's included
     assert resumed["manifest_sha256"] == whole["manifest_sha256"]
