@@ -114,6 +114,11 @@ def check_prune(stage, model: str | None, *, architecture: str | None = None, al
     """A validated PruneStage on `model` (None: an earlier stage's output, not written yet), whose architecture is
     that of `architecture` (default `model`)."""
     if model is not None:
+        if stage.streaming == "on":
+            from spp_cli.checkpoint import resolve_model_path
+            from spp_cli.stages.prune_streaming import wants_streaming
+
+            wants_streaming("on", resolve_model_path(model))  # a local safetensors folder, or BadInput
         check_model_reference(model, allow_pickle)
     if stage.method != "magnitude" or stage.sparsity_profile == "owl":  # only these read calibration windows
         check_source(stage.calib)

@@ -14,6 +14,7 @@ from conftest import REPO, make_tokenizer
 from safetensors.torch import load_file, save_file
 
 from spp_cli.errors import BadInput
+from spp_cli.ownership import RECORD, read_record
 from spp_cli.stages.prune import prune
 from spp_cli.stages.prune_streaming import staging_path
 
@@ -47,11 +48,13 @@ def save_random(directory: Path, arch: str, dtype=torch.float32, shard: str = "5
 
 
 def assert_same_output(streamed: Path, in_memory: Path) -> None:
-    """Every file byte for byte, and spp.json equal except its timings."""
+    """Every file byte for byte, spp.json equal except its timings, and the same files in the ownership record."""
     names = sorted(path.name for path in in_memory.iterdir())
     assert sorted(path.name for path in streamed.iterdir()) == names
     for name in names:
-        if name == "spp.json":
+        if name == RECORD:  # the record of what spp wrote: the same files, their own sizes and times
+            assert set(read_record(streamed)) == set(read_record(in_memory))
+        elif name == "spp.json":
             ours, theirs = (json.loads((d / name).read_text()) for d in (streamed, in_memory))
             for key in ("seconds", "created"):
                 ours.pop(key), theirs.pop(key)
