@@ -1,6 +1,7 @@
-"""One llm-compressor pruning run, for scripts/bench_prune.py --peer llmcompressor (runs in the PEER's venv).
+"""One llm-compressor pruning run, for `python -m benchmarks.prune --peer llmcompressor` (runs in the PEER's venv).
 
-It imports nothing from spp, so it runs under llmcompressor's own torch/transformers. The driver gives it the
+It imports nothing from spp (only benchmarks.common, standard library), so it runs under llmcompressor's own
+torch/transformers: `PEER_PYTHON -m benchmarks.peer_llmcompressor ...` from the repository root. The driver gives it the
 same model directory, the same calibration windows (a safetensors file holding `input_ids` (nsamples, seqlen),
 drawn once by spp_cli.data.sources.calibration_windows) and the same thread count as the spp run. It:
 
@@ -23,17 +24,9 @@ import json
 import os
 import time
 
+from benchmarks.common import peak_rss_mb
+
 STARTED = time.time()
-
-
-def peak_rss_of_this_process_mb() -> float:
-    """VmHWM: the peak RSS of this process image. (ru_maxrss is not used: Linux carries it across exec, so a child
-    spawned by a big driver would report at least the driver's RSS.)"""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 OWL_SPARSITIES: dict[str, float] = {}  # block name -> llm-compressor's OWL sparsity, as it inferred them
@@ -133,7 +126,7 @@ def main() -> None:
     weights = {name + ".weight": linear.weight.detach().contiguous().clone() for name, linear in linears.items()}
     save_file(weights, args.weights_out)
     done = time.time()
-    peak_rss_mb = peak_rss_of_this_process_mb()
+    peak_mb = peak_rss_mb()  # VmHWM, not ru_maxrss: Linux carries that across exec
 
     sparsity = {name: float((weight == 0).float().mean()) for name, weight in weights.items()}
     zeros = sum(int((weight == 0).sum()) for weight in weights.values())
@@ -157,7 +150,7 @@ def main() -> None:
         "prune_seconds": round(pruned - loaded, 3),
         "save_seconds": round(done - pruned, 3),
         "done": done,
-        "peak_rss_mb": round(peak_rss_mb, 1),
+        "peak_rss_mb": round(peak_mb, 1),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "versions": {"llmcompressor": llmcompressor.__version__, "torch": torch.__version__,
