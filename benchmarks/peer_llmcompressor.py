@@ -73,6 +73,21 @@ def _patched(owner, name, value):
         setattr(owner, name, saved)
 
 
+def describe(args, weights: dict, calibration_shape) -> dict:
+    """The run's options and the sparsity of the pruned decoder linears (name.weight -> tensor)."""
+    sparsity = {name: float((weight == 0).float().mean()) for name, weight in weights.items()}
+    zeros = sum(int((weight == 0).sum()) for weight in weights.values())
+    total = sum(weight.numel() for weight in weights.values())
+    return {
+        "tool": "llmcompressor", "method": args.method, "mask_structure": args.mask_structure,
+        "sparsity_target": args.sparsity, "overall_sparsity": round(zeros / total, 6),
+        "min_layer_sparsity": round(min(sparsity.values()), 6), "max_layer_sparsity": round(max(sparsity.values()), 6),
+        "pruned_linears": len(weights), "sparsity_profile": args.sparsity_profile,
+        "owl_block_sparsity": OWL_SPARSITIES or None,  # llm-compressor's inferred OWL ratios (block name -> sparsity)
+        "calibration": {"nsamples": calibration_shape[0], "seqlen": calibration_shape[1]},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF model directory")
@@ -128,34 +143,13 @@ def main() -> None:
     done = time.time()
     peak_mb = peak_rss_mb()  # VmHWM, not ru_maxrss: Linux carries that across exec
 
-    sparsity = {name: float((weight == 0).float().mean()) for name, weight in weights.items()}
-    zeros = sum(int((weight == 0).sum()) for weight in weights.values())
-    total = sum(weight.numel() for weight in weights.values())
-    result = {
-        "tool": "llmcompressor",
-        "method": args.method,
-        "mask_structure": args.mask_structure,
-        "sparsity_target": args.sparsity,
-        "overall_sparsity": round(zeros / total, 6),
-        "min_layer_sparsity": round(min(sparsity.values()), 6),
-        "max_layer_sparsity": round(max(sparsity.values()), 6),
-        "pruned_linears": len(weights),
-        "sparsity_profile": args.sparsity_profile,
-        "owl_block_sparsity": OWL_SPARSITIES or None,  # llm-compressor's inferred OWL ratios (block name -> sparsity)
-        "calibration": {"nsamples": nsamples, "seqlen": seqlen},
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "started": STARTED,
-        "imports_seconds": round(imported - STARTED, 3),
-        "load_seconds": round(loaded - imported, 3),
-        "prune_seconds": round(pruned - loaded, 3),
-        "save_seconds": round(done - pruned, 3),
-        "done": done,
-        "peak_rss_mb": round(peak_mb, 1),
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    result = {**describe(args, weights, calibration.shape), "dtype": dtype, "started": STARTED, "imports_seconds": round(imported - STARTED, 3),
+        "load_seconds": round(loaded - imported, 3), "prune_seconds": round(pruned - loaded, 3),
+        "save_seconds": round(done - pruned, 3), "done": done, "peak_rss_mb": round(peak_mb, 1),
+        "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "versions": {"llmcompressor": llmcompressor.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-    }
+                     "transformers": transformers.__version__}}
     with open(args.result, "w") as handle:
         json.dump(result, handle)
 
