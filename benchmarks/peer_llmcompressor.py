@@ -144,12 +144,13 @@ def main() -> None:
     peak_mb = peak_rss_mb()  # VmHWM, not ru_maxrss: Linux carries that across exec
 
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    result = {**describe(args, weights, calibration.shape), "dtype": dtype, "started": STARTED, "imports_seconds": round(imported - STARTED, 3),
-        "load_seconds": round(loaded - imported, 3), "prune_seconds": round(pruned - loaded, 3),
-        "save_seconds": round(done - pruned, 3), "done": done, "peak_rss_mb": round(peak_mb, 1),
-        "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "versions": {"llmcompressor": llmcompressor.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__}}
+    result = {**describe(args, weights, calibration.shape), "dtype": dtype, "started": STARTED,
+              "imports_seconds": round(imported - STARTED, 3), "load_seconds": round(loaded - imported, 3),
+              "prune_seconds": round(pruned - loaded, 3), "save_seconds": round(done - pruned, 3), "done": done,
+              "peak_rss_mb": round(peak_mb, 1), "torch_threads": torch.get_num_threads(),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+              "versions": {"llmcompressor": llmcompressor.__version__, "torch": torch.__version__,
+                           "transformers": transformers.__version__}}
     with open(args.result, "w") as handle:
         json.dump(result, handle)
 
