@@ -1,9 +1,7 @@
 """The block-by-block driver on tiny random-init HF models (fp32, CPU)."""
 
 import copy
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch
 import transformers
 from torch import nn
 
+from benchmarks.reference import reference_fasterprune
 from pruners import CholeskyError, PatternError, parse_pattern
 from pruners.blocks import block_outputs, capture_block_inputs
 from pruners.observer import LinearObserver
@@ -46,15 +45,6 @@ ARCHITECTURES = {
                                           attn_implementation="eager", pad_token_id=1),
 }
 _BUILT = {}
-
-
-def _layer_tests():
-    """The sibling test module (its transcribed reference solver), loaded by path."""
-    spec = importlib.util.spec_from_file_location("pruners_layer_tests", Path(__file__).with_name(
-        "test_pruners_layer.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_model(arch="llama", outliers=True):
@@ -231,7 +221,6 @@ def test_whole_model_wanda_equals_formula_on_pruned_prefix(batch_size):
 
 
 def test_whole_model_sparsegpt_equals_reference_on_pruned_prefix():
-    reference_fasterprune = _layer_tests().reference_fasterprune  # the transcribed reference solver
     ids = calibration(nsamples=8)
     model, reference = tiny_model(), tiny_model()
     reports = prune_model(model, ids, PruneOptions("sparsegpt", parse_pattern("unstructured", 0.5)))
@@ -317,7 +306,6 @@ def test_forward_chunks_group_only_equal_one_window_calls():
 def test_sparsegpt_with_more_windows_than_the_error_measures_equals_reference():
     """12 windows: the early-stopping statistics pass and the one factorisation per shared Hessian (q, k, v;
     gate, up) give the reference's masks and weights."""
-    reference_fasterprune = _layer_tests().reference_fasterprune
     ids = calibration(nsamples=12)
     model, reference = tiny_model(), tiny_model()
     prune_model(model, ids, PruneOptions("sparsegpt", parse_pattern("unstructured", 0.5)))

@@ -1,4 +1,4 @@
-"""`bench_prune.py --memory`: peak RSS of the prune stage against model depth, streaming and in memory, as JSON.
+"""`python -m benchmarks.prune --memory`: peak RSS of the prune stage against depth, streamed and in memory (JSON).
 
 Random-init LLaMA shapes (hidden 1024, intermediate 2816, 16 heads, vocab 32000, fp32, seed 0) with 4, 16 and 32
 blocks are saved to disk first (safetensors, with the shipped tiny model's tokenizer for the calibration windows).
@@ -13,14 +13,17 @@ The summary gives, per mode, how much the peak grows from the shallowest to the 
 target: < 15% with streaming) and the mean seconds per block side by side (medians over --memory-repeats rounds of
 on, off; the issue's target: streaming's within 10% of the in-memory path's).
 
-  OMP_NUM_THREADS=1 python scripts/bench_prune.py --memory --methods wanda --nsamples 8 --seqlen 128
+  OMP_NUM_THREADS=1 python -m benchmarks.prune --memory --methods wanda --nsamples 8 --seqlen 128
+
+`python -m benchmarks.prune_memory ARGS` is the same as `python -m benchmarks.prune --memory ARGS`. --smoke: one
+2-block hidden-64 model, 4 x 32 windows.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -29,39 +32,31 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-TOKENIZER_FROM = REPO / "spp_cli" / "assets" / "tiny-llama"
+from benchmarks import common
+
 DEPTHS = (4, 16, 32)
 MODES = ("on", "off")
 
 _CHILD = """
 import json, sys, time
 started = time.perf_counter()
+from benchmarks.common import peak_rss_mb
 from spp_cli.stages.prune import prune
 blocks = []
 options = json.loads(sys.argv[1])
 prune(on_event=lambda event: blocks.append(event.payload), **options)
-with open("/proc/self/status") as status:
-    peak = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
-print(json.dumps({"peak_rss_mb": round(peak, 1), "child_seconds": round(time.perf_counter() - started, 3),
+print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1), "child_seconds": round(time.perf_counter() - started, 3),
                   "block_seconds": [round(block.seconds, 3) for block in blocks]}))
 """
 
 
-def save_random_llama(directory: Path, depth: int) -> Path:
-    """The random-init hidden-1024 LLaMA with `depth` blocks, saved as save_pretrained does (fp32, seed 0)."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=depth, num_attention_heads=16,
-        num_key_value_heads=16, max_position_embeddings=2048,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(TOKENIZER_FROM / name, directory / name)
-    return directory
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memory", action="store_true",
+                        help="peak RSS of the prune stage against depth, streaming and in memory")
+    parser.add_argument("--depths", default=None, help="--memory: block counts (default 4,16,32)")
+    parser.add_argument("--scratch", default=None, help="--memory: where the models are saved (default: $TMPDIR)")
+    parser.add_argument("--memory-repeats", type=int, default=1,
+                        help="--memory: streaming on, off, on, off, ... this many times per depth (default 1)")
 
 
 def run_one(model_dir: Path, out: Path, mode: str, method: str, args) -> dict:
@@ -69,8 +64,8 @@ def run_one(model_dir: Path, out: Path, mode: str, method: str, args) -> dict:
                "pattern": args.pattern, "calib": args.calib or "builtin:python-docs:train",
                "nsamples": args.nsamples, "seqlen": args.seqlen, "device": args.device, "streaming": mode}
     start = time.perf_counter()
-    completed = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(options)], cwd=REPO, capture_output=True,
-                               text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    completed = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(options)], cwd=common.REPO,
+                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(common.REPO)})
     seconds = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
     if completed.returncode != 0:
@@ -104,14 +99,16 @@ def summarize(runs: list[dict], depths: list[int]) -> dict:
 
 
 def run_memory_benchmark(args, methods: list[str]) -> dict:
-    import torch
-    import transformers
+    import torch  # noqa: F401  (machine_info reports its version)
+    import transformers  # noqa: F401
 
     depths = sorted(int(depth) for depth in (args.depths or ",".join(map(str, DEPTHS))).split(","))
+    shape = "h64" if args.smoke else "h1024"
     runs = []
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
-        for depth in depths:
-            model_dir = save_random_llama(Path(scratch) / f"llama-h1024-b{depth}", depth)
+        for depth in depths:  # fp32, seed 0, the tiny model's tokenizer for the calibration windows
+            model_dir = common.save_random_llama(Path(scratch) / f"llama-{shape}-b{depth}", shape,
+                                                 num_hidden_layers=depth)
             for method in methods:
                 for repeat in range(args.memory_repeats):
                     for mode in MODES:
@@ -120,17 +117,27 @@ def run_memory_benchmark(args, methods: list[str]) -> dict:
                         runs.append(run)
                         print(json.dumps(run), flush=True)
             shutil.rmtree(model_dir)
+    config = common.LLAMA_SHAPES[shape]
     return {
-        "benchmark": "spp prune stage peak RSS against depth (scripts/bench_prune_memory.py)",
-        "config": {"model": "random-init LLaMA, hidden 1024, intermediate 2816, vocab 32000, fp32 on disk",
+        "benchmark": "spp prune stage peak RSS against depth (benchmarks/prune_memory.py)",
+        "config": {"model": f"random-init LLaMA, hidden {config['hidden_size']}, intermediate "
+                            f"{config['intermediate_size']}, vocab {config['vocab_size']}, fp32 on disk",
                    "depths": depths, "methods": methods, "pattern": args.pattern, "sparsity": args.sparsity or 0.5,
                    "nsamples": args.nsamples, "seqlen": args.seqlen, "device": args.device,
-                   "repeats": args.memory_repeats},
-        "machine": {"cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                    "platform": platform.platform(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "loadavg_at_end": list(os.getloadavg())},
+                   "repeats": args.memory_repeats, "smoke": args.smoke},
+        "machine": common.machine_info(),
         "summary": {method: summarize([run for run in runs if run["method"] == method], depths)
                     for method in methods},
         "runs": runs,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": common.timestamp(),
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks import prune
+
+    prune.main(["--memory", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
-"""One llm-compressor pruning run, for scripts/bench_prune.py --peer llmcompressor (runs in the PEER's venv).
+"""One llm-compressor pruning run, for `python -m benchmarks.prune --peer llmcompressor` (runs in the PEER's venv).
 
-It imports nothing from spp, so it runs under llmcompressor's own torch/transformers. The driver gives it the
+It imports nothing from spp (only benchmarks.common, standard library), so it runs under llmcompressor's own
+torch/transformers: `PEER_PYTHON -m benchmarks.peer_llmcompressor ...` from the repository root. The driver gives it the
 same model directory, the same calibration windows (a safetensors file holding `input_ids` (nsamples, seqlen),
 drawn once by spp_cli.data.sources.calibration_windows) and the same thread count as the spp run. It:
 
@@ -23,17 +24,9 @@ import json
 import os
 import time
 
+from benchmarks.common import peak_rss_mb
+
 STARTED = time.time()
-
-
-def peak_rss_of_this_process_mb() -> float:
-    """VmHWM: the peak RSS of this process image. (ru_maxrss is not used: Linux carries it across exec, so a child
-    spawned by a big driver would report at least the driver's RSS.)"""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 OWL_SPARSITIES: dict[str, float] = {}  # block name -> llm-compressor's OWL sparsity, as it inferred them
@@ -78,6 +71,21 @@ def _patched(owner, name, value):
         yield
     finally:
         setattr(owner, name, saved)
+
+
+def describe(args, weights: dict, calibration_shape) -> dict:
+    """The run's options and the sparsity of the pruned decoder linears (name.weight -> tensor)."""
+    sparsity = {name: float((weight == 0).float().mean()) for name, weight in weights.items()}
+    zeros = sum(int((weight == 0).sum()) for weight in weights.values())
+    total = sum(weight.numel() for weight in weights.values())
+    return {
+        "tool": "llmcompressor", "method": args.method, "mask_structure": args.mask_structure,
+        "sparsity_target": args.sparsity, "overall_sparsity": round(zeros / total, 6),
+        "min_layer_sparsity": round(min(sparsity.values()), 6), "max_layer_sparsity": round(max(sparsity.values()), 6),
+        "pruned_linears": len(weights), "sparsity_profile": args.sparsity_profile,
+        "owl_block_sparsity": OWL_SPARSITIES or None,  # llm-compressor's inferred OWL ratios (block name -> sparsity)
+        "calibration": {"nsamples": calibration_shape[0], "seqlen": calibration_shape[1]},
+    }
 
 
 def main() -> None:
@@ -133,36 +141,16 @@ def main() -> None:
     weights = {name + ".weight": linear.weight.detach().contiguous().clone() for name, linear in linears.items()}
     save_file(weights, args.weights_out)
     done = time.time()
-    peak_rss_mb = peak_rss_of_this_process_mb()
+    peak_mb = peak_rss_mb()  # VmHWM, not ru_maxrss: Linux carries that across exec
 
-    sparsity = {name: float((weight == 0).float().mean()) for name, weight in weights.items()}
-    zeros = sum(int((weight == 0).sum()) for weight in weights.values())
-    total = sum(weight.numel() for weight in weights.values())
-    result = {
-        "tool": "llmcompressor",
-        "method": args.method,
-        "mask_structure": args.mask_structure,
-        "sparsity_target": args.sparsity,
-        "overall_sparsity": round(zeros / total, 6),
-        "min_layer_sparsity": round(min(sparsity.values()), 6),
-        "max_layer_sparsity": round(max(sparsity.values()), 6),
-        "pruned_linears": len(weights),
-        "sparsity_profile": args.sparsity_profile,
-        "owl_block_sparsity": OWL_SPARSITIES or None,  # llm-compressor's inferred OWL ratios (block name -> sparsity)
-        "calibration": {"nsamples": nsamples, "seqlen": seqlen},
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "started": STARTED,
-        "imports_seconds": round(imported - STARTED, 3),
-        "load_seconds": round(loaded - imported, 3),
-        "prune_seconds": round(pruned - loaded, 3),
-        "save_seconds": round(done - pruned, 3),
-        "done": done,
-        "peak_rss_mb": round(peak_rss_mb, 1),
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "versions": {"llmcompressor": llmcompressor.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-    }
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    result = {**describe(args, weights, calibration.shape), "dtype": dtype, "started": STARTED,
+              "imports_seconds": round(imported - STARTED, 3), "load_seconds": round(loaded - imported, 3),
+              "prune_seconds": round(pruned - loaded, 3), "save_seconds": round(done - pruned, 3), "done": done,
+              "peak_rss_mb": round(peak_mb, 1), "torch_threads": torch.get_num_threads(),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+              "versions": {"llmcompressor": llmcompressor.__version__, "torch": torch.__version__,
+                           "transformers": transformers.__version__}}
     with open(args.result, "w") as handle:
         json.dump(result, handle)
 

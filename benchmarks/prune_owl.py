@@ -1,4 +1,4 @@
-"""`bench_prune.py --peer llmcompressor --sparsity-profile owl`: both tools' OWL block sparsities side by side.
+"""`python -m benchmarks.prune --peer llmcompressor --sparsity-profile owl`: both tools' OWL block sparsities.
 
 Both tools follow OWL's recipe (Yin et al. 2024, luuyin/OWL `lib/prune_all.py`): one dense pass over the model,
 the Wanda metric |W_ij| * a_j of every linear of a block flattened together, the block's outlier ratio = percent of
@@ -15,10 +15,14 @@ in the activation statistic a_j and in the arithmetic, which this module reprodu
 `peer_formula_sparsities` recomputes llm-compressor's block sparsities in this venv from its formula; the report
 records the largest difference from what the peer itself inferred (0 when the transcription is exact) and, as a
 control, the same transcription with spp's statistic, which must reproduce spp's ratios.
+
+`python -m benchmarks.prune_owl ARGS` is `python -m benchmarks.prune --peer llmcompressor --sparsity-profile owl ARGS`.
+Without the peer (a --smoke run where its venv is not there) only spp's ratios and the control are reported.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,24 +87,39 @@ def formula_sparsities(model_dir: Path, calibration_ids, target: float, threshol
 def owl_comparison(runs: dict[str, list[dict]], model_dir: Path, calibration_ids, target: float, threshold: float,
                    lam: float) -> dict:
     """Per block: both tools' OWL sparsity (from their first run) and spp's outlier ratio, their difference, and
-    how closely each tool's formula, recomputed here, reproduces it."""
+    how closely each tool's formula, recomputed here, reproduces it. Without the peer's runs: spp's side only."""
     ours = runs["spp"][0]["owl_block_sparsity"]  # [{"block", "sparsity", "outlier_ratio"}] in block order
-    theirs = runs["llmcompressor"][0]["owl_block_sparsity"]  # block name -> sparsity
-    peer = [theirs[name] for name in sorted(theirs, key=lambda n: int(n.rsplit(".", 1)[1]))]
     recomputed = formula_sparsities(model_dir, calibration_ids, target, threshold, lam)
-    blocks = [{"block": row["block"], "spp_sparsity": round(row["sparsity"], 6),
-               "llmcompressor_sparsity": round(value, 6), "difference": round(row["sparsity"] - value, 6),
-               "spp_outlier_ratio_percent": round(row["outlier_ratio"], 6)}
-              for row, value in zip(ours, peer, strict=True)]
-    return {
+    comparison = {
         "threshold_m": threshold, "lambda": lam, "target": target,
-        "blocks": blocks,
-        "max_abs_difference": round(max(abs(b["difference"]) for b in blocks), 6),
-        "llmcompressor_reproduced_by_its_formula_max_abs_difference": max(
-            abs(a - b) for a, b in zip(recomputed["llmcompressor"], peer, strict=True)),
+        "blocks": [{"block": row["block"], "spp_sparsity": round(row["sparsity"], 6),
+                    "spp_outlier_ratio_percent": round(row["outlier_ratio"], 6)} for row in ours],
         "spp_formula_in_eager_attention_max_abs_difference_from_spp": max(
             abs(a - row["sparsity"]) for a, row in zip(recomputed["spp"], ours, strict=True)),
+    }
+    if "llmcompressor" not in runs:
+        return comparison
+    theirs = runs["llmcompressor"][0]["owl_block_sparsity"]  # block name -> sparsity
+    peer = [theirs[name] for name in sorted(theirs, key=lambda n: int(n.rsplit(".", 1)[1]))]
+    for row, spp, value in zip(comparison["blocks"], ours, peer, strict=True):
+        row.update(llmcompressor_sparsity=round(value, 6), difference=round(spp["sparsity"] - value, 6))
+    return {
+        **comparison,
+        "max_abs_difference": round(max(abs(b["difference"]) for b in comparison["blocks"]), 6),
+        "llmcompressor_reproduced_by_its_formula_max_abs_difference": max(
+            abs(a - b) for a, b in zip(recomputed["llmcompressor"], peer, strict=True)),
         "why_they_differ": "the activation statistic: spp (and luuyin/OWL) use sqrt(sum over all windows and "
                            "tokens of x_j^2); llm-compressor sums per-window norms, sum_w sqrt(sum_t x_j^2), and "
-                           "computes the metric in the model dtype with eager attention (scripts/bench_prune_owl.py)",
+                           "computes the metric in the model dtype with eager attention (benchmarks/prune_owl.py)",
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks import prune
+
+    argv = sys.argv[1:] if argv is None else argv
+    prune.main(["--peer", "llmcompressor", "--sparsity-profile", "owl", *argv])
+
+
+if __name__ == "__main__":
+    main()

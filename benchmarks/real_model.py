@@ -6,7 +6,7 @@ A benchmark, not a CI test. One run does, on one machine, with every size an opt
      spp_cli.data.sources.calibration_windows (seed 0) and hand the same input_ids to both tools;
   3. prune with spp (magnitude, Wanda, SparseGPT) and llm-compressor (Wanda, SparseGPT; its magnitude modifier is a
      schedule, not one-shot) at 50% unstructured and 2:4, each run a fresh child process, spp and llm-compressor
-     alternating (scripts/bench_prune.py's --peer machinery, imported: its venv, its workers, its checks);
+     alternating (benchmarks/prune_peer.py's machinery: its venv, its workers, its checks);
   4. evaluate the dense model and every pruned result in this venv: WikiText-2 token perplexity @seqlen on the
      first --eval-windows windows of the test stream (spp_cli.eval.perplexity) and the 8 offline zero-shot tasks
      with --limit examples each (spp_cli.eval.engine.evaluate, data from --data-dir);
@@ -17,10 +17,11 @@ A benchmark, not a CI test. One run does, on one machine, with every size an opt
      and evaluate each;
   6. a same-layer, same-input check: block 0's linears see the same (dense) input in both tools, so their masks and
      weights are compared with the reference algorithms (spec/pruners.md; tests/pruners' transcription) on the
-     very calibration inputs.
+     very calibration inputs (benchmarks/real_layer_check.py).
 
-  OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python scripts/bench_real_model.py --out bench_out/real_model.json
-  ... --nsamples 4 --eval-windows 1 --limit 1 --steps 1   (a smoke run)
+  OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python -m benchmarks.real_model --out benchmarks/results/real_model.json
+  ... --smoke   (the shipped tiny model instead, Wanda 2:4 and SPP only, one window, one example, one step;
+                llm-compressor only where its venv exists already)
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -36,19 +36,19 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "scripts")]
-import bench_prune  # noqa: E402  (standard library only at import time)
+from benchmarks import common
+from benchmarks.prune import PEER_METHODS
+from benchmarks.prune_compare import check_sparsity, compare_weights, read_linears
+from benchmarks.prune_peer import run_matched
+from benchmarks.real_model_report import METHODS, PATTERNS, markdown_table, targets
 
-SHARED = REPO.parent / "shared"
+SHARED = common.SHARED
 BUILD_SCRIPT = SHARED / "models" / "gemma3-270m.sh"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 DEFAULT_MODEL_DIR = CACHE / "spp-real-models" / "gemma3-270m-hf"  # outside the repository
 C4_FILE = "c4/c4-train.00000-of-01024.first1000.jsonl"
 ALPACA_FILE = "alpaca/alpaca_small.json"
-PATTERNS = ("unstructured", "2:4")  # both at 50%
-METHODS = ("magnitude", "wanda", "sparsegpt")
-ZEROSHOT_ROWS = ("all", "spp", "recovery")
+ZEROSHOT_ROWS = ("all", "spp", "recovery", "none")
 SIZE_OPTIONS = ("nsamples", "seqlen", "eval_windows", "limit", "zeroshot_rows", "eval_batch_size", "eval_dtype",
                 "steps", "batch_size", "micro_batch_size", "train_seqlen", "lr", "recovery_methods", "threads")
 RECOVERY_METHODS = ("spp", "lora", "masked-lora", "ia3", "masked-full")
@@ -58,14 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR),
                         help="built there by the shared script if missing")
-    parser.add_argument("--data-dir", default=os.environ.get("SPP_TEST_DATA", str(SHARED / "data")))
+    parser.add_argument("--data-dir", default=str(common.SHARED_DATA))
     parser.add_argument("--nsamples", type=int, default=64, help="calibration windows (the issue's 64)")
     parser.add_argument("--seqlen", type=int, default=512, help="calibration and perplexity window length")
     parser.add_argument("--eval-windows", type=int, default=16, help="WikiText-2 test windows scored (the first N)")
     parser.add_argument("--limit", type=int, default=50, help="examples per zero-shot task (the first N)")
     parser.add_argument("--zeroshot-rows", choices=ZEROSHOT_ROWS, default="all",
                         help="which rows also get the zero-shot tasks (all; spp: not the llm-compressor rows; "
-                             "recovery: dense, spp's Wanda 2:4 and the two recovered models); the rest get ppl only")
+                             "recovery: dense, spp's Wanda 2:4 and the two recovered models; none: no row, not even "
+                             "dense and the recovered models); the rest get ppl only")
     parser.add_argument("--eval-batch-size", type=int, default=4)
     parser.add_argument("--eval-dtype", default="float32", help="dtype the evaluation model computes in")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps of every recovery (the same budget)")
@@ -83,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peer-venv", default=".bench-venvs/llmcompressor")
     parser.add_argument("--peer-python", default=None, help="an interpreter with llmcompressor 0.14 (no venv made)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 2))
-    parser.add_argument("--omp-wait-policy", default="PASSIVE", help="as in bench_prune.py --peer")
+    parser.add_argument("--omp-wait-policy", default="PASSIVE", help="as in benchmarks.prune --peer")
     parser.add_argument("--work-dir", default=None, help="scratch for weights and checkpoints (default: a temp dir)")
-    parser.add_argument("--out", default="bench_out/real_model.json")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/real_model.json")
+    parser.add_argument("--smoke", action="store_true", help="seconds, on the shipped tiny model (see above)")
     parser.add_argument("--table", metavar="JSON", help="print the markdown table of a finished report and exit")
     return parser
 
@@ -101,7 +103,7 @@ def ensure_model(model_dir: Path) -> dict:
 
 
 def pattern_args(pattern: str, args) -> argparse.Namespace:
-    """The fields bench_prune.run_matched and check_sparsity read, for one pattern at 50%."""
+    """The fields prune_peer.run_matched and check_sparsity read, for one pattern at 50%."""
     from pruners import parse_pattern
 
     spec = parse_pattern(pattern, 0.5 if pattern == "unstructured" else None)
@@ -117,13 +119,13 @@ def prune_all(model_dir: Path, calibration: Path, scratch: Path, peer_python: Pa
     for pattern in args.patterns.split(","):
         run_args = pattern_args(pattern, args)
         for method in args.methods.split(","):
-            tools = ["spp"] + (["llmcompressor"] if peer_python and method in bench_prune.PEER_METHODS else [])
+            tools = ["spp"] + (["llmcompressor"] if peer_python and method in PEER_METHODS else [])
             by_tool = {}
             for tool in tools:
                 weights = scratch / f"{method}-{pattern.replace(':', 'of')}-{tool}.safetensors"
-                run = bench_prune.run_matched(tool, model_dir, method, calibration, weights, peer_python, run_args,
+                run = run_matched(tool, model_dir, method, calibration, weights, peer_python, run_args,
                                               log, forward_baseline=False)
-                run["sparsity"] = bench_prune.check_sparsity(bench_prune.read_linears(weights), run_args.pattern_spec)
+                run["sparsity"] = check_sparsity(read_linears(weights), run_args.pattern_spec)
                 if tool == "llmcompressor":
                     run["solve_seconds"] = peer_compress_seconds(log)
                 by_tool[tool] = weights
@@ -131,8 +133,8 @@ def prune_all(model_dir: Path, calibration: Path, scratch: Path, peer_python: Pa
                              "weights": str(weights), "prune": run})
                 print(f"{method} {pattern} {tool}: process {run['process_seconds']} s", flush=True)
             if len(by_tool) == 2:
-                rows[-1]["spp_vs_peer"] = bench_prune.compare_weights(
-                    bench_prune.read_linears(by_tool["spp"]), bench_prune.read_linears(by_tool["llmcompressor"]))
+                rows[-1]["spp_vs_peer"] = compare_weights(
+                    read_linears(by_tool["spp"]), read_linears(by_tool["llmcompressor"]))
     return rows
 
 
@@ -248,8 +250,16 @@ def recover(parent: Path, scratch: Path, method: str, args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+SMOKE = {"nsamples": 2, "seqlen": 32, "eval_windows": 1, "limit": 1, "zeroshot_rows": "none", "steps": 1,
+         "batch_size": 1, "micro_batch_size": 1, "train_seqlen": 32, "recovery_methods": "spp", "methods": "wanda",
+         "patterns": "2:4"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, checked; --smoke's sizes applied (and the shipped tiny model as the model)."""
     args = build_parser().parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE, model_dir=str(common.TINY_DIR))
     unknown = set(args.patterns.split(",")) - set(PATTERNS) | set(args.methods.split(",")) - set(METHODS)
     unknown |= set(args.recovery_methods.split(",")) - set(RECOVERY_METHODS)
     if unknown:
@@ -258,158 +268,99 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_recovery and ("2:4" not in args.patterns.split(",") or "wanda" not in args.methods.split(",")):
         raise SystemExit("the recovery starts from spp's Wanda 2:4 model: include 2:4 and wanda, "
                          "or pass --skip-recovery")
+    args.out = args.out or common.default_out("real_model", args.smoke)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.table:
         print(markdown_table(json.loads(Path(args.table).read_text())))
         return
     os.environ.update(OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY=args.omp_wait_policy,
                       TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     import torch
-    from safetensors.torch import save_file
-
-    from spp_cli.data.sources import calibration_windows
 
     torch.set_num_threads(args.threads)
     started, load_at_start = time.time(), os.getloadavg()
     model_dir = Path(args.model_dir)
     build = ensure_model(model_dir)
-    peer_python = None if args.skip_peer else (
-        Path(args.peer_python) if args.peer_python else bench_prune.ensure_peer_venv(REPO / args.peer_venv))
+    peer_python = None if args.skip_peer else common.find_peer_python(args.peer_python, args.peer_venv, args.smoke)
     report = {
         "benchmark": "real pretrained model: spp vs llm-compressor pruning, every recovery method",
         "model": {"directory": str(model_dir), "build": build,
                   "config": json.loads((model_dir / "config.json").read_text())},
-        "sizes": {key: getattr(args, key) for key in SIZE_OPTIONS},
+        "sizes": {key: getattr(args, key) for key in SIZE_OPTIONS}, "smoke": args.smoke,
+        "peer": "llmcompressor" if peer_python else "skipped",
         "rows": [], "recovery": None, "layer_check": None,
     }
     with tempfile.TemporaryDirectory(prefix="bench-real-", dir=args.work_dir) as scratch_name:
-        scratch = Path(scratch_name)
-        from spp_cli.checkpoint import load_model
-
-        _, tokenizer = load_model(str(model_dir))
-        c4 = str(Path(args.data_dir) / C4_FILE)
-        calibration_ids = calibration_windows(tokenizer, c4, args.nsamples, args.seqlen, seed=0)
-        calibration = scratch / "calibration.safetensors"
-        save_file({"input_ids": calibration_ids.contiguous()}, calibration)
-        report["calibration"] = {"source": c4, "shape": list(calibration_ids.shape), "seed": 0,
-                                 "drawn_by": "spp_cli.data.sources.calibration_windows, once, for both tools"}
-
-        rows = prune_all(model_dir, calibration, scratch, peer_python, args)
-        evaluator = Evaluator(model_dir, args)
-        report["rows"].append({"label": "dense", "tool": None, "eval": evaluator.evaluate(None)})
-        write(report, args.out)
-        from safetensors.torch import load_file
-
-        for row in rows:
-            zeroshot = {"all": True, "spp": row["tool"] == "spp",
-                        "recovery": (row["method"], row["pattern"], row["tool"]) == ("wanda", "2:4", "spp")}
-            row["eval"] = evaluator.evaluate(load_file(row["weights"]), zeroshot[args.zeroshot_rows])
-            report["rows"].append(row)
-            print(f"{row['label']} {row['tool']}: ppl {row['eval']['wikitext2_ppl']} mean acc "
-                  f"{row['eval']['mean_acc_8']}", flush=True)
-            write(report, args.out)
-
-        import bench_real_layer_check
-
-        report["layer_check"] = bench_real_layer_check.block0_check(
-            model_dir, calibration_ids, {(row["method"], row["pattern"], row["tool"]): Path(row["weights"])
-                                         for row in rows if row["method"] != "magnitude"})
-        write(report, args.out)
-
-        if not args.skip_recovery:
-            spp_wanda = next(row for row in rows
-                             if (row["method"], row["pattern"], row["tool"]) == ("wanda", "2:4", "spp"))
-            parent = save_pruned_parent(model_dir, Path(spp_wanda["weights"]), scratch / "wanda-2of4-spp",
-                                        f"{c4} ({args.nsamples} x {args.seqlen}, seed 0)")
-            report["recovery"] = {}
-            dense, pruned = report["rows"][0]["eval"]["wikitext2_ppl"], spp_wanda["eval"]["wikitext2_ppl"]
-            for method in args.recovery_methods.split(","):  # each scored and written as it finishes
-                result = report["recovery"][method] = recover(parent, scratch, method, args)
-                weights = read_decoder_linears(Path(result["directory"]), set(evaluator.dense_linears))
-                result["eval"] = evaluator.evaluate(weights)
-                result["gap_recovered"] = round((pruned - result["eval"]["wikitext2_ppl"]) / (pruned - dense), 4)
-                write(report, args.out)
+        run_all(model_dir, Path(scratch_name), peer_python, args, report)
     for row in report["rows"]:
         row.pop("weights", None)
     report["targets"] = targets(report)
-    report["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                         "torch": torch.__version__, "loadavg_at_start": [round(x, 2) for x in load_at_start],
-                         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+    report["machine"] = common.machine_info(loadavg_at_start=[round(x, 2) for x in load_at_start])
     report["wall_seconds"] = round(time.time() - started, 1)
     write(report, args.out)
 
 
-def targets(report: dict) -> dict:
-    """The issue's targets, measured (never tuned to)."""
-    ppl = {(row.get("method", "dense"), row.get("pattern"), row["tool"]): row["eval"]["wikitext2_ppl"]
-           for row in report["rows"]}
-    found = {}
-    for pattern in PATTERNS:
-        for method in bench_prune.PEER_METHODS:
-            ours, theirs = ppl.get((method, pattern, "spp")), ppl.get((method, pattern, "llmcompressor"))
-            if ours and theirs:
-                found[f"{method} {pattern}: spp ppl within 0.5% of llm-compressor's"] = {
-                    "relative_difference": round(ours / theirs - 1, 5), "met": abs(ours / theirs - 1) <= 0.005}
-            magnitude = ppl.get(("magnitude", pattern, "spp"))
-            if ours and magnitude:
-                found[f"{method} {pattern}: better than magnitude"] = {"ppl": ours, "magnitude": magnitude,
-                                                                       "met": ours < magnitude}
-    recovery = report.get("recovery")
-    if recovery and "spp" in recovery:
-        found["SPP lowers the Wanda 2:4 ppl"] = {"met": recovery["spp"]["gap_recovered"] > 0,
-                                                 "gap_recovered": recovery["spp"]["gap_recovered"]}
-        found["SPP keeps every zero (spp verify)"] = {"met": recovery["spp"]["verify"]["ok"]
-                                                      and recovery["spp"]["verify"]["lost_zeros"] == 0}
-    return found
+def run_all(model_dir: Path, scratch: Path, peer_python: Path | None, args, report: dict) -> None:
+    """Calibrate, prune every row, evaluate it, check block 0 against the references, recover; `report` filled
+    in and written as each part finishes."""
+    from safetensors.torch import load_file, save_file
+
+    from benchmarks.real_layer_check import block0_check
+    from spp_cli.checkpoint import load_model
+    from spp_cli.data.sources import calibration_windows
+
+    _, tokenizer = load_model(str(model_dir))
+    c4 = str(Path(args.data_dir) / C4_FILE)
+    calibration_ids = calibration_windows(tokenizer, c4, args.nsamples, args.seqlen, seed=0)
+    calibration = scratch / "calibration.safetensors"
+    save_file({"input_ids": calibration_ids.contiguous()}, calibration)
+    report["calibration"] = {"source": c4, "shape": list(calibration_ids.shape), "seed": 0,
+                             "drawn_by": "spp_cli.data.sources.calibration_windows, once, for both tools"}
+
+    rows = prune_all(model_dir, calibration, scratch, peer_python, args)
+    evaluator = Evaluator(model_dir, args)
+    zeroshot_dense = args.zeroshot_rows != "none"
+    report["rows"].append({"label": "dense", "tool": None, "eval": evaluator.evaluate(None, zeroshot_dense)})
+    write(report, args.out)
+    for row in rows:
+        zeroshot = {"all": True, "spp": row["tool"] == "spp", "none": False,
+                    "recovery": (row["method"], row["pattern"], row["tool"]) == ("wanda", "2:4", "spp")}
+        row["eval"] = evaluator.evaluate(load_file(row["weights"]), zeroshot[args.zeroshot_rows])
+        report["rows"].append(row)
+        print(f"{row['label']} {row['tool']}: ppl {row['eval']['wikitext2_ppl']} mean acc "
+              f"{row['eval']['mean_acc_8']}", flush=True)
+        write(report, args.out)
+
+    report["layer_check"] = block0_check(
+        model_dir, calibration_ids, {(row["method"], row["pattern"], row["tool"]): Path(row["weights"])
+                                     for row in rows if row["method"] != "magnitude"})
+    write(report, args.out)
+    if not args.skip_recovery:
+        recover_all(model_dir, rows, evaluator, scratch, c4, args, report)
 
 
-def markdown_table(report: dict) -> str:
-    """The README table of a report: one line per (method, pattern), spp and llm-compressor side by side."""
-    def cell(row, key):
-        if row is None:
-            return ""
-        value = row["eval"][key]
-        return "–" if value is None else f"{value:.2f}" if key == "wikitext2_ppl" else f"{value:.3f}"
-
-    def seconds(row):
-        return "" if row is None else f"{row['prune']['process_seconds']:.0f}"
-
-    by_key = {(row.get("method"), row.get("pattern"), row["tool"]): row for row in report["rows"]}
-    dense = by_key[(None, None, None)]
-    lines = ["| model | ppl spp | ppl llm-compressor | mean acc spp | mean acc llm-compressor | "
-             "prune s spp | prune s llm-compressor |", "|---|---|---|---|---|---|---|",
-             f"| dense | {cell(dense, 'wikitext2_ppl')} | | {cell(dense, 'mean_acc_8')} | | | |"]
-    for pattern in PATTERNS:
-        for method in METHODS:
-            ours, theirs = by_key.get((method, pattern, "spp")), by_key.get((method, pattern, "llmcompressor"))
-            lines.append(f"| {method} {pattern} | {cell(ours, 'wikitext2_ppl')} | {cell(theirs, 'wikitext2_ppl')} | "
-                         f"{cell(ours, 'mean_acc_8')} | {cell(theirs, 'mean_acc_8')} | {seconds(ours)} | "
-                         f"{seconds(theirs) or 'n/a'} |")
-    recovery = report.get("recovery")
-    return "\n".join(lines) + ("\n\n" + recovery_table(report) if recovery else "")
-
-
-def recovery_table(report: dict) -> str:
-    """One line per recovery method of spp's Wanda 2:4 model, as `spp report`'s recovery table."""
-    lines = [f"| Wanda 2:4 + method ({report['sizes']['steps']} steps) | lr | trainable params | zeros kept "
-             "(spp verify) | s/step | memory MB | wikitext2 ppl | % of gap recovered | mean acc |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for method, result in report["recovery"].items():
-        verify = result["verify"]
-        zeros = "no (dense after merge)" if verify["dense"] else (
-            f"yes ({verify['lost_zeros']} lost)" if verify["ok"] else f"NO ({verify['lost_zeros']} lost)")
-        acc = result["eval"]["mean_acc_8"]
-        step, memory = result.get("seconds_per_step"), result.get("peak_memory_mb")
-        lines.append(f"| {method} | {result['lr']:g} | {result['trainable_params']:,} | {zeros} | "
-                     f"{'-' if step is None else f'{step:.2f}'} | {'-' if memory is None else f'{memory:.0f}'} | "
-                     f"{result['eval']['wikitext2_ppl']:.2f} | {100 * result['gap_recovered']:.1f} | "
-                     f"{'–' if acc is None else f'{acc:.3f}'} |")
-    return "\n".join(lines)
+def recover_all(model_dir: Path, rows: list[dict], evaluator: Evaluator, scratch: Path, c4: str, args,
+                report: dict) -> None:
+    """Every --recovery-methods on spp's Wanda 2:4 model, each scored and written as it finishes."""
+    spp_wanda = next(row for row in rows if (row["method"], row["pattern"], row["tool"]) == ("wanda", "2:4", "spp"))
+    parent = save_pruned_parent(model_dir, Path(spp_wanda["weights"]), scratch / "wanda-2of4-spp",
+                                f"{c4} ({args.nsamples} x {args.seqlen}, seed 0)")
+    report["recovery"] = {}
+    dense, pruned = report["rows"][0]["eval"]["wikitext2_ppl"], spp_wanda["eval"]["wikitext2_ppl"]
+    for method in args.recovery_methods.split(","):
+        result = report["recovery"][method] = recover(parent, scratch, method, args)
+        weights = read_decoder_linears(Path(result["directory"]), set(evaluator.dense_linears))
+        result["eval"] = evaluator.evaluate(weights, args.zeroshot_rows != "none")
+        result["gap_recovered"] = round((pruned - result["eval"]["wikitext2_ppl"]) / (pruned - dense), 4)
+        write(report, args.out)
 
 
 def write(report: dict, out: str) -> None:
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    common.write_json(report, out, announce=False)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ model: on CUDA with torch.cuda.max_memory_allocated; on CPU as the rise of peak 
 /proc/self/clear_refs) over the resident model + optimizer during one step, with glibc told to mmap every
 allocation >= 64 KiB (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave RSS at once.
 
-    OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_finetune.py --out bench_out/finetune.json
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.finetune --out benchmarks/results/finetune.json
+
+--smoke: a 2-block hidden-64 model, one round of one 1 x 16 batch, every variant; the peak memory measured in this
+process (no child per variant).
 """
 
 from __future__ import annotations
@@ -26,32 +29,32 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common
 
 VARIANTS = ("lora", "naive", "recompute", "fused", "masked-lora", "masked-lora-d0", "ia3", "masked-full")
 # built through the adapter interface: variant -> (method, options other than its defaults)
 ADAPTER_METHODS = {"masked-lora": ("masked-lora", {}), "masked-lora-d0": ("masked-lora", {"dropout": 0.0}),
                    "ia3": ("ia3", {}), "masked-full": ("masked-full", {})}
 MODELS = {
-    # name: LlamaConfig kwargs (random init, magnitude-pruned to 50% per matrix before timing)
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=2048),
-    "h1024": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
-                  num_key_value_heads=16, vocab_size=32000),
+    # name: (common.LLAMA_SHAPES shape, overrides); random init, magnitude-pruned to 50% per matrix before timing
+    "small": ("h256", dict(max_position_embeddings=1024)),
+    "h1024": ("h1024", dict(num_hidden_layers=4, max_position_embeddings=1024)),
+    "smoke": ("h64", dict(vocab_size=256, max_position_embeddings=1024)),
 }
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build_model(name: str, device: str) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def model_config(name: str) -> dict:
+    shape, overrides = MODELS[name]
+    return {**common.LLAMA_SHAPES[shape], **overrides}
 
-    torch.manual_seed(0)
-    config = LlamaConfig(max_position_embeddings=1024, **MODELS[name])
-    model = LlamaForCausalLM(config).to(device)
+
+def build_model(name: str, device: str) -> torch.nn.Module:
+    shape, overrides = MODELS[name]
+    model = common.random_llama(shape, **overrides).to(device)
     with torch.no_grad():  # 50% magnitude mask per matrix, so the adapters see a real zero set
         for module_name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and module_name.endswith(TARGETS):
@@ -124,13 +127,6 @@ def time_variants(name: str, variants, batch_shape, rounds: int, device: str) ->
                 "trainable_params": trainable[v]} for v, s in seconds.items()}
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_memory(name: str, variant: str, batch_shape, device: str) -> dict:
     """Peak memory of one step above the resident model + optimizer state (run in a fresh child)."""
     base = build_model(name, device)
@@ -148,24 +144,56 @@ def peak_memory(name: str, variant: str, batch_shape, device: str) -> dict:
         torch.cuda.synchronize()
         return {"peak_step_bytes": torch.cuda.max_memory_allocated() - resident, "resident_bytes": resident,
                 "method": "torch.cuda.max_memory_allocated - memory_allocated"}
-    resident = _rss_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    resident = common.process_status_kib("VmRSS")
+    common.reset_peak_rss()  # VmHWM back to the current RSS
     train_step(model, optimizer, batch, after_step)
-    return {"peak_step_bytes": (_rss_kib("VmHWM") - resident) * 1024, "resident_bytes": resident * 1024,
+    return {"peak_step_bytes": int(common.process_status_kib("VmHWM") - resident) * 1024,
+            "resident_bytes": int(resident) * 1024,
             "method": "VmHWM - VmRSS, MALLOC_MMAP_THRESHOLD_=65536"}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench_out/finetune.json")
-    parser.add_argument("--models", default="small,h1024")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/finetune.json")
+    parser.add_argument("--models", default="small,h1024", help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--smoke", action="store_true", help="seconds: the hidden-64 model, one 1 x 16 step")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def measure_model(name: str, variants: list[str], batch_shape: tuple, args) -> dict:
+    """Step times of every variant on one model, then each one's peak step memory (a fresh child per variant,
+    in this process with --smoke), and the ratios to LoRA."""
+    timing = time_variants(name, variants, batch_shape, args.rounds, args.device)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    for variant in variants:
+        if args.smoke:
+            timing[variant].update(peak_memory(name, variant, batch_shape, args.device))
+            continue
+        child = subprocess.run(
+            [sys.executable, "-m", "benchmarks.finetune", "--memory-child", name, variant, "--batch",
+             str(args.batch), "--seqlen", str(args.seqlen), "--device", args.device],
+            capture_output=True, text=True, env=env, check=True, cwd=common.REPO)
+        timing[variant].update(json.loads(child.stdout.strip().splitlines()[-1]))
+    if "lora" in timing:
+        lora = timing["lora"]
+        for row in timing.values():
+            row["step_ratio_vs_lora"] = round(row["step_seconds_median"] / lora["step_seconds_median"], 3)
+            row["memory_ratio_vs_lora"] = (round(row["peak_step_bytes"] / lora["peak_step_bytes"], 3)
+                                           if lora["peak_step_bytes"] > 0 else None)
+    return {"config": model_config(name), "variants": timing}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.rounds, args.batch, args.seqlen = "smoke", 1, 1, 16
     batch_shape = (args.batch, args.seqlen)
     if args.memory_child:
         print(json.dumps(peak_memory(*args.memory_child, batch_shape, args.device)))
@@ -173,29 +201,14 @@ def main() -> None:
 
     variants = args.variants.split(",")
     load_before = os.getloadavg()
-    results = {}
-    for name in args.models.split(","):
-        timing = time_variants(name, variants, batch_shape, args.rounds, args.device)
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        for variant in variants:
-            child = subprocess.run(
-                [sys.executable, __file__, "--memory-child", name, variant, "--batch", str(args.batch),
-                 "--seqlen", str(args.seqlen), "--device", args.device],
-                capture_output=True, text=True, env=env, check=True)
-            timing[variant].update(json.loads(child.stdout.strip().splitlines()[-1]))
-        if "lora" in timing:
-            lora = timing["lora"]
-            for row in timing.values():
-                row["step_ratio_vs_lora"] = round(row["step_seconds_median"] / lora["step_seconds_median"], 3)
-                row["memory_ratio_vs_lora"] = round(row["peak_step_bytes"] / lora["peak_step_bytes"], 3)
-        results[name] = {"config": MODELS[name], "variants": timing}
+    results = {name: measure_model(name, variants, batch_shape, args) for name in args.models.split(",")}
 
     from spp_cli.adapters.spp import FAITHFUL_DEFAULT
 
     report = {
         "benchmark": "every recovery method vs PEFT LoRA r=8 training step (forward+backward+AdamW), same targets, "
                      "same batch",
-        "batch": list(batch_shape), "rounds": args.rounds, "device": args.device,
+        "batch": list(batch_shape), "rounds": args.rounds, "device": args.device, "smoke": args.smoke,
         "dtype": "float32", "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
@@ -206,14 +219,13 @@ def main() -> None:
                                                           "ia3": {"step": 1.0}},
         "models": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    common.write_json(report, args.out or common.default_out("finetune", args.smoke))
     for name, result in results.items():
         for variant, row in result["variants"].items():
+            memory_ratio = row.get("memory_ratio_vs_lora")
             print(f"{name:6s} {variant:10s} step {row['step_seconds_median']:.4f}s "
                   f"x{row.get('step_ratio_vs_lora', float('nan')):.2f}  peak {row['peak_step_bytes'] / 2**20:.1f} MiB "
-                  f"x{row.get('memory_ratio_vs_lora', float('nan')):.2f}")
+                  f"x{float('nan') if memory_ratio is None else memory_ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -6,23 +6,23 @@ observed: spp's default and llm-compressor's sequential pipeline). So for every 
 mask and weights can be computed from those very inputs and each tool's result compared with them:
   Wanda      |W_ij| * sqrt(scaler_row_j), scaler_row the running mean over sequences of sum_t x_tj^2 (Wanda's
              WrappedGPT); per row the int(c/2) smallest (stable sort), or per group of 4 the 2 smallest (topk)
-  SparseGPT  tests/pruners/test_pruners_layer.py's column-by-column transcription of the reference `fasterprune`
+  SparseGPT  benchmarks/reference.py's column-by-column transcription of the reference `fasterprune`
              (blocksize 128, 1% damping) on the reference Hessian (the per-sequence running sum, fp32)
 Reported per (method, pattern, tool): the fraction of mask entries equal to the reference's, the weights' relative
 Frobenius distance to the reference's (reference rounded to the model dtype), and the relative output error
 ||(W' - W) X|| / ||W X|| on the first 2048 calibration tokens for the tool and for the reference.
 
-Used by scripts/bench_real_model.py; runs in spp's venv.
+Used by benchmarks/real_model.py (whose --smoke runs it too); runs in spp's venv.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.reference import reference_fasterprune, reference_hessian, reference_wanda
+
 ERROR_TOKENS = 2048  # tokens of X used for the output error (enough for a stable ratio, cheap on two cores)
 
 
@@ -59,32 +59,7 @@ def capture_block0_inputs(model, calibration_ids: torch.Tensor) -> dict[str, tor
     return {name: torch.cat(chunks) for name, chunks in captured.items()}  # (nsamples, seqlen, c)
 
 
-def reference_wanda(weight: torch.Tensor, inputs: torch.Tensor, nm: tuple[int, int] | None) -> torch.Tensor:
-    """Wanda's reference (lib/prune.py prune_wanda, default path): the pruned weight (rows, cols)."""
-    scaler_row, nsamples = torch.zeros(inputs.shape[-1]), 0
-    for sample in inputs:  # WrappedGPT.add_batch, one sequence per call
-        scaler_row *= nsamples / (nsamples + 1)
-        nsamples += 1
-        scaler_row += torch.norm(sample.float(), p=2, dim=0) ** 2 / nsamples
-    metric = weight.float().abs() * torch.sqrt(scaler_row.reshape(1, -1))
-    mask = torch.zeros_like(metric, dtype=torch.bool)
-    if nm is None:
-        order = torch.sort(metric, dim=-1, stable=True)[1]
-        mask.scatter_(1, order[:, : int(metric.shape[1] * 0.5)], True)
-    else:
-        n, m = nm
-        for start in range(0, metric.shape[1], m):
-            group = metric[:, start:start + m]
-            mask.scatter_(1, start + torch.topk(group, n, dim=1, largest=False)[1], True)
-    pruned = weight.float().clone()
-    pruned[mask] = 0
-    return pruned
-
-
 def reference_sparsegpt(weight: torch.Tensor, inputs: torch.Tensor, nm: tuple[int, int] | None) -> torch.Tensor:
-    sys.path.insert(0, str(REPO / "tests" / "pruners"))
-    from test_pruners_layer import reference_fasterprune, reference_hessian
-
     n, m = nm or (0, 0)
     pruned, _ = reference_fasterprune(weight, reference_hessian(inputs), 0.5, prunen=n, prunem=m)
     return pruned
