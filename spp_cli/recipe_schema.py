@@ -113,6 +113,13 @@ class Stage:
     """Keys every stage has. After loading, `input` is "dense", an earlier stage's name, or a path / hub id."""
 
     TYPE: ClassVar[str] = ""
+    # What decides a stage's result is recorded (spp.json's or results.json's "config") and fingerprinted, by one
+    # rule for every stage (`recorded_options`): every key but the command keys (name, input: the parent counts by
+    # its manifest) and NOT_RECORDED (what does not change the result); each key of RECORDED_WHEN_SET, with the keys
+    # that only mean something then, only when it is not its default (so the fingerprints of runs made before that
+    # key existed stay what they were).
+    NOT_RECORDED: ClassVar[tuple[str, ...]] = ()
+    RECORDED_WHEN_SET: ClassVar[dict[str, tuple[str, ...]]] = {}
     name: str = _key(
         "", text="a name of letters, digits, _ and - (the folder <output_dir>/<name>)", default_text="its type"
     )
@@ -127,6 +134,17 @@ class Stage:
         """Every key a stage function takes as a keyword (all but the recipe's name and input)."""
         return {f.name: getattr(self, f.name) for f in schema_fields(type(self)) if f.name not in COMMAND_KEYS}
 
+    def recorded_options(self) -> dict[str, Any]:
+        """The options that decide the result, in schema order, by the rule above NOT_RECORDED."""
+        optional = {key for key, companions in self.RECORDED_WHEN_SET.items() for key in (key, *companions)}
+        recorded = {f.name: getattr(self, f.name) for f in schema_fields(type(self))
+                    if f.name not in (*COMMAND_KEYS, *self.NOT_RECORDED) and f.name not in optional}
+        defaults = {f.name: f.default for f in schema_fields(type(self))}
+        for key, companions in self.RECORDED_WHEN_SET.items():
+            if getattr(self, key) != defaults[key]:
+                recorded |= {name: getattr(self, name) for name in (key, *companions)}
+        return recorded
+
     def reads(self) -> list[str]:
         """The models this stage reads: "dense", stage names, paths or hub ids."""
         return [self.input] if self.input is not None else []
@@ -138,6 +156,10 @@ class Stage:
 @dataclass
 class PruneStage(Stage):
     """One-shot pruning (`spp prune`)."""
+
+    NOT_RECORDED: ClassVar[tuple[str, ...]] = ("streaming", "device")  # both paths write the same bytes
+    RECORDED_WHEN_SET: ClassVar[dict[str, tuple[str, ...]]] = {
+        "sparsity_profile": ("owl_threshold", "owl_lambda"), "refine": (), "min_expert_tokens": ()}
 
     TYPE: ClassVar[str] = "prune"
     method: str = _key(required=True, choices=PRUNE_METHODS, help="Pruning algorithm.")
@@ -223,6 +245,7 @@ class FinetuneStage(Stage):
     """Sparsity-preserving fine-tuning (`spp finetune`)."""
 
     TYPE: ClassVar[str] = "finetune"
+    NOT_RECORDED: ClassVar[tuple[str, ...]] = ("report_to", "logging_steps", "save_steps", "device")  # logs, saves
     method: str = _key(
         "spp", choices=FINETUNE_METHODS,
         help="Recovery method: spp, masked-lora, ia3, masked-full keep every zero; lora is the dense baseline.",
@@ -312,6 +335,7 @@ class EvalStage(Stage):
     """Perplexity and zero-shot evaluation (`spp eval`) of one or more models."""
 
     TYPE: ClassVar[str] = "eval"
+    NOT_RECORDED: ClassVar[tuple[str, ...]] = ("models", "device")  # the models count as the parents
     models: list[str] | None = _key(
         None,
         "list",

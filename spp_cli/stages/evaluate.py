@@ -83,7 +83,7 @@ def evaluate_models(
     out = Path(out)
     check_inputs(stage, models, out, allow_pickle, trust_remote_code)
     manifests = {name: checkpoint.model_manifest(path) for name, path in models.items()}
-    config = result_options(stage)
+    config = stage.recorded_options()  # results.json's "config" and the fingerprint
     stage_fingerprint = fingerprint(config, json.dumps(parent_identities(models, manifests), sort_keys=True))
     if existing_output(out, stage_fingerprint, overwrite):
         return finished_result(out)
@@ -104,12 +104,6 @@ def check_inputs(stage: EvalStage, models: dict[str, str], out: Path, allow_pick
     """Every check before the first model loads: the stage's preflight, then where the results go."""
     preflight.check_eval(stage, models, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     check_results_path(out, [checkpoint.resolve_model_path(path) for path in models.values()])
-
-
-def result_options(stage: EvalStage) -> dict:
-    """What decides the results (results.json's "config" and the fingerprint): every option but the models
-    (they are the parents) and the device."""
-    return {key: value for key, value in stage.command_options().items() if key not in ("models", "device")}
 
 
 def parent_identities(models: dict[str, str], manifests: dict[str, dict | None]) -> dict[str, str]:

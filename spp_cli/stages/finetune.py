@@ -31,11 +31,8 @@ from spp_cli.errors import BadInput, CheckFailed
 from spp_cli.events import Listener, notify
 from spp_cli.manifest import layers_record, stage_manifest, zeros_sha256
 from spp_cli.outputs import check_output_path, existing_output, fingerprint
-from spp_cli.recipe_schema import COMMAND_KEYS, FinetuneStage, schema_fields
+from spp_cli.recipe_schema import FinetuneStage
 
-# what does not decide the result: where and how often it logs and saves
-NOT_FINGERPRINTED = ("device", "report_to", "logging_steps", "save_steps")
-STAGE_OPTIONS = tuple(f.name for f in schema_fields(FinetuneStage) if f.name not in COMMAND_KEYS)
 RUN_RECORD = "run.json"  # in OUT/adapter/: resumed_from, step seconds, peak memory (not hashed)
 
 
@@ -47,12 +44,12 @@ def _compute_dtype(dtype: str, device: str) -> str:
 
 
 def fingerprinted_options(options: FinetuneStage, precision: str) -> dict:
-    """What decides the result: every training option (method options resolved to the method's defaults,
-    unread ones left out), the fixed training constants and the precision training actually runs in."""
+    """What decides the result: the schema's recorded options (Stage.NOT_RECORDED; method options resolved to the
+    method's defaults, unread ones left out), the fixed training constants and the precision training runs in."""
     from spp_cli.trainer import TRAINING_CONSTANTS, learning_rate
 
     values = dataclasses.asdict(options)
-    general = {key: values[key] for key in STAGE_OPTIONS if key not in NOT_FINGERPRINTED + METHOD_OPTIONS}
+    general = {key: value for key, value in options.recorded_options().items() if key not in METHOD_OPTIONS}
     return {
         **general,
         "lr": learning_rate(options),

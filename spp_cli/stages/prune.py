@@ -23,16 +23,6 @@ from spp_cli.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.recipe import validate_options
 from spp_cli.recipe_schema import PruneStage
 
-# spp.json's "config" (and so the fingerprint) holds the validated options by one rule: RECORDED always (sparsity
-# and pattern as parsed, calib and nsamples None when no calibration data is read); each key of RECORDED_WHEN_SET,
-# with the options that only mean something then, only when it is not the schema's default, so the manifests and
-# fingerprints of runs made before those options existed stay what they were. NOT_RECORDED: where the output goes
-# (name, input: the parent is fingerprinted by its manifest), streaming (both paths write the same bytes), device.
-# A new PruneStage key goes in one of the three (tests/stages/test_prune_stage.py checks).
-RECORDED = ("method", "sparsity", "pattern", "calib", "nsamples", "seqlen", "seed", "targets", "ignore",
-            "use_variant", "true_sequential", "dtype")
-RECORDED_WHEN_SET = {"sparsity_profile": ("owl_threshold", "owl_lambda"), "refine": (), "min_expert_tokens": ()}
-NOT_RECORDED = ("name", "input", "streaming", "device")
 CALIBRATION_KEYS = ("calib", "nsamples")
 
 
@@ -230,16 +220,11 @@ def needs_calibration(stage: PruneStage) -> bool:
 
 
 def recorded_options(stage: PruneStage, pattern) -> dict:
-    """spp.json's "config" before the model is loaded (seqlen as given), by the rule above RECORDED."""
-    defaults = {f.name: f.default for f in dataclasses.fields(PruneStage)}
-    values = {**{f.name: getattr(stage, f.name) for f in dataclasses.fields(PruneStage)},
-              "sparsity": pattern.sparsity, "pattern": str(pattern)}
+    """spp.json's "config" before the model is loaded (seqlen as given): the schema's rule (Stage.NOT_RECORDED),
+    with sparsity and pattern as parsed, and calib and nsamples None when no calibration data is read."""
+    config = stage.recorded_options() | {"sparsity": pattern.sparsity, "pattern": str(pattern)}
     if not needs_calibration(stage):
-        values |= dict.fromkeys(CALIBRATION_KEYS)
-    config = {key: values[key] for key in RECORDED}
-    for key, companions in RECORDED_WHEN_SET.items():
-        if values[key] != defaults[key]:
-            config |= {name: values[name] for name in (key, *companions)}
+        config |= dict.fromkeys(CALIBRATION_KEYS)
     return config
 
 

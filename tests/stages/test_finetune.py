@@ -10,7 +10,8 @@ from tiny_models import ALPACA
 
 from spp_cli.adapters import METHODS, REGISTRY
 from spp_cli.errors import BadInput
-from spp_cli.stages.finetune import STAGE_OPTIONS, finetune
+from spp_cli.recipe_schema import FinetuneStage, schema_fields
+from spp_cli.stages.finetune import finetune
 from spp_cli.stages.merge import merge_adapter
 from spp_cli.stages.prune import prune
 from spp_cli.stages.verify import verify_checkpoint
@@ -78,7 +79,8 @@ def test_bad_method_options_fail_before_loading(options, message, tmp_path):
 
 
 def test_the_stage_takes_every_schema_field_as_a_keyword(tmp_path):
-    assert {"data", "method", "lr", "lora_r", "lora_alpha", "save_steps", "logging_steps"} <= set(STAGE_OPTIONS)
+    keys = {f.name for f in schema_fields(FinetuneStage)}
+    assert {"data", "method", "lr", "lora_r", "lora_alpha", "save_steps", "logging_steps"} <= keys
     with pytest.raises(BadInput, match="unknown finetune option 'learning_rate'; did you mean 'lr'"):
         finetune("m", tmp_path / "out", learning_rate=1e-3, **TINY)
 
