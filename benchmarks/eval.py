@@ -76,8 +76,8 @@ def accuracies(results: dict) -> dict[str, float]:
 
 def time_spp_in_process(model_path: str, tasks: list[str], args, report: dict) -> None:
     """spp's own numbers, in this process: model load, wikitext2 token perplexity, the bundle, each other BOS rule."""
-    from spp_cli.checkpoint import load_model
     from spp_cli.eval.engine import evaluate
+    from spp_cli.io.checkpoint import load_model
 
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import transformers
 
-    from spp_cli.checkpoint import resolve_model_path
     from spp_cli.eval.zeroshot import BUNDLE_TASKS
+    from spp_cli.io.checkpoint import resolve_model_path
 
     model_path = str(Path(resolve_model_path(args.model)).resolve())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -75,7 +75,7 @@ def adapt(base: torch.nn.Module, variant: str):
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets))
     elif variant in ADAPTER_METHODS:
         from spp_cli.adapters import adapter_class
-        from spp_cli.recipe_schema import FinetuneStage
+        from spp_cli.recipe.schema import FinetuneStage
 
         method, options = ADAPTER_METHODS[variant]
         adapter = adapter_class(method).from_options(FinetuneStage(data="unused", method=method, **options))

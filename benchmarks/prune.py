@@ -94,7 +94,7 @@ def _load(spec: str):
     """(model, tokenizer or None) for RANDOM_LLAMA, builtin:NAME or a local directory."""
     if spec == RANDOM_LLAMA:
         return common.random_llama("h1024", attn_implementation="sdpa"), None
-    from spp_cli.checkpoint import load_model
+    from spp_cli.io.checkpoint import load_model
 
     return load_model(spec)
 

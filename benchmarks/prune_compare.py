@@ -72,8 +72,8 @@ def perplexities(model_dir: Path, results: dict[str, Path], seqlen: int, data_di
     (the first `max_windows` windows of each; None: all)."""
     from safetensors.torch import load_file
 
-    from spp_cli.checkpoint import load_model
     from spp_cli.eval.perplexity import perplexity_stream, token_perplexity
+    from spp_cli.io.checkpoint import load_model
 
     model, tokenizer = load_model(str(model_dir))
     streams = {task: perplexity_stream(task, tokenizer, seqlen, data_dir)[0] for task in PERPLEXITY_STREAMS}

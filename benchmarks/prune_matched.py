@@ -26,7 +26,7 @@ def run_matched_worker(args, started: float) -> None:
 
     from pruners import parse_pattern
     from pruners.sequential import PruneOptions, prunable_linears, prune_model
-    from spp_cli.checkpoint import load_model
+    from spp_cli.io.checkpoint import load_model
 
     imported = time.time()
     # what `spp prune` does (from_pretrained, dtype auto, safetensors only) but without the tokenizer: like the

@@ -199,8 +199,8 @@ def prepare_models(args, scratch: Path) -> tuple[list[tuple], object]:
     """The --peer-models as (label, directory, repeats, evaluate, calibration file), and the tiny model's windows."""
     from safetensors.torch import save_file
 
-    from spp_cli.checkpoint import load_model
     from spp_cli.data.sources import calibration_windows
+    from spp_cli.io.checkpoint import load_model
 
     def windows_file(tokenizer, path: Path):
         ids = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, seed=0)

@@ -104,7 +104,7 @@ def block0_check(model_dir: Path, calibration_ids: torch.Tensor, weights_files: 
     """
     from safetensors.torch import load_file
 
-    from spp_cli.checkpoint import load_model
+    from spp_cli.io.checkpoint import load_model
 
     model, _ = load_model(str(model_dir), with_tokenizer=False)  # the stored dtype, which both tools pruned in
     inputs = {"reference": capture_block0_inputs(model, calibration_ids)}

@@ -151,8 +151,8 @@ class Evaluator:
     """The dense model, loaded once in --eval-dtype; each row's decoder linears are swapped in before scoring."""
 
     def __init__(self, model_dir: Path, args) -> None:
-        from spp_cli.checkpoint import load_model
         from spp_cli.eval.perplexity import perplexity_stream
+        from spp_cli.io.checkpoint import load_model
 
         self.args = args
         self.model, self.tokenizer = load_model(str(model_dir), dtype=args.eval_dtype)
@@ -207,8 +207,8 @@ def save_pruned_parent(model_dir: Path, weights_file: Path, out: Path, calibrati
     """spp's Wanda 2:4 result as a checkpoint with spp.json (what `spp prune` writes), for `spp finetune`."""
     from safetensors.torch import load_file
 
-    from spp_cli import checkpoint
-    from spp_cli.manifest import layers_record, stage_manifest
+    from spp_cli.io import checkpoint
+    from spp_cli.io.manifest import layers_record, stage_manifest
 
     model, tokenizer = checkpoint.load_model(str(model_dir))
     weights = load_file(weights_file)
@@ -310,8 +310,8 @@ def run_all(model_dir: Path, scratch: Path, peer_python: Path | None, args, repo
     from safetensors.torch import load_file, save_file
 
     from benchmarks.real_layer_check import block0_check
-    from spp_cli.checkpoint import load_model
     from spp_cli.data.sources import calibration_windows
+    from spp_cli.io.checkpoint import load_model
 
     _, tokenizer = load_model(str(model_dir))
     c4 = str(Path(args.data_dir) / C4_FILE)

@@ -1,6 +1,6 @@
 """What prune_model is asked to do: `PruneOptions`, its checks, and the hooks (pruners/hooks.py) it needs.
 
-The CLI, recipes and `spp_cli.prune` check the same rules before any weights load (spp_cli/recipe_schema.py,
+The CLI, recipes and `spp_cli.prune` check the same rules before any weights load (spp_cli/recipe/schema.py,
 PruneStage.check); `check()` is for direct Python callers of prune_model, and tests/stages/test_prune_stage.py
 holds both to the same answers. true_sequential is SparseGPT's option only, as in the references: SparseGPT's
 llama.py has --true-sequential, Wanda's main.py collects every sub-layer's statistics from one dense pass.

@@ -19,7 +19,7 @@ _API = {
     "load_spp_adapter": ("spp_cli.adapters.spp", "load_spp_adapter"),
     "run_recipe": ("spp_cli.pipeline", "run_recipe"),
     "verify": ("spp_cli.stages.verify", "verify_checkpoint"),
-    "load_model": ("spp_cli.checkpoint", "load_model"),
+    "load_model": ("spp_cli.io.checkpoint", "load_model"),
 }
 __all__ = list(_API)
 

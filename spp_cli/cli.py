@@ -14,8 +14,8 @@ import typer
 
 from spp_cli.cli_options import parameter, schema_command, schema_parameter
 from spp_cli.errors import SppError
-from spp_cli.recipe import validate_options
-from spp_cli.recipe_schema import EvalStage, FinetuneStage, PruneStage, Recipe, schema_fields
+from spp_cli.recipe.resolve import validate_options
+from spp_cli.recipe.schema import EvalStage, FinetuneStage, PruneStage, Recipe, schema_fields
 
 try:  # recent Typer vendors its own Click; older releases use the click package
     from typer._click.exceptions import UsageError

@@ -1,5 +1,5 @@
 """Typer options derived from the recipe schema, so a command, a recipe and the Python API share one definition
-of every option: its name (dashes for underscores), type, default, choices and help (spp_cli/recipe_schema.py).
+of every option: its name (dashes for underscores), type, default, choices and help (spp_cli/recipe/schema.py).
 
 Torch-free: `spp --help` builds every command from these tables without importing an engine.
 """
@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from spp_cli.recipe_schema import COMMAND_KEYS, Option, Recipe, schema_fields
+from spp_cli.recipe.schema import COMMAND_KEYS, Option, Recipe, schema_fields
 
 PYTHON_TYPES = {"int": int, "float": float, "bool": bool}
 TOP_LEVEL_DEFAULTS = Recipe(model="", stages=[])  # what an inherited key means outside a recipe

@@ -6,7 +6,7 @@ Python and `--format json` keeps stdout clean.
 
 Kinds and their payloads:
     "block"     a pruned block: pruners.reports.BlockReport
-    "step"      a fine-tune optimizer step: the dict of spp_cli.progress.TrainingProgress
+    "step"      a fine-tune optimizer step: the dict of spp_cli.training.progress.TrainingProgress
     "progress"  a share of an evaluation: {"done": int, "total": int, "label": str}
     "warning"   something the user should act on: str (printed as "spp: warning: ...")
     "note"      something the user should know, e.g. a resume: str (printed as "spp: ...")

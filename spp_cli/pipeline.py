@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from spp_cli.errors import BadInput
-from spp_cli.outputs import check_spp_output
-from spp_cli.ownership import check_replaceable_file, write_owned
-from spp_cli.recipe import EvalStage, FinetuneStage, PruneStage, Recipe, dump_resolved, load_recipe
+from spp_cli.io.outputs import check_spp_output
+from spp_cli.io.ownership import check_replaceable_file, write_owned
+from spp_cli.recipe.resolve import EvalStage, FinetuneStage, PruneStage, Recipe, dump_resolved, load_recipe
 
 RESULTS = "results.json"
 
@@ -40,7 +40,7 @@ def run_stage(recipe: Recipe, stage, console) -> dict:
 
     directory = recipe.stage_dir(stage.name)
     # a stage folder spp wrote is replaced when the recipe changed (the point of `spp run`); anything else in its
-    # place is refused by the stage (spp_cli/outputs.py)
+    # place is refused by the stage (spp_cli/io/outputs.py)
     replace = True
     loading = {"trust_remote_code": recipe.trust_remote_code, "allow_pickle": recipe.allow_pickle}
     options = stage.command_options()

@@ -41,8 +41,8 @@ def check_source(source: str) -> None:
 
 def check_model_reference(model: str, allow_pickle: bool = False) -> None:
     """A local folder is a usable checkpoint; a hub id needs the network unless it is in the local cache."""
-    from spp_cli.checkpoint import check_model
     from spp_cli.environment import is_offline
+    from spp_cli.io.checkpoint import check_model
 
     path = check_model(model, allow_pickle)
     if Path(path).exists() or not is_offline():
@@ -77,7 +77,7 @@ def check_groups_divide(model: str, groups: int | None, targets: str | None = No
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pruners.blocks import prunable_linears
-    from spp_cli.checkpoint import resolve_model_path
+    from spp_cli.io.checkpoint import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
@@ -95,7 +95,7 @@ def model_config(model: str, trust_remote_code: bool = False):
     """The model's config alone (config.json: no weights are read)."""
     from transformers import AutoConfig
 
-    from spp_cli.checkpoint import resolve_model_path
+    from spp_cli.io.checkpoint import resolve_model_path
 
     return AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
 
@@ -104,7 +104,7 @@ def check_seqlen(model: str, seqlen: int | None, trust_remote_code: bool = False
     """An explicit seqlen fits the model's positions (a longer window would run, slowly and wrongly)."""
     if seqlen is None:
         return
-    from spp_cli.checkpoint import resolve_seqlen
+    from spp_cli.io.checkpoint import resolve_seqlen
 
     resolve_seqlen(model_config(model, trust_remote_code), seqlen)
 
@@ -115,7 +115,7 @@ def check_prune(stage, model: str | None, *, architecture: str | None = None, al
     that of `architecture` (default `model`)."""
     if model is not None:
         if stage.streaming == "on":
-            from spp_cli.checkpoint import resolve_model_path
+            from spp_cli.io.checkpoint import resolve_model_path
             from spp_cli.stages.prune_streaming import wants_streaming
 
             wants_streaming("on", resolve_model_path(model))  # a local safetensors folder, or BadInput
@@ -162,7 +162,7 @@ def check_eval(stage, models: dict[str, str | None], *, architectures: dict[str,
 
 def _pruned_layer_names(model: str | None) -> set[str] | None:
     """The layers an adapter will wrap, from the model's spp.json (None: no spp.json, every prunable linear)."""
-    from spp_cli.checkpoint import model_manifest
+    from spp_cli.io.checkpoint import model_manifest
 
     manifest = model_manifest(model) if model is not None else None
     return set(manifest["layers"]) if manifest and manifest.get("layers") else None

@@ -26,7 +26,7 @@ def block_progress(console):
 
 
 def training_progress(console, every: int | None = None):
-    """A callback for spp_cli.progress.TrainingProgress: one line per `every` steps (about 10 lines a run when
+    """A callback for spp_cli.training.progress.TrainingProgress: one line per `every` steps (about 10 lines a run when
     None), plus the first and the last step, each saying what its numbers are."""
 
     def on_update(event: dict) -> None:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from spp_cli.errors import BadInput
-from spp_cli.ownership import check_replaceable_file, remember, write_owned
+from spp_cli.io.ownership import check_replaceable_file, remember, write_owned
 
 
 def read_stages(run_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -42,7 +42,7 @@ def _pyplot():
 
 
 def _save(plt, figure, path: Path) -> None:
-    """Save a plot spp owns (never over a user's file of that name; spp_cli/ownership.py)."""
+    """Save a plot spp owns (never over a user's file of that name; spp_cli/io/ownership.py)."""
     figure.tight_layout()
     check_replaceable_file(path)
     staging = path.with_name(f".{path.stem}.spp-staging-{os.getpid()}{path.suffix}")

@@ -21,7 +21,7 @@ def test_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir() -> Path:
-    from spp_cli.checkpoint import BUILTIN_MODELS
+    from spp_cli.io.checkpoint import BUILTIN_MODELS
 
     return BUILTIN_MODELS["tiny-llama"]
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import make_llama, make_tokenizer
 
-from spp_cli import checkpoint
 from spp_cli.errors import BadInput
-from spp_cli.manifest import layer_record, zeros_sha256
+from spp_cli.io import checkpoint
+from spp_cli.io.manifest import layer_record, zeros_sha256
 
 
 def test_zeros_sha256_changes_when_one_weight_is_unzeroed():
@@ -68,7 +68,7 @@ def test_kill_during_save_leaves_no_valid_looking_directory(tmp_path):
         import sys, time
         sys.path.insert(0, {str(os.path.dirname(__file__))!r})
         from conftest import make_llama, make_tokenizer
-        from spp_cli import checkpoint
+        from spp_cli.io import checkpoint
         model = make_llama()
         original = type(model).save_pretrained
         def slow_save(self, *a, **k):

@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, run_spp
 from safetensors.torch import load_file
 
-from spp_cli.checkpoint import is_complete
+from spp_cli.io.checkpoint import is_complete
 
 C4 = "c4/c4-train.00000-of-01024.first1000.jsonl"
 ALPACA = "alpaca/alpaca_small.json"

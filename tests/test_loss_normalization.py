@@ -13,8 +13,8 @@ from tiny_models import decoder_linears, pruned_tiny_llama, tiny_tokenizer
 
 from spp_cli.data.examples import build_examples
 from spp_cli.errors import BadInput
-from spp_cli.recipe_schema import FinetuneStage
-from spp_cli.trainer import run_finetune
+from spp_cli.recipe.schema import FinetuneStage
+from spp_cli.training.trainer import run_finetune
 
 RECORDS = [{"instruction": f"Say {word}.", "output": word} for word in ("yes", "no", "up", "ok")] + [
     {"instruction": f"Describe item {i}.", "output": "It is a long and detailed answer about the thing. " * 12}
@@ -54,7 +54,7 @@ def test_batch_is_the_step_token_mean_and_micro_batch_the_mean_of_micro_batch_me
 
 
 def test_unknown_loss_normalization_is_bad_input():
-    from spp_cli.recipe import validate_options
+    from spp_cli.recipe.resolve import validate_options
 
     with pytest.raises(BadInput, match="--loss-normalization: 'mean' is not one of batch, micro_batch"):
         validate_options(FinetuneStage, {"data": "records", "loss_normalization": "mean"}, flags=True)

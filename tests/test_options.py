@@ -8,8 +8,8 @@ import typer
 
 from spp_cli.cli import app
 from spp_cli.cli_options import command_default, command_fields
-from spp_cli.recipe import parse_recipe, validate_options
-from spp_cli.recipe_schema import EvalStage, FinetuneStage, PruneStage, schema_fields
+from spp_cli.recipe.resolve import parse_recipe, validate_options
+from spp_cli.recipe.schema import EvalStage, FinetuneStage, PruneStage, schema_fields
 from spp_cli.vocabulary import DTYPES, FINETUNE_METHODS, PRUNE_METHODS, SPP_FORWARDS
 
 # a command's own options: where to write, how to print, how to load (top-level recipe keys)

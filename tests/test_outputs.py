@@ -1,5 +1,5 @@
 """Nothing a user owns is ever deleted, renamed or modified: --overwrite replaces only outputs spp wrote, and
-every publish is atomic with one naming scheme for hidden siblings (spp_cli/atomic.py, spp_cli/outputs.py)."""
+every publish is atomic with one naming scheme for hidden siblings (spp_cli/io/atomic.py, spp_cli/io/outputs.py)."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import run_spp
 
-from spp_cli.atomic import atomic_dir, remove_stale, sibling, write_text_atomic
+from spp_cli.io.atomic import atomic_dir, remove_stale, sibling, write_text_atomic
 
 
 def magnitude_prune(out, *extra):

@@ -1,4 +1,4 @@
-"""No command deletes or replaces a file or folder it did not write, in any mode (spp_cli/ownership.py): every writer
+"""No command deletes or replaces a file or folder it did not write, in any mode (spp_cli/io/ownership.py): every writer
 is tried on an output holding a user's file, or one the user changed since spp wrote it."""
 
 import json

@@ -1,4 +1,4 @@
-"""Recipe loading: schema, validation messages, YAML traps, overrides, paths, resolved dumps (spp_cli/recipe.py)."""
+"""Recipe loading: schema, validation messages, YAML traps, overrides, paths, resolved dumps (spp_cli/recipe/)."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from spp_cli.errors import BadInput
-from spp_cli.recipe import (
+from spp_cli.recipe.resolve import (
     EvalStage,
     FinetuneStage,
     PruneStage,
@@ -498,7 +498,7 @@ def test_describe_schema_lists_every_key_with_its_default():
 
 
 def test_import_stays_light():
-    code = "import sys, spp_cli.recipe; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, spp_cli.recipe.resolve; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import REPO, run_spp
 
-from spp_cli.recipe import load_recipe
+from spp_cli.recipe.resolve import load_recipe
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 RECIPES = [path for path in RECIPES if "launch" not in path.parts]

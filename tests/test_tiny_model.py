@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spp_cli.checkpoint import BUILTIN_MODELS
 from spp_cli.data.sources import read_texts, token_stream
 from spp_cli.eval.perplexity import token_perplexity
+from spp_cli.io.checkpoint import BUILTIN_MODELS
 
 CARD = json.loads((BUILTIN_MODELS["tiny-llama"] / "training.json").read_text())
 

@@ -15,9 +15,9 @@ from tiny_models import ALPACA, decoder_linears, pruned_tiny_llama, tiny_tokeniz
 from spp_cli.adapters.spp import spp_layers
 from spp_cli.data.examples import IGNORE_INDEX, PaddingCollator, alpaca_prompt, build_examples
 from spp_cli.errors import BadInput, RuntimeFailure
-from spp_cli.manifest import zeros_sha256
-from spp_cli.recipe_schema import FinetuneStage
-from spp_cli.trainer import (
+from spp_cli.io.manifest import zeros_sha256
+from spp_cli.recipe.schema import FinetuneStage
+from spp_cli.training.trainer import (
     adapted_copy,
     check_options,
     gradient_accumulation,
@@ -174,8 +174,8 @@ DDP_SCRIPT = textwrap.dedent("""
     import atexit, json, sys
     sys.path[:0] = [{tests!r}, {repo!r}]
     import torch.distributed as dist
-    from spp_cli.trainer import merge_trained, run_finetune
-    from spp_cli.manifest import weight_sha256
+    from spp_cli.training.trainer import merge_trained, run_finetune
+    from spp_cli.io.manifest import weight_sha256
     from test_trainer import alpaca_records, small_config, zero_hashes
     from tiny_models import decoder_linears, pruned_tiny_llama, tiny_tokenizer
 
@@ -257,7 +257,7 @@ def test_every_zero_keeping_method_lowers_the_loss_and_keeps_every_zero(method, 
 
 def test_the_engine_uses_the_environment_device_rule():
     from spp_cli.environment import resolve_device
-    from spp_cli.trainer import training_device
+    from spp_cli.training.trainer import training_device
 
     assert training_device("cpu") == resolve_device("cpu") == "cpu"
     for device, message in (("mps", "unknown device 'mps'"), ("tpu", "unknown device 'tpu'")):
@@ -271,7 +271,7 @@ def test_the_engine_uses_the_environment_device_rule():
 
 def test_the_fingerprint_records_the_precision_training_runs_in(monkeypatch):
     from spp_cli.stages.finetune import fingerprinted_options
-    from spp_cli.trainer import resolved_precision
+    from spp_cli.training.trainer import resolved_precision
 
     assert resolved_precision("auto", "cpu") == resolved_precision("float32", "cuda") == "float32"
     assert resolved_precision("float16", "cuda:0") == "autocast(float16)"
@@ -285,7 +285,7 @@ def test_the_fingerprint_records_the_precision_training_runs_in(monkeypatch):
 
 
 def test_save_steps_default_is_the_one_the_engine_uses():
-    from spp_cli.recipe_schema import describe_schema
+    from spp_cli.recipe.schema import describe_schema
 
     rows = {key: default for section, key, _, default, _ in describe_schema() if section == "finetune"}
     assert rows["save_steps"] == "200" == str(FinetuneStage(data="d").save_steps)

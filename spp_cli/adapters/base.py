@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from spp_cli.adapters import REGISTRY, Method, resolved_method_options
-from spp_cli.atomic import atomic_dir
 from spp_cli.errors import BadInput
+from spp_cli.io.atomic import atomic_dir
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -113,7 +113,7 @@ class Adapter:
         """Write the adapter atomically; records the base and the zeros_sha256 of every target."""
         from safetensors.torch import save_file
 
-        from spp_cli.manifest import zeros_sha256
+        from spp_cli.io.manifest import zeros_sha256
 
         state = {self.file_key(name): tensor for name, tensor in self.trainable_state(model).items()}
         if not state:
@@ -291,7 +291,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
 
 def check_base_zeros(model: nn.Module, config: dict, adapter_dir: str | os.PathLike) -> None:
     """BadInput when a target's zero mask on `model` differs from the one the adapter was trained on."""
-    from spp_cli.manifest import zeros_sha256
+    from spp_cli.io.manifest import zeros_sha256
 
     for name, expected in (config.get("base_zeros_sha256") or {}).items():
         try:

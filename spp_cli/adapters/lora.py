@@ -25,8 +25,8 @@ from spp_cli.adapters.base import (
     json_safe,
     read_adapter_config,
 )
-from spp_cli.atomic import atomic_dir
 from spp_cli.errors import BadInput
+from spp_cli.io.atomic import atomic_dir
 
 
 class PeftAdapter(Adapter):
@@ -55,7 +55,7 @@ class PeftAdapter(Adapter):
 
     def save(self, model: nn.Module, adapter_dir: str | os.PathLike, *, base_path: str,
              base_manifest_sha256: str | None) -> None:
-        from spp_cli.manifest import zeros_sha256
+        from spp_cli.io.manifest import zeros_sha256
 
         modules = dict(model.get_base_model().named_modules())
         zeros = {name: zeros_sha256(base_weight(modules[name])) for name in self.config.target_modules}

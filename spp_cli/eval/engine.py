@@ -27,7 +27,6 @@ import difflib
 import os
 from pathlib import Path
 
-from spp_cli.checkpoint import resolve_seqlen
 from spp_cli.environment import is_offline, resolve_device
 from spp_cli.errors import BadInput
 from spp_cli.eval.perplexity import check_available, perplexity_stream, token_perplexity
@@ -39,6 +38,7 @@ from spp_cli.eval.zeroshot import (
     render_bundle_task,
     run_zeroshot,
 )
+from spp_cli.io.checkpoint import resolve_seqlen
 
 PERPLEXITY_TASKS = ("wikitext2", "c4")
 
@@ -68,7 +68,7 @@ def evaluate(
         its stream, as the papers' code does.
     on_progress: callable(done, total, label), see the module docstring. verbose: let lm-eval print.
     All task names and local files are checked before any model work (BadInput); the option values themselves are
-    the eval stage's to check (its schema, spp_cli/recipe_schema.py EvalStage).
+    the eval stage's to check (its schema, spp_cli/recipe/schema.py EvalStage).
     """
     perplexity_tasks, zeroshot_tasks = validate_tasks(tasks, data_dir=data_dir)
     seqlen = resolve_seqlen(model.config, seqlen)

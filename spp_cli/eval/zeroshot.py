@@ -32,10 +32,10 @@ from pathlib import Path
 
 import yaml
 
-from spp_cli.atomic import write_text_atomic
 from spp_cli.errors import BadInput, first_line
 from spp_cli.eval.hub import download_errors
 from spp_cli.eval.quiet import quiet_lm_eval
+from spp_cli.io.atomic import write_text_atomic
 from spp_cli.vocabulary import BOS_RULES
 
 BUNDLE_DIR = Path(__file__).parent / "tasks"

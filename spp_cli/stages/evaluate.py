@@ -11,14 +11,15 @@ import json
 import time
 from pathlib import Path
 
-from spp_cli import checkpoint, preflight
-from spp_cli.atomic import write_text_atomic
+from spp_cli import preflight
 from spp_cli.environment import resolve_device, versions
 from spp_cli.errors import BadInput
 from spp_cli.events import Listener, notify
-from spp_cli.outputs import check_output_path, existing_output, fingerprint, written_by_spp
-from spp_cli.recipe import validate_options
-from spp_cli.recipe_schema import EvalStage
+from spp_cli.io import checkpoint
+from spp_cli.io.atomic import write_text_atomic
+from spp_cli.io.outputs import check_output_path, existing_output, fingerprint, written_by_spp
+from spp_cli.recipe.resolve import validate_options
+from spp_cli.recipe.schema import EvalStage
 
 
 def model_summary(path: str, manifest: dict | None) -> dict:
@@ -72,7 +73,7 @@ def evaluate_models(
     """Evaluate every model (name -> path) on `tasks`; write `out` (results.json) and return
     {"models": {name: results object}, "notes": [...], "out": str}.
 
-    `options` are the other EvalStage keys (spp_cli/recipe_schema.py): seqlen, limit, data_dir, batch_size, device,
+    `options` are the other EvalStage keys (spp_cli/recipe/schema.py): seqlen, limit, data_dir, batch_size, device,
     dtype, bos. A results file spp wrote with the same options and models is returned as it is ("skipped"); one
     with other options is replaced only with `overwrite`, and a file spp did not write never. Progress goes to
     `on_event` (spp_cli/events.py) as "progress" events: (k - 1, N, "model k/N NAME") as model k starts, then every

@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spp_cli import atomic, checkpoint, preflight
+from spp_cli import preflight
 from spp_cli.adapters import METHOD_OPTIONS, resolved_method_options
 from spp_cli.errors import BadInput, CheckFailed
 from spp_cli.events import Listener, notify
-from spp_cli.manifest import layers_record, stage_manifest, zeros_sha256
-from spp_cli.outputs import check_output_path, existing_output, fingerprint
-from spp_cli.recipe_schema import FinetuneStage
+from spp_cli.io import atomic, checkpoint
+from spp_cli.io.manifest import layers_record, stage_manifest, zeros_sha256
+from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
+from spp_cli.recipe.schema import FinetuneStage
 
 RUN_RECORD = "run.json"  # in OUT/adapter/: resumed_from, step seconds, peak memory (not hashed)
 
@@ -46,7 +47,7 @@ def _compute_dtype(dtype: str, device: str) -> str:
 def fingerprinted_options(options: FinetuneStage, precision: str) -> dict:
     """What decides the result: the schema's recorded options (Stage.NOT_RECORDED; method options resolved to the
     method's defaults, unread ones left out), the fixed training constants and the precision training runs in."""
-    from spp_cli.trainer import TRAINING_CONSTANTS, learning_rate
+    from spp_cli.training.trainer import TRAINING_CONSTANTS, learning_rate
 
     values = dataclasses.asdict(options)
     general = {key: value for key, value in options.recorded_options().items() if key not in METHOD_OPTIONS}
@@ -67,8 +68,8 @@ def check_parent(model_path: str, parent_manifest: dict | None, keeps_zeros: boo
     if keeps_zeros and parent_manifest.get("dense"):
         raise BadInput(f"'{model_path}' is a dense {parent_manifest.get('method', 'lora')} output (its zeros are "
                        f"gone): --method {method} keeps zeros; fine-tune the pruned model instead")
-    from spp_cli.manifest import weight_sha256
-    from spp_cli.stored_weights import StoredWeights
+    from spp_cli.io.manifest import weight_sha256
+    from spp_cli.io.stored_weights import StoredWeights
 
     layers = parent_manifest.get("layers") or {}
     if not layers:
@@ -93,7 +94,7 @@ def finetune(
 ) -> dict:
     """Fine-tune `model_dir` into `out`; returns the manifest (plus "run": this run's statistics).
 
-    `options` are the FinetuneStage fields (spp_cli/recipe_schema.py) by name: data (required), method, lr,
+    `options` are the FinetuneStage fields (spp_cli/recipe/schema.py) by name: data (required), method, lr,
     max_steps, ...; None means the default (the method's, for lr and the method-specific options). Skips a
     finished identical output. `on_event` (spp_cli/events.py) gets a "step" per optimizer step and the warnings.
     """
@@ -151,8 +152,8 @@ def resolve(model_dir: str, out: Path, options: dict, loading: dict) -> Finetune
     """The keyword options through the schema (unknown keys, ranges, an option of another method) and the method's
     own rules, all BadInput before anything loads; the device and the precision training runs in, the parent's
     spp.json and the fingerprint."""
-    from spp_cli.recipe import validate_options
-    from spp_cli.trainer import check_options, resolved_precision, training_device, world_size
+    from spp_cli.recipe.resolve import validate_options
+    from spp_cli.training.trainer import check_options, resolved_precision, training_device, world_size
 
     train_options = validate_options(FinetuneStage, options)
     train_options.device = training_device(train_options.device)
@@ -205,7 +206,7 @@ def load(plan: FinetunePlan, on_event: Listener | None) -> LoadedBase:
 def train(plan: FinetunePlan, base: LoadedBase, records: list[dict], on_event: Listener | None):
     """trainer.run_finetune in the stage's work dir, resuming its last checkpoint; a run refused before its first
     checkpoint leaves nothing behind."""
-    from spp_cli.trainer import run_finetune
+    from spp_cli.training.trainer import run_finetune
 
     work_dir = plan.work_dir
     _claim_work_dir(work_dir, plan.fingerprint)
@@ -222,7 +223,7 @@ def on_main_process(plan: FinetunePlan, result, on_event: Listener | None):
     """The result with full weights on rank 0. FSDP / ZeRO-3 leave only shards in result.model: after a
     multi-process run the gathered adapters go on the full frozen base, reloaded on the CPU (the base never
     changes, so the parent's weights are the full weights)."""
-    from spp_cli.trainer import adapted_copy, world_size
+    from spp_cli.training.trainer import adapted_copy, world_size
 
     if os.environ.get("ACCELERATE_USE_FSDP") == "true" and not result.parallelism.startswith("fsdp"):
         notify(on_event, "finetune", "warning", f"the launch config asks for FSDP but accelerate ran "
@@ -236,7 +237,7 @@ def on_main_process(plan: FinetunePlan, result, on_event: Listener | None):
 
 def save_adapter(plan: FinetunePlan, result) -> dict:
     """The adapter (before any merge) and run.json into the work dir; returns run.json's statistics."""
-    from spp_cli.trainer import save_trained_adapter
+    from spp_cli.training.trainer import save_trained_adapter
 
     adapter_dir = plan.work_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -250,7 +251,7 @@ def save_adapter(plan: FinetunePlan, result) -> dict:
 def merge_and_check(plan: FinetunePlan, base: LoadedBase, result):
     """(the merged model in the checkpoint's dtype, spp.json's "layers"): every pruned tensor, the frozen experts
     too; a zero-keeping method must have kept every zero (CheckFailed). (None, {}) with --no-merge."""
-    from spp_cli.trainer import merge_trained
+    from spp_cli.training.trainer import merge_trained
 
     if plan.options.no_merge:
         return None, {}
@@ -309,7 +310,7 @@ def _progress_callbacks(on_event: Listener | None, options: FinetuneStage) -> li
     """A "step" event per optimizer step (step k/N, loss, lr, tokens/s, ETA) when someone listens."""
     if on_event is None:
         return []
-    from spp_cli.progress import TrainingProgress
+    from spp_cli.training.progress import TrainingProgress
 
     def on_update(update: dict) -> None:
         notify(on_event, "finetune", "step", update)
@@ -346,7 +347,7 @@ def _unchanged_merge_warning(layers: dict, parent_manifest: dict | None, stored_
 
 def _run_record(result) -> dict:
     """This run's statistics: they differ between identical runs, so they never enter the hashed manifest."""
-    from spp_cli.trainer import world_size
+    from spp_cli.training.trainer import world_size
 
     return {
         "resumed_from": Path(result.resumed_from).name if result.resumed_from else None,
@@ -376,7 +377,7 @@ def check_zeros_kept(model, layers: dict[str, dict], parent_zeros: dict[str, str
     if not changed:
         return
     from pruners.experts import weight_of
-    from spp_cli.stored_weights import StoredWeights
+    from spp_cli.io.stored_weights import StoredWeights
 
     # the hashes differ: count lost zeros exactly against the parent's stored weights
     stored = StoredWeights(Path(parent_dir))

@@ -6,10 +6,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from spp_cli import checkpoint
 from spp_cli.errors import BadInput
-from spp_cli.manifest import layers_record, stage_manifest, zeros_sha256
-from spp_cli.outputs import check_output_path, existing_output, fingerprint
+from spp_cli.io import checkpoint
+from spp_cli.io.manifest import layers_record, stage_manifest, zeros_sha256
+from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.stages.finetune import check_zeros_kept, frozen_experts_warnings, not_adapted
 
 

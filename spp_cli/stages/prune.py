@@ -14,14 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spp_cli import checkpoint, preflight
+from spp_cli import preflight
 from spp_cli.environment import resolve_device
 from spp_cli.errors import BadInput, RuntimeFailure
 from spp_cli.events import Listener, notify
-from spp_cli.manifest import layer_record, stage_manifest
-from spp_cli.outputs import check_output_path, existing_output, fingerprint
-from spp_cli.recipe import validate_options
-from spp_cli.recipe_schema import PruneStage
+from spp_cli.io import checkpoint
+from spp_cli.io.manifest import layer_record, stage_manifest
+from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
+from spp_cli.recipe.resolve import validate_options
+from spp_cli.recipe.schema import PruneStage
 
 CALIBRATION_KEYS = ("calib", "nsamples")
 
@@ -56,7 +57,7 @@ def prune(model: str, out: str | Path, *, overwrite: bool = False, trust_remote_
           allow_pickle: bool = False, on_event: Listener | None = None, **options) -> dict:
     """Prune `model` one-shot into `out` (an HF directory with exact zeros + spp.json). Returns the manifest.
 
-    `options` are the prune stage's recipe keys (spp_cli/recipe_schema.py, PruneStage): method, sparsity, pattern,
+    `options` are the prune stage's recipe keys (spp_cli/recipe/schema.py, PruneStage): method, sparsity, pattern,
     calib, nsamples, seqlen, seed, ... Skips the work when `out` already holds the same result (same options and
     parent). `on_event` hears one "block" event per pruned block (payload: pruners.reports.BlockReport). A streamed
     run that resumed a killed one returns "resumed_from_block": the first block it pruned.

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from pruners.reports import LayerReport, OwlProfile
-from spp_cli import atomic, checkpoint
 from spp_cli.errors import BadInput
-from spp_cli.manifest import layer_record
+from spp_cli.io import atomic, checkpoint
+from spp_cli.io.manifest import layer_record
 from spp_cli.stages.streamed_checkpoint import NotStreamable, OutputPlan, SafetensorsSource, ShardWriter
 
 RESUME_FILE = "resume.json"

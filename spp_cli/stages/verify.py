@@ -1,7 +1,7 @@
 """`spp verify`: does a checkpoint still have the zeros its spp.json declares?
 
 Reads the weights straight from the safetensors files (no model is built; an expert of fused MoE experts is read
-from wherever its checkpoint stores it: spp_cli/stored_weights.py), then per pruned layer checks
+from wherever its checkpoint stores it: spp_cli/io/stored_weights.py), then per pruned layer checks
 - the declared N:M pattern (every group of M inputs in a row has at least N zeros),
 - the zero set against spp.json's `zeros_sha256`,
 - with a parent: lost zeros (a parent zero that is now nonzero: a violation) and extra zeros (counted, allowed).
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from spp_cli.checkpoint import read_manifest
 from spp_cli.errors import BadInput
-from spp_cli.manifest import zeros_sha256
-from spp_cli.stored_weights import StoredWeights
+from spp_cli.io.checkpoint import read_manifest
+from spp_cli.io.manifest import zeros_sha256
+from spp_cli.io.stored_weights import StoredWeights
 
 
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:

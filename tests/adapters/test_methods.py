@@ -11,8 +11,8 @@ from torch import nn
 
 from spp_cli.adapters import METHODS, REGISTRY, adapter_class
 from spp_cli.errors import BadInput
-from spp_cli.manifest import zeros_sha256
-from spp_cli.recipe_schema import FinetuneStage
+from spp_cli.io.manifest import zeros_sha256
+from spp_cli.recipe.schema import FinetuneStage
 
 ZERO_KEEPING = [name for name, method in REGISTRY.items() if method.keeps_zeros]
 
@@ -40,7 +40,7 @@ def plain_linears(model: nn.Module) -> bool:
 
 
 def test_registry_is_torch_free_and_the_schema_offers_its_names():
-    code = ("import sys; import spp_cli.adapters, spp_cli.recipe_schema as s; "
+    code = ("import sys; import spp_cli.adapters, spp_cli.recipe.schema as s; "
             "print(int('torch' in sys.modules), ','.join(s.FinetuneStage.__dataclass_fields__['method']"
             ".metadata['spp'].choices))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -71,8 +71,8 @@ MISPLACED = [
 @pytest.mark.parametrize(("method", "options", "message"), MISPLACED)
 def test_an_option_of_another_method_or_an_unknown_method_is_bad_input(method, options, message):
     """One rule, the schema's (FinetuneStage.check with adapters.misplaced_option), for every entry point."""
-    from spp_cli.recipe import validate_options
-    from spp_cli.recipe_schema import FinetuneStage
+    from spp_cli.recipe.resolve import validate_options
+    from spp_cli.recipe.schema import FinetuneStage
 
     with pytest.raises(BadInput) as error:
         validate_options(FinetuneStage, {"data": "d.jsonl", "method": method, **options}, flags=True)

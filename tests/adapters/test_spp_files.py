@@ -11,7 +11,7 @@ from tiny_models import decoder_linears, pruned_tiny_llama, randomize_adapters
 
 from spp_cli.adapters.spp import SPPAdapter, SPPConfig, load_spp_adapter, merge_spp, spp_layers
 from spp_cli.errors import BadInput
-from spp_cli.manifest import zeros_sha256
+from spp_cli.io.manifest import zeros_sha256
 
 
 def trained_like_model(pattern="2:4"):

@@ -28,7 +28,7 @@ from spp_cli.adapters.spp import (
     spp_layers,
 )
 from spp_cli.errors import BadInput
-from spp_cli.manifest import zeros_sha256
+from spp_cli.io.manifest import zeros_sha256
 
 # ---- the layer ----
 

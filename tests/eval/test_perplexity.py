@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import REPO, TEST_DATA
 
-from spp_cli.checkpoint import resolve_seqlen
 from spp_cli.errors import BadInput
 from spp_cli.eval.engine import evaluate, format_metric_label
 from spp_cli.eval.perplexity import PROTOCOL, perplexity_stream, token_perplexity
+from spp_cli.io.checkpoint import resolve_seqlen
 
 DATA_DIR = TEST_DATA
 TINY_LLAMA = REPO / "spp_cli" / "assets" / "tiny-llama"

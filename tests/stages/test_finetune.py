@@ -10,7 +10,7 @@ from tiny_models import ALPACA
 
 from spp_cli.adapters import METHODS, REGISTRY
 from spp_cli.errors import BadInput
-from spp_cli.recipe_schema import FinetuneStage, schema_fields
+from spp_cli.recipe.schema import FinetuneStage, schema_fields
 from spp_cli.stages.finetune import finetune
 from spp_cli.stages.merge import merge_adapter
 from spp_cli.stages.prune import prune

@@ -20,11 +20,11 @@ from spp_cli.adapters import adapter_class
 from spp_cli.adapters.spp import SPPConfig, merged_weight
 from spp_cli.adapters.spp_experts import inject_spp_experts, merge_spp_experts, spp_expert_parametrizations
 from spp_cli.errors import BadInput
+from spp_cli.io.stored_weights import StoredWeights
 from spp_cli.stages.finetune import finetune
 from spp_cli.stages.merge import merge_adapter
 from spp_cli.stages.prune import prune
 from spp_cli.stages.verify import verify_checkpoint
-from spp_cli.stored_weights import StoredWeights
 
 MOE = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
            max_position_embeddings=256, num_experts_per_tok=2, tie_word_embeddings=False)

@@ -8,7 +8,7 @@ import transformers
 from conftest import make_llama, make_tokenizer
 
 import spp_cli
-from spp_cli.manifest import weight_sha256
+from spp_cli.io.manifest import weight_sha256
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from pruners.errors import PrunerOptionError
 from pruners.masks import parse_pattern
 from pruners.options import PruneOptions
 from spp_cli.errors import BadInput
-from spp_cli.outputs import fingerprint
-from spp_cli.recipe import validate_options
-from spp_cli.recipe_schema import STAGE_TYPES, PruneStage
+from spp_cli.io.outputs import fingerprint
+from spp_cli.recipe.resolve import validate_options
+from spp_cli.recipe.schema import STAGE_TYPES, PruneStage
 from spp_cli.stages.prune import recorded_options
 
 

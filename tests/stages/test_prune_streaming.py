@@ -14,7 +14,7 @@ from conftest import REPO, make_tokenizer
 from safetensors.torch import load_file, save_file
 
 from spp_cli.errors import BadInput
-from spp_cli.ownership import RECORD, read_record
+from spp_cli.io.ownership import RECORD, read_record
 from spp_cli.stages.prune import prune
 from spp_cli.stages.prune_streaming import staging_path
 

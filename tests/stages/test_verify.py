@@ -6,8 +6,8 @@ import torch
 from conftest import make_llama, make_tokenizer, run_spp
 from safetensors.torch import load_file, save_file
 
-from spp_cli import checkpoint
-from spp_cli.manifest import layers_record
+from spp_cli.io import checkpoint
+from spp_cli.io.manifest import layers_record
 
 
 def save_two_four(directory):

@@ -1,5 +1,5 @@
-"""One recipe value checked against its schema Option (spp_cli/recipe_schema.py) and normalised; the hints the
-errors give ("did you mean ...?"). Used by spp_cli/recipe.py for recipe keys, overrides and CLI flags alike."""
+"""One recipe value checked against its schema Option (spp_cli/recipe/schema.py) and normalised; the hints the
+errors give ("did you mean ...?"). Used by spp_cli/recipe/resolve.py for recipe keys, overrides and CLI flags alike."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from spp_cli.recipe_schema import Fail, Option
+from spp_cli.recipe.schema import Fail, Option
 from spp_cli.vocabulary import DEVICE_PATTERN
 
 __all__ = ["coerce", "did_you_mean", "show"]

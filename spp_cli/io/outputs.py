@@ -4,9 +4,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from spp_cli.checkpoint import read_manifest
 from spp_cli.errors import BadInput
-from spp_cli.ownership import changed_files, read_record
+from spp_cli.io.checkpoint import read_manifest
+from spp_cli.io.ownership import changed_files, read_record
 from spp_cli.preflight import check_writable
 
 
@@ -33,7 +33,7 @@ def check_output_path(out: Path, inputs: list[str | Path]) -> None:
 def written_by_spp(out: Path) -> dict | None:
     """The record of an output spp wrote (a checkpoint dir's spp.json whose hash matches its content, or a
     results file spp wrote), else None: only such outputs may ever be replaced."""
-    from spp_cli.checkpoint import manifest_sha256
+    from spp_cli.io.checkpoint import manifest_sha256
 
     if out.is_dir():
         try:

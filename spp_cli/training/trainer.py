@@ -5,7 +5,7 @@
                           target_names=names)
     merged = merge_trained(result)            # result.adapter.keeps_zeros: same zeros; lora: dense
 
-The options object is the recipe schema's FinetuneStage (spp_cli/recipe_schema.py); None for lr and the
+The options object is the recipe schema's FinetuneStage (spp_cli/recipe/schema.py); None for lr and the
 method-specific options means the method's default (spp_cli/adapters/__init__.py). The engine never asks which
 method it runs: the adapter injects, names its trainable parameters, acts after each optimizer step and merges.
 Defaults besides the method's are SPP's (spec/spp-method.md §2): AdamW, weight decay 0.001, linear schedule with
@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spp_cli.adapter_trainer import NonFiniteLoss, adapter_trainer_class, last_complete_checkpoint
 from spp_cli.adapters import adapter_class, method_named
 from spp_cli.adapters.base import Adapter
 from spp_cli.data.examples import PaddingCollator, build_examples, pad_token_id
 from spp_cli.errors import BadInput, RuntimeFailure
+from spp_cli.training.adapter_trainer import NonFiniteLoss, adapter_trainer_class, last_complete_checkpoint
 
 # fixed training choices (not user options), recorded in the fingerprint because they decide the result
 TRAINING_CONSTANTS = {"lr_scheduler": "linear", "max_grad_norm": 1.0}
@@ -213,7 +213,7 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
                  target_names: list[str], callbacks: list | None = None) -> FinetuneResult:
     """Fine-tune `model` on `records` with options.method's adapter on `target_names`.
 
-    `options` is a FinetuneStage (spp_cli/recipe_schema.py). The model is modified in place (adapters
+    `options` is a FinetuneStage (spp_cli/recipe/schema.py). The model is modified in place (adapters
     injected; a PEFT method wraps it, see result.model). Trainer checkpoints go to work_dir/checkpoints; an
     existing checkpoint there is resumed from. Raises BadInput on bad options or data, RuntimeFailure on a
     NaN/inf loss (the last good checkpoint is kept). `callbacks` are extra transformers TrainerCallbacks (e.g.
@@ -288,7 +288,7 @@ def training_arguments(options, checkpoints: Path, device: str, precision: str, 
 
 def _adapter_trainer(model: nn.Module, args, adapter: Adapter, tokenizer, train_set: list[dict],
                      val_set: list[dict], memory: dict, callbacks: list | None, options):
-    """The AdapterTrainer (spp_cli/adapter_trainer.py) with the adapter's hooks, silent, torn down at exit."""
+    """The AdapterTrainer (spp_cli/training/adapter_trainer.py) with the adapter's hooks, silent, torn down at exit."""
     from transformers import PrinterCallback
 
     trainer = adapter_trainer_class()(

@@ -1,6 +1,6 @@
 """The Trainer spp fine-tunes with: its checkpoints hold only the trainable parameters (adapter_model.safetensors,
 plus Trainer's optimizer, scheduler, RNG and state files), it resumes from the newest complete one, and it stops
-every rank together on a non-finite loss. spp_cli/trainer.py drives it."""
+every rank together on a non-finite loss. spp_cli/training/trainer.py drives it."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Recipes: the YAML file `spp run` executes (DESIGN.md, Recipe).
 
 A recipe names a model, an output folder and a list of typed stages (prune, finetune, eval). This module reads it
-with a YAML loader that avoids YAML 1.1's traps (spp_cli/recipe_yaml.py), applies `key.path=value` overrides,
-checks every key against the schema tables (spp_cli/recipe_schema.py, values by spp_cli/recipe_values.py; errors
+with a YAML loader that avoids YAML 1.1's traps (spp_cli/recipe/loader.py), applies `key.path=value` overrides,
+checks every key against the schema tables (spp_cli/recipe/schema.py, values by spp_cli/recipe/values.py; errors
 are one line naming the key path and what is allowed), and fills in defaults, stage references and absolute paths.
 Pure Python (no torch), so `spp run --dry-run` answers at once.
 """
@@ -18,7 +18,8 @@ from typing import Any, NoReturn
 import yaml
 
 from spp_cli.errors import BadInput
-from spp_cli.recipe_schema import (
+from spp_cli.recipe.loader import RecipeLoader, parse_yaml
+from spp_cli.recipe.schema import (
     COMMAND_KEYS,
     DATASET_NAMES,
     STAGE_TYPES,
@@ -32,8 +33,7 @@ from spp_cli.recipe_schema import (
     describe_schema,
     schema_fields,
 )
-from spp_cli.recipe_values import coerce, did_you_mean, show
-from spp_cli.recipe_yaml import RecipeLoader, parse_yaml
+from spp_cli.recipe.values import coerce, did_you_mean, show
 
 __all__ = [
     "EvalStage",

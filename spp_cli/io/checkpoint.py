@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from spp_cli.atomic import atomic_dir
 from spp_cli.errors import BadInput, first_line
+from spp_cli.io.atomic import atomic_dir
 
 MANIFEST = "spp.json"
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"  # spp_cli/assets
 BUILTIN_MODELS = {"tiny-llama": ASSETS / "tiny-llama"}
 UNHASHED_KEYS = ("seconds", "created", "manifest_sha256")
 PARENT_FILES = ("generation_config.json", "chat_template.jinja", "chat_template.json")

@@ -1,7 +1,7 @@
 """The recipe schema: what each key of a recipe (DESIGN.md, Recipe) accepts, as dataclasses.
 
 Every recipe key is a dataclass field whose metadata holds an `Option` (its kind, range, choices, default in
-words), so the tables below are both the types `spp run` works with and the rules spp_cli/recipe.py checks a
+words), so the tables below are both the types `spp run` works with and the rules spp_cli/recipe/resolve.py checks a
 YAML file against. `describe_schema` turns them into the README's recipe reference. Pure Python (no torch).
 """
 
@@ -17,10 +17,10 @@ from typing import Any, ClassVar, NoReturn
 import yaml
 
 from spp_cli.adapters import REGISTRY, misplaced_option
+from spp_cli.recipe.option import Option, option_field, schema_fields
 from spp_cli.vocabulary import (
     BOS_RULES,
     DATA_FORMATS,
-    DEVICE_TEXT,
     DTYPES,
     FINETUNE_METHODS,
     LOSS_NORMALIZATIONS,
@@ -33,65 +33,12 @@ DATASET_NAMES = ("c4", "wikitext2", "alpaca", "alpaca-gpt4")  # online dataset n
 Fail = Callable[..., NoReturn]  # fail(message, key) raises BadInput naming the key path
 
 
-@dataclass(frozen=True)
-class Option:
-    """What one recipe key accepts. Lives in the dataclass field's metadata, so the table is the code."""
-
-    kind: str  # str | int | float | bool | list | regex | pattern | device | stages
-    choices: tuple[str, ...] = ()
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # True: low itself is excluded
-    high_open: bool = False
-    required: bool = False
-    nullable: bool = False
-    path: str = ""  # how to resolve: "source" (SOURCE or model), "dir" (always a path), "model" (a model ref), "task"
-    text: str = ""  # what is allowed, in words, when the kind alone does not say it
-    default_text: str = ""  # the default, in words, when it is computed
-    help: str = ""  # one sentence for `--help` and the README's recipe reference
-    inherit: str = ""  # null means the recipe's top-level key of this name (a command's default is that key's)
-
-    def allowed(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(self.choices)
-        if self.text:
-            return self.text
-        if self.kind in ("int", "float"):
-            noun = "an integer" if self.kind == "int" else "a number"
-            if self.low is not None and self.high is not None:
-                left, right = "(["[not self.low_open], ")]"[not self.high_open]
-                return f"{noun} in {left}{self.low:g}, {self.high:g}{right}"
-            if self.low is not None:
-                return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
-            return noun
-        return {
-            "bool": "true or false",
-            "list": "a list of strings (or one comma-separated string)",
-            "regex": "a Python regular expression",
-            "pattern": "unstructured or N:M with 0 < N < M (e.g. 2:4)",
-            "device": DEVICE_TEXT,
-        }.get(self.kind, "a string")
-
-    def in_range(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+def _deviceoption_field() -> Any:
+    return option_field(None, "device", inherit="device", default_text="recipe's device", help="Compute device.")
 
 
-def _key(default: Any = None, kind: str = "str", *, required: bool = False, **option: Any) -> Any:
-    """A dataclass field that is a recipe key; `default=None` (and not required) means null is allowed."""
-    spec = Option(kind, required=required, nullable=default is None and not required, **option)
-    return field(default=default, metadata={"spp": spec})
-
-
-def _device_key() -> Any:
-    return _key(None, "device", inherit="device", default_text="recipe's device", help="Compute device.")
-
-
-def _dtype_key() -> Any:
-    return _key(
+def _dtypeoption_field() -> Any:
+    return option_field(
         None, choices=DTYPES, inherit="dtype", default_text="recipe's dtype",
         help="Compute dtype; auto is the checkpoint's (fp32 on a CPU for fine-tuning).",
     )
@@ -120,10 +67,12 @@ class Stage:
     # key existed stay what they were).
     NOT_RECORDED: ClassVar[tuple[str, ...]] = ()
     RECORDED_WHEN_SET: ClassVar[dict[str, tuple[str, ...]]] = {}
-    name: str = _key(
+    name: str = option_field(
         "", text="a name of letters, digits, _ and - (the folder <output_dir>/<name>)", default_text="its type"
     )
-    input: str | None = _key(None, path="model", text=_MODEL_REF, default_text="previous model stage, else dense")
+    input: str | None = option_field(
+        None, path="model", text=_MODEL_REF, default_text="previous model stage, else dense"
+    )
 
     def options(self) -> dict[str, Any]:
         """The resolved options, in schema order: what the manifest's `config` and the fingerprint record."""
@@ -162,54 +111,58 @@ class PruneStage(Stage):
         "sparsity_profile": ("owl_threshold", "owl_lambda"), "refine": (), "min_expert_tokens": ()}
 
     TYPE: ClassVar[str] = "prune"
-    method: str = _key(required=True, choices=PRUNE_METHODS, help="Pruning algorithm.")
-    sparsity: float | None = _key(
+    method: str = option_field(required=True, choices=PRUNE_METHODS, help="Pruning algorithm.")
+    sparsity: float | None = option_field(
         None, "float", low=0, high=1, low_open=True, high_open=True, default_text="0.5; N/M for N:M",
         help="Fraction of zeros in each pruned linear.",
     )
-    pattern: str = _key("unstructured", "pattern", help="unstructured, or N:M (N zeros in every M inputs: 2:4, 4:8).")
-    calib: str = _key(
+    pattern: str = option_field(
+        "unstructured", "pattern", help="unstructured, or N:M (N zeros in every M inputs: 2:4, 4:8)."
+    )
+    calib: str = option_field(
         "c4", path="source", text="a SOURCE: a .txt/.jsonl/.json path, builtin:NAME[:SPLIT] or c4",
         help="Calibration SOURCE: c4 (online), a .jsonl/.json/.txt file, builtin:python-docs[:SPLIT].",
     )
-    nsamples: int = _key(128, "int", low=1, help="Calibration windows.")
-    seqlen: int | None = _key(
+    nsamples: int = option_field(128, "int", low=1, help="Calibration windows.")
+    seqlen: int | None = option_field(
         None, "int", low=2, default_text="min(2048, model's max positions)", help="Tokens per calibration window."
     )
-    seed: int | None = _key(None, "int", low=0, inherit="seed", default_text="recipe's seed",
+    seed: int | None = option_field(None, "int", low=0, inherit="seed", default_text="recipe's seed",
                             help="Seed of the calibration sampling.")
-    targets: str | None = _key(
+    targets: str | None = option_field(
         None, "regex", default_text="every linear in the decoder blocks",
         help="Regex: prune only the linears whose name matches.",
     )
-    ignore: str | None = _key(None, "regex", help="Regex: skip the linears whose name matches.")
-    use_variant: bool = _key(False, "bool", help="Wanda: the paper's cumulative-metric variant.")
-    true_sequential: bool = _key(
+    ignore: str | None = option_field(None, "regex", help="Regex: skip the linears whose name matches.")
+    use_variant: bool = option_field(False, "bool", help="Wanda: the paper's cumulative-metric variant.")
+    true_sequential: bool = option_field(
         False, "bool", help="SparseGPT: re-collect statistics after each group of sub-layers."
     )
-    sparsity_profile: str = _key(
+    sparsity_profile: str = option_field(
         "uniform", choices=("uniform", "owl"),
         help="uniform: every block at the sparsity; owl: per-block sparsity from its outlier ratio (OWL), same mean.",
     )
-    owl_threshold: float = _key(5.0, "float", low=0, low_open=True, help="OWL's M: an outlier exceeds M x the mean.")
-    owl_lambda: float = _key(
+    owl_threshold: float = option_field(
+        5.0, "float", low=0, low_open=True, help="OWL's M: an outlier exceeds M x the mean."
+    )
+    owl_lambda: float = option_field(
         0.08, "float", low=0, high=0.5, low_open=True, high_open=True,
         help="OWL's lambda: block sparsities spread over 2 x lambda (max - min), their mean still the sparsity.",
     )
-    refine: str = _key(
+    refine: str = option_field(
         "none", choices=("none", "dsnot"),
         help="dsnot: refine a wanda or sparsegpt mask by prune-and-grow within each row (DSnoT), same sparsity.",
     )
-    min_expert_tokens: int = _key(
+    min_expert_tokens: int = option_field(
         16, "int", low=0, help="An MoE expert that saw fewer calibration tokens is pruned by magnitude instead.",
     )
-    streaming: str = _key(
+    streaming: str = option_field(
         "auto", choices=("auto", "on", "off"),
         help="auto: from a local safetensors folder hold one block in RAM and resume a killed run at its block; "
              "off: load the whole model (same output bytes).",
     )
-    device: str | None = _device_key()
-    dtype: str | None = _dtype_key()
+    device: str | None = _deviceoption_field()
+    dtype: str | None = _dtypeoption_field()
 
     def check(self, fail: Fail) -> None:
         if ":" in self.pattern:
@@ -246,76 +199,76 @@ class FinetuneStage(Stage):
 
     TYPE: ClassVar[str] = "finetune"
     NOT_RECORDED: ClassVar[tuple[str, ...]] = ("report_to", "logging_steps", "save_steps", "device")  # logs, saves
-    method: str = _key(
+    method: str = option_field(
         "spp", choices=FINETUNE_METHODS,
         help="Recovery method: spp, masked-lora, ia3, masked-full keep every zero; lora is the dense baseline.",
     )
-    data: str = _key(
+    data: str = option_field(
         required=True,
         path="source",
         text="a SOURCE: a .txt/.jsonl/.json path, builtin:NAME[:SPLIT], alpaca, alpaca-gpt4 or hf:ORG/NAME[:SPLIT]",
         help="Training SOURCE: alpaca/chat/text .json(l), alpaca-gpt4 (online), builtin:python-docs[:SPLIT].",
     )
-    max_steps: int | None = _key(
+    max_steps: int | None = option_field(
         None, "int", low=1, default_text="from epochs", help="Optimizer steps (overrides epochs)."
     )
-    epochs: float = _key(3.0, "float", low=0, low_open=True, help="Passes over the data.")
-    lr: float | None = _key(
+    epochs: float = option_field(3.0, "float", low=0, low_open=True, help="Passes over the data.")
+    lr: float | None = option_field(
         None, "float", low=0, low_open=True, default_text=_method_defaults("lr"),
         help="Peak learning rate; the default is the method's published one.",
     )
-    batch_size: int = _key(128, "int", low=1, help="Global batch = micro_batch_size x accumulation x devices.")
-    micro_batch_size: int = _key(8, "int", low=1, help="Per-device batch.")
-    seqlen: int = _key(512, "int", low=2, help="Tokens per example (cutoff).")
-    seed: int = _key(42, "int", low=0, help="Seed of the data order, the held-out split and the adapter init.")
+    batch_size: int = option_field(128, "int", low=1, help="Global batch = micro_batch_size x accumulation x devices.")
+    micro_batch_size: int = option_field(8, "int", low=1, help="Per-device batch.")
+    seqlen: int = option_field(512, "int", low=2, help="Tokens per example (cutoff).")
+    seed: int = option_field(42, "int", low=0, help="Seed of the data order, the held-out split and the adapter init.")
     # method-specific options: None means the method's default (spp_cli/adapters/__init__.py); giving one to a
     # method that does not read it is bad input
-    groups: int | None = _key(
+    groups: int | None = option_field(
         None, "int", low=1, default_text=_method_defaults("groups"), help="SPP row groups G (alpha has shape G x in)."
     )
-    dropout: float | None = _key(
+    dropout: float | None = option_field(
         None, "float", low=0, high=1, high_open=True, default_text=_method_defaults("dropout"),
         help="Dropout on the adapter branch input; for spp, 0 allows the exact fused forward.",
     )
-    forward: str | None = _key(
+    forward: str | None = option_field(
         None, choices=SPP_FORWARDS, default_text=_method_defaults("forward"),
         help="SPP forward: auto (fused when dropout is 0, else recompute), naive, recompute, fused.",
     )
-    lora_r: int | None = _key(
+    lora_r: int | None = option_field(
         None, "int", low=1, default_text=_method_defaults("lora_r"),
         help="LoRA rank r (for spp it only sets the scale lora_alpha / lora_r).",
     )
-    lora_alpha: float | None = _key(
+    lora_alpha: float | None = option_field(
         None, "float", low=0, low_open=True, default_text=_method_defaults("lora_alpha"),
         help="LoRA alpha: the branch is scaled by lora_alpha / lora_r.",
     )
-    data_format: str = _key(
+    data_format: str = option_field(
         "auto",
         choices=DATA_FORMATS,
         help="How records become examples: auto (instruction fields -> alpaca template, messages -> chat, "
         "else packed text) or one format for every record.",
     )
-    mask_prompt: bool = _key(False, "bool", help="No loss on prompt tokens.")
-    gradient_checkpointing: bool = _key(False, "bool", help="Recompute activations in backward (less memory).")
-    no_merge: bool = _key(False, "bool", help="Keep only the adapter; merge later with spp merge.")
-    val_size: int | None = _key(
+    mask_prompt: bool = option_field(False, "bool", help="No loss on prompt tokens.")
+    gradient_checkpointing: bool = option_field(False, "bool", help="Recompute activations in backward (less memory).")
+    no_merge: bool = option_field(False, "bool", help="Keep only the adapter; merge later with spp merge.")
+    val_size: int | None = option_field(
         None, "int", low=0, default_text="min(2000, 5%)", help="Held-out examples for the eval loss."
     )
-    weight_decay: float = _key(0.001, "float", low=0, help="AdamW weight decay.")
-    warmup_ratio: float = _key(
+    weight_decay: float = option_field(0.001, "float", low=0, help="AdamW weight decay.")
+    warmup_ratio: float = option_field(
         0.03, "float", low=0, high=1, high_open=True, help="Linear warm-up, as a fraction of the steps."
     )
-    loss_normalization: str = _key(
+    loss_normalization: str = option_field(
         "batch",
         choices=LOSS_NORMALIZATIONS,
         help="Average a step's loss over all its target tokens (batch, transformers 5.x) or per micro-batch "
         "(micro_batch, SPP's reference on transformers 4.28).",
     )
-    report_to: str = _key("none", choices=REPORT_TO, help="Where the Trainer logs.")
-    save_steps: int = _key(200, "int", low=1, help="Trainer checkpoint (a resume point) every N steps.")
-    logging_steps: int = _key(10, "int", low=1, help="Log the training loss every N steps.")
-    device: str | None = _device_key()
-    dtype: str | None = _dtype_key()
+    report_to: str = option_field("none", choices=REPORT_TO, help="Where the Trainer logs.")
+    save_steps: int = option_field(200, "int", low=1, help="Trainer checkpoint (a resume point) every N steps.")
+    logging_steps: int = option_field(10, "int", low=1, help="Log the training loss every N steps.")
+    device: str | None = _deviceoption_field()
+    dtype: str | None = _dtypeoption_field()
 
     def check(self, fail: Fail) -> None:
         if self.batch_size % self.micro_batch_size:
@@ -336,7 +289,7 @@ class EvalStage(Stage):
 
     TYPE: ClassVar[str] = "eval"
     NOT_RECORDED: ClassVar[tuple[str, ...]] = ("models", "device")  # the models count as the parents
-    models: list[str] | None = _key(
+    models: list[str] | None = option_field(
         None,
         "list",
         path="model",
@@ -344,30 +297,32 @@ class EvalStage(Stage):
         text="a list of models: dense, earlier stage names, local folders or hub ids",
         help="Models to evaluate.",
     )
-    tasks: list[str] = _key(
+    tasks: list[str] = option_field(
         required=True,
         kind="list",
         path="task",
         text="a list of tasks (lm-eval names, wikitext2, c4, ppl:SOURCE) or one comma-separated string",
         help="Comma-separated: wikitext2, c4, ppl:SOURCE, lm-eval task names.",
     )
-    seqlen: int | None = _key(
+    seqlen: int | None = option_field(
         None, "int", low=2, default_text="min(2048, model's max positions)", help="Perplexity window."
     )
-    limit: int | None = _key(None, "int", low=1, help="At most N examples per zero-shot task and N perplexity windows.")
-    data_dir: str | None = _key(
+    limit: int | None = option_field(
+        None, "int", low=1, help="At most N examples per zero-shot task and N perplexity windows."
+    )
+    data_dir: str | None = option_field(
         None, path="dir", text="a folder laid out like the offline task bundle",
         help="Run the tasks from local files laid out like shared/data.",
     )
-    batch_size: int = _key(1, "int", low=1, help="Sequences per forward.")
-    bos: str = _key(
+    batch_size: int = option_field(1, "int", low=1, help="Sequences per forward.")
+    bos: str = option_field(
         "auto",
         choices=BOS_RULES,
         help="Zero-shot BOS: auto (lm-eval's default: the tokenizer's own, BOS for LLaMA), yes, or no (the "
         "Wanda/SPP harness: add_special_tokens=False).",
     )
-    device: str | None = _device_key()
-    dtype: str | None = _dtype_key()
+    device: str | None = _deviceoption_field()
+    dtype: str | None = _dtypeoption_field()
 
     def reads(self) -> list[str]:
         return list(self.models or [])
@@ -380,20 +335,20 @@ STAGE_TYPES: dict[str, type[Stage]] = {cls.TYPE: cls for cls in (PruneStage, Fin
 class Recipe:
     """A validated recipe: every default filled in, stage references checked, paths absolute."""
 
-    model: str = _key(required=True, path="source", text="a hub id, a local model folder or builtin:tiny-llama")
-    output_dir: str = _key(
+    model: str = option_field(required=True, path="source", text="a hub id, a local model folder or builtin:tiny-llama")
+    output_dir: str = option_field(
         None,
         path="dir",
         text="a folder (relative to the recipe's folder)",
         default_text="runs/<recipe stem>",
     )
-    seed: int = _key(0, "int", low=0)
-    dtype: str = _key("auto", choices=DTYPES)
-    device: str = _key("auto", "device")
-    trust_remote_code: bool = _key(
+    seed: int = option_field(0, "int", low=0)
+    dtype: str = option_field("auto", choices=DTYPES)
+    device: str = option_field("auto", "device")
+    trust_remote_code: bool = option_field(
         False, "bool", help="Run the model repo's own Python code (off: only architectures transformers ships)."
     )
-    allow_pickle: bool = _key(
+    allow_pickle: bool = option_field(
         False, "bool", help="Also read pickle .bin weights, which can run code when loaded (off: safetensors only)."
     )
     stages: list[Stage] = field(
@@ -422,10 +377,6 @@ class Recipe:
         """The resolved recipe as plain data; `load_recipe` on its YAML gives back an equal Recipe."""
         top = {f.name: getattr(self, f.name) for f in schema_fields(Recipe) if f.name != "stages"}
         return {**top, "stages": [stage.options() for stage in self.stages]}
-
-
-def schema_fields(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if "spp" in f.metadata]
 
 
 def describe_schema() -> list[tuple[str, str, str, str, str]]:

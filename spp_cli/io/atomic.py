@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from spp_cli.ownership import remember
+from spp_cli.io.ownership import remember
 
 KINDS = ("staging", "replaced")
 
@@ -59,7 +59,7 @@ def _remove(path: Path) -> None:
 def publish(staging: Path, target: Path) -> None:
     """Move a finished `staging` into place; an existing `target` (an spp output the caller may replace) is moved
     aside first and removed only once the new one is there."""
-    remember(staging)  # what spp wrote, so a later run can tell the user's changes apart (spp_cli/ownership.py)
+    remember(staging)  # what spp wrote, so a later run can tell the user's changes apart (spp_cli/io/ownership.py)
     replaced = None
     if target.exists():
         replaced = sibling(target, "replaced")

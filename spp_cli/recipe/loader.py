@@ -1,4 +1,4 @@
-"""The YAML loader recipes are read with: YAML 1.2 scalars and no duplicate keys (spp_cli/recipe.py uses it)."""
+"""The YAML loader recipes are read with: YAML 1.2 scalars and no duplicate keys (spp_cli/recipe/resolve.py uses it)."""
 
 from __future__ import annotations
 

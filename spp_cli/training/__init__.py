@@ -1,0 +1,6 @@
+"""Fine-tuning on transformers' Trainer: the run itself, the adapter-aware Trainer, and its progress events.
+
+    trainer.py          options -> TrainingArguments, the run, the merge of what was trained
+    adapter_trainer.py  the Trainer subclass (adapter-only checkpoints, loss normalization) and resume
+    progress.py         TrainerCallback that reports each optimizer step as an event
+"""
