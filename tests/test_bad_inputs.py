@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_llama, make_tokenizer, run_spp
+from conftest import run_spp
+from tiny_models import save_random_model
 
 C4 = "c4/c4-train.00000-of-01024.first1000.jsonl"
 
@@ -15,8 +16,7 @@ def workspace(tmp_path_factory, test_data):
     """A dense model, a pruned one, a dense model without zeros, data files and recipes, made once."""
     root = tmp_path_factory.mktemp("bad-inputs")
     dense = root / "dense"
-    make_llama().save_pretrained(dense)
-    make_tokenizer().save_pretrained(dense)
+    save_random_model(dense)
     (root / "calib.jsonl").write_text("".join(json.dumps({"text": "def f(x): return x " * 40}) + "\n" for _ in range(20)))
     (root / "empty.jsonl").write_text("")
     (root / "short.jsonl").write_text("".join(json.dumps({"text": "tiny"}) + "\n" for _ in range(3)))

@@ -86,13 +86,12 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """A folder with `pruned/` (a random tiny LLaMA, magnitude 2:4) and `single/`, its one-process fine-tune."""
-    from conftest import make_llama, make_tokenizer
+    from tiny_models import save_random_model
 
     from spp_cli.cli import run_cli
 
     root = tmp_path_factory.mktemp("multi-device")
-    make_llama().save_pretrained(root / "dense")
-    make_tokenizer().save_pretrained(root / "dense")
+    save_random_model(root / "dense")
     assert run_cli(["prune", str(root / "dense"), "--method", "magnitude", "--pattern", "2:4",
                     "--out", str(root / "pruned")]) == 0
     assert run_cli(["finetune", str(root / "pruned"), *map(str, finetune_options(TEST_DATA, root / "single"))]) == 0

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-import transformers
+from tiny_models import random_model
 
 from pruners import PatternError, parse_pattern
 from pruners.owl import owl_sparsities
@@ -14,11 +14,8 @@ VOCAB, SEQLEN, NSAMPLES, BLOCKS = 128, 16, 4, 4
 
 def tiny_llama(seed=0):
     """Four random-init blocks; a few embedding columns x50 (outlier features) and block-dependent scales."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=BLOCKS,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      attn_implementation="eager")
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = random_model("llama", seed, vocab_size=VOCAB, num_hidden_layers=BLOCKS, num_key_value_heads=2,
+                         max_position_embeddings=64, attn_implementation="eager")
     with torch.no_grad():
         model.get_input_embeddings().weight[:, [3, 17, 40]] *= 50
         for index, block in enumerate(model.model.layers):  # make the blocks' outlier ratios differ clearly
