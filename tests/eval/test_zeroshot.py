@@ -1,5 +1,6 @@
-"""The offline task bundle: the 8 zero-shot tasks run from $SPP_TEST_DATA (or its committed cut), and render the same requests as
-lm-eval's built-in task configs on the same records (HellaSwag aside: its local file is preprocessed differently).
+"""The offline task bundle: the 8 zero-shot tasks run from $SPP_TEST_DATA (or its committed cut), and render the
+same requests as lm-eval's built-in task configs on the same records (HellaSwag aside: its local file is
+preprocessed differently).
 """
 
 from __future__ import annotations
