@@ -30,6 +30,29 @@ TASK_FILES = ("boolq/boolq.jsonl", "hellaswag/hellaswag_val.jsonl", "winogrande/
               "arc_easy/arc_easy.jsonl", "arc_challenge/arc_challenge.jsonl", "openbookqa/openbook_qa.jsonl",
               "piqa/piqa.jsonl")
 RTE_PARQUET, RTE_TSV = "rte/validation.parquet", "rte/dev.tsv"
+FOUNDRY = "mosaicml/llm-foundry@8c8dd48f72168c5d51e2f7b151595892a8fba43d scripts/eval/local_data/"
+# where each source file comes from (../shared/data/SOURCES.md has the full provenance): repository@commit path,
+# and the license of the original dataset
+ORIGINS = {
+    ALPACA: ("Antelofski/alpaca-lora@4247f486ca5751371a19fcec5061da437344824f alpaca_small.json",
+             "ODC-By (repo); Stanford Alpaca CC BY-NC 4.0"),
+    C4: ("Diffusion-bachelor/diffusion-data-constraint-rare-events@3305ae85ae51f4882f291ff894d49946af655a11 "
+         "data/c4_sample.jsonl (allenai/c4 en train shard 0, first 1000 documents)", "ODC-BY"),
+    WIKITEXT2: ("DRAGNLabs/LLMHumanModeling@a76c47739e890a857b138b0adc5ca47a10c4c18f data/wiki.test.raw, "
+                "one row per line (HF wikitext-2-raw-v1 test)", "CC BY-SA 3.0 / GFDL"),
+    "boolq/boolq.jsonl": (FOUNDRY + "reading_comprehension/boolq.jsonl", "CC BY-SA 3.0"),
+    "hellaswag/hellaswag_val.jsonl": ("klosax/hellaswag_text_data@1105d370f8340eac3c63a91fd1fa58e8999f9505 "
+                                      "hellaswag_val_full.txt.bz2, as {query, choices, gold}", "MIT"),
+    "winogrande/winogrande.jsonl": (FOUNDRY + "language_understanding/winogrande.jsonl", "CC-BY / Apache-2.0"),
+    "arc_easy/arc_easy.jsonl": (FOUNDRY + "world_knowledge/arc_easy.jsonl", "CC BY-SA 4.0"),
+    "arc_challenge/arc_challenge.jsonl": (FOUNDRY + "world_knowledge/arc_challenge.jsonl", "CC BY-SA 4.0"),
+    "openbookqa/openbook_qa.jsonl": (FOUNDRY + "commonsense_reasoning/openbook_qa.jsonl", "Apache-2.0"),
+    "piqa/piqa.jsonl": (FOUNDRY + "commonsense_reasoning/piqa.jsonl", "AFL-3.0"),
+    RTE_TSV: ("Ji-Yishan/MIEC-FYP@250635701007f7f2dc00b63ce2cbc3dfe104b4e0 RTE/dev.tsv (GLUE RTE validation)",
+              "GLUE RTE, research use"),
+    RTE_PARQUET: ("Ji-Yishan/MIEC-FYP@250635701007f7f2dc00b63ce2cbc3dfe104b4e0 RTE/validation.parquet",
+                  "GLUE RTE, research use"),
+}
 
 
 def first_lines(path: Path, count: int) -> list[str]:
@@ -70,15 +93,16 @@ def sources_markdown(source: Path, written: list[tuple[str, str]]) -> str:
         "# tests/fixtures/data — what each file is cut from",
         "",
         "Written by `python scripts/make_test_fixtures.py` (do not edit by hand) from the public test data laid",
-        "out like ../shared/data; see that folder's SOURCES.md for each file's origin (repository, commit,",
-        "license). Every fixture has the same path as the file it is cut from and holds only its first records.",
+        "out like ../shared/data (its SOURCES.md has the full provenance). Every fixture has the same path as",
+        "the file it is cut from and holds only that file's first records; the sha256 is the whole source file's.",
         "",
-        "| file | holds | source sha256 |",
-        "|---|---|---|",
+        "| file | holds | cut from (repository@commit path) | dataset license | source sha256 |",
+        "|---|---|---|---|---|",
     ]
     for relative, holds in written:
         digest = hashlib.sha256((source / relative).read_bytes()).hexdigest()
-        lines.append(f"| {relative} | {holds} | {digest} |")
+        origin, license_name = ORIGINS[relative]
+        lines.append(f"| {relative} | {holds} | {origin} | {license_name} | {digest} |")
     return "\n".join(lines) + "\n"
 
 
