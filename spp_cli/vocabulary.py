@@ -16,7 +16,6 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 DATA_FORMATS = ("auto", "alpaca", "chat", "text")  # spp_cli/data/formats.py
 LOSS_NORMALIZATIONS = ("batch", "micro_batch")  # docs/fidelity.md
 BOS_RULES = ("auto", "yes", "no")  # zero-shot BOS (spp_cli/eval/zeroshot.py)
-OUTPUT_FORMATS = ("human", "json")
 # Devices spp runs on: CPUs and CUDA GPUs. Apple's mps is not offered: nothing here tests it, and the Trainer
 # engine's autocast rules are written for CPU and CUDA.
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(?::\d+)?")

@@ -5,18 +5,18 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_llama, make_tokenizer, run_spp
+from conftest import run_spp
+from tiny_models import save_random_model
 
 C4 = "c4/c4-train.00000-of-01024.first1000.jsonl"
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, test_data):
+def workspace(tmp_path_factory):
     """A dense model, a pruned one, a dense model without zeros, data files and recipes, made once."""
     root = tmp_path_factory.mktemp("bad-inputs")
     dense = root / "dense"
-    make_llama().save_pretrained(dense)
-    make_tokenizer().save_pretrained(dense)
+    save_random_model(dense)
     (root / "calib.jsonl").write_text("".join(json.dumps({"text": "def f(x): return x " * 40}) + "\n" for _ in range(20)))
     (root / "empty.jsonl").write_text("")
     (root / "short.jsonl").write_text("".join(json.dumps({"text": "tiny"}) + "\n" for _ in range(3)))
@@ -136,9 +136,9 @@ def snapshot(root: Path) -> set[str]:
 
 
 def cases():
-    from conftest import TEST_DATA
+    from conftest import SOME_DATA
 
-    return [pytest.param(argv, message, id=name) for name, argv, message in rows(TEST_DATA)]
+    return [pytest.param(argv, message, id=name) for name, argv, message in rows(SOME_DATA)]
 
 
 @pytest.mark.parametrize("argv, message", cases())
@@ -153,9 +153,13 @@ def test_bad_input_is_one_clear_line(workspace, capsys, argv, message):
 
 
 def test_at_least_thirty_rows():
-    from conftest import TEST_DATA
-
-    assert len(rows(TEST_DATA)) >= 30
+    """The one-clear-line test runs at least 30 distinct bad command lines, each with a message to look for."""
+    (parametrize,) = [mark for mark in test_bad_input_is_one_clear_line.pytestmark if mark.name == "parametrize"]
+    params = parametrize.args[1]
+    assert len(params) >= 30
+    assert len({tuple(param.values[0]) for param in params}) == len(params)  # no row repeats another's command
+    assert len({param.id for param in params}) == len(params)
+    assert all(param.values[1].strip() for param in params)  # an empty fragment would be found in any error
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
+from tiny_models import random_model, save_random_model, tiny_tokenizer
 
 from spp_cli.errors import BadInput
 from spp_cli.io import checkpoint
@@ -40,7 +40,7 @@ def test_manifest_hash_ignores_time_and_location_but_not_content():
 
 
 def test_save_is_atomic_and_complete(tmp_path):
-    model, tokenizer = make_llama(), make_tokenizer()
+    model, tokenizer = random_model(), tiny_tokenizer()
     out = tmp_path / "out"
     manifest = checkpoint.save_checkpoint(model, tokenizer, out, {"stage": "test", "layers": {}})
     assert checkpoint.is_complete(out)
@@ -51,7 +51,7 @@ def test_save_is_atomic_and_complete(tmp_path):
 
 
 def test_a_failed_save_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
-    model, tokenizer = make_llama(), make_tokenizer()
+    model, tokenizer = random_model(), tiny_tokenizer()
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -67,16 +67,16 @@ def test_kill_during_save_leaves_no_valid_looking_directory(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(os.path.dirname(__file__))!r})
-        from conftest import make_llama, make_tokenizer
+        from tiny_models import random_model, tiny_tokenizer
         from spp_cli.io import checkpoint
-        model = make_llama()
+        model = random_model()
         original = type(model).save_pretrained
         def slow_save(self, *a, **k):
             original(self, *a, **k)
             print("weights written", flush=True)
             time.sleep(60)
         type(model).save_pretrained = slow_save
-        checkpoint.save_checkpoint(model, make_tokenizer(), {str(tmp_path / "out")!r}, {{"stage": "t", "layers": {{}}}})
+        checkpoint.save_checkpoint(model, tiny_tokenizer(), {str(tmp_path / "out")!r}, {{"stage": "t", "layers": {{}}}})
     """)
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     lines = iter(process.stdout.readline, "")  # a library may print before (deepspeed's accelerator line)
@@ -115,7 +115,6 @@ def test_truncated_safetensors_is_bad_input(random_model_dir):
 
 def test_stored_dtype_is_kept_when_computing_in_float32(tmp_path):
     directory = tmp_path / "half"
-    make_llama(dtype=torch.float16).save_pretrained(directory)
-    make_tokenizer().save_pretrained(directory)
+    save_random_model(directory, dtype=torch.float16)
     model, _ = checkpoint.load_model(str(directory), dtype="float32")
     assert next(model.parameters()).dtype == torch.float32 and model.spp_stored_dtype == torch.float16

@@ -50,7 +50,7 @@ def wait_for(condition, timeout: float = 240.0) -> None:
         time.sleep(0.05)
 
 
-def test_kill_9_during_prune_leaves_nothing_complete_and_a_rerun_completes(tmp_path, random_model_dir, test_data):
+def test_kill_9_during_prune_leaves_nothing_complete_and_a_rerun_completes(tmp_path, random_model_dir, some_data):
     out = tmp_path / "pruned"
     argv = [
         "prune",
@@ -60,7 +60,7 @@ def test_kill_9_during_prune_leaves_nothing_complete_and_a_rerun_completes(tmp_p
         "--sparsity",
         "0.5",
         "--calib",
-        test_data / C4,
+        some_data / C4,
         "--nsamples",
         "8",
         "--seqlen",
@@ -80,7 +80,7 @@ def test_kill_9_during_prune_leaves_nothing_complete_and_a_rerun_completes(tmp_p
 
 
 @pytest.fixture
-def pruned_dir(tmp_path, random_model_dir, test_data, capsys):
+def pruned_dir(tmp_path, random_model_dir, capsys):
     out = tmp_path / "pruned"
     code, _, err = run_spp(
         ["prune", random_model_dir, "--method", "magnitude", "--pattern", "2:4", "--out", out], capsys
@@ -89,12 +89,12 @@ def pruned_dir(tmp_path, random_model_dir, test_data, capsys):
     return out
 
 
-def finetune_argv(pruned: Path, out: Path, test_data: Path) -> list:
+def finetune_argv(pruned: Path, out: Path, data: Path) -> list:
     return [
         "finetune",
         pruned,
         "--data",
-        test_data / ALPACA,
+        data / ALPACA,
         "--max-steps",
         "12",
         "--save-steps",
@@ -117,14 +117,14 @@ def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("interrupt", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
-def test_interrupted_finetune_resumes_to_the_uninterrupted_result(tmp_path, pruned_dir, test_data, interrupt):
+def test_interrupted_finetune_resumes_to_the_uninterrupted_result(tmp_path, pruned_dir, some_data, interrupt):
     reference = tmp_path / "reference"
-    straight = spp_process(finetune_argv(pruned_dir, reference, test_data))
+    straight = spp_process(finetune_argv(pruned_dir, reference, some_data))
     assert straight.wait() == 0, straight.stderr.read()
 
     out = tmp_path / "tuned"
     checkpoints = tmp_path / ".tuned.spp-work" / "checkpoints"
-    process = spp_process(finetune_argv(pruned_dir, out, test_data))
+    process = spp_process(finetune_argv(pruned_dir, out, some_data))
     wait_for(lambda: (checkpoints / "checkpoint-2" / "trainer_state.json").exists() or process.poll() is not None)
     assert process.poll() is None, "finished before it could be interrupted: " + process.stderr.read()
     process.send_signal(interrupt)
@@ -134,7 +134,7 @@ def test_interrupted_finetune_resumes_to_the_uninterrupted_result(tmp_path, prun
     assert not is_complete(out)
     assert any(checkpoints.glob("checkpoint-*"))  # the resumable state is kept
 
-    rerun = spp_process(finetune_argv(pruned_dir, out, test_data))
+    rerun = spp_process(finetune_argv(pruned_dir, out, some_data))
     assert rerun.wait() == 0, rerun.stderr.read()
     resumed = json.loads((out / "adapter" / "run.json").read_text())["resumed_from"]
     assert resumed in {f"checkpoint-{step}" for step in range(2, 12, 2)}
@@ -147,7 +147,7 @@ def test_interrupted_finetune_resumes_to_the_uninterrupted_result(tmp_path, prun
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
-def test_inputs_are_never_modified_and_identical_runs_are_identical(tmp_path, random_model_dir, test_data, capsys):
+def test_inputs_are_never_modified_and_identical_runs_are_identical(tmp_path, random_model_dir, some_data, capsys):
     before = file_hashes(random_model_dir)
     manifests = []
     for run in ("a", "b"):
@@ -161,7 +161,7 @@ def test_inputs_are_never_modified_and_identical_runs_are_identical(tmp_path, ra
                 "--sparsity",
                 "0.6",
                 "--calib",
-                test_data / C4,
+                some_data / C4,
                 "--nsamples",
                 "4",
                 "--seqlen",
@@ -173,7 +173,7 @@ def test_inputs_are_never_modified_and_identical_runs_are_identical(tmp_path, ra
                 "finetune",
                 pruned,
                 "--data",
-                test_data / ALPACA,
+                some_data / ALPACA,
                 "--max-steps",
                 "2",
                 "--batch-size",
@@ -192,7 +192,7 @@ def test_inputs_are_never_modified_and_identical_runs_are_identical(tmp_path, ra
                 random_model_dir,
                 pruned,
                 "--tasks",
-                f"ppl:{test_data / ALPACA}",
+                f"ppl:{some_data / ALPACA}",
                 "--seqlen",
                 "64",
                 "--limit",
@@ -223,7 +223,7 @@ def test_inputs_are_never_modified_and_identical_runs_are_identical(tmp_path, ra
             assert record["weight_sha256"] == second[stage]["layers"][name]["weight_sha256"]
 
 
-def test_finetune_cli_under_torchrun_ddp_keeps_every_zero(tmp_path, pruned_dir, test_data):
+def test_finetune_cli_under_torchrun_ddp_keeps_every_zero(tmp_path, pruned_dir, some_data):
     """`torchrun -m spp_cli finetune` with 2 CPU processes (gloo): rank 0 merges, checks and saves."""
     import socket
 
@@ -246,7 +246,7 @@ def test_finetune_cli_under_torchrun_ddp_keeps_every_zero(tmp_path, pruned_dir, 
             "finetune",
             pruned_dir,
             "--data",
-            test_data / ALPACA,
+            some_data / ALPACA,
             "--max-steps",
             "2",
             "--batch-size",

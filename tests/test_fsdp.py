@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TEST_DATA
+from conftest import REPO, SOME_DATA
 from safetensors.torch import load_file
 
 ALPACA = "alpaca/alpaca_small.json"
@@ -36,11 +36,11 @@ ZERO3_CPU = REPO / "recipes" / "launch" / "deepspeed_zero3-cpu.yaml"
 TOLERANCE = 1e-6  # relative to each merged tensor's max |w|; see the module docstring
 
 
-def finetune_options(test_data: Path, out: Path, method: str = "spp") -> list:
+def finetune_options(data: Path, out: Path, method: str = "spp") -> list:
     """8 optimizer steps of a global batch of 4 (2 processes × 2, or 1 × 2 × 2 accumulated), saving every 2.
     masked-lora at --dropout 0 runs its one-GEMM form (the analogue of SPP's --forward fused)."""
     method_options = ["--forward", "fused"] if method == "spp" else ["--method", method]
-    return ["--data", test_data / ALPACA, "--max-steps", "8", "--save-steps", "2", "--batch-size", "4",
+    return ["--data", data / ALPACA, "--max-steps", "8", "--save-steps", "2", "--batch-size", "4",
             "--micro-batch-size", "2", "--seqlen", "64", "--val-size", "0", "--dropout", "0", *method_options,
             "--out", out]
 
@@ -86,16 +86,15 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """A folder with `pruned/` (a random tiny LLaMA, magnitude 2:4) and `single/`, its one-process fine-tune."""
-    from conftest import make_llama, make_tokenizer
+    from tiny_models import save_random_model
 
     from spp_cli.cli import run_cli
 
     root = tmp_path_factory.mktemp("multi-device")
-    make_llama().save_pretrained(root / "dense")
-    make_tokenizer().save_pretrained(root / "dense")
+    save_random_model(root / "dense")
     assert run_cli(["prune", str(root / "dense"), "--method", "magnitude", "--pattern", "2:4",
                     "--out", str(root / "pruned")]) == 0
-    assert run_cli(["finetune", str(root / "pruned"), *map(str, finetune_options(TEST_DATA, root / "single"))]) == 0
+    assert run_cli(["finetune", str(root / "pruned"), *map(str, finetune_options(SOME_DATA, root / "single"))]) == 0
     assert run_training(root / "single")["parallelism"] == "single"
     return root
 
@@ -134,7 +133,7 @@ def test_fsdp2_two_processes_resume_keep_every_zero_and_equal_one_process(runs, 
     """Killed with -9 after its first checkpoint and rerun, the FSDP2 run ends where one uninterrupted process
     does."""
     sharded = tmp_path / "fsdp2"
-    program = [REPO / "tests" / "fsdp_on_cpu.py", "finetune", runs / "pruned", *finetune_options(TEST_DATA, sharded)]
+    program = [REPO / "tests" / "fsdp_on_cpu.py", "finetune", runs / "pruned", *finetune_options(SOME_DATA, sharded)]
     first = accelerate_launch(FSDP2_CPU, program, background=True)
     saved = tmp_path / ".fsdp2.spp-work" / "checkpoints" / "checkpoint-2"
     wait_for(saved / "trainer_state.json", first)
@@ -160,10 +159,10 @@ def test_fsdp2_two_processes_masked_lora_keeps_every_zero_and_equals_one_process
 
     single = runs / "single-masked-lora"
     assert run_cli(["finetune", str(runs / "pruned"),
-                    *map(str, finetune_options(TEST_DATA, single, "masked-lora"))]) == 0
+                    *map(str, finetune_options(SOME_DATA, single, "masked-lora"))]) == 0
     sharded = tmp_path / "fsdp2-masked-lora"
     program = [REPO / "tests" / "fsdp_on_cpu.py", "finetune", runs / "pruned",
-               *finetune_options(TEST_DATA, sharded, "masked-lora")]
+               *finetune_options(SOME_DATA, sharded, "masked-lora")]
     completed = accelerate_launch(FSDP2_CPU, program)
     assert completed.returncode == 0, completed.stderr[-3000:]
     training = run_training(sharded)
@@ -182,7 +181,7 @@ def test_accelerate_on_cpu_runs_ddp_when_asked_for_fsdp_and_says_so(runs, tmp_pa
     with DDP (accelerate keeps MULTI_CPU and drops the FSDP plugin, without a message of its own)."""
     out = tmp_path / "asked-fsdp"
     completed = accelerate_launch(FSDP2_CPU, ["-m", "spp_cli", "finetune", runs / "pruned",
-                                              *finetune_options(TEST_DATA, out)])
+                                              *finetune_options(SOME_DATA, out)])
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "the launch config asks for FSDP but accelerate ran ddp" in completed.stderr
     training = run_training(out)
@@ -197,7 +196,7 @@ def test_deepspeed_zero3_two_processes_keep_every_zero_and_equal_one_process(run
     pytest.importorskip("deepspeed")
     out = tmp_path / "zero3"
     completed = accelerate_launch(ZERO3_CPU, ["-m", "spp_cli", "finetune", runs / "pruned",
-                                              *finetune_options(TEST_DATA, out)], timeout=400)
+                                              *finetune_options(SOME_DATA, out)], timeout=400)
     assert completed.returncode == 0, completed.stderr[-3000:]
     training = run_training(out)
     assert (training["parallelism"], training["processes"], training["steps"]) == ("deepspeed", 2, 8)

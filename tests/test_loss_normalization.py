@@ -16,6 +16,7 @@ from spp_cli.errors import BadInput
 from spp_cli.recipe.schema import FinetuneStage
 from spp_cli.training.trainer import run_finetune
 
+TOLERANCE = 1e-4  # the logged loss against the formula (float32 sums)
 RECORDS = [{"instruction": f"Say {word}.", "output": word} for word in ("yes", "no", "up", "ok")] + [
     {"instruction": f"Describe item {i}.", "output": "It is a long and detailed answer about the thing. " * 12}
     for i in range(4)
@@ -48,9 +49,10 @@ def test_batch_is_the_step_token_mean_and_micro_batch_the_mean_of_micro_batch_me
     losses = per_example_losses(pruned_tiny_llama(init_std=0.3), tiny_tokenizer())
     token_mean = sum(total for total, _ in losses) / sum(count for _, count in losses)
     micro_batch_mean = sum(total / count for total, count in losses) / len(losses)
-    assert abs(micro_batch_mean - token_mean) > 0.05  # uneven examples: the two rules really differ here
-    assert first_logged_loss(tmp_path, "batch") == pytest.approx(token_mean, abs=1e-4)
-    assert first_logged_loss(tmp_path, "micro_batch") == pytest.approx(micro_batch_mean, abs=1e-4)
+    # uneven examples: the two rules differ by far more than the tolerance, so each check below tells them apart
+    assert abs(micro_batch_mean - token_mean) > 10 * TOLERANCE
+    assert first_logged_loss(tmp_path, "batch") == pytest.approx(token_mean, abs=TOLERANCE)
+    assert first_logged_loss(tmp_path, "micro_batch") == pytest.approx(micro_batch_mean, abs=TOLERANCE)
 
 
 def test_unknown_loss_normalization_is_bad_input():

@@ -35,14 +35,14 @@ stages:
 
 
 @pytest.fixture
-def recipe(tmp_path, random_model_dir, test_data):
+def recipe(tmp_path, random_model_dir, some_data):
     path = tmp_path / "recipe.yaml"
     path.write_text(
         RECIPE.format(
             model=random_model_dir,
-            calib=test_data / "c4" / "c4-train.00000-of-01024.first1000.jsonl",
-            data=test_data / "alpaca" / "alpaca_small.json",
-            text=test_data / "alpaca" / "alpaca_small.json",
+            calib=some_data / "c4" / "c4-train.00000-of-01024.first1000.jsonl",
+            data=some_data / "alpaca" / "alpaca_small.json",
+            text=some_data / "alpaca" / "alpaca_small.json",
         )
     )
     return path

@@ -3,7 +3,7 @@ would fail later (missing data, offline sources, groups that do not divide a lay
 that cannot be written) — and load no model."""
 
 import pytest
-from conftest import TEST_DATA, run_spp
+from conftest import SOME_DATA, run_spp
 
 QUICK = """model: builtin:tiny-llama
 output_dir: {out}
@@ -13,7 +13,7 @@ stages:
       report_to: {report_to}}}
   - {{type: eval, models: [dense, prune, finetune], tasks: [ppl:builtin:python-docs:test]}}
 """
-GOOD = {"calib": "builtin:python-docs:train", "data": str(TEST_DATA / "alpaca" / "alpaca_small.json"),
+GOOD = {"calib": "builtin:python-docs:train", "data": str(SOME_DATA / "alpaca" / "alpaca_small.json"),
         "groups": 16, "report_to": "none"}
 
 

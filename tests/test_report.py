@@ -2,8 +2,7 @@
 
 import json
 
-from conftest import make_llama, make_tokenizer
-from tiny_models import ALPACA
+from tiny_models import ALPACA, save_random_model
 
 from spp_cli.report import recovery_rows, write_report
 from spp_cli.stages.evaluate import evaluate_models
@@ -16,8 +15,7 @@ TINY = dict(data=str(ALPACA), max_steps=3, batch_size=4, micro_batch_size=4, seq
 
 def test_recovery_table_of_a_comparison_run(tmp_path):
     run = tmp_path / "run"
-    make_llama().save_pretrained(tmp_path / "dense")
-    make_tokenizer().save_pretrained(tmp_path / "dense")
+    save_random_model(tmp_path / "dense")
     prune(str(tmp_path / "dense"), run / "prune", method="magnitude", sparsity=0.5, device="cpu")
     for method in ("spp", "lora", "masked-full"):
         finetune(str(run / "prune"), run / method, method=method, **TINY)

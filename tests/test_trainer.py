@@ -74,14 +74,14 @@ def test_chat_without_template_and_packed_text():
     tokenizer = tiny_tokenizer()
     chat = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]}
     (example,) = build_examples(tokenizer, [chat], 512, mask_prompt=True)
-    assert example["input_ids"] == tokenizer("user: Hi there\nassistant: Hello")["input_ids"] + [1]
+    assert example["input_ids"] == tokenizer("user: Hi there\nassistant: Hello")["input_ids"] + [tokenizer.eos_token_id]
     prompt_len = len(tokenizer("user: Hi there\nassistant: ")["input_ids"])
     assert example["labels"].count(IGNORE_INDEX) == prompt_len
     texts = [{"text": "one two three four five six seven eight nine ten " * 3}] * 5
     windows = build_examples(tokenizer, texts, 32)
     stream_len = 5 * (len(tokenizer(texts[0]["text"])["input_ids"]) + 1)
     assert len(windows) == stream_len // 32 and all(len(w["input_ids"]) == 32 for w in windows)
-    batch = PaddingCollator(pad_token_id=1)([windows[0], example])
+    batch = PaddingCollator(pad_token_id=tokenizer.pad_token_id)([windows[0], example])
     assert batch["input_ids"].shape == (2, 32) and int((batch["labels"][1] == IGNORE_INDEX).sum()) >= prompt_len
 
 

@@ -159,14 +159,3 @@ def check_data(perplexity_tasks: list[str], zeroshot_tasks: list[str], data_dir)
     if data_dir is None and is_offline():
         check_reachable_offline(zeroshot_tasks)
 
-
-def format_metric_label(task: str, seqlen: int | None = None) -> str:
-    """The console label of a task's headline number, protocol and seqlen included.
-
-    "wikitext2" -> "wikitext2 token ppl @2048"; "wikitext" -> "wikitext word ppl (lm-eval)"; "boolq" -> "boolq acc".
-    """
-    if task in PERPLEXITY_TASKS or task.startswith("ppl:"):
-        return f"{task} token ppl @{seqlen}"
-    if task == "wikitext":
-        return "wikitext word ppl (lm-eval)"
-    return f"{task} acc"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import batch_ids, decoder_linears, pruned_tiny_llama, relative_error
+from tiny_models import batch_ids, decoder_linears, pruned_tiny_llama, random_model, relative_error
 from torch import nn
 
 from spp_cli.adapters import METHODS, REGISTRY, adapter_class
@@ -199,16 +199,10 @@ def test_peft_records_do_not_depend_on_where_the_base_lives(tmp_path):
 def test_gemma3_sliding_and_global_attention_adapts_and_merges_keeping_every_zero(method):
     """Gemma3 (random-init, sliding + full attention, GQA, qk-norm): identity at init, merge equals the adapted
     forward, and no zero revived — the fine-tuning side of the architecture tests."""
-    import transformers
-
     from pruners.blocks import prunable_linears
 
-    config = transformers.Gemma3TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"], attn_implementation="eager")
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForCausalLM(config).eval()
+    model = random_model("gemma3", vocab_size=128, num_key_value_heads=2, max_position_embeddings=64, sliding_window=8,
+                         layer_types=["sliding_attention", "full_attention"], attn_implementation="eager")
     names = list(prunable_linears(model))
     with torch.no_grad():
         for name in names:

@@ -4,7 +4,8 @@ import json
 import re
 
 import pytest
-from tiny_models import ALPACA, tiny_tokenizer
+from conftest import TEST_DATA
+from tiny_models import tiny_tokenizer
 
 from spp_cli.data.examples import IGNORE_INDEX, alpaca_prompt, build_examples
 from spp_cli.data.formats import normalize_records
@@ -73,8 +74,9 @@ def test_mask_prompt_on_plain_text_is_bad_input(tmp_path):
                           source="corpus.jsonl")
 
 
+@pytest.mark.needs_data
 def test_the_shipped_alpaca_subset_is_valid_and_canonical_records_are_a_fixed_point():
-    records = read_records(str(ALPACA))
+    records = read_records(str(TEST_DATA / "alpaca" / "alpaca_small.json"))
     canonical = normalize_records(records, mask_prompt=True)
     assert len(canonical) == 2000 and all(set(r) == {"instruction", "input", "output"} for r in canonical)
     assert normalize_records(canonical) == canonical

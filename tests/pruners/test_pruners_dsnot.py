@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-import transformers
+from tiny_models import random_model
 
 from pruners import parse_pattern
 from pruners.dsnot import DSnoTPruner, refine_nm, refine_unstructured, reorder_by_sign
@@ -134,11 +134,8 @@ def test_nm_refinement_lowers_the_expected_error_and_keeps_groups():
 
 def llama(hidden=256, seed=0):
     """A random-init LLaMA whose hidden states have non-zero feature means (an embedding offset), like trained LMs."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128, attn_implementation="eager")
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = random_model("llama", seed, vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_key_value_heads=2, max_position_embeddings=128, attn_implementation="eager")
     with torch.no_grad():
         model.model.embed_tokens.weight.add_(0.05 * torch.randn(hidden))
     return model

@@ -3,25 +3,19 @@
 import numpy as np
 import pytest
 import torch
-import transformers
+from tiny_models import random_model
 
 from pruners import parse_pattern
 from pruners.experts import ExpertLinear, weight_of
 from pruners.sequential import PruneOptions, prunable_linears, prune_model
 
 VOCAB = 128
-MOE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-           max_position_embeddings=64, num_experts_per_tok=2, attn_implementation="eager")
-CONFIGS = {
-    "mixtral": lambda: transformers.MixtralConfig(**MOE, intermediate_size=128, num_local_experts=4),
-    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**MOE, intermediate_size=128, moe_intermediate_size=64,
-                                                     num_experts=4, head_dim=16, norm_topk_prob=True),
-}
+ARCHITECTURES = ("mixtral", "qwen3_moe")
 
 
 def moe_model(arch):
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+    model = random_model(arch, vocab_size=VOCAB, num_key_value_heads=2, max_position_embeddings=64,
+                         attn_implementation="eager")
     with torch.no_grad():  # different routers per block, and a clear preference so routing is uneven
         for block in model.model.layers:
             block.mlp.gate.weight.normal_(0, 0.5)
@@ -33,7 +27,7 @@ def calibration(nsamples=4, seqlen=16):
 
 
 def test_fused_experts_become_one_linear_per_projection_and_routers_are_left_alone():
-    for arch in CONFIGS:
+    for arch in ARCHITECTURES:
         model = moe_model(arch)
         experts = model.model.layers[0].mlp.experts
         assert experts.gate_up_proj.dim() == 3  # transformers 5 fuses the experts: no nn.Linear per expert
@@ -76,7 +70,7 @@ def wanda_mask_formula(weight, tokens, sparsity=0.5):
     return mask
 
 
-@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_each_expert_is_pruned_with_the_tokens_routed_to_it(arch):
     ids = calibration()
     model, reference = moe_model(arch), moe_model(arch)
@@ -98,7 +92,7 @@ def test_each_expert_is_pruned_with_the_tokens_routed_to_it(arch):
     assert not np.array_equal((weight_of(model, "model.layers.0.mlp.experts.0.gate_proj") == 0).numpy(), everyone)
 
 
-@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_moe_end_to_end_every_method_and_pattern(arch):
     ids = calibration()
     for method in ["magnitude", "wanda", "sparsegpt"]:

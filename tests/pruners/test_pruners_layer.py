@@ -153,9 +153,13 @@ def test_wanda_variant_equals_reference_loop():
 
 
 def test_wanda_variant_row_with_nothing_under_alpha_prunes_nothing():
-    score = torch.tensor([[100.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
-    mask = variant_mask(score, 0.5)
-    assert mask.dtype == torch.bool and mask.shape == score.shape
+    """Row 0 is uniform: its smallest score is 1/4 of its total, so nothing of it fits under alpha < 0.25; row 1's
+    three small scores fit under any alpha. alpha 0.4 prunes 7 of 8 (row 0's four ties and row 1's three), the
+    bisection halves to alpha 0.2, which gives the target 3 of 8: row 0 keeps every weight (the reference would
+    gather at position -1 there and prune the whole row)."""
+    score = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.01, 0.01, 0.01, 100.0]])
+    mask = variant_mask(score, 0.375)
+    assert mask.tolist() == [[False, False, False, False], [True, True, True, False]]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """OWL block sparsities (pruners/owl.py) against an independent transcription of luuyin/OWL's formula."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-import transformers
+from tiny_models import random_model
 
 from pruners import PatternError, parse_pattern
 from pruners.owl import owl_sparsities
@@ -20,11 +23,8 @@ VOCAB, SEQLEN, NSAMPLES, BLOCKS = 128, 16, 4, 4
 
 def tiny_llama(seed=0):
     """Four random-init blocks; a few embedding columns x50 (outlier features) and block-dependent scales."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=BLOCKS,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      attn_implementation="eager")
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = random_model("llama", seed, vocab_size=VOCAB, num_hidden_layers=BLOCKS, num_key_value_heads=2,
+                         max_position_embeddings=64, attn_implementation="eager")
     with torch.no_grad():
         model.get_input_embeddings().weight[:, [3, 17, 40]] *= 50
         for index, block in enumerate(model.model.layers):  # make the blocks' outlier ratios differ clearly
@@ -106,13 +106,28 @@ def test_every_layer_is_pruned_at_its_block_ratio(method):
     assert abs(overall / total - 0.5) < 0.01  # every block has the same linears, so the mean carries over
 
 
+def _sequential_tests():
+    """The sibling test module (its Wanda formula and block-by-block pruning by hand), loaded by path."""
+    spec = importlib.util.spec_from_file_location("pruners_sequential_tests",
+                                                  Path(__file__).with_name("test_pruners_sequential.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_uniform_profile_is_unchanged():
-    uniform, owl_model = tiny_llama(), tiny_llama()
-    prune_model(uniform, calibration(), PruneOptions("wanda", parse_pattern("unstructured", 0.5)))
-    prune_model(owl_model, calibration(),
-                PruneOptions("wanda", parse_pattern("unstructured", 0.5), sparsity_profile="uniform"))
-    for name, lin in prunable_linears(uniform).items():
-        assert torch.equal(lin.weight, prunable_linears(owl_model)[name].weight), name
+    """sparsity_profile="uniform" is the driver without OWL: every block at the target, each linear pruned by
+    Wanda's formula on the inputs of the model pruned so far (on this model OWL's four ratios differ)."""
+    by_hand, ids = _sequential_tests(), calibration()
+    uniform, blocks = tiny_llama(), []
+    prune_model(uniform, ids, PruneOptions("wanda", parse_pattern("unstructured", 0.5), sparsity_profile="uniform"),
+                on_block=blocks.append)
+    reference = tiny_llama()
+    by_hand.sequentially_by_hand(
+        reference, ids, lambda w, x: w.masked_fill(torch.from_numpy(by_hand.wanda_formula(w, x, 0.5)), 0))
+    assert [b.sparsity for b in blocks] == [0.5] * BLOCKS
+    for name, lin in prunable_linears(reference).items():
+        assert torch.equal(prunable_linears(uniform)[name].weight == 0, lin.weight == 0), name
 
 
 def test_owl_sparsities_formula_edge_cases():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from tiny_models import tiny_config
 from torch import nn
 
 from benchmarks.reference import reference_fasterprune
@@ -23,26 +24,19 @@ from pruners.sequential import (
 )
 
 VOCAB, SEQLEN, NSAMPLES = 128, 16, 4
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, max_position_embeddings=64,
-              attn_implementation="eager")
-LLAMA_LIKE = dict(intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-ARCHITECTURES = {
-    "llama": lambda: transformers.LlamaConfig(**COMMON, **LLAMA_LIKE),
-    "llama-sdpa": lambda: transformers.LlamaConfig(**{**COMMON, "attn_implementation": "sdpa"}, **LLAMA_LIKE),
-    "mistral": lambda: transformers.MistralConfig(**COMMON, **LLAMA_LIKE, sliding_window=8),
-    "qwen2": lambda: transformers.Qwen2Config(**COMMON, **LLAMA_LIKE, use_sliding_window=True, sliding_window=8,
-                                              max_window_layers=1),
-    "qwen3": lambda: transformers.Qwen3Config(**COMMON, **LLAMA_LIKE, head_dim=16),
-    "gemma2": lambda: transformers.Gemma2Config(**{**COMMON, "num_hidden_layers": 3}, **LLAMA_LIKE, head_dim=16,
-                                                sliding_window=8),
-    "gemma3": lambda: transformers.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 3}, **LLAMA_LIKE, head_dim=16,
-                                                    sliding_window=8, layer_types=["sliding_attention",
-                                                                                   "full_attention",
-                                                                                   "sliding_attention"]),
-    "phi3": lambda: transformers.Phi3Config(**COMMON, **LLAMA_LIKE, pad_token_id=0),
-    "opt": lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
-                                          num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
-                                          attn_implementation="eager", pad_token_id=1),
+SMALL = dict(vocab_size=VOCAB, max_position_embeddings=64, num_key_value_heads=2, attn_implementation="eager")
+SLIDING_FULL_SLIDING = ["sliding_attention", "full_attention", "sliding_attention"]
+ARCHITECTURES = {  # tiny_models.tiny_config with SMALL and each architecture's attention variant
+    "llama": lambda: tiny_config("llama", **SMALL),
+    "llama-sdpa": lambda: tiny_config("llama", **{**SMALL, "attn_implementation": "sdpa"}),
+    "mistral": lambda: tiny_config("mistral", **SMALL, sliding_window=8),
+    "qwen2": lambda: tiny_config("qwen2", **SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    "qwen3": lambda: tiny_config("qwen3", **SMALL),
+    "gemma2": lambda: tiny_config("gemma2", **SMALL, num_hidden_layers=3, sliding_window=8),
+    "gemma3": lambda: tiny_config("gemma3", **SMALL, num_hidden_layers=3, sliding_window=8,
+                                  layer_types=SLIDING_FULL_SLIDING),
+    "phi3": lambda: tiny_config("phi3", **SMALL),
+    "opt": lambda: tiny_config("opt", **SMALL),
 }
 _BUILT = {}
 

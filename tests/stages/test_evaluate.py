@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import TEST_DATA
+from conftest import SOME_DATA
 
 from spp_cli.errors import BadInput
 from spp_cli.report import read_stages
@@ -16,7 +16,7 @@ ENTRY_KEYS = {"results", "perplexity", "mean_acc_7", "n-samples", "task_versions
 
 
 def run(models: dict, out, **options) -> dict:
-    evaluate_models(models, TASKS, out, seqlen=64, limit=2, data_dir=str(TEST_DATA), device="cpu", **options)
+    evaluate_models(models, TASKS, out, seqlen=64, limit=2, data_dir=str(SOME_DATA), device="cpu", **options)
     return json.loads(out.read_text())
 
 

@@ -4,9 +4,8 @@ provenance checks before training (a changed parent, a dense parent), bad option
 import json
 
 import pytest
-from conftest import make_llama, make_tokenizer
 from safetensors.torch import load_file, save_file
-from tiny_models import ALPACA
+from tiny_models import ALPACA, save_random_model
 
 from spp_cli.adapters import METHODS, REGISTRY
 from spp_cli.errors import BadInput
@@ -22,8 +21,7 @@ TINY = dict(data=str(ALPACA), max_steps=2, batch_size=4, micro_batch_size=4, seq
 @pytest.fixture(params=["unstructured", "2:4"])
 def pruned(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("pruned")
-    make_llama().save_pretrained(root / "dense")
-    make_tokenizer().save_pretrained(root / "dense")
+    save_random_model(root / "dense")
     sparsity = 0.5 if request.param == "unstructured" else None
     prune(str(root / "dense"), root / "pruned", method="magnitude", pattern=request.param, sparsity=sparsity,
           device="cpu")
@@ -123,8 +121,7 @@ def test_a_merge_rounded_away_is_reported_not_published_silently(tmp_path):
 
 
 def test_the_stage_reports_its_steps_and_warnings_as_events(tmp_path):
-    make_llama().save_pretrained(tmp_path / "dense")
-    make_tokenizer().save_pretrained(tmp_path / "dense")
+    save_random_model(tmp_path / "dense")
     prune(str(tmp_path / "dense"), tmp_path / "pruned", method="magnitude", sparsity=0.5, device="cpu")
     (tmp_path / "pruned" / "spp.json").unlink()  # a model spp did not write: its zeros are the mask, and it says so
     events = []

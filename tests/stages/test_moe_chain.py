@@ -11,9 +11,8 @@ import shutil
 import pytest
 import torch
 import transformers
-from conftest import make_tokenizer
 from safetensors.torch import load_file, save_file
-from tiny_models import ALPACA
+from tiny_models import ALPACA, random_model, save_random_model
 
 from pruners.experts import weight_of
 from spp_cli.adapters import adapter_class
@@ -26,13 +25,7 @@ from spp_cli.stages.merge import merge_adapter
 from spp_cli.stages.prune import prune
 from spp_cli.stages.verify import verify_checkpoint
 
-MOE = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-           max_position_embeddings=256, num_experts_per_tok=2, tie_word_embeddings=False)
-CONFIGS = {
-    "mixtral": lambda: transformers.MixtralConfig(**MOE, intermediate_size=128, num_local_experts=4),
-    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**MOE, intermediate_size=128, moe_intermediate_size=64,
-                                                     num_experts=4, head_dim=16, norm_topk_prob=True),
-}
+ARCHITECTURES = ("mixtral", "qwen3_moe")
 # where save_pretrained puts block 1's expert 2 up projection (transformers 5.24 reverts its fusion on save)
 UP_2_ON_DISK = {"mixtral": "model.layers.1.block_sparse_moe.experts.2.w3.weight",
                 "qwen3_moe": "model.layers.1.mlp.experts.2.up_proj.weight"}
@@ -41,17 +34,15 @@ TRAIN = dict(data=str(ALPACA), max_steps=3, batch_size=4, micro_batch_size=4, se
 ATTENTION, EXPERT_SLICES = 2 * 4, 2 * 4 * 3  # linears per model: q, k, v, o per block; 4 experts x 3 per block
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+@pytest.fixture(scope="module", params=ARCHITECTURES)
 def pruned(request, tmp_path_factory):
     """(architecture, dense dir, pruned dir): Wanda 50% with routed calibration, every expert with its tokens."""
     root = tmp_path_factory.mktemp(request.param)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[request.param]()).eval()
+    model = random_model(request.param, num_key_value_heads=2, tie_word_embeddings=False)
     with torch.no_grad():  # a clear router preference: uneven routing, as in tests/pruners/test_pruners_experts.py
         for block in model.model.layers:
             block.mlp.gate.weight.normal_(0, 0.5)
-    model.save_pretrained(root / "dense")
-    make_tokenizer().save_pretrained(root / "dense")
+    save_random_model(root / "dense", model=model)
     text = "def f(x): return x * 2 # a comment about the code " * 60
     (root / "calib.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(8)))
     prune(str(root / "dense"), root / "pruned", method="wanda", sparsity=0.5, calib=str(root / "calib.jsonl"),

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import make_llama, make_tokenizer
+from tiny_models import random_model, save_random_model
 
 import spp_cli
 from spp_cli.io.manifest import weight_sha256
@@ -15,18 +15,12 @@ from spp_cli.io.manifest import weight_sha256
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune-options")
     dense = root / "dense"
-    make_llama(layers=4).save_pretrained(dense)
-    make_tokenizer().save_pretrained(dense)
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                        num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
-    mixtral = transformers.MixtralForCausalLM(config).eval()
+    save_random_model(dense, num_hidden_layers=4)
+    mixtral = random_model("mixtral", num_key_value_heads=2)
     with torch.no_grad():
         for block in mixtral.model.layers:
             block.mlp.gate.weight.normal_(0, 0.5)
-    mixtral.save_pretrained(root / "mixtral")
-    make_tokenizer().save_pretrained(root / "mixtral")
+    save_random_model(root / "mixtral", model=mixtral)
     text = "def f(x): return x * 2 # a comment about the code " * 60
     (root / "calib.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(20)))
     return root

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_tokenizer
+from conftest import REPO
 from safetensors.torch import load_file, save_file
+from tiny_models import save_random_model
 
 from spp_cli.errors import BadInput
 from spp_cli.io.ownership import RECORD, read_record
@@ -21,30 +22,24 @@ from spp_cli.stages.prune_streaming import staging_path
 CALIB = {"calib": "builtin:python-docs:train", "nsamples": 4, "seqlen": 32, "device": "cpu"}
 
 
-def _config(arch: str):
-    from transformers import Gemma2Config, LlamaConfig, Qwen2Config
-
-    common = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
-    if arch == "llama":  # tied embeddings: lm_head is not saved
-        return LlamaConfig(**common, tie_word_embeddings=True)
-    if arch == "llama-wide":  # 9 MB in fp32: input shards of 1 MB make output shards of 2 MB, an index
-        return LlamaConfig(**{**common, "vocab_size": 4096, "hidden_size": 128, "intermediate_size": 256})
-    if arch == "qwen2":  # q/k/v biases, sliding-window layers from block 2 on
-        return Qwen2Config(**common, tie_word_embeddings=False, use_sliding_window=True, sliding_window=16,
-                           max_window_layers=2)
-    return Gemma2Config(**common, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+# each model's architecture and what differs from tiny_models.BASE
+SIZES = {"intermediate_size": 96, "num_hidden_layers": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+MODELS = {
+    "llama": ("llama", {"tie_word_embeddings": True}),  # tied embeddings: lm_head is not saved
+    # 9 MB in fp32: input shards of 1 MB make output shards of 2 MB, an index
+    "llama-wide": ("llama", {"vocab_size": 4096, "hidden_size": 128, "intermediate_size": 256}),
+    # q/k/v biases, sliding-window layers from block 2 on
+    "qwen2": ("qwen2", {"tie_word_embeddings": False, "use_sliding_window": True, "sliding_window": 16,
+                        "max_window_layers": 2}),
+    "gemma2": ("gemma2", {"sliding_window": 16, "query_pre_attn_scalar": 16}),
+}
 
 
-def save_random(directory: Path, arch: str, dtype=torch.float32, shard: str = "5GB", seed: int = 0) -> Path:
-    """A random-init `arch` model saved to `directory` (with a tokenizer), in `dtype`, sharded at `shard`."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(arch)).to(dtype)
-    model.save_pretrained(directory, max_shard_size=shard)
-    make_tokenizer().save_pretrained(directory)
-    return directory
+def save_random(directory: Path, name: str, dtype=torch.float32, shard: str = "5GB", seed: int = 0) -> Path:
+    """A random-init model `name` of MODELS saved to `directory` (with a tokenizer), in `dtype`, sharded at
+    `shard`."""
+    arch, options = MODELS[name]
+    return save_random_model(directory, arch, seed, dtype, shard, **{**SIZES, **options})
 
 
 def assert_same_output(streamed: Path, in_memory: Path) -> None:

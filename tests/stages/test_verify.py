@@ -3,8 +3,9 @@
 import json
 
 import torch
-from conftest import make_llama, make_tokenizer, run_spp
+from conftest import run_spp
 from safetensors.torch import load_file, save_file
+from tiny_models import random_model, tiny_tokenizer
 
 from spp_cli.io import checkpoint
 from spp_cli.io.manifest import layers_record
@@ -12,7 +13,7 @@ from spp_cli.io.manifest import layers_record
 
 def save_two_four(directory):
     """A 2:4 magnitude-pruned tiny LLaMA with its spp.json; returns the layer names."""
-    model = make_llama()
+    model = random_model()
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -23,7 +24,7 @@ def save_two_four(directory):
             mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, drop, True).reshape(weight.shape)
             weight[mask] = 0
     manifest = {"stage": "prune", "pattern": "2:4", "layers": layers_record(model, names), "dense": False}
-    checkpoint.save_checkpoint(model, make_tokenizer(), directory, manifest)
+    checkpoint.save_checkpoint(model, tiny_tokenizer(), directory, manifest)
     return names
 
 
