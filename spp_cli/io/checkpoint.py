@@ -106,20 +106,30 @@ def load_model(
     with_tokenizer=False returns (model, None): transformers 5 builds a tokenizer in Python from tokenizer.json, 5-8 s
     for Gemma 3's 262k-token vocabulary, so a caller that does not use it should not load it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = check_model(path_or_id, allow_pickle)
-    options = {"trust_remote_code": trust_remote_code}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype(dtype), use_safetensors=None if allow_pickle else True, **options
+            path, dtype=torch_dtype(dtype), use_safetensors=None if allow_pickle else True,
+            trust_remote_code=trust_remote_code,
         )
-        tokenizer = AutoTokenizer.from_pretrained(path, **options) if with_tokenizer else None
     except (OSError, ValueError) as error:
         raise BadInput(f"could not load model '{path_or_id}': {first_line(error)}") from None
+    tokenizer = load_tokenizer(path, trust_remote_code) if with_tokenizer else None
     model.eval()
     model.spp_stored_dtype = stored_dtype(path, model)
     return model.to(device), tokenizer
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """A model folder's tokenizer (one line on failure): the one place spp loads a tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise BadInput(f"could not load the tokenizer of '{path}': {first_line(error)}") from None
 
 
 def stored_dtype(path: str, model) -> torch.dtype:

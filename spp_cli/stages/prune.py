@@ -115,7 +115,7 @@ def load(plan: PrunePlan, trust_remote_code: bool, allow_pickle: bool) -> Loaded
     streamed = prune_streaming.streamed_model(stage.streaming, plan.model_path, stage.dtype, trust_remote_code)
     if streamed is not None:
         model = streamed.model
-        tokenizer = prune_streaming.load_tokenizer(plan.model_path, trust_remote_code)
+        tokenizer = checkpoint.load_tokenizer(plan.model_path, trust_remote_code)
     else:
         model, tokenizer = checkpoint.load_model(plan.model, dtype=stage.dtype, trust_remote_code=trust_remote_code,
                                                  allow_pickle=allow_pickle)

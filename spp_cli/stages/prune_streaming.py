@@ -146,17 +146,6 @@ def open_streamed_model(model_path: str, dtype: str, trust_remote_code: bool) ->
     return StreamedModel(model, source, plan, prefix, stored)
 
 
-def load_tokenizer(model_path: str, trust_remote_code: bool):
-    """The tokenizer, as checkpoint.load_model reads it (one line on failure)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BadInput(f"could not load the tokenizer of '{model_path}': {first_line}") from None
-
-
 def _plan(model: nn.Module, stored: torch.dtype, directory: Path) -> OutputPlan:
     from spp_cli.stages.streamed_checkpoint import plan_output
 
