@@ -147,7 +147,11 @@ def test_fsdp2_two_processes_resume_keep_every_zero_and_equal_one_process(runs, 
     assert (training["parallelism"], training["processes"], training["steps"]) == ("fsdp2", 2, 8)
     assert training["resumed_from"] in ("checkpoint-2", "checkpoint-4", "checkpoint-6")
     assert_equal_to_one_process(runs, sharded)
-    assert training["loss_curve"] == run_training(runs / "single")["loss_curve"]
+    sharded_curve, single_curve = training["loss_curve"], run_training(runs / "single")["loss_curve"]
+    # The resumed sharded run's gradient sum is reordered: on the shared test model (tests/tiny_models.py) one step's
+    # loss moved by 8e-8 relative (bit-equal on the model the test used before), within the weights' tolerance
+    assert [(p["step"], p["lr"]) for p in sharded_curve] == [(p["step"], p["lr"]) for p in single_curve]
+    assert [p["loss"] for p in sharded_curve] == pytest.approx([p["loss"] for p in single_curve], rel=TOLERANCE)
 
 
 @pytest.mark.slow
@@ -170,7 +174,7 @@ def test_fsdp2_two_processes_masked_lora_keeps_every_zero_and_equals_one_process
     assert (training["parallelism"], training["processes"], training["steps"]) == ("fsdp2", 2, 8)
     assert_equal_to_one_process(runs, sharded, single.name, moving="lora_B")
     sharded_curve, single_curve = training["loss_curve"], run_training(single)["loss_curve"]
-    # Not bit-equal as SPP's is: the reordered gradient sum moves A and B by ~1 ulp, measured 8e-8 of the loss
+    # The reordered gradient sum moves A and B by ~1 ulp, measured 8e-8 of the loss
     assert [(p["step"], p["lr"]) for p in sharded_curve] == [(p["step"], p["lr"]) for p in single_curve]
     assert [p["loss"] for p in sharded_curve] == pytest.approx([p["loss"] for p in single_curve], rel=TOLERANCE)
 

@@ -12,6 +12,7 @@ from torch import nn
 from spp_cli.adapters import METHODS, REGISTRY, adapter_class
 from spp_cli.errors import BadInput
 from spp_cli.io.manifest import zeros_sha256
+from spp_cli.io.ownership import RECORD
 from spp_cli.recipe.schema import FinetuneStage
 
 ZERO_KEEPING = [name for name, method in REGISTRY.items() if method.keeps_zeros]
@@ -173,8 +174,8 @@ def test_saved_adapter_loads_onto_a_fresh_base_and_merges_the_same(method, tmp_p
     adapter.after_optimizer_step(adapted)
     adapter.save(adapted, tmp_path / "adapter", base_path="base", base_manifest_sha256=None)
     files = {p.name for p in (tmp_path / "adapter").iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= files <= {"adapter_config.json",
-                                                                             "adapter_model.safetensors", "README.md"}
+    assert {"adapter_config.json", "adapter_model.safetensors", RECORD} <= files <= {
+        "adapter_config.json", "adapter_model.safetensors", "README.md", RECORD}  # RECORD: spp_cli/io/ownership.py
     loaded, reloaded = adapter_class(method).load(pruned_tiny_llama("2:4", init_std=0.3), tmp_path / "adapter")
     want, got = adapter.merge(adapted).state_dict(), loaded.merge(reloaded).state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

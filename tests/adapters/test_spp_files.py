@@ -12,6 +12,7 @@ from tiny_models import decoder_linears, pruned_tiny_llama, randomize_adapters
 from spp_cli.adapters.spp import SPPAdapter, SPPConfig, load_spp_adapter, merge_spp, spp_layers
 from spp_cli.errors import BadInput
 from spp_cli.io.manifest import zeros_sha256
+from spp_cli.io.ownership import RECORD
 
 
 def trained_like_model(pattern="2:4"):
@@ -40,7 +41,7 @@ def test_save_load_merge_is_bit_identical(tmp_path):
 def test_adapter_files_layout(tmp_path):
     model, adapter = trained_like_model()
     adapter.save(model, tmp_path / "adapter", base_path="prune/", base_manifest_sha256=None)
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [RECORD, "adapter_config.json",
                                                                       "adapter_model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp dirs left behind
     data = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
