@@ -249,10 +249,10 @@ def run(
     """Run a recipe's stages in order; a finished stage with the same options is skipped, a broken one resumed,
     a changed one (and every stage after it) rerun into the same folder."""
     from spp_cli.pipeline import run_recipe
-    from spp_cli.render import render_run
+    from spp_cli.render import event_printer, render_run
 
     _quiet_libraries()
-    summary = run_recipe(recipe, overrides or [], dry_run=dry_run, console=_console(stderr=True))
+    summary = run_recipe(recipe, overrides or [], dry_run=dry_run, on_event=event_printer(_console(stderr=True)))
     _emit(summary, output_format, render_run)
 
 

@@ -10,18 +10,19 @@ Kinds and their payloads:
     "progress"  a share of an evaluation: {"done": int, "total": int, "label": str}
     "warning"   something the user should act on: str (printed as "spp: warning: ...")
     "note"      something the user should know, e.g. a resume: str (printed as "spp: ...")
+    "stage"     `spp run` starts a stage: {"name": str, "type": str}
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("block", "step", "progress", "warning", "note")
+KINDS = ("block", "step", "progress", "warning", "note", "stage")
 
 
 @dataclass(frozen=True)
 class Event:
-    stage: str  # prune | finetune | merge | eval
+    stage: str  # prune | finetune | merge | eval | run
     kind: str  # one of KINDS
     payload: Any = None
 

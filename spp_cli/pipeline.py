@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from spp_cli.errors import BadInput
+from spp_cli.events import Listener, notify
 from spp_cli.io.outputs import check_spp_output
 from spp_cli.io.ownership import check_replaceable_file, write_owned
 from spp_cli.recipe.resolve import EvalStage, FinetuneStage, PruneStage, Recipe, dump_resolved, load_recipe
@@ -32,8 +33,7 @@ def model_path(recipe: Recipe, reference: str) -> str:
     return reference
 
 
-def run_stage(recipe: Recipe, stage, console) -> dict:
-    from spp_cli.render import event_printer
+def run_stage(recipe: Recipe, stage, on_event: Listener | None = None) -> dict:
     from spp_cli.stages.evaluate import evaluate_models
     from spp_cli.stages.finetune import finetune
     from spp_cli.stages.prune import prune
@@ -44,7 +44,6 @@ def run_stage(recipe: Recipe, stage, console) -> dict:
     replace = True
     loading = {"trust_remote_code": recipe.trust_remote_code, "allow_pickle": recipe.allow_pickle}
     options = stage.command_options()
-    on_event = event_printer(console) if console is not None else None
     if isinstance(stage, PruneStage):
         return prune(
             model_path(recipe, stage.input), directory, overwrite=replace, on_event=on_event, **loading, **options
@@ -94,7 +93,7 @@ def check_recipe(recipe: Recipe) -> None:
 
 
 def run_recipe(
-    recipe_file: str | Path, overrides: list[str], *, dry_run: bool = False, console=None
+    recipe_file: str | Path, overrides: list[str], *, dry_run: bool = False, on_event: Listener | None = None
 ) -> dict:
     """Run (or with dry_run only validate) a recipe; returns a summary of every stage and the last evaluation."""
     recipe = load_recipe(recipe_file, overrides)
@@ -109,10 +108,9 @@ def run_recipe(
     output_dir = Path(recipe.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for stage in recipe.stages:
-        if console is not None:
-            console.print(f"stage {stage.name} ({stage.TYPE}) ...")
+        notify(on_event, "run", "stage", {"name": stage.name, "type": stage.TYPE})
         started = time.time()
-        result = run_stage(recipe, stage, console)
+        result = run_stage(recipe, stage, on_event)
         seconds = time.time() - started
         output = stage_output(recipe, stage)
         skipped = bool(result.get("skipped"))

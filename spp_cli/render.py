@@ -83,6 +83,8 @@ def event_printer(console):
             on_progress(event.payload["done"], event.payload["total"], event.payload["label"])
         elif event.kind == "warning":
             console.print(f"spp: warning: {event.payload}")
+        elif event.kind == "stage":
+            console.print(f"stage {event.payload['name']} ({event.payload['type']}) ...")
         else:
             console.print(f"spp: {event.payload}")
 
