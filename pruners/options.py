@@ -81,8 +81,14 @@ class PruneOptions:
                 f"{self.pattern.sparsity:g}: use pattern unstructured or sparsity_profile uniform"
             )
         check_owl_options(self.owl_threshold, self.owl_lambda)
+        settings = self.reconstruct_settings()
+        changed = [f"reconstruct_{name}" for name in ("epochs", "lr", "batch_size", "weight_decay", "warmup_steps")
+                   if getattr(settings, name) != getattr(DEFAULTS, name)]
+        if not self.reconstructs and (changed or self.reconstruct_params != "weights"):
+            raise PrunerOptionError(f"{(changed or ['reconstruct_params'])[0]} applies to refine reconstruct (or "
+                                    "dsnot+reconstruct): add it or drop the option")
         if self.reconstructs:
-            self.reconstruct_settings().check()
+            settings.check()
             if self.reconstruct_params != "weights":
                 raise PrunerOptionError(f"reconstruct_params {self.reconstruct_params!r} is not implemented: use "
                                         "weights")
