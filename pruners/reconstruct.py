@@ -183,8 +183,8 @@ def train_block(block: BlockContext, settings: ReconstructSettings) -> None:
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + block.index)
     optimizer = torch.optim.AdamW(weights.masters, lr=settings.lr, betas=ADAM_BETAS,
                                   weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, linear_warmup_decay(settings.warmup_steps, settings.epochs * steps_per_epoch(block, settings.batch_size)))
+    total_steps = settings.epochs * steps_per_epoch(block, settings.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(settings.warmup_steps, total_steps))
     scale = FP16_INITIAL_SCALE if weights.weights[0].dtype == torch.float16 else 1.0
     try:
         with torch.enable_grad():

@@ -164,7 +164,7 @@ class PruneStage(Stage):
     reconstruct_weight_decay: float = option_field(0.1, "float", low=0, help="Reconstruct: AdamW weight decay.")
     reconstruct_warmup_steps: int = option_field(0, "int", low=0, help="Reconstruct: linear warmup steps per block.")
     reconstruct_params: str = option_field("weights", choices=("weights", "spp", "masked-lora"),
-                                           help="Reconstruct: what trains (weights: the kept weights; adapters: not yet).")
+                                           help="Reconstruct: what trains (the kept weights; adapters: not yet).")
     min_expert_tokens: int = option_field(
         16, "int", low=0, help="An MoE expert that saw fewer calibration tokens is pruned by magnitude instead.",
     )

@@ -265,7 +265,7 @@ def new_option_records(stage: PruneStage, owl: dict[int, tuple[float, float]], r
     if stage.refine.endswith("reconstruct"):  # every LayerReport of a block carries the block's pair
         errors = {r.reconstruct["block"]: r.reconstruct for r in reports if r.reconstruct is not None}
         records["reconstruct"] = {"params": stage.reconstruct_params, "block_error": {
-            str(block): {"before": errors[block]["before"], "after": errors[block]["after"]} for block in sorted(errors)}}
+            str(block): {key: errors[block][key] for key in ("before", "after")} for block in sorted(errors)}}
     fallbacks = {r.name: {"method": r.fallback, "tokens": r.tokens} for r in reports if r.fallback}
     if fallbacks:
         records["expert_fallbacks"] = fallbacks
