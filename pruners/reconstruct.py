@@ -50,7 +50,7 @@ from torch import nn
 
 from pruners.blocks import _same_call, block_outputs
 from pruners.errors import PrunerOptionError
-from pruners.hooks import ERROR_WINDOWS, BlockContext, PruneHook, PruneRun
+from pruners.hooks import ERROR_WINDOWS, BlockContext, PruneHook, PruneRun, error_terms
 
 ADAM_BETAS = (0.9, 0.95)  # EBFT lib/options.py:18-19
 MAX_GRAD_NORM = 1.0  # EBFT lib/options.py:20
@@ -104,9 +104,8 @@ def relative_error(block: BlockContext, windows: int = ERROR_WINDOWS) -> float:
     squared_error = squared_norm = 0.0
     for batch, out in block_outputs(block.module, block.inputs, block.calls[:count], block.batches[:count],
                                     block.device):
-        dense = block.outputs[batch].to(out.device).float()
-        squared_error += float((out.float() - dense).square().sum())
-        squared_norm += float(dense.square().sum())
+        terms = error_terms(out, block.outputs[batch])
+        squared_error, squared_norm = squared_error + terms[0], squared_norm + terms[1]
     return squared_error / squared_norm if squared_norm > 0 else 0.0
 
 

@@ -135,3 +135,12 @@ def test_the_schema_defaults_are_ebfts():
             stage.reconstruct_weight_decay, stage.reconstruct_warmup_steps) == (
         defaults.epochs, defaults.lr, defaults.batch_size, defaults.weight_decay, defaults.warmup_steps) == (
         10, 2e-4, 8, 0.1, 0)
+
+
+def test_fused_moe_experts_are_refused_before_any_weight_changes():
+    moe = random_model("mixtral", seed=0, dtype=torch.float32)
+    before = [parameter.clone() for parameter in moe.parameters()]
+    with pytest.raises(PrunerOptionError, match="fused MoE expert projection"):
+        prune_model(moe, calibration(), PruneOptions("wanda", parse_pattern("unstructured", 0.5),
+                                                     refine="reconstruct"))
+    assert all(torch.equal(a, b) for a, b in zip(moe.parameters(), before, strict=True))
