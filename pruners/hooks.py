@@ -25,8 +25,8 @@ the last or on failure. make_pruner(name, linear, inner) chooses the object that
 `inner()` builds what the hooks before it (and the method) would. Without calibration data (magnitude) a block
 runs begin_block, prune, after_prune and end_block only.
 
-Users: pruners/owl.py (OwlSparsity), dsnot.py (DSnoTRefinement), experts.py (ExpertFallback), and
-`ReconstructionError` below (the relative output error each BlockReport carries).
+Users: pruners/owl.py (OwlSparsity), dsnot.py (DSnoTRefinement), experts.py (ExpertFallback), reconstruct.py
+(BlockReconstruction), and `ReconstructionError` below (the relative output error each BlockReport carries).
 """
 
 from __future__ import annotations
@@ -130,6 +130,12 @@ class PruneHook:
         pass
 
 
+def error_terms(out: torch.Tensor, dense: torch.Tensor) -> tuple[float, float]:
+    """(||Y - Ŷ||², ||Y||²) in fp32 of a batch's pruned outputs Ŷ = `out` and dense outputs Y = `dense`."""
+    dense = dense.to(out.device).float()
+    return float((out.float() - dense).square().sum()), float(dense.square().sum())
+
+
 class ReconstructionError(PruneHook):
     """||Y - Ŷ||² / ||Y||² of each block over the tokens of the first ERROR_WINDOWS calibration windows (all when
     there are fewer), Y the dense block's outputs and Ŷ the pruned block's, both fed the pruned prefix's outputs.
@@ -143,9 +149,10 @@ class ReconstructionError(PruneHook):
     def pruned_output(self, block: BlockContext, batch: slice, out: torch.Tensor) -> None:
         if batch.start >= ERROR_WINDOWS:
             return
-        dense = block.outputs[batch].to(out.device).float()  # still the dense output: the driver copies after us
-        self.squared_error += float((out.float() - dense).square().sum())
-        self.squared_norm += float(dense.square().sum())
+        # still the dense output: the driver copies after us
+        squared_error, squared_norm = error_terms(out, block.outputs[batch])
+        self.squared_error += squared_error
+        self.squared_norm += squared_norm
         self.windows = batch.stop
 
     def end_block(self, block: BlockContext) -> None:

@@ -15,6 +15,9 @@ class LayerReport:
     damping: float | None  # SparseGPT: damping actually used, as a fraction of mean(diag H); None otherwise
     fallback: str | None = None  # "magnitude" for an expert that saw too few calibration tokens (pruners/experts.py)
     tokens: int | None = None  # calibration tokens an expert's linear saw; None for ordinary linears
+    reconstruct: dict | None = None  # refine reconstruct: {"block": index, "before": error, "after": error}, its
+    # block's relative output errors before and after training (the BlockReport's two; here too because a resumed
+    # streamed prune keeps LayerReports, so spp.json still has every block's); None without reconstruct
 
 
 @dataclass
@@ -27,6 +30,8 @@ class BlockReport:
     outlier_ratio: float | None = None  # OWL: percent of Wanda-metric entries above M x their mean; None otherwise
     total: int | None = None  # how many blocks the model has
     error_windows: int | None = None  # how many calibration windows reconstruction_error is measured on
+    error_before_reconstruct: float | None = None  # refine reconstruct: the same error before the block's kept
+    # weights were trained (reconstruction_error is after); None without reconstruct
 
 
 @dataclass

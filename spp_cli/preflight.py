@@ -120,7 +120,8 @@ def check_prune(stage, model: str | None, *, architecture: str | None = None, al
 
             wants_streaming("on", resolve_model_path(model))  # a local safetensors folder, or BadInput
         check_model_reference(model, allow_pickle)
-    if stage.method != "magnitude" or stage.sparsity_profile == "owl":  # only these read calibration windows
+    if stage.method != "magnitude" or stage.sparsity_profile == "owl" or stage.refine.endswith("reconstruct"):
+        # only these read calibration windows
         check_source(stage.calib)
         check_seqlen(architecture or model, stage.seqlen, trust_remote_code)
 

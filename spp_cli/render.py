@@ -14,7 +14,9 @@ def block_progress(console):
         error = report.reconstruction_error
         measured = error is not None and not math.isnan(error)
         windows = getattr(report, "error_windows", None)
-        error_text = (f"{error:.4g}" + (f" (first {windows} windows)" if windows else "")) if measured else (
+        before = getattr(report, "error_before_reconstruct", None)
+        trained = f"{before:.4g} before reconstruct, {error:.4g} after" if before is not None else f"{error:.4g}"
+        error_text = (trained + (f" (first {windows} windows)" if windows else "")) if measured else (
             "n/a (no calibration)")
         owl = "" if report.outlier_ratio is None else (
             f", OWL sparsity {report.sparsity:.4f} (outlier ratio {report.outlier_ratio:.2f}%)")

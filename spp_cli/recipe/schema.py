@@ -51,6 +51,9 @@ def _method_defaults(key: str) -> str:
     return ", ".join(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}" for name, value in pairs)
 
 
+REFINES = ("none", "dsnot", "reconstruct", "dsnot+reconstruct")  # pruners/options.py's, in the order they run
+RECONSTRUCT_KEYS = ("reconstruct_epochs", "reconstruct_lr", "reconstruct_batch_size", "reconstruct_weight_decay",
+                    "reconstruct_warmup_steps", "reconstruct_params")  # recorded only when refine reconstructs
 COMMAND_KEYS = ("name", "input")  # recipe-only: a command names its model and output itself
 _MODEL_REF = "dense (the recipe's model), an earlier prune/finetune stage's name, a local model folder or a hub id"
 
@@ -108,7 +111,7 @@ class PruneStage(Stage):
 
     NOT_RECORDED: ClassVar[tuple[str, ...]] = ("streaming", "device")  # both paths write the same bytes
     RECORDED_WHEN_SET: ClassVar[dict[str, tuple[str, ...]]] = {
-        "sparsity_profile": ("owl_threshold", "owl_lambda"), "refine": (), "min_expert_tokens": ()}
+        "sparsity_profile": ("owl_threshold", "owl_lambda"), "refine": RECONSTRUCT_KEYS, "min_expert_tokens": ()}
 
     TYPE: ClassVar[str] = "prune"
     method: str = option_field(required=True, choices=PRUNE_METHODS, help="Pruning algorithm.")
@@ -150,9 +153,18 @@ class PruneStage(Stage):
         help="OWL's lambda: block sparsities spread over 2 x lambda (max - min), their mean still the sparsity.",
     )
     refine: str = option_field(
-        "none", choices=("none", "dsnot"),
-        help="dsnot: refine a wanda or sparsegpt mask by prune-and-grow within each row (DSnoT), same sparsity.",
+        "none", choices=REFINES,
+        help="dsnot: refine a wanda or sparsegpt mask by prune-and-grow within each row (DSnoT), same sparsity; "
+             "reconstruct: train each block's kept weights to reproduce its dense outputs (EBFT); dsnot+reconstruct.",
     )
+    # reconstruct's own options, EBFT's defaults (pruners/reconstruct.py cites its code)
+    reconstruct_epochs: int = option_field(10, "int", low=1, help="Reconstruct: passes over the windows per block.")
+    reconstruct_lr: float = option_field(2e-4, "float", low=0, low_open=True, help="Reconstruct: AdamW's peak lr.")
+    reconstruct_batch_size: int = option_field(8, "int", low=1, help="Reconstruct: calibration windows per step.")
+    reconstruct_weight_decay: float = option_field(0.1, "float", low=0, help="Reconstruct: AdamW weight decay.")
+    reconstruct_warmup_steps: int = option_field(0, "int", low=0, help="Reconstruct: linear warmup steps per block.")
+    reconstruct_params: str = option_field("weights", choices=("weights", "spp", "masked-lora"),
+                                           help="Reconstruct: what trains (the kept weights; adapters: not yet).")
     min_expert_tokens: int = option_field(
         16, "int", low=0, help="An MoE expert that saw fewer calibration tokens is pruned by magnitude instead.",
     )
@@ -184,10 +196,22 @@ class PruneStage(Stage):
         if self.sparsity_profile == "owl" and ":" in self.pattern:
             fail(f"owl needs pattern unstructured; {self.pattern} fixes every block's sparsity: drop one of them",
                  "sparsity_profile")
-        if self.refine == "dsnot" and self.method not in ("wanda", "sparsegpt"):
+        if self.refine.startswith("dsnot") and self.method not in ("wanda", "sparsegpt"):
             fail(f"dsnot refines a wanda or sparsegpt mask, not {self.method}: use method wanda", "refine")
-        if self.refine == "dsnot" and self.use_variant:
+        if self.refine.startswith("dsnot") and self.use_variant:
             fail("dsnot starts from Wanda's per-row mask: drop use_variant", "refine")
+        defaults = {f.name: f.default for f in schema_fields(PruneStage)}
+        for key in RECONSTRUCT_KEYS if not self.refine.endswith("reconstruct") else ():
+            if getattr(self, key) != defaults[key]:
+                fail("applies to refine reconstruct (or dsnot+reconstruct): add it or drop this option", key)
+        if self.reconstruct_params != "weights":
+            fail(f"{self.reconstruct_params} adapters are not implemented yet: use weights", "reconstruct_params")
+
+    def recorded_options(self) -> dict[str, Any]:
+        """Stage's rule, but reconstruct's options only when refine reconstructs (dsnot alone records none)."""
+        recorded = super().recorded_options()
+        return recorded if self.refine.endswith("reconstruct") else {
+            key: value for key, value in recorded.items() if key not in RECONSTRUCT_KEYS}
 
 
 DEFAULT_SPARSITY = 0.5  # DESIGN.md's CLI default, for recipes and commands alike

@@ -217,7 +217,8 @@ def parse_pattern(pattern: str, sparsity: float):
 
 
 def needs_calibration(stage: PruneStage) -> bool:
-    return stage.method != "magnitude" or stage.sparsity_profile == "owl"  # OWL's outlier ratios need data
+    # OWL's outlier ratios and reconstruct's training need data
+    return stage.method != "magnitude" or stage.sparsity_profile == "owl" or stage.refine.endswith("reconstruct")
 
 
 def recorded_options(stage: PruneStage, pattern) -> dict:
@@ -250,7 +251,8 @@ def owl_blocks(blocks_seen: list, store) -> dict[int, tuple[float, float]]:
 
 
 def new_option_records(stage: PruneStage, owl: dict[int, tuple[float, float]], reports: list) -> dict:
-    """spp.json entries for OWL (each block's outlier ratio and sparsity), DSnoT and MoE fallbacks, when used."""
+    """spp.json entries for OWL (each block's outlier ratio and sparsity), DSnoT, reconstruct (each block's relative
+    output error before and after) and MoE fallbacks, when used."""
     records = {}
     if stage.sparsity_profile == "owl":
         records["sparsity_profile"] = {
@@ -260,6 +262,10 @@ def new_option_records(stage: PruneStage, owl: dict[int, tuple[float, float]], r
         }
     if stage.refine != "none":
         records["refine"] = stage.refine
+    if stage.refine.endswith("reconstruct"):  # every LayerReport of a block carries the block's pair
+        errors = {r.reconstruct["block"]: r.reconstruct for r in reports if r.reconstruct is not None}
+        records["reconstruct"] = {"params": stage.reconstruct_params, "block_error": {
+            str(block): {key: errors[block][key] for key in ("before", "after")} for block in sorted(errors)}}
     fallbacks = {r.name: {"method": r.fallback, "tokens": r.tokens} for r in reports if r.fallback}
     if fallbacks:
         records["expert_fallbacks"] = fallbacks

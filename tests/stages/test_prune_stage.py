@@ -11,7 +11,7 @@ from pruners.options import PruneOptions
 from spp_cli.errors import BadInput
 from spp_cli.io.outputs import fingerprint
 from spp_cli.recipe.resolve import validate_options
-from spp_cli.recipe.schema import STAGE_TYPES, PruneStage
+from spp_cli.recipe.schema import REFINES, STAGE_TYPES, PruneStage
 from spp_cli.stages.prune import recorded_options
 
 
@@ -108,7 +108,7 @@ def _driver_accepts(options: dict) -> bool:
 
 
 def test_the_schema_and_the_driver_accept_the_same_option_combinations():
-    grid = itertools.product(("magnitude", "wanda", "sparsegpt"), (False, True), (False, True), ("none", "dsnot"),
+    grid = itertools.product(("magnitude", "wanda", "sparsegpt"), (False, True), (False, True), REFINES,
                              ("uniform", "owl"), ("unstructured", "2:4"), ((5.0, 0.08), (0.0, 0.08), (5.0, 0.5)),
                              (16, 0))
     checked = 0
