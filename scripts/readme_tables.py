@@ -7,7 +7,7 @@ tests/test_recipe.py checks that README holds exactly these rows.
 
 from pathlib import Path
 
-from spp_cli.recipe.schema import describe_schema
+from spp_cli.recipe.reference import describe_schema
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 HEADER = "| section | key | type | default | allowed |\n|---|---|---|---|---|\n"

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from spp_cli.errors import BadInput
+from spp_cli.recipe.reference import describe_schema
 from spp_cli.recipe.resolve import (
     EvalStage,
     FinetuneStage,
     PruneStage,
     Recipe,
-    describe_schema,
     dump_resolved,
     load_recipe,
     parse_recipe,

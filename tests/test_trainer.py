@@ -285,7 +285,7 @@ def test_the_fingerprint_records_the_precision_training_runs_in(monkeypatch):
 
 
 def test_save_steps_default_is_the_one_the_engine_uses():
-    from spp_cli.recipe.schema import describe_schema
+    from spp_cli.recipe.reference import describe_schema
 
     rows = {key: default for section, key, _, default, _ in describe_schema() if section == "finetune"}
     assert rows["save_steps"] == "200" == str(FinetuneStage(data="d").save_steps)

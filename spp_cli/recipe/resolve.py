@@ -30,7 +30,6 @@ from spp_cli.recipe.schema import (
     PruneStage,
     Recipe,
     Stage,
-    describe_schema,
     schema_fields,
 )
 from spp_cli.recipe.values import coerce, did_you_mean, show
@@ -42,7 +41,6 @@ __all__ = [
     "Recipe",
     "RecipeLoader",
     "Stage",
-    "describe_schema",
     "dump_resolved",
     "load_recipe",
     "parse_recipe",

@@ -2,7 +2,7 @@
 
 Every recipe key is a dataclass field whose metadata holds an `Option` (its kind, range, choices, default in
 words), so the tables below are both the types `spp run` works with and the rules spp_cli/recipe/resolve.py checks a
-YAML file against. `describe_schema` turns them into the README's recipe reference. Pure Python (no torch).
+YAML file against. recipe/reference.py turns them into the README's recipe reference. Pure Python (no torch).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
-
-import yaml
 
 from spp_cli.adapters import REGISTRY, misplaced_option
 from spp_cli.recipe.option import Option, option_field, schema_fields
@@ -401,21 +399,3 @@ class Recipe:
         """The resolved recipe as plain data; `load_recipe` on its YAML gives back an equal Recipe."""
         top = {f.name: getattr(self, f.name) for f in schema_fields(Recipe) if f.name != "stages"}
         return {**top, "stages": [stage.options() for stage in self.stages]}
-
-
-def describe_schema() -> list[tuple[str, str, str, str, str]]:
-    """Rows (stage type or "recipe", key, type, default, allowed) for the README's recipe reference."""
-    rows = []
-    for section, cls in [("recipe", Recipe), *STAGE_TYPES.items()]:
-        for f in schema_fields(cls):
-            option: Option = f.metadata["spp"]
-            if option.required:
-                default = "required"
-            elif option.default_text:
-                default = option.default_text
-            else:
-                default = yaml.safe_dump(f.default, default_flow_style=True).removesuffix("\n...\n").strip()
-            rows.append((section, f.name, str(f.type), default, option.allowed()))
-            if f.name == "name" and section != "recipe":
-                rows.append((section, "type", "str", "required", section))
-    return rows
