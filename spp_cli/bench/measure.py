@@ -23,16 +23,27 @@ CUDA_MEMORY = "torch.cuda.max_memory_allocated (device memory, bytes)"
 CPU_MEMORY = ("process peak RSS (VmHWM of /proc/self/status, reset before each measurement, allocations of 64 KiB "
               "and more mmapped so that freed tensors leave RSS at once; bytes)")
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+GLIBC_DEFAULT_MMAP_THRESHOLD = 128 * 1024  # where glibc starts (it then adapts; a mallopt fixes it)
 
 
-def mmap_large_allocations() -> None:
-    """Ask glibc to mmap every allocation of 64 KiB or more (as MALLOC_MMAP_THRESHOLD_=65536 would), so that a
-    freed tensor leaves RSS at once and the peak RSS of one step is that step's; a no-op without glibc."""
+def _set_mmap_threshold(size: int) -> None:
     import ctypes
     import ctypes.util
 
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, 65536)
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # no glibc: RSS is read as it is
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, size)
+
+
+@contextlib.contextmanager
+def large_allocations_mmapped() -> Iterator[None]:
+    """glibc mmaps every allocation of 64 KiB or more while the block runs (as MALLOC_MMAP_THRESHOLD_=65536 would),
+    so that a freed tensor leaves RSS at once and the peak RSS of one step is that step's; then back to glibc's
+    starting threshold, 128 KiB (fixed from then on: glibc no longer adapts it)."""
+    _set_mmap_threshold(65536)
+    try:
+        yield
+    finally:
+        _set_mmap_threshold(GLIBC_DEFAULT_MMAP_THRESHOLD)
 
 
 def synchronize(device: str) -> None:

@@ -11,12 +11,13 @@ Library code: progress goes to `on_event` as "note" events; the result is one JS
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from spp_cli.bench.measure import memory_method, mmap_large_allocations, parameter_bytes, release
+from spp_cli.bench.measure import large_allocations_mmapped, memory_method, parameter_bytes, release
 from spp_cli.errors import BadInput
 from spp_cli.events import Listener, notify
 
@@ -129,15 +130,14 @@ def run_bench(options: BenchOptions, on_event: Listener | None = None) -> dict:
     check_options(options)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    if not device.startswith("cuda"):
-        mmap_large_allocations()
     model, real_depth, built = build_model(options, device, dtype)
     seqlen = resolve_seqlen(model.config, options.seqlen)
     result = {"bench": "spp bench", "options": {**asdict(options), "seqlen": seqlen, "device": device},
               "model": describe_model(model, real_depth, built, dtype), "device": describe_device(device),
               "memory_measure": memory_method(device), "versions": versions()}
-    measure_sections(model, options, result, device, dtype, lambda text: notify(on_event, "bench", "note", text),
-                     methods=options.methods or list(METHODS))
+    with contextlib.nullcontext() if device.startswith("cuda") else large_allocations_mmapped():
+        measure_sections(model, options, result, device, dtype, lambda text: notify(on_event, "bench", "note", text),
+                         methods=options.methods or list(METHODS))
     return result
 
 
