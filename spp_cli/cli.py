@@ -293,6 +293,48 @@ def env(output_format: FormatOption = OutputFormat.human) -> None:
     _emit(environment_report(), output_format, render_env)
 
 
+@app.command(
+    cls=SppCommand,
+    epilog="Examples:\n\n"
+    "    spp bench --shape llama-7b --nsamples 128 --seqlen 2048\n\n"
+    "    spp bench --shape llama-70b --blocks 1 --sections prune,recovery --format json > bench-70b.json\n\n"
+    "    spp bench builtin:tiny-llama --nsamples 8 --seqlen 64 --steps 1",
+)
+def bench(
+    model: Annotated[str | None, typer.Argument(help="Hub id, local HF directory or builtin:tiny-llama (or use --shape).")] = None,
+    shape: Annotated[str | None, typer.Option("--shape", help="A real model's shape with random weights: tiny, llama-7b, llama-13b, llama-70b, llama3-8b, llama3-70b.")] = None,
+    blocks: Annotated[int, typer.Option("--blocks", help="Decoder blocks built (a MODEL keeps its first N); results are extrapolated to the real depth.")] = 2,
+    nsamples: Annotated[int, typer.Option("--nsamples", help="Calibration windows of the prune cases.")] = 128,
+    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Calibration, training and eval sequence length [default: min(2048, model's max positions)].", show_default=False)] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences per recovery step and per eval forward.")] = 1,
+    steps: Annotated[int, typer.Option("--steps", help="Timed repeats of each step and forward (the median is reported).")] = 3,
+    sparsity: Annotated[float, typer.Option("--sparsity", help="Sparsity of the unstructured prune cases.")] = 0.5,
+    methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated recovery methods [default: every one]; lora (PEFT, r 8) always runs as the baseline.", show_default=False)] = None,
+    sections: Annotated[str, typer.Option("--sections", help="Comma-separated: prune, recovery (with merge), eval, semi-structured.")] = "prune,recovery,eval,semi-structured",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:i].")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on a GPU that has it, else float16; float32 on a CPU), float32, bfloat16 or float16.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Random weights (--shape) and token ids.")] = 0,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own Python code.", metavar="", show_default=False)] = False,
+    allow_pickle: PickleOption = False,
+    output_format: FormatOption = OutputFormat.human,
+) -> None:
+    """Measure on this device what pruning and recovery will cost: prune, recovery step (every method against PEFT
+    LoRA r=8), merge, eval and 2:4 kernel speed, per block and extrapolated to the whole model."""
+    from spp_cli.bench import BenchOptions, run_bench
+    from spp_cli.render import event_printer, render_bench
+
+    def listed(text: str | None) -> list[str]:
+        return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+    _quiet_libraries()
+    result = run_bench(BenchOptions(
+        model=model, shape=shape, blocks=blocks, nsamples=nsamples, seqlen=seqlen, batch=batch, steps=steps,
+        sparsity=sparsity, methods=listed(methods), sections=listed(sections), device=device, dtype=dtype, seed=seed,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+    ), on_event=event_printer(_console(stderr=True)))
+    _emit(result, output_format, render_bench)
+
+
 INTERRUPTED = "spp: interrupted: rerun the same command to resume\n"
 
 

@@ -249,6 +249,8 @@ def training_arguments(options, checkpoints: Path, device: str, precision: str, 
     """transformers' TrainingArguments for a FinetuneStage: the schedule, logging, checkpoints and precision."""
     from transformers import TrainingArguments
 
+    from spp_cli.training.compat import checkpointing_arguments
+
     return TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=options.micro_batch_size,
@@ -275,8 +277,7 @@ def training_arguments(options, checkpoints: Path, device: str, precision: str, 
         seed=options.seed,
         report_to=[] if options.report_to == "none" else [options.report_to],
         use_cpu=device == "cpu",
-        activation_checkpointing=options.gradient_checkpointing,  # non-reentrant: works with a frozen embedding
-        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
+        **checkpointing_arguments(options.gradient_checkpointing),
         remove_unused_columns=False,
         label_names=["labels"],
         disable_tqdm=True,
