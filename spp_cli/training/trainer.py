@@ -81,9 +81,9 @@ class FinetuneResult:
 
     model: nn.Module
     adapter: Adapter
-    train_curve: list[dict]  # [{"step", "loss", "lr"}] as logged every logging_steps
+    train_curve: list[dict]  # [{"step", "loss", "lr"}] as logged every logging_steps, and at the last step
     eval_loss: float | None
-    seconds: float
+    seconds: float  # training only (checkpoint saves included): the held-out evaluations are eval_seconds
     steps: int
     resumed_from: str | None  # the checkpoint this run resumed from, if any
     trainable_params: int
@@ -94,6 +94,8 @@ class FinetuneResult:
     peak_memory_mb: float | None = None  # CUDA: max allocated during training; CPU: training_state_bytes
     memory_measure: str = ""
     parallelism: str = "single"  # what the Trainer really ran: single | ddp | fsdp1 | fsdp2 | deepspeed
+    eval_seconds: float = 0.0  # the held-out evaluations of this run
+    applied: dict = dataclasses.field(default_factory=dict)  # what ran: applied_options' record
 
     @property
     def method(self) -> str:
@@ -150,6 +152,19 @@ def resolved_precision(dtype: str | None, device: str) -> str:
     return "autocast(float16)"
 
 
+def applied_options(options, model: nn.Module, tokenizer, records: list[dict], device: str, precision: str) -> dict:
+    """What this run resolved, for spp.json's "applied": the data format and template the records were read with
+    (spp_cli/data/formats.py applied_format), the device, the dtype it computes in (autocast's, else the
+    weights'), seqlen and the learning rate (the method's default when options.lr is None)."""
+    from spp_cli.data.formats import applied_format
+
+    weights = next(model.parameters()).dtype
+    compute = precision.removeprefix("autocast(").removesuffix(")") if precision.startswith("autocast") else weights
+    return {**applied_format(records, chat_template=bool(getattr(tokenizer, "chat_template", None))),
+            "device": device, "compute_dtype": str(compute).removeprefix("torch."), "seqlen": options.seqlen,
+            "lr": learning_rate(options)}
+
+
 def _precision_flags(precision: str) -> dict:
     return {"autocast(bfloat16)": {"bf16": True}, "autocast(float16)": {"fp16": True}}.get(precision, {})
 
@@ -163,6 +178,10 @@ def _training_callbacks(adapter: Adapter, model: nn.Module, memory: dict) -> lis
             adapter.after_optimizer_step(model)
             if "bytes" not in memory and optimizer is not None:
                 memory["bytes"] = training_state_bytes(model, optimizer)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True  # the last step's loss is always in the curve (and on the console)
 
     class InterruptAtStepEnd(TrainerCallback):
         """Ctrl-C raises KeyboardInterrupt where it lands; one landing inside a __del__ or weakref callback is
@@ -227,6 +246,7 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
         raise BadInput("no target layers to adapt: prune the model first, or name the linear layers to adapt")
     device = training_device(options.device)
     precision = resolved_precision(options.dtype, device)
+    applied = applied_options(options, model, tokenizer, records, device, precision)
     examples = build_examples(tokenizer, records, options.seqlen, options.mask_prompt)
     train_set, val_set = split_examples(examples, options.val_size, options.seed)
 
@@ -242,7 +262,9 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
     resume = last_complete_checkpoint(checkpoints)
     on_cuda = device.startswith("cuda")
     seconds, eval_loss = _train(trainer, resume, checkpoints, learning_rate(options), bool(val_set), on_cuda)
-    return _trained_result(trainer, adapter, target_names, resume, seconds, eval_loss, _peak_memory(on_cuda, memory))
+    result = _trained_result(trainer, adapter, target_names, resume, seconds, eval_loss,
+                             _peak_memory(on_cuda, memory))
+    return dataclasses.replace(result, applied=applied)
 
 
 def training_arguments(options, checkpoints: Path, device: str, precision: str, world: int, *, evaluate: bool):
@@ -310,7 +332,8 @@ def _adapter_trainer(model: nn.Module, args, adapter: Adapter, tokenizer, train_
 
 def _train(trainer, resume: str | None, checkpoints: Path, lr: float, evaluate: bool,
            on_cuda: bool) -> tuple[float, float | None]:
-    """Train (from `resume` if given), then the held-out loss: (seconds, eval_loss or None). A non-finite loss
+    """Train (from `resume` if given), then the held-out loss: (seconds, eval_loss or None), where seconds is
+    the time of training and of every held-out evaluation (trainer.evaluation_seconds of it). A non-finite loss
     is a RuntimeFailure naming the last good checkpoint."""
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -322,14 +345,24 @@ def _train(trainer, resume: str | None, checkpoints: Path, lr: float, evaluate: 
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
         raise RuntimeFailure(f"training loss became NaN/inf at step {stop.step}: {kept}; lower --lr "
                              f"(now {lr}) or check the data, then rerun to resume") from None
-    eval_loss = trainer.evaluate()["eval_loss"] if evaluate else None
+    eval_loss = final_eval_loss(trainer) if evaluate else None
     return time.perf_counter() - start, eval_loss
+
+
+def final_eval_loss(trainer) -> float:
+    """The held-out loss of the trained model: the evaluation the Trainer ran at the last step (eval_strategy
+    "steps" evaluates there), else a new one."""
+    history = trainer.state.log_history
+    last = next((entry for entry in reversed(history) if "eval_loss" in entry), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return last["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
 
 
 def _trained_result(trainer, adapter: Adapter, target_names: list[str], resume: str | None, seconds: float,
                     eval_loss: float | None, peak_memory: tuple[float | None, str]) -> FinetuneResult:
-    """The FinetuneResult: the loss curve, the gathered trainable state (a collective: every rank) and the
-    unwrapped model."""
+    """The FinetuneResult: the loss curve, the gathered trainable state (a collective: every rank), the unwrapped
+    model, and `seconds` (training and evaluations) split into training and evaluation time."""
     # from trainer.state.log_history, which a resumed run restores, so the curve covers the whole training
     curve = [{"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate")}
              for e in trainer.state.log_history if "loss" in e]
@@ -342,7 +375,8 @@ def _trained_result(trainer, adapter: Adapter, target_names: list[str], resume: 
     peak_memory_mb, memory_measure = peak_memory
     start_step = int(Path(resume).name.split("-")[1]) if resume else 0
     return FinetuneResult(
-        model=trained, adapter=adapter, train_curve=curve, eval_loss=eval_loss, seconds=seconds,
+        model=trained, adapter=adapter, train_curve=curve, eval_loss=eval_loss,
+        seconds=seconds - trainer.evaluation_seconds, eval_seconds=trainer.evaluation_seconds,
         steps=trainer.state.global_step, resumed_from=resume,
         trainable_params=sum(p.numel() for p in trained.parameters() if p.requires_grad),
         targets=list(target_names), adapter_state=adapter_state,
