@@ -40,6 +40,7 @@ from spp_cli.adapters.base import Adapter
 from spp_cli.data.examples import PaddingCollator, build_examples, pad_token_id
 from spp_cli.errors import BadInput, RuntimeFailure
 from spp_cli.training.adapter_trainer import NonFiniteLoss, adapter_trainer_class, last_complete_checkpoint
+from spp_cli.training.run_record import applied_options, parallelism, peak_memory, training_state_bytes
 
 # fixed training choices (not user options), recorded in the fingerprint because they decide the result
 TRAINING_CONSTANTS = {"lr_scheduler": "linear", "max_grad_norm": 1.0}
@@ -152,19 +153,6 @@ def resolved_precision(dtype: str | None, device: str) -> str:
     return "autocast(float16)"
 
 
-def applied_options(options, model: nn.Module, tokenizer, records: list[dict], device: str, precision: str) -> dict:
-    """What this run resolved, for spp.json's "applied": the data format and template the records were read with
-    (spp_cli/data/formats.py applied_format), the device, the dtype it computes in (autocast's, else the
-    weights'), seqlen and the learning rate (the method's default when options.lr is None)."""
-    from spp_cli.data.formats import applied_format
-
-    weights = next(model.parameters()).dtype
-    compute = precision.removeprefix("autocast(").removesuffix(")") if precision.startswith("autocast") else weights
-    return {**applied_format(records, chat_template=bool(getattr(tokenizer, "chat_template", None))),
-            "device": device, "compute_dtype": str(compute).removeprefix("torch."), "seqlen": options.seqlen,
-            "lr": learning_rate(options)}
-
-
 def _precision_flags(precision: str) -> dict:
     return {"autocast(bfloat16)": {"bf16": True}, "autocast(float16)": {"fp16": True}}.get(precision, {})
 
@@ -209,25 +197,6 @@ def _training_callbacks(adapter: Adapter, model: nn.Module, memory: dict) -> lis
     return [AfterOptimizerStep(), InterruptAtStepEnd()]
 
 
-def training_state_bytes(model: nn.Module, optimizer) -> int:
-    """Bytes of the trainable parameters, their gradients and the optimizer's state tensors (activations and
-    the frozen weights excluded): the part of training memory that differs between methods at equal batch."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    total = sum(p.numel() * p.element_size() for p in trainable)
-    total += sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
-    for per_parameter in optimizer.state.values():
-        total += sum(t.numel() * t.element_size() for t in per_parameter.values() if torch.is_tensor(t))
-    return total
-
-
-def _peak_memory(on_cuda: bool, memory: dict) -> tuple[float | None, str]:
-    if on_cuda:
-        return torch.cuda.max_memory_allocated() / 2**20, "CUDA max allocated during training"
-    if "bytes" not in memory:
-        return None, ""
-    return memory["bytes"] / 2**20, "training state (trainable params, grads, AdamW state; no activations)"
-
-
 def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work_dir: str | os.PathLike, *,
                  target_names: list[str], callbacks: list | None = None) -> FinetuneResult:
     """Fine-tune `model` on `records` with options.method's adapter on `target_names`.
@@ -246,7 +215,8 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
         raise BadInput("no target layers to adapt: prune the model first, or name the linear layers to adapt")
     device = training_device(options.device)
     precision = resolved_precision(options.dtype, device)
-    applied = applied_options(options, model, tokenizer, records, device, precision)
+    applied = applied_options(options, model, tokenizer, records, device=device, precision=precision,
+                              lr=learning_rate(options))
     examples = build_examples(tokenizer, records, options.seqlen, options.mask_prompt)
     train_set, val_set = split_examples(examples, options.val_size, options.seed)
 
@@ -263,7 +233,7 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
     on_cuda = device.startswith("cuda")
     seconds, eval_loss = _train(trainer, resume, checkpoints, learning_rate(options), bool(val_set), on_cuda)
     result = _trained_result(trainer, adapter, target_names, resume, seconds, eval_loss,
-                             _peak_memory(on_cuda, memory))
+                             peak_memory(on_cuda, memory))
     return dataclasses.replace(result, applied=applied)
 
 
@@ -360,7 +330,7 @@ def final_eval_loss(trainer) -> float:
 
 
 def _trained_result(trainer, adapter: Adapter, target_names: list[str], resume: str | None, seconds: float,
-                    eval_loss: float | None, peak_memory: tuple[float | None, str]) -> FinetuneResult:
+                    eval_loss: float | None, measured_memory: tuple[float | None, str]) -> FinetuneResult:
     """The FinetuneResult: the loss curve, the gathered trainable state (a collective: every rank), the unwrapped
     model, and `seconds` (training and evaluations) split into training and evaluation time."""
     # from trainer.state.log_history, which a resumed run restores, so the curve covers the whole training
@@ -372,7 +342,7 @@ def _trained_result(trainer, adapter: Adapter, target_names: list[str], resume: 
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # waits on the finished ranks
 
         unset_hf_deepspeed_config()
-    peak_memory_mb, memory_measure = peak_memory
+    peak_memory_mb, memory_measure = measured_memory
     start_step = int(Path(resume).name.split("-")[1]) if resume else 0
     return FinetuneResult(
         model=trained, adapter=adapter, train_curve=curve, eval_loss=eval_loss,
@@ -382,18 +352,8 @@ def _trained_result(trainer, adapter: Adapter, target_names: list[str], resume: 
         targets=list(target_names), adapter_state=adapter_state,
         is_main_process=trainer.args.should_save, steps_run=trainer.state.global_step - start_step,
         peak_memory_mb=None if peak_memory_mb is None else round(peak_memory_mb, 3), memory_measure=memory_measure,
-        parallelism=_parallelism(trainer),
+        parallelism=parallelism(trainer),
     )
-
-
-def _parallelism(trainer) -> str:
-    """The data parallelism the Trainer actually runs, read from accelerate's state rather than from the launch
-    config: accelerate 1.16 on CPU keeps DistributedType.MULTI_CPU and drops an FSDP config, i.e. runs DDP."""
-    if trainer.is_deepspeed_enabled:
-        return "deepspeed"
-    if trainer.is_fsdp_enabled:
-        return f"fsdp{trainer.accelerator.state.fsdp_plugin.fsdp_version}"
-    return "ddp" if trainer.args.world_size > 1 else "single"
 
 
 def _gather_trainable(trainer, model: nn.Module) -> dict[str, torch.Tensor]:
