@@ -44,7 +44,7 @@ def overall_sparsity(layers: dict[str, dict]) -> float:
 
 
 def dtype_name(dtype) -> str | None:
-    """"float32" for torch.float32 (a name as given passes through; None stays None)."""
+    """A dtype's name: torch.float32 -> "float32"; a name passes through, None stays None."""
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
