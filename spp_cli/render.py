@@ -28,14 +28,18 @@ def block_progress(console):
 
 
 def training_progress(console, every: int | None = None):
-    """A callback for spp_cli.training.progress.TrainingProgress: one line per `every` steps (about 10 lines a run when
-    None), plus the first and the last step, each saying what its numbers are."""
+    """A callback for spp_cli.training.progress.TrainingProgress: the first and the last step, and a step with a
+    logged loss once `every` steps have passed since the last line (about 10 lines a run when None), each saying
+    what its numbers are (the loss and lr of spp.json's loss_curve for that step)."""
+    printed = {"step": 0}
 
     def on_update(event: dict) -> None:
         step, total = event["step"], event["total"]
         interval = every or max(1, total // 10)
-        if step not in (1, total) and step % interval and event["resumed_from"] != step - 1:
+        due = event["loss"] is not None and step - printed["step"] >= interval
+        if step not in (1, total) and not due and event["resumed_from"] != step - 1:
             return
+        printed["step"] = step
         parts = [f"step {step}/{total}"]
         if event["resumed_from"] and event["resumed_from"] == step - 1:
             parts.append(f"resumed after step {event['resumed_from']}")
@@ -119,13 +123,12 @@ def render_finetune(console, manifest: dict, out) -> None:
     if _skipped(console, manifest, out):
         return
     training = manifest.get("training") or {}
-    losses = training.get("loss_curve") or []
-    first = f"{losses[0]['loss']:.4f}" if losses else "n/a"
-    last = f"{losses[-1]['loss']:.4f}" if losses else "n/a"
+    losses = [f"{point['loss']:.4f}" for point in training.get("loss_curve") or []]
+    loss_text = f"{losses[0]} -> {losses[-1]}" if len(losses) > 1 else (losses[0] if losses else "n/a")
     eval_loss = training.get("eval_loss")
     eval_text = f", held-out loss {eval_loss:.4f}" if isinstance(eval_loss, float) else ""
     console.print(
-        f"{manifest.get('method', 'spp')} fine-tune: {training.get('steps', '?')} steps, train loss {first} -> {last}"
+        f"{manifest.get('method', 'spp')} fine-tune: {training.get('steps', '?')} steps, train loss {loss_text}"
         f"{eval_text}, {manifest.get('seconds', 0):.1f} s -> {out}"
     )
     resumed = (manifest.get("run") or {}).get("resumed_from")

@@ -16,6 +16,9 @@ The three formats (and `data_format`, the fine-tune option that picks one for ev
 
 Any other key is an error (a misspelt `response` for `output` would otherwise train on prompts alone), named
 with its record number (1-based, in the order the source yields records) and the fix.
+
+What a run applied (spp.json's "applied", beside the asked `data_format`) is `applied_format`: the format the
+records were read in and the template that rendered them (TEMPLATES).
 """
 
 from __future__ import annotations
@@ -34,6 +37,29 @@ _LIKELY_MEANT = {
     "conversations": "messages", "conversation": "messages", "dialog": "messages", "content": "text",
 }
 _ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant"}
+# the template each format is rendered with (spp_cli/data/examples.py); text is packed as it is
+TEMPLATES = {
+    "alpaca": "alpaca",  # alpaca-lora's templates/alpaca.json (spec/spp-method.md §2)
+    "chat": "the tokenizer's chat template",
+    "text": None,
+}
+CHAT_WITHOUT_TEMPLATE = "role: content lines"  # a tokenizer without a chat template
+
+
+def applied_format(records: list[dict], *, chat_template: bool) -> dict:
+    """What `records` were read as (canonical ones from normalize_records, or raw ones under `auto`):
+    {"data_format": alpaca | chat | text (or "mixed"), "template": the template name (None for text; names joined
+    with " + " when mixed), "records": {format: count}}. `chat_template`: the tokenizer has one."""
+    counts: dict[str, int] = {}
+    for record in records:
+        kind = record_format(record)
+        counts[kind] = counts.get(kind, 0) + 1
+    counts = {kind: counts[kind] for kind in TEMPLATES if kind in counts}
+    templates = [TEMPLATES[kind] if kind != "chat" or chat_template else CHAT_WITHOUT_TEMPLATE for kind in counts]
+    named = [template for template in templates if template is not None]
+    kinds = list(counts)
+    return {"data_format": kinds[0] if len(kinds) == 1 else ("mixed" if kinds else None),
+            "template": " + ".join(named) if named else None, "records": counts}
 
 
 def record_format(record: dict, data_format: str = "auto") -> str:

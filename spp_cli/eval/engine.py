@@ -7,7 +7,7 @@ local files laid out like shared/data, so an air-gapped machine evaluates withou
 
 The result is one model's object of results.json (layout: docs/results-json.md):
     {"results": {task: {"alias", "acc,none", "acc_stderr,none", "acc_norm,none", ...}},   # lm-eval's layout
-     "perplexity": {task: {"value", "protocol", "seqlen", "windows", "tokens", "source"}},
+     "perplexity": {task: {"value", "protocol", "seqlen", "windows", "tokens", "stream_tokens", "source"}},
      "mean_acc_7": float | None, "n-samples": {task: {"original", "effective"}},
      "task_versions": {task: version},
      "sources": {task: {"task_file", "data", "prompt"}},        # zero-shot: which task file, data and prompt

@@ -63,8 +63,9 @@ def token_perplexity(
     cross-entropy is computed in fp32 whatever the model dtype, and the sum over windows in float64.
     `max_windows` scores only the first windows (a quick run, not the paper protocol). Puts the model in eval
     mode. `on_progress(done, total, label)` is called with 0 first and after every batch (windows scored of
-    nsamples). Returns {"value", "windows", "seqlen", "protocol", "tokens"} where `tokens` is L, the stream
-    length before the tail (L mod seqlen tokens) is dropped.
+    nsamples). Returns {"value", "windows", "seqlen", "protocol", "tokens", "stream_tokens"}: `tokens` are the
+    tokens scored (windows × seqlen), `stream_tokens` is L, the whole stream (its tail of L mod seqlen tokens, and
+    with `max_windows` every window past the first ones, are not scored).
     """
     if stream.dim() != 2 or stream.shape[0] != 1:
         raise ValueError(f"stream must have shape [1, L], got {list(stream.shape)}")
@@ -99,7 +100,8 @@ def token_perplexity(
         if on_progress is not None:
             on_progress(start + batch.shape[0], nsamples, label)
     value = math.exp(nll_sum / (nsamples * seqlen))
-    return {"value": value, "windows": nsamples, "seqlen": seqlen, "protocol": PROTOCOL, "tokens": total_tokens}
+    return {"value": value, "windows": nsamples, "seqlen": seqlen, "protocol": PROTOCOL, "tokens": nsamples * seqlen,
+            "stream_tokens": total_tokens}
 
 
 def check_available(task: str, data_dir: str | os.PathLike | None) -> None:

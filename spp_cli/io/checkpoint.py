@@ -20,7 +20,9 @@ from spp_cli.io.atomic import atomic_dir
 MANIFEST = "spp.json"
 ASSETS = Path(__file__).parents[1] / "assets"  # spp_cli/assets
 BUILTIN_MODELS = {"tiny-llama": ASSETS / "tiny-llama"}
-UNHASHED_KEYS = ("seconds", "created", "manifest_sha256")
+# left out of manifest_sha256: the timing, the hash itself, and "applied" (what this run resolved: this machine's
+# device, the dtypes it computed in, the data format read), so the same run gives the same hash on any machine
+UNHASHED_KEYS = ("seconds", "created", "manifest_sha256", "applied")
 PARENT_FILES = ("generation_config.json", "chat_template.jinja", "chat_template.json")
 
 
@@ -169,8 +171,8 @@ def is_complete(directory: str | Path) -> bool:
 
 
 def manifest_sha256(manifest: dict) -> str:
-    """sha256 of the manifest's content: `seconds`, `created`, the hash itself and the parent's *location* are
-    left out, so identical runs give identical hashes wherever they are written."""
+    """sha256 of the manifest's content: UNHASHED_KEYS (`seconds`, `created`, the hash itself, `applied`) and the
+    parent's *location* are left out, so identical runs give identical hashes wherever they are written."""
     content = {key: value for key, value in manifest.items() if key not in UNHASHED_KEYS}
     if isinstance(content.get("parent"), dict):
         content["parent"] = {key: value for key, value in content["parent"].items() if key != "path"}

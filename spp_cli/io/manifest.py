@@ -1,5 +1,5 @@
 """The spp.json manifest's content (DESIGN.md, Checkpoint): per-layer records with the hashes of a weight's zero
-set and values, and the one builder of a stage's manifest."""
+set and values, what a run applied, and the one builder of a stage's manifest."""
 
 import hashlib
 
@@ -43,6 +43,20 @@ def overall_sparsity(layers: dict[str, dict]) -> float:
     return round(zeros / total, 6) if total else 0.0
 
 
+def dtype_name(dtype) -> str | None:
+    """A dtype's name: torch.float32 -> "float32"; a name passes through, None stays None."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def applied_record(*, device: str, compute_dtype, stored_dtype, **resolved) -> dict:
+    """spp.json's "applied": what this run resolved and used, beside "config" (what was asked, e.g. "auto"):
+    the device, the dtype it computed in and the dtype it stored, then the stage's own resolved values (seqlen,
+    lr, data_format, template, ...). Left out of manifest_sha256 (checkpoint.UNHASHED_KEYS): the device is this
+    machine's."""
+    return {"device": str(device), "dtype": {"compute": dtype_name(compute_dtype), "stored": dtype_name(stored_dtype)},
+            **resolved}
+
+
 def stage_manifest(
     stage: str,
     *,
@@ -54,11 +68,12 @@ def stage_manifest(
     layers: dict[str, dict],
     config: dict,
     fingerprint: str,
+    applied: dict | None = None,
     **details,
 ) -> dict:
-    """A stage's spp.json before checkpoint.finish_manifest adds its hash and times. `details` are the stage's
-    own keys (damping, adapter, training, merged, ...); an output without weights (an adapter alone) has no
-    layers and so no overall_sparsity."""
+    """A stage's spp.json before checkpoint.finish_manifest adds its hash and times. `applied` is applied_record's
+    (what the run resolved, beside `config`, what was asked); `details` are the stage's own keys (damping, adapter,
+    training, merged, ...); an output without weights (an adapter alone) has no layers and so no overall_sparsity."""
     from spp_cli.environment import versions
 
     manifest = {
@@ -72,4 +87,5 @@ def stage_manifest(
     }
     if layers:
         manifest["overall_sparsity"] = overall_sparsity(layers)
-    return {**manifest, **details, "config": config, "fingerprint": fingerprint, "versions": versions()}
+    return {**manifest, **details, "config": config, **({"applied": applied} if applied is not None else {}),
+            "fingerprint": fingerprint, "versions": versions()}

@@ -17,6 +17,7 @@ from spp_cli.errors import BadInput
 from spp_cli.events import Listener, notify
 from spp_cli.io import checkpoint
 from spp_cli.io.atomic import write_text_atomic
+from spp_cli.io.manifest import applied_record
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint, written_by_spp
 from spp_cli.recipe.resolve import validate_options
 from spp_cli.recipe.schema import EvalStage
@@ -131,8 +132,12 @@ def evaluate_one(path: str, manifest: dict | None, stage: EvalStage, config: dic
     result = evaluate(model, tokenizer, stage.tasks, seqlen=stage.seqlen, limit=stage.limit,
                       data_dir=stage.data_dir, batch_size=stage.batch_size, device=device, bos=stage.bos,
                       on_progress=on_progress, verbose=verbose)
-    return result | {"model": model_summary(path, manifest), "config": config, "versions": versions(),
-                     "seconds": round(time.time() - started, 2)}
+    # "applied": what was resolved for this model (config holds what was asked); seqlen is the perplexity window
+    applied = applied_record(device=device, compute_dtype=next(model.parameters()).dtype,
+                             stored_dtype=model.spp_stored_dtype,
+                             seqlen=next((entry["seqlen"] for entry in result["perplexity"].values()), None))
+    return result | {"model": model_summary(path, manifest), "config": config, "applied": applied,
+                     "versions": versions(), "seconds": round(time.time() - started, 2)}
 
 
 def _prefixed(on_event: Listener | None, prefix: str):

@@ -30,7 +30,7 @@ from spp_cli.adapters import METHOD_OPTIONS, resolved_method_options
 from spp_cli.errors import BadInput, CheckFailed
 from spp_cli.events import Listener, notify
 from spp_cli.io import atomic, checkpoint
-from spp_cli.io.manifest import layers_record, stage_manifest, zeros_sha256
+from spp_cli.io.manifest import applied_record, layers_record, stage_manifest, zeros_sha256
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.recipe.schema import FinetuneStage
 
@@ -279,6 +279,7 @@ def record(plan: FinetunePlan, base: LoadedBase, result, layers: dict) -> dict:
         dense=not keeps_zeros,
         layers=layers,
         config=plan.config,
+        applied=applied_record(**result.applied, stored_dtype=base.stored_dtype),
         fingerprint=plan.fingerprint,
         merged=not plan.options.no_merge,
         adapter=result.adapter.record(),
@@ -352,8 +353,9 @@ def _run_record(result) -> dict:
     return {
         "resumed_from": Path(result.resumed_from).name if result.resumed_from else None,
         "steps_run": result.steps_run,
-        "train_seconds": round(result.seconds, 3),
+        "train_seconds": round(result.seconds, 3),  # training only: the held-out evaluations are eval_seconds
         "seconds_per_step": round(result.seconds / result.steps_run, 4) if result.steps_run else None,
+        "eval_seconds": round(result.eval_seconds, 3),
         "peak_memory_mb": result.peak_memory_mb,
         "memory_measure": result.memory_measure,
         "parallelism": result.parallelism,

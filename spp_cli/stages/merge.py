@@ -8,7 +8,7 @@ from pathlib import Path
 
 from spp_cli.errors import BadInput
 from spp_cli.io import checkpoint
-from spp_cli.io.manifest import layers_record, stage_manifest, zeros_sha256
+from spp_cli.io.manifest import applied_record, layers_record, stage_manifest, zeros_sha256
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.stages.finetune import check_zeros_kept, frozen_experts_warnings, not_adapted
 
@@ -62,6 +62,9 @@ def merge_adapter(
         dense=not adapter.keeps_zeros,
         layers=layers,
         config=options,
+        # merged on the CPU in float32; "finetune": what the run that trained the adapter applied
+        applied=applied_record(device="cpu", compute_dtype="float32", stored_dtype=stored_dtype,
+                               finetune=finetune_manifest.get("applied")),
         fingerprint=stage_fingerprint,
         merged=True,
         adapter=adapter.record(),

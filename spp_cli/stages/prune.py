@@ -19,7 +19,7 @@ from spp_cli.environment import resolve_device
 from spp_cli.errors import BadInput, RuntimeFailure
 from spp_cli.events import Listener, notify
 from spp_cli.io import checkpoint
-from spp_cli.io.manifest import layer_record, stage_manifest
+from spp_cli.io.manifest import applied_record, layer_record, stage_manifest
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.recipe.resolve import validate_options
 from spp_cli.recipe.schema import PruneStage
@@ -51,6 +51,8 @@ class LoadedModel:
     calibration: Any  # LongTensor (nsamples, seqlen), or None
     seqlen: int | None  # the resolved window length, None without calibration data
     store: Any  # prune_streaming.StreamingStore, or None in memory
+    compute_dtype: Any = None  # torch.dtype the blocks are pruned in
+    stored_dtype: Any = None  # torch.dtype the checkpoint is stored (and saved) in
 
 
 def prune(model: str, out: str | Path, *, overwrite: bool = False, trust_remote_code: bool = False,
@@ -114,11 +116,12 @@ def load(plan: PrunePlan, trust_remote_code: bool, allow_pickle: bool) -> Loaded
     stage = plan.stage
     streamed = prune_streaming.streamed_model(stage.streaming, plan.model_path, stage.dtype, trust_remote_code)
     if streamed is not None:
-        model = streamed.model
+        model, stored_dtype = streamed.model, streamed.stored_dtype
         tokenizer = checkpoint.load_tokenizer(plan.model_path, trust_remote_code)
     else:
         model, tokenizer = checkpoint.load_model(plan.model, dtype=stage.dtype, trust_remote_code=trust_remote_code,
                                                  allow_pickle=allow_pickle)
+        stored_dtype = model.spp_stored_dtype
     seqlen = calibration = store = None
     if plan.needs_calibration:
         from spp_cli.data.sources import calibration_windows
@@ -130,7 +133,7 @@ def load(plan: PrunePlan, trust_remote_code: bool, allow_pickle: bool) -> Loaded
         store = prune_streaming.StreamingStore(streamed, plan.out, prune_streaming.run_fingerprint(
             plan.fingerprint, streamed.source, calibration, plan.device, stage.dtype))
         store.open()
-    return LoadedModel(model, tokenizer, calibration, seqlen, store)
+    return LoadedModel(model, tokenizer, calibration, seqlen, store, next(model.parameters()).dtype, stored_dtype)
 
 
 def run(plan: PrunePlan, loaded: LoadedModel, on_event: Listener | None) -> tuple[list, list]:
@@ -187,6 +190,8 @@ def record(plan: PrunePlan, loaded: LoadedModel, reports: list, blocks_seen: lis
         damping={r.name: r.damping for r in all_reports if r.damping is not None and r.damping > PERCDAMP + 1e-12},
         **new_option_records(plan.stage, owl_blocks(blocks_seen, loaded.store), all_reports),
         config={**plan.config, "seqlen": loaded.seqlen},
+        applied=applied_record(device=plan.device, compute_dtype=loaded.compute_dtype,
+                               stored_dtype=loaded.stored_dtype, seqlen=loaded.seqlen),
         fingerprint=plan.fingerprint,
     )
 

@@ -3,4 +3,5 @@
     trainer.py          options -> TrainingArguments, the run, the merge of what was trained
     adapter_trainer.py  the Trainer subclass (adapter-only checkpoints, loss normalization) and resume
     progress.py         TrainerCallback that reports each optimizer step as an event
+    run_record.py       what a run records about how it ran: what it applied, its memory, its parallelism
 """

@@ -5,6 +5,7 @@ every rank together on a non-finite loss. spp_cli/training/trainer.py drives it.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -21,7 +22,17 @@ def adapter_trainer_class():
     from transformers import Trainer
 
     class AdapterTrainer(Trainer):
-        """A Trainer whose checkpoints hold only the trainable parameters and that stops on a non-finite loss."""
+        """A Trainer whose checkpoints hold only the trainable parameters, that stops on a non-finite loss and that
+        times its held-out evaluations (evaluation_seconds: they are not training time)."""
+
+        evaluation_seconds = 0.0
+
+        def evaluate(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self.evaluation_seconds += time.perf_counter() - start
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             from safetensors.torch import save_file

@@ -40,6 +40,7 @@ from spp_cli.adapters.base import Adapter
 from spp_cli.data.examples import PaddingCollator, build_examples, pad_token_id
 from spp_cli.errors import BadInput, RuntimeFailure
 from spp_cli.training.adapter_trainer import NonFiniteLoss, adapter_trainer_class, last_complete_checkpoint
+from spp_cli.training.run_record import applied_options, parallelism, peak_memory, training_state_bytes
 
 # fixed training choices (not user options), recorded in the fingerprint because they decide the result
 TRAINING_CONSTANTS = {"lr_scheduler": "linear", "max_grad_norm": 1.0}
@@ -81,9 +82,9 @@ class FinetuneResult:
 
     model: nn.Module
     adapter: Adapter
-    train_curve: list[dict]  # [{"step", "loss", "lr"}] as logged every logging_steps
+    train_curve: list[dict]  # [{"step", "loss", "lr"}] as logged every logging_steps, and at the last step
     eval_loss: float | None
-    seconds: float
+    seconds: float  # training only (checkpoint saves included): the held-out evaluations are eval_seconds
     steps: int
     resumed_from: str | None  # the checkpoint this run resumed from, if any
     trainable_params: int
@@ -94,6 +95,8 @@ class FinetuneResult:
     peak_memory_mb: float | None = None  # CUDA: max allocated during training; CPU: training_state_bytes
     memory_measure: str = ""
     parallelism: str = "single"  # what the Trainer really ran: single | ddp | fsdp1 | fsdp2 | deepspeed
+    eval_seconds: float = 0.0  # the held-out evaluations of this run
+    applied: dict = dataclasses.field(default_factory=dict)  # what ran: applied_options' record
 
     @property
     def method(self) -> str:
@@ -164,6 +167,10 @@ def _training_callbacks(adapter: Adapter, model: nn.Module, memory: dict) -> lis
             if "bytes" not in memory and optimizer is not None:
                 memory["bytes"] = training_state_bytes(model, optimizer)
 
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True  # the last step's loss is always in the curve (and on the console)
+
     class InterruptAtStepEnd(TrainerCallback):
         """Ctrl-C raises KeyboardInterrupt where it lands; one landing inside a __del__ or weakref callback is
         printed and dropped by Python, and training would run on to the end. The flag re-raises it at the step's
@@ -190,25 +197,6 @@ def _training_callbacks(adapter: Adapter, model: nn.Module, memory: dict) -> lis
     return [AfterOptimizerStep(), InterruptAtStepEnd()]
 
 
-def training_state_bytes(model: nn.Module, optimizer) -> int:
-    """Bytes of the trainable parameters, their gradients and the optimizer's state tensors (activations and
-    the frozen weights excluded): the part of training memory that differs between methods at equal batch."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    total = sum(p.numel() * p.element_size() for p in trainable)
-    total += sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
-    for per_parameter in optimizer.state.values():
-        total += sum(t.numel() * t.element_size() for t in per_parameter.values() if torch.is_tensor(t))
-    return total
-
-
-def _peak_memory(on_cuda: bool, memory: dict) -> tuple[float | None, str]:
-    if on_cuda:
-        return torch.cuda.max_memory_allocated() / 2**20, "CUDA max allocated during training"
-    if "bytes" not in memory:
-        return None, ""
-    return memory["bytes"] / 2**20, "training state (trainable params, grads, AdamW state; no activations)"
-
-
 def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work_dir: str | os.PathLike, *,
                  target_names: list[str], callbacks: list | None = None) -> FinetuneResult:
     """Fine-tune `model` on `records` with options.method's adapter on `target_names`.
@@ -227,6 +215,8 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
         raise BadInput("no target layers to adapt: prune the model first, or name the linear layers to adapt")
     device = training_device(options.device)
     precision = resolved_precision(options.dtype, device)
+    applied = applied_options(options, model, tokenizer, records, device=device, precision=precision,
+                              lr=learning_rate(options))
     examples = build_examples(tokenizer, records, options.seqlen, options.mask_prompt)
     train_set, val_set = split_examples(examples, options.val_size, options.seed)
 
@@ -242,7 +232,9 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
     resume = last_complete_checkpoint(checkpoints)
     on_cuda = device.startswith("cuda")
     seconds, eval_loss = _train(trainer, resume, checkpoints, learning_rate(options), bool(val_set), on_cuda)
-    return _trained_result(trainer, adapter, target_names, resume, seconds, eval_loss, _peak_memory(on_cuda, memory))
+    result = _trained_result(trainer, adapter, target_names, resume, seconds, eval_loss,
+                             peak_memory(on_cuda, memory))
+    return dataclasses.replace(result, applied=applied)
 
 
 def training_arguments(options, checkpoints: Path, device: str, precision: str, world: int, *, evaluate: bool):
@@ -311,7 +303,8 @@ def _adapter_trainer(model: nn.Module, args, adapter: Adapter, tokenizer, train_
 
 def _train(trainer, resume: str | None, checkpoints: Path, lr: float, evaluate: bool,
            on_cuda: bool) -> tuple[float, float | None]:
-    """Train (from `resume` if given), then the held-out loss: (seconds, eval_loss or None). A non-finite loss
+    """Train (from `resume` if given), then the held-out loss: (seconds, eval_loss or None), where seconds is
+    the time of training and of every held-out evaluation (trainer.evaluation_seconds of it). A non-finite loss
     is a RuntimeFailure naming the last good checkpoint."""
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -323,14 +316,24 @@ def _train(trainer, resume: str | None, checkpoints: Path, lr: float, evaluate: 
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
         raise RuntimeFailure(f"training loss became NaN/inf at step {stop.step}: {kept}; lower --lr "
                              f"(now {lr}) or check the data, then rerun to resume") from None
-    eval_loss = trainer.evaluate()["eval_loss"] if evaluate else None
+    eval_loss = final_eval_loss(trainer) if evaluate else None
     return time.perf_counter() - start, eval_loss
 
 
+def final_eval_loss(trainer) -> float:
+    """The held-out loss of the trained model: the evaluation the Trainer ran at the last step (eval_strategy
+    "steps" evaluates there), else a new one."""
+    history = trainer.state.log_history
+    last = next((entry for entry in reversed(history) if "eval_loss" in entry), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return last["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
+
+
 def _trained_result(trainer, adapter: Adapter, target_names: list[str], resume: str | None, seconds: float,
-                    eval_loss: float | None, peak_memory: tuple[float | None, str]) -> FinetuneResult:
-    """The FinetuneResult: the loss curve, the gathered trainable state (a collective: every rank) and the
-    unwrapped model."""
+                    eval_loss: float | None, measured_memory: tuple[float | None, str]) -> FinetuneResult:
+    """The FinetuneResult: the loss curve, the gathered trainable state (a collective: every rank), the unwrapped
+    model, and `seconds` (training and evaluations) split into training and evaluation time."""
     # from trainer.state.log_history, which a resumed run restores, so the curve covers the whole training
     curve = [{"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate")}
              for e in trainer.state.log_history if "loss" in e]
@@ -340,27 +343,18 @@ def _trained_result(trainer, adapter: Adapter, target_names: list[str], resume: 
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # waits on the finished ranks
 
         unset_hf_deepspeed_config()
-    peak_memory_mb, memory_measure = peak_memory
+    peak_memory_mb, memory_measure = measured_memory
     start_step = int(Path(resume).name.split("-")[1]) if resume else 0
     return FinetuneResult(
-        model=trained, adapter=adapter, train_curve=curve, eval_loss=eval_loss, seconds=seconds,
+        model=trained, adapter=adapter, train_curve=curve, eval_loss=eval_loss,
+        seconds=seconds - trainer.evaluation_seconds, eval_seconds=trainer.evaluation_seconds,
         steps=trainer.state.global_step, resumed_from=resume,
         trainable_params=sum(p.numel() for p in trained.parameters() if p.requires_grad),
         targets=list(target_names), adapter_state=adapter_state,
         is_main_process=trainer.args.should_save, steps_run=trainer.state.global_step - start_step,
         peak_memory_mb=None if peak_memory_mb is None else round(peak_memory_mb, 3), memory_measure=memory_measure,
-        parallelism=_parallelism(trainer),
+        parallelism=parallelism(trainer),
     )
-
-
-def _parallelism(trainer) -> str:
-    """The data parallelism the Trainer actually runs, read from accelerate's state rather than from the launch
-    config: accelerate 1.16 on CPU keeps DistributedType.MULTI_CPU and drops an FSDP config, i.e. runs DDP."""
-    if trainer.is_deepspeed_enabled:
-        return "deepspeed"
-    if trainer.is_fsdp_enabled:
-        return f"fsdp{trainer.accelerator.state.fsdp_plugin.fsdp_version}"
-    return "ddp" if trainer.args.world_size > 1 else "single"
 
 
 def _gather_trainable(trainer, model: nn.Module) -> dict[str, torch.Tensor]:

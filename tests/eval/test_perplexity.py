@@ -57,7 +57,8 @@ def test_token_perplexity_equals_independent_computation(tiny):
     torch.manual_seed(1)
     stream = torch.randint(0, model.config.vocab_size, (1, 5 * seqlen + 7))
     result = token_perplexity(model, stream, seqlen)
-    assert result["windows"] == 5 and result["seqlen"] == seqlen and result["tokens"] == 5 * seqlen + 7
+    assert result["windows"] == 5 and result["seqlen"] == seqlen
+    assert result["tokens"] == 5 * seqlen and result["stream_tokens"] == 5 * seqlen + 7  # the tail is not scored
     assert result["protocol"] == PROTOCOL == "token, non-overlapping windows"
     assert result["value"] == pytest.approx(reference_perplexity(model, stream, seqlen), rel=1e-5)
 
@@ -137,7 +138,8 @@ def test_ppl_source_joins_documents_and_tokenizes_once(tiny, tmp_path):
     result = evaluate(model, tokenizer, [f"ppl:{path}"], seqlen=64)
     stream = tokenizer("\n\n".join(read_texts(str(path))), return_tensors="pt").input_ids
     entry = result["perplexity"][f"ppl:{path}"]
-    assert entry["tokens"] == stream.shape[1] and entry["windows"] == stream.shape[1] // 64
+    assert entry["stream_tokens"] == stream.shape[1] and entry["windows"] == stream.shape[1] // 64
+    assert entry["tokens"] == entry["windows"] * 64
     assert entry["value"] == pytest.approx(reference_perplexity(model, stream, 64), rel=1e-5)
 
 
@@ -153,3 +155,14 @@ def test_metric_labels_show_protocol_and_seqlen():
     assert [title for title, _, _ in metric_columns(entries)] == [
         "wikitext2 token ppl @2048", "python-docs:test token ppl @256", "notes.jsonl token ppl @128",
         "wikitext word_perplexity", "boolq acc", "mean acc (7 tasks)"]
+
+
+def test_tokens_under_a_limit_are_the_tokens_scored_not_the_stream(tiny, tmp_path):
+    """results.json said "tokens": 500398 (the whole stream) for --limit 20 at seqlen 256: it is 20 x 256."""
+    model, tokenizer = tiny
+    path = tmp_path / "docs.jsonl"
+    documents = [" ".join(["The quick brown fox jumps over the lazy dog."] * 20)] * 4
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents), encoding="utf-8")
+    entry = evaluate(model, tokenizer, [f"ppl:{path}"], seqlen=32, limit=3)["perplexity"][f"ppl:{path}"]
+    assert entry["windows"] == 3 and entry["limit"] == 3
+    assert entry["tokens"] == 3 * 32 and entry["stream_tokens"] > 10 * 32

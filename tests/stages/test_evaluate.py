@@ -11,7 +11,7 @@ from spp_cli.stages.evaluate import evaluate_models, results_entries
 
 TASKS = ["ppl:builtin:python-docs:test", "boolq"]
 TOP_KEYS = {"schema_version", "models", "config", "notes", "fingerprint"}
-ENTRY_KEYS = {"results", "perplexity", "mean_acc_7", "n-samples", "task_versions", "sources", "bos", "notes",
+ENTRY_KEYS = {"results", "perplexity", "mean_acc_7", "n-samples", "task_versions", "sources", "bos", "notes", "applied",
               "model", "config", "versions", "seconds"}
 
 
