@@ -107,3 +107,104 @@ def test_streaming_merge_writes_the_in_memory_merge_byte_for_byte(tmp_path, mode
     assert changed == adapted  # every adapted layer changed, no other (the frozen experts of some methods)
     assert not atomic.work_dir(tmp_path / "stream").exists()
     assert ("shards" in model) == (len(list((tmp_path / "stream").glob("*.safetensors"))) == 3)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peft_merges_through_merged_layer_exactly_as_merge_and_unload(method, dtype):
+    """LoRA and IA3 merge with their own formula (Adapter.merged_layer, the streaming merge's): PEFT's bits."""
+    from tiny_models import random_model
+
+    from spp_cli.adapters.base import default_targets
+
+    results = []
+    for merge in ("ours", "peft"):
+        model = random_model("qwen2", dtype=dtype)  # q/k/v biases: IA3 scales them
+        adapter = adapter_class(method).from_options(SimpleNamespace())
+        adapted = adapter.inject(model, default_targets(model, {"layers": {n: {} for n in (
+            "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj")}}))
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for parameter in (p for p in adapted.parameters() if p.requires_grad):
+                parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.3)
+        merged = adapter.merge(adapted) if merge == "ours" else adapted.merge_and_unload()
+        results.append(merged.state_dict())
+    ours, peft = results
+    assert list(ours) == list(peft)
+    for name in ours:
+        assert torch.equal(ours[name], peft[name]), name
+
+
+def test_kill_9_during_a_streaming_merge_leaves_nothing_complete_and_a_rerun_finishes_it(tmp_path):
+    pruned = pruned_model(tmp_path, "llama-tied-3-shards")
+    adapter = random_adapter(pruned, "spp", tmp_path / "tuned" / "adapter")
+    whole = merge_adapter(adapter, tmp_path / "whole", streaming="off")
+    out = tmp_path / "killed"
+    script = (  # resume.json after every tensor; SIGKILL once 20 of them are written
+        "import os, signal\n"
+        "from spp_cli.stages import merge_streaming\n"
+        "from spp_cli.stages.merge import merge_adapter\n"
+        "merge_streaming.SAVE_EVERY_BYTES = 0\n"
+        "def on_event(event):\n"
+        "    if event.payload['done'] == 20:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"merge_adapter({str(adapter)!r}, {str(out)!r}, on_event=on_event)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists() and not checkpoint.is_complete(atomic.work_dir(out))
+    state = json.loads((atomic.work_dir(out) / "resume.json").read_text())
+    assert state["next_unit"] == 20
+
+    seen = []
+    resumed = merge_adapter(adapter, out, on_event=lambda event: seen.append(event.payload["done"]))
+    assert seen[0] == 21 and seen[-1] == len(seen) + 20  # only what the killed run had not written
+    assert resumed["manifest_sha256"] == whole["manifest_sha256"]
+    assert_same_output(out, tmp_path / "whole")
+    assert not atomic.work_dir(out).exists()
+
+
+def test_streaming_falls_back_to_memory_unless_it_is_on(tmp_path):
+    pruned = pruned_model(tmp_path, "builtin")
+    adapter = random_adapter(pruned, "masked-lora", tmp_path / "tuned" / "adapter")
+    manifest = json.loads((pruned / "spp.json").read_text())
+    (pruned / "spp.json").write_text(json.dumps({**manifest, "layers": {}}))  # the pruned layers are not listed
+    with pytest.raises(BadInput, match="--streaming on cannot merge this model tensor by tensor: its spp.json"):
+        merge_adapter(adapter, tmp_path / "on", streaming="on")
+    with pytest.raises(BadInput, match="streaming: 'sometimes' is not one of auto, on, off"):
+        merge_adapter(adapter, tmp_path / "on", streaming="sometimes")
+    assert not (tmp_path / "on").exists() and not atomic.work_dir(tmp_path / "on").exists()
+
+
+def test_a_base_whose_zeros_differ_is_refused_and_a_lost_zero_fails_with_nothing_left(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    pruned = pruned_model(tmp_path, "builtin")
+    adapter = random_adapter(pruned, "masked-full", tmp_path / "tuned" / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    layer = next(iter(config["base_zeros_sha256"]))
+    changed = dict(config, base_zeros_sha256={**config["base_zeros_sha256"], layer: "0" * 64})
+    (adapter / "adapter_config.json").write_text(json.dumps(changed))
+    with pytest.raises(BadInput, match=f"does not fit this base: layer {layer} has a different zero mask"):
+        merge_adapter(adapter, tmp_path / "refused", streaming="on")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    weights = load_file(adapter / "adapter_model.safetensors")  # masked-full's state is the weights: revive zeros
+    weights = {key: torch.ones_like(tensor) for key, tensor in weights.items()}
+    save_file(weights, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    merged = merge_adapter(adapter, tmp_path / "ones", streaming="on")  # the mask applies: no zero is lost
+    assert all(layer["sparsity"] >= 0.5 for layer in merged["layers"].values())
+    for out in ("refused", "ones"):
+        assert not atomic.work_dir(tmp_path / out).exists()
+    assert not (tmp_path / "refused").exists()
+
+
+def test_a_merge_that_loses_a_zero_fails_and_leaves_nothing(tmp_path, monkeypatch):
+    from spp_cli.adapters.spp import SPPAdapter
+
+    pruned = pruned_model(tmp_path, "builtin")
+    adapter = random_adapter(pruned, "spp", tmp_path / "tuned" / "adapter")
+    monkeypatch.setattr(SPPAdapter, "merged_layer", lambda self, layer, weight, bias, tensors: (weight + 1, bias))
+    with pytest.raises(CheckFailed, match="the merge lost zeros in 28 layers"):
+        merge_adapter(adapter, tmp_path / "lost", streaming="on")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pruned", "tuned"]
