@@ -31,7 +31,6 @@ from spp_cli.adapters.base import (
 from spp_cli.errors import BadInput
 from spp_cli.io.atomic import atomic_dir
 
-
 PEFT_PREFIX = "base_model.model."  # of every key PEFT writes in adapter_model.safetensors
 
 

@@ -108,7 +108,8 @@ def open_merge_input(base_dir: str | Path, dtype: str, trust_remote_code: bool =
     plan = plan_output(model, stored_dtype, checkpoint.parent_shard_size(directory), loaded_conversions(model, keys))
     state = in_memory_state_dict(model)
     merge_input = MergeInput(model, source, plan, stored_dtype, {name: t.shape for name, t in state.items()},
-                             {name: t.dtype for name, t in state.items()}, converted_names(keys, model.config.model_type))
+                             {name: t.dtype for name, t in state.items()},
+                             converted_names(keys, model.config.model_type))
     written = sorted(key for name in state for key, _ in merge_input.pieces(name))
     if written != sorted(plan.tensors):
         raise NotStreamable("its shards name its tensors differently from how saving names them")
