@@ -11,12 +11,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from spp_cli.errors import BadInput
+from spp_cli.errors import BadInput, CheckFailed
 from spp_cli.events import Listener
 from spp_cli.io import atomic, checkpoint
 from spp_cli.io.manifest import layers_record, stage_manifest, zeros_sha256
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
-from spp_cli.stages.finetune import check_zeros_kept, frozen_experts_warnings, not_adapted
 
 MERGE_DTYPE = "float32"  # the merge computes in fp32 and saves in the base's dtype
 
@@ -110,14 +109,12 @@ def _merge_streaming(*, adapter_dir: Path, out: Path, method: str, config: dict,
                      parent_manifest: dict, options: dict, fingerprint: str, started: float, merge_input,
                      on_event: Listener | None) -> dict:
     from spp_cli.adapters import adapter_class
-    from spp_cli.stages.merge_streaming import StreamingMerge, run_fingerprint
+    from spp_cli.stages.merge_streaming import adapter_merge
 
     adapter = adapter_class(method).from_file_record(config)
     pruned = list(parent_manifest["layers"])
-    staging = atomic.work_dir(out)
-    run = run_fingerprint(fingerprint, merge_input, options["adapter_sha256"], MERGE_DTYPE, "cpu")
-    merge = StreamingMerge(merge_input, adapter, config, adapter_dir / "adapter_model.safetensors", staging, run,
-                           pruned=pruned)
+    merge = adapter_merge(merge_input, adapter, adapter_dir, atomic.work_dir(out), fingerprint, pruned=pruned,
+                          dtype=MERGE_DTYPE)
     layers = merge.run(on_event)
     manifest = merge_manifest(adapter, pruned, layers, adapter_dir, base, parent_manifest, options, fingerprint)
     tokenizer = checkpoint.load_tokenizer(base)
@@ -146,3 +143,37 @@ def merge_manifest(adapter, pruned: list[str], layers: dict, adapter_dir: Path, 
         **({"frozen_experts": len(frozen_experts)} if frozen_experts else {}),
         **({"warnings": frozen_experts_warnings(frozen_experts, adapter.name)} if frozen_experts else {}),
     )
+
+
+def not_adapted(pruned: list[str], adapted: list[str]) -> list[str]:
+    """The pruned layers the adapter left frozen: fused MoE expert slices (adapters/base.split_fused_experts) that
+    its method cannot wrap, or a fused parameter masked-full found only partly pruned."""
+    adapted = set(adapted)
+    return [name for name in pruned if name not in adapted]
+
+
+def frozen_experts_warnings(frozen_experts: list[str], method: str) -> list[str]:
+    """What not_adapted found, said rather than hidden (one line on the console, and in spp.json)."""
+    if not frozen_experts:
+        return []
+    return [f"experts: {len(frozen_experts)} fused expert projections are not adapted (--method {method} has no "
+            "form for fused experts; spp and masked-full have); they stay frozen and keep their zeros"]
+
+
+def check_zeros_kept(model, layers: dict[str, dict], parent_zeros: dict[str, str], parent_dir: str) -> None:
+    """Every zero of the parent must still be zero (CheckFailed, exit 1, otherwise). Extra zeros are allowed:
+    an fp16 underflow of W·(1 + s·M) can add some, never remove one."""
+    changed = [name for name, record in layers.items() if record["zeros_sha256"] != parent_zeros[name]]
+    if not changed:
+        return
+    from pruners.experts import weight_of
+    from spp_cli.io.stored_weights import StoredWeights
+
+    # the hashes differ: count lost zeros exactly against the parent's stored weights
+    stored = StoredWeights(Path(parent_dir))
+    lost = []
+    for name in changed:
+        if bool(((stored[name] == 0) & (weight_of(model, name).detach().cpu() != 0)).any()):
+            lost.append(name)
+    if lost:
+        raise CheckFailed(f"the merge lost zeros in {len(lost)} layers ({', '.join(lost[:3])}...): not saved")

@@ -119,14 +119,21 @@ def open_merge_input(base_dir: str | Path, dtype: str, trust_remote_code: bool =
     return merge_input
 
 
-def run_fingerprint(stage_fingerprint: str, merge_input: MergeInput, adapter_sha256: str, dtype: str,
-                    device: str) -> str:
-    """What must match for a staging dir to be resumed: the same options, input, adapter and machine setup."""
+def adapter_merge(merge_input: MergeInput, adapter, adapter_dir: Path, staging: Path, stage_fingerprint: str, *,
+                  pruned: list[str], dtype: str, device: str = "cpu") -> StreamingMerge:
+    """The StreamingMerge of the adapter saved in `adapter_dir` (its method's `adapter`, config loaded) into
+    `merge_input` (opened in `dtype`), computing on `device`, staged in `staging`, resumable while the stage's
+    fingerprint, the input shards, the adapter's bytes, dtype, device and versions stay the same."""
+    from spp_cli.adapters.base import ADAPTER_WEIGHTS_NAME, read_adapter_config
     from spp_cli.environment import versions
 
-    content = {"stage": stage_fingerprint, "input": merge_input.source.identity(), "adapter": adapter_sha256,
-               "dtype": dtype, "device": str(device), "versions": versions()}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+    weights = adapter_dir / ADAPTER_WEIGHTS_NAME
+    content = {"stage": stage_fingerprint, "input": merge_input.source.identity(), "dtype": dtype,
+               "adapter": hashlib.sha256(weights.read_bytes()).hexdigest(), "device": str(device),
+               "versions": versions()}
+    run = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+    return StreamingMerge(merge_input, adapter, read_adapter_config(adapter_dir), weights, staging, run,
+                          pruned=pruned, device=device)
 
 
 @dataclass
@@ -298,11 +305,12 @@ class StreamingMerge:
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def publish(self, out: Path, manifest: dict, tokenizer, started: float,
-                extra_dirs: dict[str, Path] | None = None) -> dict:
+                extra_dirs: dict[str, Path] | None = None, configured=None) -> dict:
         """Add the index, config, generation config, tokenizer, the parent's files, `extra_dirs` and spp.json as
-        checkpoint.save_checkpoint does, and move the staging dir to `out` atomically; the finished manifest."""
+        checkpoint.save_checkpoint does, and move the staging dir to `out` atomically; the finished manifest.
+        `configured`: the model whose config the in-memory merge would save (the trained one), else the base's."""
         try:
-            write_model_files(self.staging, self.input, tokenizer)
+            write_model_files(self.staging, self.input, tokenizer, configured)
             for name, source in (extra_dirs or {}).items():
                 shutil.copytree(source, self.staging / name)
             finished = checkpoint.finish_manifest(manifest, time.time() - started)
@@ -317,13 +325,15 @@ class StreamingMerge:
         return finished
 
 
-def write_model_files(directory: Path, merge_input: MergeInput, tokenizer) -> None:
+def write_model_files(directory: Path, merge_input: MergeInput, tokenizer, configured=None) -> None:
     """What save_pretrained (and save_checkpoint) write besides the weights: the shards' index, config.json in the
-    stored dtype, the generation config, the tokenizer and the parent's chat template files."""
-    model = merge_input.model
+    stored dtype, the generation config, the tokenizer and the parent's chat template files. The config and
+    generation config are `configured`'s (a model, e.g. the trained one: training sets use_cache off), else the
+    base's."""
+    model = configured if configured is not None else merge_input.model
     ShardWriter(directory, merge_input.plan).write_index()
     model.config.dtype = str(merge_input.stored_dtype).split(".")[1]  # what save_pretrained records
-    model.config.architectures = [type(model).__name__]
+    model.config.architectures = [type(merge_input.model).__name__]
     model.config.save_pretrained(directory)
     if model.can_generate():
         model.generation_config.save_pretrained(directory)

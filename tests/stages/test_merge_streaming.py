@@ -72,16 +72,17 @@ def random_adapter(pruned: Path, method: str, adapter_dir: Path, seed: int = 1) 
     return adapter_dir
 
 
-def assert_same_output(streamed: Path, in_memory: Path) -> None:
-    """Every file byte for byte (adapter/ too), spp.json's text equal but for its timings, the same files recorded."""
+def assert_same_output(streamed: Path, in_memory: Path, timings: str = "") -> None:
+    """Every file byte for byte (adapter/ too), spp.json's text equal but for its timings, the same files recorded;
+    a file named `timings` only exists in both."""
     names = sorted(str(p.relative_to(in_memory)) for p in in_memory.rglob("*"))
     assert sorted(str(p.relative_to(streamed)) for p in streamed.rglob("*")) == names
     for name in names:
         ours, theirs = streamed / name, in_memory / name
-        if ours.is_dir():
+        if ours.is_dir() or ours.name == timings:
             continue
-        if name == RECORD:
-            assert set(read_record(streamed)) == set(read_record(in_memory))
+        if ours.name == RECORD:  # the record of what spp wrote: the same files, their own sizes and times
+            assert set(read_record(ours.parent)) == set(read_record(theirs.parent))
         elif name == "spp.json":
             untimed = [{k: v for k, v in json.loads(p.read_text()).items() if k not in ("seconds", "created")}
                        for p in (ours, theirs)]
@@ -208,3 +209,25 @@ def test_a_merge_that_loses_a_zero_fails_and_leaves_nothing(tmp_path, monkeypatc
     with pytest.raises(CheckFailed, match="the merge lost zeros in 28 layers"):
         merge_adapter(adapter, tmp_path / "lost", streaming="on")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["pruned", "tuned"]
+
+
+@pytest.mark.parametrize("method", ["spp", "lora"])
+def test_finetune_merges_streaming_into_the_in_memory_merge_s_bytes(tmp_path, monkeypatch, method):
+    from tiny_models import ALPACA
+
+    from spp_cli.stages import finetune as finetune_stage
+    from spp_cli.stages import merge_streaming
+
+    pruned = pruned_model(tmp_path, "builtin")
+    train = dict(data=str(ALPACA), method=method, max_steps=2, batch_size=4, micro_batch_size=4, seqlen=32,
+                 val_size=0, device="cpu")
+    opened = []
+    monkeypatch.setattr(merge_streaming.StreamingMerge, "_open", lambda self, _open=merge_streaming.StreamingMerge.
+                        _open: (opened.append(self.staging), _open(self))[1])
+    streamed = finetune_stage.finetune(str(pruned), tmp_path / "stream", **train)
+    assert opened == [atomic.work_dir(tmp_path / "stream") / "merged"]
+    monkeypatch.setattr(finetune_stage, "_streaming_merge", lambda plan, base, result: None)
+    in_memory = finetune_stage.finetune(str(pruned), tmp_path / "memory", **train)
+    assert_same_output(tmp_path / "stream", tmp_path / "memory", timings="run.json")
+    assert streamed["manifest_sha256"] == in_memory["manifest_sha256"]
+    assert not atomic.work_dir(tmp_path / "stream").exists()
