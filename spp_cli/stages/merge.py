@@ -5,7 +5,6 @@ A base that is a local safetensors folder with a spp.json listing its pruned lay
 write, a model saving cannot stream) loads whole. Both write the same bytes.
 """
 
-import hashlib
 import shutil
 import tempfile
 import time
@@ -28,6 +27,7 @@ def merge_adapter(
     (stream whenever the base allows it), on (insist: BadInput otherwise), off (load the base whole)."""
     from spp_cli.adapters import method_for_peft_type
     from spp_cli.adapters.base import read_adapter_config
+    from spp_cli.stages.merge_streaming import file_sha256
 
     started = time.time()
     adapter_dir, out = Path(adapter_dir), Path(out)
@@ -43,7 +43,7 @@ def merge_adapter(
     if not weights.is_file():
         raise BadInput(f"'{weights}' is missing: the adapter directory is incomplete")
     # the adapter's content, not its location, decides the result (identical runs, identical manifests)
-    options = {"adapter_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    options = {"adapter_sha256": file_sha256(weights)}
     stage_fingerprint = fingerprint(options, config.get("base_manifest_sha256"))
     check_output_path(out, [base, adapter_dir])
     if existing_output(out, stage_fingerprint, overwrite):

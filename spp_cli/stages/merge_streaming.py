@@ -119,6 +119,15 @@ def open_merge_input(base_dir: str | Path, dtype: str, trust_remote_code: bool =
     return merge_input
 
 
+def file_sha256(path: Path, chunk: int = 16 * 2**20) -> str:
+    """sha256 of a file's bytes, read a chunk at a time (masked-full's adapter is as large as its targets)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def adapter_merge(merge_input: MergeInput, adapter, adapter_dir: Path, staging: Path, stage_fingerprint: str, *,
                   pruned: list[str], dtype: str, device: str = "cpu") -> StreamingMerge:
     """The StreamingMerge of the adapter saved in `adapter_dir` (its method's `adapter`, config loaded) into
@@ -129,7 +138,7 @@ def adapter_merge(merge_input: MergeInput, adapter, adapter_dir: Path, staging: 
 
     weights = adapter_dir / ADAPTER_WEIGHTS_NAME
     content = {"stage": stage_fingerprint, "input": merge_input.source.identity(), "dtype": dtype,
-               "adapter": hashlib.sha256(weights.read_bytes()).hexdigest(), "device": str(device),
+               "adapter": file_sha256(weights), "device": str(device),
                "versions": versions()}
     run = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
     return StreamingMerge(merge_input, adapter, read_adapter_config(adapter_dir), weights, staging, run,
