@@ -77,6 +77,19 @@ class Adapter:
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Called after every optimizer step (masked-full re-applies its mask here)."""
 
+    # ---- the merge of one layer from tensors: `merge` and the streaming merge (stages/merge_streaming.py) ----
+
+    def file_layers(self, keys: list[str]) -> dict[str, dict[str, str]]:
+        """{layer: {role: key}} for the keys of adapter_model.safetensors: each adapted layer (a linear's module
+        name, or a fused experts parameter's name `<experts>.gate_up_proj`) and its tensors in the file."""
+        raise NotImplementedError
+
+    def merged_layer(self, layer: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                     tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The method's merge formula for one layer: (weight, bias) after the merge from the base's (the dtype the
+        merge computes in) and the layer's adapter tensors by role (file_layers). Pure: nothing is mutated."""
+        raise NotImplementedError
+
     def record(self) -> dict:
         """spp.json's "adapter": the config dataclass as JSON (adapter_config.json adds peft_type and the base)."""
         return json_safe(dataclasses.asdict(self.config))
@@ -134,7 +147,7 @@ class Adapter:
 
         config = read_adapter_config(adapter_dir)
         check_base_zeros(model, config, adapter_dir)
-        adapter = cls(cls.config_from_record(config))
+        adapter = cls.from_file_record(config)
         adapted = adapter.inject(model, list(config["target_modules"]))
         weights = Path(adapter_dir) / ADAPTER_WEIGHTS_NAME
         if not weights.is_file():
@@ -143,6 +156,11 @@ class Adapter:
         state = {parameter_names.get(key, key): tensor for key, tensor in load_file(str(weights)).items()}
         adapter.load_trainable_state(adapted, state)
         return adapter, adapted
+
+    @classmethod
+    def from_file_record(cls, record: dict) -> Adapter:
+        """The adapter adapter_config.json describes (not injected: what a merge from tensors needs)."""
+        return cls(cls.config_from_record(record))
 
     @classmethod
     def config_from_record(cls, record: dict) -> Any:
@@ -276,6 +294,16 @@ def fully_targeted_experts(model: nn.Module, expert_slices: list[str]) -> dict[t
         if len(names) == experts * (1 if parameter == "down_proj" else 2):
             covered[(owner, parameter)] = sorted(names)
     return covered
+
+
+def layers_by_suffix(keys: list[str], roles: dict[str, str]) -> dict[str, dict[str, str]]:
+    """{layer: {role: key}} for the keys that end in one of `roles` (suffix -> role); the layer is the rest."""
+    layers: dict[str, dict[str, str]] = {}
+    for key in keys:
+        for suffix, role in roles.items():
+            if key.endswith(suffix):
+                layers.setdefault(key.removesuffix(suffix), {})[role] = key
+    return layers
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from spp_cli.adapters.lora import PeftAdapter
@@ -34,10 +35,29 @@ def feedforward_targets(model: nn.Module, targets: list[str]) -> list[str]:
     return [name for name in targets if suffixes and name.rsplit(".", 1)[-1] in suffixes]
 
 
+def merged_layer(weight: torch.Tensor, bias: torch.Tensor | None, ia3_l: torch.Tensor,
+                 feedforward: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W ⊙ l, b ⊙ l) exactly as PEFT's IA3 Linear.merge computes them: l (1, in) scales W's columns for a
+    feed-forward layer (its bias stays), else l (out, 1) scales W's rows and the bias; each result in its input's
+    dtype. IA3's one merge formula (IA3Adapter.merge and the streaming merge)."""
+    merged = torch.mul(weight, ia3_l).to(weight.dtype)
+    if not feedforward and bias is not None:
+        bias = torch.mul(bias, ia3_l.reshape(bias.shape)).to(bias.dtype)
+    return merged, bias
+
+
 class IA3Adapter(PeftAdapter):
     """PEFT IA3: one vector per target (in_features for feed-forward layers, else out_features)."""
 
     name = "ia3"
+    FILE_ROLES = {".ia3_l": "l"}
+
+    def module_tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {"l": module.ia3_l["default"].data}
+
+    def merged_layer(self, layer: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                     tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return merged_layer(weight, bias, tensors["l"], layer in self.config.feedforward_modules)
 
     @classmethod
     def make_config(cls, options: dict) -> IA3AdapterConfig:

@@ -9,11 +9,13 @@ and merges (merge_and_unload); the files are PEFT's own (save_pretrained), plus 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from spp_cli.adapters.base import (
@@ -23,14 +25,20 @@ from spp_cli.adapters.base import (
     base_weight,
     check_base_zeros,
     json_safe,
+    layers_by_suffix,
     read_adapter_config,
 )
 from spp_cli.errors import BadInput
 from spp_cli.io.atomic import atomic_dir
 
+PEFT_PREFIX = "base_model.model."  # of every key PEFT writes in adapter_model.safetensors
+
 
 class PeftAdapter(Adapter):
-    """A method PEFT implements: `peft_config(targets)` is the whole difference between LoRA and IA3."""
+    """A method PEFT implements: `peft_config(targets)` and the merge formula are the difference between LoRA and
+    IA3."""
+
+    FILE_ROLES: dict[str, str] = {}  # suffix of a layer's key in adapter_model.safetensors -> role
 
     def peft_config(self, targets: list[str], model: nn.Module):
         raise NotImplementedError
@@ -42,7 +50,27 @@ class PeftAdapter(Adapter):
         return get_peft_model(model, self.peft_config(list(targets), model))
 
     def merge(self, model: nn.Module) -> nn.Module:
-        return model.merge_and_unload()
+        """PEFT's merge_and_unload, with the method's merged_layer as the formula (the streaming merge's too)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, module in model.get_base_model().named_modules():
+            if isinstance(module, BaseTunerLayer):
+                base = module.get_base_layer()
+                bias = None if base.bias is None else base.bias.data
+                weight, bias = self.merged_layer(name, base.weight.data, bias, self.module_tensors(module))
+                base.weight.data = weight
+                if bias is not None:
+                    base.bias.data = bias
+        return model.unload()
+
+    def module_tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The layer's adapter tensors by role (those file_layers names in the file), from PEFT's layer."""
+        raise NotImplementedError
+
+    def file_layers(self, keys: list[str]) -> dict[str, dict[str, str]]:
+        """PEFT's file keys are `base_model.model.<layer>.<tensor>`."""
+        layers = layers_by_suffix(keys, self.FILE_ROLES)
+        return {layer.removeprefix(PEFT_PREFIX): roles for layer, roles in layers.items()}
 
     def record(self) -> dict:
         """PEFT's own config (to_dict) when injected, so the record is the config PEFT actually ran."""
@@ -71,7 +99,7 @@ class PeftAdapter(Adapter):
 
     @classmethod
     def load(cls, model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[Adapter, nn.Module]:
-        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+        from peft import get_peft_model, set_peft_model_state_dict
         from safetensors.torch import load_file
 
         record = read_adapter_config(adapter_dir)
@@ -79,15 +107,23 @@ class PeftAdapter(Adapter):
         weights = Path(adapter_dir) / ADAPTER_WEIGHTS_NAME
         if not weights.is_file():
             raise BadInput(f"{weights} not found: the adapter directory is incomplete")
-        peft_config = PeftConfig.from_peft_type(**{k: v for k, v in record.items() if not k.startswith("base_")
-                                                   or k == "base_model_name_or_path"})
-        adapter = cls(cls.config_from_peft(peft_config))
-        adapter._peft_config = peft_config
-        adapted = get_peft_model(model, peft_config)
+        adapter = cls.from_file_record(record)
+        adapted = get_peft_model(model, adapter._peft_config)
         result = set_peft_model_state_dict(adapted, load_file(str(weights)))
         if getattr(result, "unexpected_keys", None):
             raise BadInput(f"{weights} holds tensors this base lacks ({result.unexpected_keys[0]}): use its base")
         return adapter, adapted
+
+    @classmethod
+    def from_file_record(cls, record: dict) -> Adapter:
+        """From PEFT's own config (spp's base_* keys left out), which record() then reports."""
+        from peft import PeftConfig
+
+        peft_config = PeftConfig.from_peft_type(**{k: v for k, v in record.items() if not k.startswith("base_")
+                                                   or k == "base_model_name_or_path"})
+        adapter = cls(cls.config_from_peft(peft_config))
+        adapter._peft_config = peft_config
+        return adapter
 
     @classmethod
     def config_from_peft(cls, peft_config) -> Any:
@@ -104,10 +140,37 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=list)
 
 
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + s·B A exactly as PEFT's LoraLayer.merge computes it (get_delta_weight, then an in-place add in W's
+    dtype): B A in the adapter's dtype, in fp32 for a half-precision adapter on the CPU. W (out, in), A (r, in),
+    B (out, r). LoRA's one merge formula (LoRAAdapter.merge and the streaming merge)."""
+    cast_to_fp32 = lora_B.device.type == "cpu" and lora_B.dtype in (torch.float16, torch.bfloat16)
+    delta = (lora_B.float() @ lora_A.float() if cast_to_fp32 else lora_B @ lora_A) * scaling
+    merged = weight.clone()
+    merged += delta.to(lora_B.dtype) if cast_to_fp32 else delta
+    return merged
+
+
 class LoRAAdapter(PeftAdapter):
-    """PEFT LoRA (dense after merge_and_unload). Defaults: r 8, alpha 16, dropout 0.05, lr 3e-4 (alpaca-lora)."""
+    """PEFT LoRA (dense after the merge). Defaults: r 8, alpha 16, dropout 0.05, lr 3e-4 (alpaca-lora)."""
 
     name = "lora"
+    FILE_ROLES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+
+    @property
+    def scaling(self) -> float:
+        """PEFT's LoraLayer.scaling: lora_alpha / r (/ sqrt(r) with rsLoRA, which spp never sets)."""
+        peft_config = getattr(self, "_peft_config", None)
+        if peft_config is not None and peft_config.use_rslora:
+            return peft_config.lora_alpha / math.sqrt(peft_config.r)
+        return self.config.lora_alpha / self.config.r
+
+    def module_tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {"A": module.lora_A["default"].weight.data, "B": module.lora_B["default"].weight.data}
+
+    def merged_layer(self, layer: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                     tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return merged_weight(weight, tensors["A"], tensors["B"], self.scaling), bias
 
     @classmethod
     def make_config(cls, options: dict) -> LoRAConfig:

@@ -29,6 +29,12 @@ from spp_cli.adapters.base import Adapter, fully_targeted_experts, resolve_targe
 SUPPORT = "spp_support_"  # + the parameter's name: a non-persistent buffer, never in a saved state dict
 
 
+def masked_weight(weight: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """W ⊙ 1[W_base ≠ 0] (`support`, in W's dtype): masked-full's merge formula (the streaming merge's,
+    stages/merge_streaming.py; after_optimizer_step, which the in-memory merge ends with, computes it in place)."""
+    return weight * support
+
+
 @dataclass
 class MaskedFullConfig:
     target_modules: list[str] = field(default_factory=list)
@@ -73,8 +79,17 @@ class MaskedFullAdapter(Adapter):
 
     @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module) -> None:
-        for module, parameter in self._trained:
+        for module, parameter in self._trained:  # masked_weight in place: no second copy of every target
             getattr(module, parameter).mul_(getattr(module, SUPPORT + parameter))
+
+    def file_layers(self, keys: list[str]) -> dict[str, dict[str, str]]:
+        """The trained weights themselves: `<linear>.weight`, or a fused experts parameter stored whole."""
+        return {key.removesuffix(".weight"): {"weight": key} for key in keys}
+
+    def merged_layer(self, layer: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                     tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The trained weight (cast to the base's dtype, as loading it into the model does) under the base's mask."""
+        return masked_weight(tensors["weight"].to(weight.dtype), (weight != 0).to(weight.dtype)), bias
 
     def merge(self, model: nn.Module) -> nn.Module:
         self.after_optimizer_step(model)

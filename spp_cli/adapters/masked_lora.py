@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spp_cli.adapters.base import Adapter, WrappedLinear, resolve_targets, set_submodule
+from spp_cli.adapters.base import Adapter, WrappedLinear, layers_by_suffix, resolve_targets, set_submodule
 from spp_cli.adapters.spp import _compute_dtype
 
 
@@ -53,6 +53,12 @@ class MaskedLoRAConfig:
 def masked_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     """Δ = (B A) ⊙ M, fp32, (out, in): B (out, r), A (r, in), M the bool support (out, in)."""
     return (lora_B.float() @ lora_A.float()).mul_(support)
+
+
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + s·(B A) ⊙ 1[W ≠ 0] in fp32, cast back to W's dtype: masked LoRA's one merge formula (the layer's merge
+    and the streaming merge, stages/merge_streaming.py). Every zero of W stays exactly zero."""
+    return (weight.float() + scale * masked_delta(lora_A, lora_B, weight != 0)).to(weight.dtype)
 
 
 def _lora_grads(p: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, support: torch.Tensor,
@@ -159,11 +165,12 @@ class MaskedLoRALinear(WrappedLinear):
         branch = _MaskedBranch.apply(xd.reshape(-1, xd.shape[-1]), self.lora_A, self.lora_B, self.support,
                                      self.scale)
         return result + branch.view(*result.shape[:-1], -1).to(result.dtype)
+
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """The base nn.Linear with W ← W + s·(B A) ⊙ 1[W ≠ 0] written into it (fp32 math, W's dtype)."""
         weight = self.base.weight
-        weight.copy_((weight.float() + self.scale * self.delta()).to(weight.dtype))
+        weight.copy_(merged_weight(weight, self.lora_A, self.lora_B, self.scale))
         return self.base
 
 
@@ -193,6 +200,13 @@ class MaskedLoRAAdapter(Adapter):
             layer.lora_B.requires_grad_(True)
         self.config.target_modules = names
         return model
+
+    def file_layers(self, keys: list[str]) -> dict[str, dict[str, str]]:
+        return layers_by_suffix(keys, {".lora_A": "A", ".lora_B": "B"})
+
+    def merged_layer(self, layer: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                     tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return merged_weight(weight, tensors["A"], tensors["B"], self.config.scale), bias
 
     def merge(self, model: nn.Module) -> nn.Module:
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MaskedLoRALinear)]

@@ -40,6 +40,7 @@ from spp_cli.adapters.base import (
     ADAPTER_CONFIG_NAME,
     Adapter,
     WrappedLinear,
+    layers_by_suffix,
     read_adapter_config,
     resolve_targets,
     set_submodule,
@@ -113,8 +114,13 @@ def delta_weight(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) 
 
 
 def merged_weight(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float) -> torch.Tensor:
-    """W ⊙ (1 + s·β·Rep(α)) computed in fp32 and cast back to W's dtype; every zero of W stays zero."""
-    multiplier = 1 + scale * beta.float()[:, None] * repeat_groups(alpha.float(), weight.shape[0])
+    """W ⊙ (1 + s·β·Rep(α)) computed in fp32 and cast back to W's dtype; every zero of W stays zero.
+
+    W (..., out, in), α (..., G, in), β (..., out): a linear, or fused experts batched over their first dimension
+    (spp_experts.py, whose expert slices this computes element for element). SPP's one merge formula: the layers'
+    merge, the experts' parametrization and the streaming merge (stages/merge_streaming.py) all call it."""
+    rows_per_group = weight.shape[-2] // alpha.shape[-2]
+    multiplier = 1 + scale * beta.float()[..., None] * alpha.float().repeat_interleave(rows_per_group, dim=-2)
     return (weight.float() * multiplier).to(weight.dtype)
 
 
@@ -366,6 +372,14 @@ class SPPAdapter(Adapter):
 
     def file_key(self, parameter_name: str) -> str:
         return _EXPERT_PARAMETER.sub(r".\1.\2", parameter_name)
+
+    def file_layers(self, keys: list[str]) -> dict[str, dict[str, str]]:
+        """`<layer>.spp_alpha` / `.spp_beta`: a linear's, or a fused experts parameter's (`<experts>.gate_up_proj`)."""
+        return layers_by_suffix(keys, {".spp_alpha": "alpha", ".spp_beta": "beta"})
+
+    def merged_layer(self, layer: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                     tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return merged_weight(weight, tensors["alpha"], tensors["beta"], self.config.scale), bias
 
 
 def load_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *,

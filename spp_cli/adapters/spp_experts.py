@@ -45,9 +45,9 @@ class SPPExperts(nn.Module):
             nn.init.kaiming_uniform_(self.spp_alpha.data[expert], a=math.sqrt(5))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        rows_per_group = weight.shape[1] // self.spp_alpha.shape[1]
-        multiplier = 1 + self.scale * self.spp_beta[..., None] * self.spp_alpha.repeat_interleave(rows_per_group, 1)
-        return (weight.float() * multiplier).to(weight.dtype)
+        from spp_cli.adapters.spp import merged_weight  # (spp.py imports this module)
+
+        return merged_weight(weight, self.spp_alpha, self.spp_beta, self.scale)
 
 
 def _cached_forward(module: nn.Module):

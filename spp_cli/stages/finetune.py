@@ -27,12 +27,13 @@ from typing import Any
 
 from spp_cli import preflight
 from spp_cli.adapters import METHOD_OPTIONS, resolved_method_options
-from spp_cli.errors import BadInput, CheckFailed
+from spp_cli.errors import BadInput
 from spp_cli.events import Listener, notify
 from spp_cli.io import atomic, checkpoint
 from spp_cli.io.manifest import applied_record, layers_record, stage_manifest, zeros_sha256
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.recipe.schema import FinetuneStage
+from spp_cli.stages.merge import check_zeros_kept, frozen_experts_warnings, not_adapted
 
 RUN_RECORD = "run.json"  # in OUT/adapter/: resumed_from, step seconds, peak memory (not hashed)
 
@@ -113,7 +114,7 @@ def finetune(
     run = save_adapter(plan, result)
     model_out, layers = merge_and_check(plan, base, result)
     manifest = record(plan, base, result, layers)
-    return {**publish(plan, model_out, base.tokenizer, manifest, started), "run": run}
+    return {**publish(plan, model_out, base.tokenizer, manifest, started, configured=result.model), "run": run}
 
 
 @dataclass
@@ -249,17 +250,39 @@ def save_adapter(plan: FinetunePlan, result) -> dict:
 
 
 def merge_and_check(plan: FinetunePlan, base: LoadedBase, result):
-    """(the merged model in the checkpoint's dtype, spp.json's "layers"): every pruned tensor, the frozen experts
-    too; a zero-keeping method must have kept every zero (CheckFailed). (None, {}) with --no-merge."""
+    """(what publish saves, spp.json's "layers"): every pruned tensor, the frozen experts too; a zero-keeping method
+    must have kept every zero (CheckFailed). (None, {}) with --no-merge. A local safetensors parent is merged
+    streaming from its shards and the saved adapter (a StreamingMerge whose shards are written; the same bytes), any
+    other in memory (the merged model in the checkpoint's dtype)."""
     from spp_cli.training.trainer import merge_trained
 
     if plan.options.no_merge:
         return None, {}
+    streaming = _streaming_merge(plan, base, result)
+    if streaming is not None:
+        return streaming, streaming.run()
     model_out = merge_trained(result).to(base.stored_dtype)
     layers = layers_record(model_out, base.pruned)
     if result.adapter.keeps_zeros:
         check_zeros_kept(model_out, layers, base.parent_zeros, plan.model_path)
     return model_out, layers
+
+
+def _streaming_merge(plan: FinetunePlan, base: LoadedBase, result):
+    """The streaming merge (stages/merge_streaming.py) of the saved adapter into the parent, computing where the
+    in-memory merge would (the training device and dtype; the CPU after a multi-process run); None when the parent
+    cannot be streamed."""
+    from spp_cli.stages.merge import streamed_base
+    from spp_cli.stages.merge_streaming import adapter_merge
+    from spp_cli.training.trainer import world_size
+
+    device = plan.options.device if world_size() == 1 else "cpu"
+    dtype = _compute_dtype(plan.options.dtype, device)
+    merge_input = streamed_base("auto", plan.model_path, (plan.parent_manifest or {}).get("layers"), dtype)
+    if merge_input is None:
+        return None
+    return adapter_merge(merge_input, result.adapter, plan.work_dir / "adapter", plan.work_dir / "merged",
+                         plan.fingerprint, pruned=base.pruned, dtype=dtype, device=device)
 
 
 def record(plan: FinetunePlan, base: LoadedBase, result, layers: dict) -> dict:
@@ -294,12 +317,18 @@ def record(plan: FinetunePlan, base: LoadedBase, result, layers: dict) -> dict:
     )
 
 
-def publish(plan: FinetunePlan, model_out, tokenizer, manifest: dict, started: float) -> dict:
-    """OUT/ atomically: the merged model + adapter/ + spp.json (or, with --no-merge, adapter/ + spp.json); the
-    work dir goes. Returns the finished manifest."""
+def publish(plan: FinetunePlan, model_out, tokenizer, manifest: dict, started: float, configured=None) -> dict:
+    """OUT/ atomically: the merged model (`model_out`: a model, or a StreamingMerge's staged shards, whose config is
+    `configured`'s) + adapter/ + spp.json (or, with --no-merge, adapter/ + spp.json); the work dir goes. Returns the
+    finished manifest."""
+    from spp_cli.stages.merge_streaming import StreamingMerge
+
     adapter_dir = plan.work_dir / "adapter"
     if plan.options.no_merge:
         manifest = _save_adapter_only(plan.out, adapter_dir, manifest, started)
+    elif isinstance(model_out, StreamingMerge):
+        manifest = model_out.publish(plan.out, manifest, tokenizer, started, extra_dirs={"adapter": adapter_dir},
+                                     configured=configured)
     else:
         manifest = checkpoint.save_checkpoint(model_out, tokenizer, plan.out, manifest, parent_dir=plan.model_path,
                                               started=started, extra_dirs={"adapter": adapter_dir})
@@ -317,21 +346,6 @@ def _progress_callbacks(on_event: Listener | None, options: FinetuneStage) -> li
         notify(on_event, "finetune", "step", update)
 
     return [TrainingProgress(on_update, tokens_per_step=options.batch_size * options.seqlen)]
-
-
-def not_adapted(pruned: list[str], adapted: list[str]) -> list[str]:
-    """The pruned layers the adapter left frozen: fused MoE expert slices (adapters/base.split_fused_experts) that
-    its method cannot wrap, or a fused parameter masked-full found only partly pruned."""
-    adapted = set(adapted)
-    return [name for name in pruned if name not in adapted]
-
-
-def frozen_experts_warnings(frozen_experts: list[str], method: str) -> list[str]:
-    """What not_adapted found, said rather than hidden (one line on the console, and in spp.json)."""
-    if not frozen_experts:
-        return []
-    return [f"experts: {len(frozen_experts)} fused expert projections are not adapted (--method {method} has no "
-            "form for fused experts; spp and masked-full have); they stay frozen and keep their zeros"]
 
 
 def _unchanged_merge_warning(layers: dict, parent_manifest: dict | None, stored_dtype) -> list[str]:
@@ -370,25 +384,6 @@ def _claim_work_dir(work_dir: Path, stage_fingerprint: str) -> None:
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(stage_fingerprint)
-
-
-def check_zeros_kept(model, layers: dict[str, dict], parent_zeros: dict[str, str], parent_dir: str) -> None:
-    """Every zero of the parent must still be zero (CheckFailed, exit 1, otherwise). Extra zeros are allowed:
-    an fp16 underflow of W·(1 + s·M) can add some, never remove one."""
-    changed = [name for name, record in layers.items() if record["zeros_sha256"] != parent_zeros[name]]
-    if not changed:
-        return
-    from pruners.experts import weight_of
-    from spp_cli.io.stored_weights import StoredWeights
-
-    # the hashes differ: count lost zeros exactly against the parent's stored weights
-    stored = StoredWeights(Path(parent_dir))
-    lost = []
-    for name in changed:
-        if bool(((stored[name] == 0) & (weight_of(model, name).detach().cpu() != 0)).any()):
-            lost.append(name)
-    if lost:
-        raise CheckFailed(f"the merge lost zeros in {len(lost)} layers ({', '.join(lost[:3])}...): not saved")
 
 
 def _save_adapter_only(out: Path, adapter_dir: Path, manifest: dict, started: float) -> dict:

@@ -105,32 +105,84 @@ class OutputPlan:
     index: dict | None  # model.safetensors.index.json's content when sharded
 
 
-def saved_state_dict(model) -> dict[str, torch.Tensor]:
-    """What save_pretrained would save from `model` (a skeleton is fine) had from_pretrained loaded it from a
-    checkpoint whose names need no conversion: the same steps, in the same order (which decides the shards).
+def weightless_model(directory: Path, source: SafetensorsSource, dtype: str, trust_remote_code: bool = False):
+    """The model of `directory` without weights (parameters on the meta device, buffers computed as usual) in the
+    dtype from_pretrained(dtype=`dtype`) would load it in, tied, with the folder's generation config; in eval mode.
+    BadInput (one line) when its config cannot be read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    Raises NotStreamable when saving renames weights (a conversion that needs every tensor at once)."""
-    from transformers.core_model_loading import revert_weight_conversion
+    from spp_cli.errors import BadInput, first_line
+    from spp_cli.io.checkpoint import torch_dtype
+
+    compute_dtype = torch_dtype(dtype)
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        if compute_dtype == "auto":  # what from_pretrained(dtype="auto") picks
+            compute_dtype = getattr(config, "dtype", None) or source.first_float_dtype() or torch.float32
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise BadInput(f"could not load model '{directory}': {first_line(error)}") from None
+    model.tie_weights()  # from_config leaves meta weights untied; the plan must see the ties save_pretrained sees
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model.eval()
+
+
+def in_memory_state_dict(model) -> dict[str, torch.Tensor]:
+    """The tensors save_pretrained starts from, by their in-memory names: tied copies and ignored keys left out."""
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     state_dict = model.state_dict()
     for ignored in model._keys_to_ignore_on_save or ():
         state_dict.pop(ignored, None)
-    state_dict = remove_tied_weights_from_state_dict(state_dict, model)
-    model._weight_conversions = []  # what from_pretrained records when no conversion matched the checkpoint's names
+    return remove_tied_weights_from_state_dict(state_dict, model)
+
+
+def loaded_conversions(model, keys: list[str]) -> list:
+    """The weight conversions from_pretrained would record on `model` loading a checkpoint with these `keys`: those
+    of the model's conversion mapping that match one of them (renamings first, as loading applies them)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, apply_converters, apply_renamings
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [transform for transform in mapping if not isinstance(transform, WeightConverter)]
+    used = []
+    for transform in mapping:
+        if isinstance(transform, WeightConverter):
+            matches = any(apply_converters(apply_renamings(key, renamings), [transform])[1] is not None
+                          for key in keys)
+        else:
+            matches = any(apply_renamings(key, [transform]) != key for key in keys)
+        if matches:
+            used.append(transform)
+    return used
+
+
+def saved_state_dict(model, conversions: list | None = None) -> dict[str, torch.Tensor]:
+    """What save_pretrained would save from `model` (a skeleton is fine) had from_pretrained loaded it with these
+    weight `conversions` recorded (loaded_conversions): the same steps, in the same order (which decides the shards).
+
+    Without conversions (a checkpoint whose names need none), raises NotStreamable when saving renames weights."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state_dict = in_memory_state_dict(model)
+    model._weight_conversions = list(conversions or [])  # as from_pretrained records them
     reverted = revert_weight_conversion(model, dict(state_dict))  # (that makes the order dot-natural, as it does)
-    if set(reverted) != set(state_dict):
+    if conversions is None and set(reverted) != set(state_dict):
         raise NotStreamable(f"{type(model).__name__} renames its weights when saved")
     return reverted
 
 
-def plan_output(model, stored_dtype: torch.dtype, max_shard_size: str) -> OutputPlan:
-    """Plan the output files of `model` (a skeleton: shapes are enough) saved in `stored_dtype`.
+def plan_output(model, stored_dtype: torch.dtype, max_shard_size: str, conversions: list | None = None) -> OutputPlan:
+    """Plan the output files of `model` (a skeleton: shapes are enough) saved in `stored_dtype`, loaded with weight
+    `conversions` (saved_state_dict).
 
     Call before any weight is loaded into the skeleton: tied weights must still be tied (total_parameters)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    state_dict = saved_state_dict(model)
+    state_dict = saved_state_dict(model, conversions)
     as_saved = {
         name: torch.empty(tensor.shape, dtype=stored_dtype if tensor.is_floating_point() else tensor.dtype,
                           device="meta")

@@ -113,3 +113,13 @@ def test_real_model(tmp_path, test_data):
     recovery = report["recovery"]["spp"]
     assert recovery["verify"]["ok"] and recovery["verify"]["lost_zeros"] == 0
     assert positive(recovery["eval"]["wikitext2_ppl"])
+
+
+def test_merge_memory(tmp_path):
+    from benchmarks import merge_memory
+
+    report = run(merge_memory.main, tmp_path)
+    assert [(run["blocks"], run["streaming"]) for run in report["runs"]] == [(2, "on"), (2, "off")]
+    assert all("failed" not in run and positive(run["peak_rss_mb"]) for run in report["runs"]), report["runs"]
+    assert all(run["peak_rss_mb"] >= run["rss_after_imports_mb"] for run in report["runs"])
+    assert report["summary"]["on"]["peak_growth_2_to_2_blocks"] == 0.0
