@@ -105,10 +105,39 @@ def render_prune(console, manifest: dict, out) -> None:
         f"overall sparsity of the pruned linears {manifest['overall_sparsity']:.4f} "
         f"(target {manifest['target_sparsity']:.4f}) in {manifest.get('seconds', 0):.1f} s -> {out}"
     )
+    for line in prune_details(manifest):
+        console.print(f"  {line}")
     for warning in manifest.get("warnings") or []:
         console.print(f"  warning: {warning}")
     for name, damping in (manifest.get("damping") or {}).items():
         console.print(f"  note: {name} needed Hessian damping {damping} (more than 1% of the mean diagonal)")
+
+
+def resumed_blocks_text(first_block: int) -> str:
+    """What a resume kept, for a run that started at (0-based) `first_block`."""
+    kept = "block 1 was" if first_block == 1 else f"blocks 1-{first_block} were"
+    return f"resumed at block {first_block + 1}: {kept} pruned by the interrupted run"
+
+
+def prune_details(manifest: dict) -> list[str]:
+    """The prune summary's detail lines: the calibration data, OWL and DSnoT when used, and a resume."""
+    config = manifest.get("config") or {}
+    lines = []
+    if config.get("calib"):
+        lines.append(f"calibration: {config.get('nsamples')} windows of {config.get('seqlen')} tokens from "
+                     f"{config['calib']} (nsamples, seqlen)")
+    else:
+        lines.append("calibration: none (magnitude reads only the weights)")
+    profile = manifest.get("sparsity_profile") or {}
+    if profile.get("profile") == "owl":
+        sparsities = list((profile.get("layer_sparsity") or {}).values()) or [0.0]
+        lines.append(f"OWL sparsity profile (threshold {profile.get('threshold')}, lambda {profile.get('lambda')}): "
+                     f"block sparsities {min(sparsities):.4f} to {max(sparsities):.4f}")
+    if manifest.get("refine") == "dsnot":
+        lines.append("DSnoT refined the masks (prune-and-grow within each row, same sparsity)")
+    if manifest.get("resumed_from_block"):
+        lines.append(resumed_blocks_text(manifest["resumed_from_block"]))
+    return lines
 
 
 def render_finetune(console, manifest: dict, out) -> None:
