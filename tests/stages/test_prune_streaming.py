@@ -343,7 +343,8 @@ def test_streamed_owl_writes_the_in_memory_checkpoint_byte_for_byte(tmp_path, ca
     in_memory = prune(model, tmp_path / "memory", streaming="off", **options)
     streamed = prune(model, tmp_path / "stream", streaming="auto", on_event=on_event, **options)
     assert streamed_blocks == [True] * 4
-    assert notes == ["OWL: measuring the outlier ratio of all 4 blocks in a dense pass before the first block is pruned"]
+    assert notes == ["OWL: measuring the outlier ratio of all 4 blocks in a dense pass before the first block is "
+                     "pruned"]
     assert_same_output(tmp_path / "stream", tmp_path / "memory")
     assert streamed["sparsity_profile"] == in_memory["sparsity_profile"]
     assert len(set(in_memory["sparsity_profile"]["layer_sparsity"].values())) > 1
