@@ -116,7 +116,7 @@ def render_prune(console, manifest: dict, out) -> None:
 def resumed_blocks_text(first_block: int) -> str:
     """What a resume kept, for a run that started at (0-based) `first_block`."""
     kept = "block 1 was" if first_block == 1 else f"blocks 1-{first_block} were"
-    return f"resumed at block {first_block + 1}: {kept} pruned by the interrupted run"
+    return f"resumed: {kept} pruned by the interrupted run"
 
 
 def prune_details(manifest: dict) -> list[str]:
@@ -156,15 +156,32 @@ def render_finetune(console, manifest: dict, out) -> None:
     resumed = (manifest.get("run") or {}).get("resumed_from")
     if resumed:
         console.print(f"  resumed from {resumed} (the result equals an uninterrupted run's)")
-    if manifest.get("dense"):
-        method = manifest.get("method", "lora")
-        console.print(f"  note: the {method} merge makes every weight dense; the zero check was skipped")
-    elif not manifest.get("merged", True):
+    if not manifest.get("dense") and not manifest.get("merged", True):
         console.print(f"  adapter only (not merged): {out}/adapter; merge it with `spp merge {out}/adapter --out DIR`")
     else:
-        console.print(f"  zeros kept: overall sparsity of the pruned linears {manifest.get('overall_sparsity', 0):.4f}")
+        console.print(f"  {zero_check_text(manifest)}")
     for warning in manifest.get("warnings") or []:
         console.print(f"  warning: {warning}")
+
+
+def render_merge(console, manifest: dict, out) -> None:
+    """`spp merge`: what was merged into what, and the zero check (or why there was none)."""
+    if _skipped(console, manifest, out):
+        return
+    method, layers = manifest.get("method", "spp"), len(manifest.get("layers") or {})
+    parent = (manifest.get("parent") or {}).get("path", "its base")
+    console.print(f"merged the {method} adapter into {parent}: {layers} pruned linears, "
+                  f"{manifest.get('seconds', 0):.1f} s -> {out}")
+    console.print(f"  {zero_check_text(manifest)}")
+    for warning in manifest.get("warnings") or []:
+        console.print(f"  warning: {warning}")
+
+
+def zero_check_text(manifest: dict) -> str:
+    """A merged model's zeros: kept (the overall sparsity), or gone with a dense method's merge."""
+    if manifest.get("dense"):
+        return f"note: the {manifest.get('method', 'lora')} merge makes every weight dense; the zero check was skipped"
+    return f"zeros kept: overall sparsity of the pruned linears {manifest.get('overall_sparsity', 0):.4f}"
 
 
 def short_task_name(task: str) -> str:
@@ -272,20 +289,31 @@ def render_run(console, summary: dict) -> None:
         )
         return
     entries = summary.get("evaluation") or {}
-    seconds = {stage["name"]: stage for stage in summary["stages"]}
-    extra = {}
-    for name in entries:
-        if name in seconds:
-            extra[name] = {
-                "stage seconds": f"{seconds[name]['seconds']:.1f}" + (" (skipped)" if seconds[name]["skipped"] else "")
-            }
+    stages = {stage["name"]: stage for stage in summary["stages"]}
+    extra = {name: {"stage seconds": f"{stages[name]['seconds']:.1f}" + (" (skipped)" if stages[name]["skipped"]
+                                                                        else "")}
+             for name in entries if name in stages}
     if entries:
         console.print(eval_table(entries, extra))
+    for note in summary.get("notes") or []:
+        console.print(f"note: {note}")
     for stage in summary["stages"]:
-        state = "skipped (already complete)" if stage["skipped"] else f"{stage['seconds']:.1f} s"
-        console.print(f"stage {stage['name']} ({stage['type']}): {state} -> {stage['output']}")
+        console.print(f"stage {stage['name']} ({stage['type']}): {stage_state_text(stage)} -> {stage['output']}")
     if summary.get("report"):
         console.print(f"report: {summary['report']}")
+
+
+def stage_state_text(stage: dict) -> str:
+    """What `spp run` did with a stage (pipeline.stage_summary's "state") and its seconds."""
+    state = stage.get("state", "skipped" if stage["skipped"] else "ran")
+    if state == "skipped":
+        return "skipped (finished earlier with the same options)"
+    seconds = f"{stage['seconds']:.1f} s"
+    if state == "resumed":
+        return f"resumed {stage['resumed_from']} of the interrupted run, {seconds}"
+    if state == "rerun":
+        return f"rerun (changed options replaced the earlier output), {seconds}"
+    return seconds
 
 
 def render_env(console, report: dict) -> None:

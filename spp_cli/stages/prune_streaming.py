@@ -232,6 +232,8 @@ class StreamingStore:
             return None
         total = len(self.streamed.model.get_submodule(self.streamed.prefix))
         kept = "block 1" if self.resumed_from == 1 else f"blocks 1-{self.resumed_from}"
+        if self.resumed_from >= total:  # killed after its last block, before the output was complete
+            return f"resuming after the last block (all {total} kept from the interrupted run at {self.staging})"
         return (f"resuming at block {self.resumed_from + 1} of {total} ({kept} kept from the interrupted run at "
                 f"{self.staging})")
 

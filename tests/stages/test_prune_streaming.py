@@ -152,13 +152,19 @@ def test_a_resumed_prune_says_where_it_resumes_and_which_blocks_it_kept(tmp_path
     lines = err.splitlines()
     assert lines[0] == f"spp: resuming at block 3 of 4 (blocks 1-2 kept from the interrupted run at {work})"
     assert [line.split(":")[0] for line in lines[1:]] == ["  block 3/4", "  block 4/4"]
-    assert "  resumed at block 3: blocks 1-2 were pruned by the interrupted run" in out.splitlines()
+    assert "  resumed: blocks 1-2 were pruned by the interrupted run" in out.splitlines()
     with pytest.raises(Crash):  # a resume at block 2 keeps one block
         prune(model, tmp_path / "one", on_event=crash_after(0), **options)
     events = []
     resumed = prune(model, tmp_path / "one", on_event=events.append, **options)
     assert events[0].kind == "note" and events[0].payload.startswith("resuming at block 2 of 4 (block 1 kept from")
     assert [event.kind for event in events[1:]] == ["block"] * 3 and resumed["resumed_from_block"] == 1
+    with pytest.raises(Crash):  # killed after its last block, before the output was complete
+        prune(model, tmp_path / "all", on_event=crash_after(3), **options)
+    events = []
+    prune(model, tmp_path / "all", on_event=events.append, **options)
+    assert [event.payload for event in events] == [
+        f"resuming after the last block (all 4 kept from the interrupted run at {tmp_path / '.all.spp-work'})"]
 
 
 @pytest.mark.parametrize("change", ["option", "input model"])
