@@ -98,12 +98,10 @@ def _quiet_libraries() -> None:
     The warnings filter holds until run_cli returns (its catch_warnings); lm-eval is quieted in eval/quiet.py."""
     if _verbose():
         return
-    import warnings
-
     import huggingface_hub
     import transformers
 
-    warnings.simplefilter("ignore")  # spp itself says what the user should act on as "warning" events, never so
+    warnings.simplefilter("ignore")  # spp's own warnings are "warning" events, never Python warnings
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()

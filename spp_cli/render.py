@@ -289,10 +289,13 @@ def render_run(console, summary: dict) -> None:
         )
         return
     entries = summary.get("evaluation") or {}
-    stages = {stage["name"]: stage for stage in summary["stages"]}
-    extra = {name: {"stage seconds": f"{stages[name]['seconds']:.1f}" + (" (skipped)" if stages[name]["skipped"]
-                                                                        else "")}
-             for name in entries if name in stages}
+    seconds = {stage["name"]: stage for stage in summary["stages"]}
+    extra = {}
+    for name in entries:
+        if name in seconds:
+            extra[name] = {
+                "stage seconds": f"{seconds[name]['seconds']:.1f}" + (" (skipped)" if seconds[name]["skipped"] else "")
+            }
     if entries:
         console.print(eval_table(entries, extra))
     for note in summary.get("notes") or []:
