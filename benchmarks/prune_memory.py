@@ -44,7 +44,7 @@ from benchmarks.common import peak_rss_mb
 from spp_cli.stages.prune import prune
 blocks = []
 options = json.loads(sys.argv[1])
-prune(on_event=lambda event: blocks.append(event.payload), **options)
+prune(on_event=lambda event: blocks.append(event.payload) if event.kind == "block" else None, **options)
 print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1), "child_seconds": round(time.perf_counter() - started, 3),
                   "block_seconds": [round(block.seconds, 3) for block in blocks]}))
 """

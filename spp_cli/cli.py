@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import sys
+import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -92,12 +93,15 @@ def _verbose() -> bool:
 
 
 def _quiet_libraries() -> None:
-    """spp prints its own progress lines; transformers' per-file bars and advisory warnings would bury them."""
+    """spp prints its own progress lines; the libraries' bars (transformers' "Writing model shards", the Hub's
+    downloads), advisory log lines and Python warnings (PEFT's FutureWarning for lora and ia3) would bury them.
+    The warnings filter holds until run_cli returns (its catch_warnings); lm-eval is quieted in eval/quiet.py."""
     if _verbose():
         return
     import huggingface_hub
     import transformers
 
+    warnings.simplefilter("ignore")  # spp's own warnings are "warning" events, never Python warnings
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
@@ -195,12 +199,12 @@ def merge(
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
     """Merge a --no-merge adapter into its base model, with the same zero checks as finetune."""
-    from spp_cli.render import render_finetune
+    from spp_cli.render import render_merge
     from spp_cli.stages.merge import merge_adapter
 
     _quiet_libraries()
     manifest = merge_adapter(adapter_dir, out, overwrite=overwrite, allow_pickle=allow_pickle)
-    _emit(manifest, output_format, lambda console, result: render_finetune(console, result, out))
+    _emit(manifest, output_format, lambda console, result: render_merge(console, result, out))
 
 
 @app.command(
@@ -343,14 +347,16 @@ def _one_line(text: str) -> str:
 
 
 def run_cli(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code; errors become one line on stderr (DESIGN.md exit codes)."""
+    """Run the CLI and return its exit code; errors become one line on stderr (DESIGN.md exit codes), and with
+    `--format json` also a JSON object {"error", "exit_code"} on stdout, so a script reading stdout sees why."""
     command = typer.main.get_command(app)
     debug = os.environ.get("SPP_DEBUG") == "1"
     wants_json = _wants_json(argv if argv is not None else sys.argv[1:])
     if wants_json:  # libraries that print to stdout (deepspeed's import-time logger) would break the JSON
         _JSON_STREAM.append(sys.stdout)
     try:
-        with contextlib.redirect_stdout(sys.stderr) if wants_json else contextlib.nullcontext():
+        with warnings.catch_warnings(), (
+                contextlib.redirect_stdout(sys.stderr) if wants_json else contextlib.nullcontext()):
             code = command.main(args=argv, prog_name="spp", standalone_mode=False)
     except typer.Exit as exit_:
         code = exit_.exit_code
@@ -358,31 +364,43 @@ def run_cli(argv: list[str] | None = None) -> int:
         if not error.format_message().strip():  # `spp` alone: the help was shown, but no command was given
             return 2
         where = f"spp {error.ctx.info_name}" if error.ctx and error.ctx.info_name != "spp" else "spp"
-        sys.stderr.write(f"spp: error: {_one_line(error.format_message())} (see '{where} --help')\n")
-        return 2
+        return _failed(f"{_one_line(error.format_message())} (see '{where} --help')", 2, wants_json)
     except (KeyboardInterrupt, typer.Abort):
-        sys.stderr.write(INTERRUPTED)
-        return 130
+        return _interrupted(wants_json)
     except SppError as error:
         if debug:
             raise
-        sys.stderr.write(f"spp: error: {_one_line(error)}\n")
-        return error.exit_code
+        return _failed(_one_line(error), error.exit_code, wants_json)
     except Exception as error:
         if debug:
             raise
         if "out of memory" in str(error).lower():
-            sys.stderr.write(f"spp: error: out of memory ({_one_line(error)[:200]}): use a smaller batch or seqlen\n")
-            return 3
-        sys.stderr.write(f"spp: error: {type(error).__name__}: {_one_line(error)[:300]} (rerun with SPP_DEBUG=1 for the traceback)\n")
-        return 3
+            return _failed(f"out of memory ({_one_line(error)[:200]}): use a smaller batch or seqlen", 3, wants_json)
+        return _failed(f"{type(error).__name__}: {_one_line(error)[:300]} (rerun with SPP_DEBUG=1 for the "
+                       "traceback)", 3, wants_json)
     finally:
         if wants_json:
             _JSON_STREAM.pop()
     code = code if isinstance(code, int) else 0
     if code == 130:  # Typer turns Ctrl-C inside a command into exit code 130
-        sys.stderr.write(INTERRUPTED)
+        return _interrupted(wants_json)
     return code
+
+
+def _failed(message: str, exit_code: int, wants_json: bool) -> int:
+    """The one stderr line "spp: error: MESSAGE"; with --format json also {"error", "exit_code"} on stdout."""
+    sys.stderr.write(f"spp: error: {message}\n")
+    if wants_json:
+        sys.stdout.write(json.dumps({"error": message, "exit_code": exit_code}, indent=2) + "\n")
+    return exit_code
+
+
+def _interrupted(wants_json: bool) -> int:
+    sys.stderr.write(INTERRUPTED)
+    if wants_json:
+        sys.stdout.write(json.dumps({"error": INTERRUPTED.removeprefix("spp: ").strip(), "exit_code": 130},
+                                    indent=2) + "\n")
+    return 130
 
 
 def _wants_json(argv: list[str]) -> bool:

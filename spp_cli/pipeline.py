@@ -92,6 +92,26 @@ def check_recipe(recipe: Recipe) -> None:
                                  architectures={name: architecture(name) for name in stage.reads()}, **loading)
 
 
+def stage_summary(stage, output: Path, result: dict, wall_seconds: float, existed: bool) -> dict:
+    """run.json's entry for one stage. "state": ran; skipped (finished earlier with the same options); resumed (an
+    interrupted run continued; "resumed_from": "after block N" or "after step N"); rerun (changed options replaced
+    an earlier output). "seconds": the stage's own measured time from its spp.json when it has one (the number
+    report.md shows), else the wall time of the call (eval)."""
+    entry = {"name": stage.name, "type": stage.TYPE, "output": str(output), "skipped": bool(result.get("skipped"))}
+    resumed_block = result.get("resumed_from_block")
+    resumed_checkpoint = (result.get("run") or {}).get("resumed_from")
+    if entry["skipped"]:
+        entry["state"] = "skipped"
+    elif resumed_block or resumed_checkpoint:
+        entry["state"] = "resumed"
+        entry["resumed_from"] = (f"after block {resumed_block}" if resumed_block
+                                 else f"after step {resumed_checkpoint.rsplit('-', 1)[-1]}")
+    else:
+        entry["state"] = "rerun" if existed else "ran"
+    entry["seconds"] = round(result.get("seconds", wall_seconds), 2)
+    return entry
+
+
 def run_recipe(
     recipe_file: str | Path, overrides: list[str], *, dry_run: bool = False, on_event: Listener | None = None
 ) -> dict:
@@ -109,27 +129,20 @@ def run_recipe(
     output_dir.mkdir(parents=True, exist_ok=True)
     for stage in recipe.stages:
         notify(on_event, "run", "stage", {"name": stage.name, "type": stage.TYPE})
+        output = stage_output(recipe, stage)
+        existed = (output / "spp.json").is_file() if isinstance(stage, (PruneStage, FinetuneStage)) else (
+            output.is_file())
         started = time.time()
         result = run_stage(recipe, stage, on_event)
-        seconds = time.time() - started
-        output = stage_output(recipe, stage)
-        skipped = bool(result.get("skipped"))
         (output.parent if output.suffix else output).mkdir(parents=True, exist_ok=True)
         write_owned((output.parent if output.suffix else output) / "recipe.yaml", dump_resolved(recipe, stage))
-        summary["stages"].append(
-            {
-                "name": stage.name,
-                "type": stage.TYPE,
-                "output": str(output),
-                "skipped": skipped,
-                "seconds": round(result.get("seconds", seconds) if skipped else seconds, 2),
-            }
-        )
+        summary["stages"].append(stage_summary(stage, output, result, time.time() - started, existed))
         if isinstance(stage, EvalStage):
             summary["evaluation"] = result["models"]
-    for stage_summary in summary["stages"]:
-        if stage_summary["name"] in (summary.get("evaluation") or {}):
-            summary["evaluation"][stage_summary["name"]].setdefault("stage_seconds", stage_summary["seconds"])
+            summary["notes"] = list(dict.fromkeys([*summary.get("notes", []), *result.get("notes", [])]))
+    for entry in summary["stages"]:
+        if entry["name"] in (summary.get("evaluation") or {}):
+            summary["evaluation"][entry["name"]].setdefault("stage_seconds", entry["seconds"])
     write_owned(output_dir / "run.json", json.dumps(summary, indent=2, default=str) + "\n")
     try:
         from spp_cli.report import write_report

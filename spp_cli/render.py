@@ -113,10 +113,39 @@ def render_prune(console, manifest: dict, out) -> None:
         f"overall sparsity of the pruned linears {manifest['overall_sparsity']:.4f} "
         f"(target {manifest['target_sparsity']:.4f}) in {manifest.get('seconds', 0):.1f} s -> {out}"
     )
+    for line in prune_details(manifest):
+        console.print(f"  {line}")
     for warning in manifest.get("warnings") or []:
         console.print(f"  warning: {warning}")
     for name, damping in (manifest.get("damping") or {}).items():
         console.print(f"  note: {name} needed Hessian damping {damping} (more than 1% of the mean diagonal)")
+
+
+def resumed_blocks_text(first_block: int) -> str:
+    """What a resume kept, for a run that started at (0-based) `first_block`."""
+    kept = "block 1 was" if first_block == 1 else f"blocks 1-{first_block} were"
+    return f"resumed: {kept} pruned by the interrupted run"
+
+
+def prune_details(manifest: dict) -> list[str]:
+    """The prune summary's detail lines: the calibration data, OWL and DSnoT when used, and a resume."""
+    config = manifest.get("config") or {}
+    lines = []
+    if config.get("calib"):
+        lines.append(f"calibration: {config.get('nsamples')} windows of {config.get('seqlen')} tokens from "
+                     f"{config['calib']} (nsamples, seqlen)")
+    else:
+        lines.append("calibration: none (magnitude reads only the weights)")
+    profile = manifest.get("sparsity_profile") or {}
+    if profile.get("profile") == "owl":
+        sparsities = list((profile.get("layer_sparsity") or {}).values()) or [0.0]
+        lines.append(f"OWL sparsity profile (threshold {profile.get('threshold')}, lambda {profile.get('lambda')}): "
+                     f"block sparsities {min(sparsities):.4f} to {max(sparsities):.4f}")
+    if manifest.get("refine") == "dsnot":
+        lines.append("DSnoT refined the masks (prune-and-grow within each row, same sparsity)")
+    if manifest.get("resumed_from_block"):
+        lines.append(resumed_blocks_text(manifest["resumed_from_block"]))
+    return lines
 
 
 def render_finetune(console, manifest: dict, out) -> None:
@@ -134,15 +163,32 @@ def render_finetune(console, manifest: dict, out) -> None:
     resumed = (manifest.get("run") or {}).get("resumed_from")
     if resumed:
         console.print(f"  resumed from {resumed} (the result equals an uninterrupted run's)")
-    if manifest.get("dense"):
-        method = manifest.get("method", "lora")
-        console.print(f"  note: the {method} merge makes every weight dense; the zero check was skipped")
-    elif not manifest.get("merged", True):
+    if not manifest.get("dense") and not manifest.get("merged", True):
         console.print(f"  adapter only (not merged): {out}/adapter; merge it with `spp merge {out}/adapter --out DIR`")
     else:
-        console.print(f"  zeros kept: overall sparsity of the pruned linears {manifest.get('overall_sparsity', 0):.4f}")
+        console.print(f"  {zero_check_text(manifest)}")
     for warning in manifest.get("warnings") or []:
         console.print(f"  warning: {warning}")
+
+
+def render_merge(console, manifest: dict, out) -> None:
+    """`spp merge`: what was merged into what, and the zero check (or why there was none)."""
+    if _skipped(console, manifest, out):
+        return
+    method, layers = manifest.get("method", "spp"), len(manifest.get("layers") or {})
+    parent = (manifest.get("parent") or {}).get("path", "its base")
+    console.print(f"merged the {method} adapter into {parent}: {layers} pruned linears, "
+                  f"{manifest.get('seconds', 0):.1f} s -> {out}")
+    console.print(f"  {zero_check_text(manifest)}")
+    for warning in manifest.get("warnings") or []:
+        console.print(f"  warning: {warning}")
+
+
+def zero_check_text(manifest: dict) -> str:
+    """A merged model's zeros: kept (the overall sparsity), or gone with a dense method's merge."""
+    if manifest.get("dense"):
+        return f"note: the {manifest.get('method', 'lora')} merge makes every weight dense; the zero check was skipped"
+    return f"zeros kept: overall sparsity of the pruned linears {manifest.get('overall_sparsity', 0):.4f}"
 
 
 def short_task_name(task: str) -> str:
@@ -259,11 +305,25 @@ def render_run(console, summary: dict) -> None:
             }
     if entries:
         console.print(eval_table(entries, extra))
+    for note in summary.get("notes") or []:
+        console.print(f"note: {note}")
     for stage in summary["stages"]:
-        state = "skipped (already complete)" if stage["skipped"] else f"{stage['seconds']:.1f} s"
-        console.print(f"stage {stage['name']} ({stage['type']}): {state} -> {stage['output']}")
+        console.print(f"stage {stage['name']} ({stage['type']}): {stage_state_text(stage)} -> {stage['output']}")
     if summary.get("report"):
         console.print(f"report: {summary['report']}")
+
+
+def stage_state_text(stage: dict) -> str:
+    """What `spp run` did with a stage (pipeline.stage_summary's "state") and its seconds."""
+    state = stage.get("state", "skipped" if stage["skipped"] else "ran")
+    if state == "skipped":
+        return "skipped (finished earlier with the same options)"
+    seconds = f"{stage['seconds']:.1f} s"
+    if state == "resumed":
+        return f"resumed {stage['resumed_from']} of the interrupted run, {seconds}"
+    if state == "rerun":
+        return f"rerun (changed options replaced the earlier output), {seconds}"
+    return seconds
 
 
 def render_env(console, report: dict) -> None:

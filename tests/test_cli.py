@@ -1,6 +1,7 @@
 """The CLI frame: every command is there, errors are one line with the right exit code, --help is quick."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -96,3 +97,46 @@ def test_json_output_keeps_what_libraries_print_off_stdout(tmp_path, capsys, mon
     assert "Setting accelerator to CPU" in err and "Setting accelerator" not in out
     print("after the command")  # stdout is the caller's again
     assert capsys.readouterr().out == "after the command\n"
+
+
+@pytest.mark.parametrize("case", ["usage", "bad input", "runtime failure"])
+def test_json_errors_are_a_json_object_on_stdout_and_one_line_on_stderr(tmp_path, capsys, monkeypatch, case):
+    if case == "runtime failure":
+        import spp_cli.environment
+
+        def broken_report():
+            raise RuntimeError("the probe died")
+
+        monkeypatch.setattr(spp_cli.environment, "environment_report", broken_report)
+    argv, code, message = {
+        "usage": (["prune", "m", "--method", "pruneit", "--out", "o"], 2, "'pruneit' is not one of"),
+        "bad input": (["verify", tmp_path / "missing"], 2, f"'{tmp_path / 'missing'}' has no spp.json"),
+        "runtime failure": (["env"], 3, "RuntimeError: the probe died (rerun with SPP_DEBUG=1 for the traceback)"),
+    }[case]
+    exit_code, out, err = run_spp([*argv, "--format", "json"], capsys)
+    error = json.loads(out)
+    assert exit_code == code and error == {"error": error["error"], "exit_code": code} and message in error["error"]
+    assert err == f"spp: error: {error['error']}\n"
+    exit_code, out, err = run_spp(argv, capsys)  # for people: stdout stays empty, the same line on stderr
+    assert exit_code == code and out == "" and err == f"spp: error: {error['error']}\n"
+
+
+def test_libraries_print_no_bars_or_warnings_unless_verbose(tmp_path):
+    """transformers' "Writing model shards" bar (saving in memory) and PEFT's FutureWarning for lora reach the
+    console only with --verbose; spp's own lines are all there is otherwise."""
+    def spp(*argv):
+        result = subprocess.run([sys.executable, "-m", "spp_cli", *map(str, argv)], capture_output=True, text=True,
+                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    prune = ["prune", "builtin:tiny-llama", "--method", "magnitude", "--sparsity", "0.5", "--streaming", "off"]
+    finetune = ["finetune", tmp_path / "pruned", "--method", "lora", "--max-steps", "1", "--data",
+                "builtin:python-docs", "--batch-size", "2", "--micro-batch-size", "2", "--seqlen", "32", "--val-size",
+                "0", "--device", "cpu"]
+    noise = ("Writing model shards", "FutureWarning", "%|")
+    for argv in ([*prune, "--out", tmp_path / "pruned"], [*finetune, "--out", tmp_path / "tuned"]):
+        err = spp(*argv)
+        assert not [marker for marker in noise if marker in err], err
+    assert "Writing model shards: 100%|" in spp("--verbose", *prune, "--out", tmp_path / "pruned-verbose")
+    assert "FutureWarning" in spp("--verbose", *finetune, "--out", tmp_path / "tuned-verbose")

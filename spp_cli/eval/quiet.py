@@ -9,7 +9,8 @@ quieted (every change is undone when the `with` block ends):
 - `datasets` bars ("Generating validation split", "Map"): datasets' own progress switch;
 - "fatal: not a git repository" on stderr: simple_evaluate runs `git describe` in the current directory to put
   a git hash in its results (which spp does not use); the lookup is replaced by one returning None.
-spp reports its own progress instead (engine.evaluate's on_progress).
+spp reports its own progress instead (engine.evaluate's on_progress): with `on_requests`, the bar over a task's
+requests ("Running loglikelihood requests", one update per request) becomes calls on_requests(done, total).
 """
 
 from __future__ import annotations
@@ -28,9 +29,25 @@ def _replaced(owner, name: str, value):
         setattr(owner, name, original)
 
 
+class _RequestCounter:
+    """What lm_eval.models.huggingface gets in place of its requests bar: update(n) and close(), told onward."""
+
+    def __init__(self, total: int, on_requests):
+        self.done, self.total, self.on_requests = 0, total, on_requests
+        on_requests(0, total)
+
+    def update(self, count: int = 1) -> None:
+        self.done += count
+        self.on_requests(self.done, self.total)
+
+    def close(self) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def quiet_lm_eval(verbose: bool = False):
-    """A context in which lm-eval and datasets print nothing but errors; a no-op when `verbose`."""
+def quiet_lm_eval(verbose: bool = False, on_requests=None):
+    """A context in which lm-eval and datasets print nothing but errors; a no-op when `verbose`. `on_requests(done,
+    total)` hears the progress of each batch of model requests lm-eval runs (the module docstring)."""
     if verbose:
         yield
         return
@@ -42,6 +59,8 @@ def quiet_lm_eval(verbose: bool = False):
     from tqdm import tqdm
 
     def silent_tqdm(*args, **kwargs):
+        if on_requests is not None and "requests" in str(kwargs.get("desc")) and kwargs.get("total"):
+            return _RequestCounter(kwargs["total"], on_requests)
         kwargs["disable"] = True
         return tqdm(*args, **kwargs)
 

@@ -157,7 +157,8 @@ def run_zeroshot(
     Names must already be validated (evaluate.validate_tasks). The model stays on its device (lm-eval takes
     `model.device`) and is put in eval mode; the tokenizer is copied, because lm-eval sets a pad token on it.
     bos: a BOS_RULES entry (module docstring). Tasks run one at a time so that `on_progress(done, total, label)`
-    is called before each ("zero-shot boolq", done = tasks finished) and once at the end (total, total).
+    is called before each ("zero-shot boolq", done = tasks finished) and once at the end (total, total), and
+    within a task as its model requests run ("zero-shot boolq requests", done of total requests).
     lm-eval's logging, tqdm bars and git lookup are silenced unless `verbose` (spp_cli.eval.quiet).
     Returns {"results", "n-samples", "task_versions", "sources", "bos", "notes"}, results in lm-eval's layout
     ({task: {"alias", "acc,none", "acc_stderr,none", ...}}), sources {task: {"task_file", "data", "prompt"}}.
@@ -170,12 +171,19 @@ def run_zeroshot(
     bundle = [task for task in tasks if data_dir is not None and task in BUNDLE_TASKS]
     online = [task for task in tasks if task not in bundle]
     results, n_samples, task_versions = {}, {}, {}
-    with tempfile.TemporaryDirectory(prefix="spp-tasks-") as tmp, quiet_lm_eval(verbose):
+    running = [""]  # the task whose requests lm-eval is running
+
+    def on_requests(done: int, total: int) -> None:
+        if on_progress is not None:
+            on_progress(done, total, f"zero-shot {running[0]} requests")
+
+    with tempfile.TemporaryDirectory(prefix="spp-tasks-") as tmp, quiet_lm_eval(verbose, on_requests):
         configs = render_bundle(bundle, data_dir, tmp) if bundle else {}
         task_manager = default_task_manager() if online else TaskManager(include_defaults=False)
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size,
                   add_bos_token=_ADD_BOS_TOKEN[bos])
         for done, task in enumerate(tasks):
+            running[0] = task
             if on_progress is not None:
                 on_progress(done, len(tasks), f"zero-shot {task}")
             # a bundle task goes in as a YAML path, so a bundle-only run never indexes lm-eval's 15k YAMLs

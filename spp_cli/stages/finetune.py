@@ -106,6 +106,7 @@ def finetune(
     if existing_output(plan.out, plan.fingerprint, overwrite):
         return {**checkpoint.read_manifest(plan.out), "skipped": True}
     records = check(plan)
+    notify(on_event, "finetune", "note", f"loading {plan.model_dir} and tokenizing {len(records)} training records")
     base = load(plan, on_event)
     result = train(plan, base, records, on_event)
     if not result.is_main_process:
@@ -207,10 +208,13 @@ def load(plan: FinetunePlan, on_event: Listener | None) -> LoadedBase:
 def train(plan: FinetunePlan, base: LoadedBase, records: list[dict], on_event: Listener | None):
     """trainer.run_finetune in the stage's work dir, resuming its last checkpoint; a run refused before its first
     checkpoint leaves nothing behind."""
+    from spp_cli.training.phases import resume_note
     from spp_cli.training.trainer import run_finetune
 
     work_dir = plan.work_dir
     _claim_work_dir(work_dir, plan.fingerprint)
+    if note := resume_note(work_dir / "checkpoints"):  # "resuming from step N (checkpoint ...)"
+        notify(on_event, "finetune", "note", note)
     try:
         return run_finetune(base.model, base.tokenizer, records, plan.options, work_dir, target_names=base.targets,
                             callbacks=_progress_callbacks(on_event, plan.options))
@@ -337,15 +341,17 @@ def publish(plan: FinetunePlan, model_out, tokenizer, manifest: dict, started: f
 
 
 def _progress_callbacks(on_event: Listener | None, options: FinetuneStage) -> list:
-    """A "step" event per optimizer step (step k/N, loss, lr, tokens/s, ETA) when someone listens."""
+    """A "step" event per optimizer step, and the notes of training/phases.py, when someone listens."""
     if on_event is None:
         return []
+    from spp_cli.training.phases import PhaseNotes
     from spp_cli.training.progress import TrainingProgress
 
     def on_update(update: dict) -> None:
         notify(on_event, "finetune", "step", update)
 
-    return [TrainingProgress(on_update, tokens_per_step=options.batch_size * options.seqlen)]
+    return [TrainingProgress(on_update, tokens_per_step=options.batch_size * options.seqlen),
+            PhaseNotes(lambda text: notify(on_event, "finetune", "note", text))]
 
 
 def _unchanged_merge_warning(layers: dict, parent_manifest: dict | None, stored_dtype) -> list[str]:

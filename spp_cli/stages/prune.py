@@ -61,7 +61,8 @@ def prune(model: str, out: str | Path, *, overwrite: bool = False, trust_remote_
 
     `options` are the prune stage's recipe keys (spp_cli/recipe/schema.py, PruneStage): method, sparsity, pattern,
     calib, nsamples, seqlen, seed, ... Skips the work when `out` already holds the same result (same options and
-    parent). `on_event` hears one "block" event per pruned block (payload: pruners.reports.BlockReport). A streamed
+    parent). `on_event` hears one "block" event per pruned block (payload: pruners.reports.BlockReport), and a
+    "note" (str) before the first for a resume or OWL's dense pass (`announce`). A streamed
     run that resumed a killed one returns "resumed_from_block": the first block it pruned.
     """
     started = time.time()
@@ -70,6 +71,7 @@ def prune(model: str, out: str | Path, *, overwrite: bool = False, trust_remote_
     if finished is not None:
         return finished
     loaded = load(plan, trust_remote_code, allow_pickle)
+    announce(plan, loaded, on_event)
     reports, blocks_seen = run(plan, loaded, on_event)
     manifest = record(plan, loaded, reports, blocks_seen)
     return publish(plan, loaded, manifest, started)
@@ -134,6 +136,19 @@ def load(plan: PrunePlan, trust_remote_code: bool, allow_pickle: bool) -> Loaded
             plan.fingerprint, streamed.source, calibration, plan.device, stage.dtype))
         store.open()
     return LoadedModel(model, tokenizer, calibration, seqlen, store, next(model.parameters()).dtype, stored_dtype)
+
+
+def announce(plan: PrunePlan, loaded: LoadedModel, on_event: Listener | None) -> None:
+    """"note" events for what comes before the first block's line: the resume of a killed run (which blocks it
+    keeps, from where), and OWL's dense pass over every block, which prints nothing while it runs."""
+    from pruners.blocks import find_decoder_blocks
+
+    if loaded.store is not None and (note := loaded.store.resume_note()):
+        notify(on_event, "prune", "note", note)
+    if plan.stage.sparsity_profile == "owl" and (loaded.store is None or loaded.store.saved_owl_profile() is None):
+        blocks = len(find_decoder_blocks(loaded.model)[1])
+        notify(on_event, "prune", "note", f"OWL: measuring the outlier ratio of all {blocks} blocks in a dense pass "
+               "before the first block is pruned")
 
 
 def run(plan: PrunePlan, loaded: LoadedModel, on_event: Listener | None) -> tuple[list, list]:

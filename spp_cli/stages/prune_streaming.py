@@ -214,6 +214,18 @@ class StreamingStore:
         self.writer.lay_out()
         self._write_state(next_inputs_file=None)
 
+    def resume_note(self) -> str | None:
+        """The line saying this run continues a killed one (None when it starts afresh): where it resumes, which
+        blocks it keeps and from where, so a user seeing "block 3/24" first knows where blocks 1-2 went."""
+        if self.resumed_from is None:
+            return None
+        total = len(self.streamed.model.get_submodule(self.streamed.prefix))
+        kept = "block 1" if self.resumed_from == 1 else f"blocks 1-{self.resumed_from}"
+        if self.resumed_from >= total:  # killed after its last block, before the output was complete
+            return f"resuming after the last block (all {total} kept from the interrupted run at {self.staging})"
+        return (f"resuming at block {self.resumed_from + 1} of {total} ({kept} kept from the interrupted run at "
+                f"{self.staging})")
+
     def _read_state(self) -> dict | None:
         try:
             return json.loads((self.staging / RESUME_FILE).read_text(encoding="utf-8"))

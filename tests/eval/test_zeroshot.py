@@ -236,8 +236,11 @@ def test_progress_reports_windows_then_tasks(tiny, offline):
     events = []
     evaluate(model, tokenizer, ["wikitext2", "boolq", "rte"], seqlen=64, limit=3, data_dir=DATA_DIR, batch_size=2,
              on_progress=lambda done, total, label: events.append((done, total, label)))
+    # within a task, its model requests (3 examples x 2 choices) as lm-eval runs them
+    requests = {task: [(done, 6, f"zero-shot {task} requests") for done in range(7)] for task in ("boolq", "rte")}
     assert events == [(0, 3, "wikitext2 windows"), (2, 3, "wikitext2 windows"), (3, 3, "wikitext2 windows"),
-                      (0, 2, "zero-shot boolq"), (1, 2, "zero-shot rte"), (2, 2, "zero-shot rte")]
+                      (0, 2, "zero-shot boolq"), *requests["boolq"], (1, 2, "zero-shot rte"), *requests["rte"],
+                      (2, 2, "zero-shot rte")]
 
 
 @pytest.mark.parametrize("verbose", [False, True])

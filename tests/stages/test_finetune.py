@@ -131,7 +131,40 @@ def test_the_stage_reports_its_steps_and_warnings_as_events(tmp_path):
     assert warnings == [f"'{tmp_path / 'pruned'}' has no spp.json: its current zeros define the mask to keep"]
     steps = [event.payload for event in events if event.kind == "step"]
     assert [step["step"] for step in steps] == [1, 2] and all(step["total"] == 2 for step in steps)
-    assert {event.kind for event in events} == {"warning", "step"}
+    assert {event.kind for event in events} == {"warning", "step", "note"}
+    records = len(json.loads(ALPACA.read_text()))
+    assert [event.payload for event in events if event.kind == "note"] == [
+        f"loading {tmp_path / 'pruned'} and tokenizing {records} training records", "training: 2 steps on "
+        f"{records} examples"]
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_resumed_finetune_says_from_which_step_and_the_held_out_evaluation_is_announced(tmp_path):
+    save_random_model(tmp_path / "dense")
+    prune(str(tmp_path / "dense"), tmp_path / "pruned", method="magnitude", sparsity=0.5, device="cpu")
+    options = {**TINY, "max_steps": 3, "save_steps": 1, "val_size": 2}
+
+    def crash_at_step_2(event):
+        if event.kind == "step" and event.payload["step"] == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        finetune(str(tmp_path / "pruned"), tmp_path / "out", on_event=crash_at_step_2, **options)
+    events = []
+    manifest = finetune(str(tmp_path / "pruned"), tmp_path / "out", on_event=events.append, **options)
+    checkpoint = tmp_path / ".out.spp-work" / "checkpoints" / "checkpoint-1"
+    records = len(json.loads(ALPACA.read_text()))
+    assert [event.payload for event in events if event.kind == "note"] == [
+        f"loading {tmp_path / 'pruned'} and tokenizing {records} training records",
+        f"resuming from step 1 (checkpoint {checkpoint})",
+        "training: steps 2-3 of 3",
+        "held-out loss: evaluating on 2 examples after the last step",
+    ]
+    assert [event.payload["step"] for event in events if event.kind == "step"] == [2, 3]
+    assert manifest["run"]["resumed_from"] == "checkpoint-1"
 
 
 QUICKSTART = dict(method="spp", data="builtin:python-docs:train", max_steps=120, batch_size=16, micro_batch_size=16,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_spp
 from safetensors.torch import load_file, save_file
 from tiny_models import save_random_model
 
@@ -94,9 +94,14 @@ class Crash(Exception):
 
 def crash_after(block: int):
     def on_event(event):
-        if event.payload.index == block:
+        if event.kind == "block" and event.payload.index == block:
             raise Crash
     return on_event
+
+
+def blocks_into(seen: list):
+    """A listener keeping the index of every pruned block (the "note" events are not blocks)."""
+    return lambda event: seen.append(event.payload.index) if event.kind == "block" else None
 
 
 def test_kill_9_after_block_2_of_4_resumes_at_block_2_bit_identically(tmp_path):
@@ -108,7 +113,7 @@ def test_kill_9_after_block_2_of_4_resumes_at_block_2_bit_identically(tmp_path):
         "import os, signal, sys\n"
         "from spp_cli.stages.prune import prune\n"
         "def on_event(event):\n"
-        "    if event.payload.index == 1:\n"
+        "    if event.kind == 'block' and event.payload.index == 1:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         f"prune({model!r}, {str(out)!r}, on_event=on_event, **{options!r})\n"
     )
@@ -122,7 +127,7 @@ def test_kill_9_after_block_2_of_4_resumes_at_block_2_bit_identically(tmp_path):
     assert (state["next_block"], state["done_blocks"]) == (2, [0, 1])
 
     seen = []
-    resumed = prune(model, out, on_event=lambda event: seen.append(event.payload.index), **options)
+    resumed = prune(model, out, on_event=blocks_into(seen), **options)
     assert resumed["resumed_from_block"] == 2 and seen == [2, 3]
     assert {name: layer["weight_sha256"] for name, layer in resumed["layers"].items()} == {
         name: layer["weight_sha256"] for name, layer in whole["layers"].items()
@@ -130,6 +135,36 @@ def test_kill_9_after_block_2_of_4_resumes_at_block_2_bit_identically(tmp_path):
     assert len(resumed["layers"]) == 4 * 7
     assert resumed["manifest_sha256"] == whole["manifest_sha256"]
     assert_same_output(out, tmp_path / "whole")
+
+
+def test_a_resumed_prune_says_where_it_resumes_and_which_blocks_it_kept(tmp_path, capsys):
+    model = str(save_random(tmp_path / "llama", "llama"))
+    options = dict(method="wanda", sparsity=0.5, **CALIB)
+    with pytest.raises(Crash):
+        prune(model, tmp_path / "out", on_event=crash_after(1), **options)
+    work = tmp_path / ".out.spp-work"
+    assert staging_path(tmp_path / "out") == work and (work / "resume.json").is_file()
+    capsys.readouterr()  # what saving the random model printed
+    code, out, err = run_spp(["prune", model, "--method", "wanda", "--sparsity", "0.5", "--calib", CALIB["calib"],
+                              "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--out", tmp_path / "out"],
+                             capsys)
+    assert code == 0, err
+    lines = err.splitlines()
+    assert lines[0] == f"spp: resuming at block 3 of 4 (blocks 1-2 kept from the interrupted run at {work})"
+    assert [line.split(":")[0] for line in lines[1:]] == ["  block 3/4", "  block 4/4"]
+    assert "  resumed: blocks 1-2 were pruned by the interrupted run" in out.splitlines()
+    with pytest.raises(Crash):  # a resume at block 2 keeps one block
+        prune(model, tmp_path / "one", on_event=crash_after(0), **options)
+    events = []
+    resumed = prune(model, tmp_path / "one", on_event=events.append, **options)
+    assert events[0].kind == "note" and events[0].payload.startswith("resuming at block 2 of 4 (block 1 kept from")
+    assert [event.kind for event in events[1:]] == ["block"] * 3 and resumed["resumed_from_block"] == 1
+    with pytest.raises(Crash):  # killed after its last block, before the output was complete
+        prune(model, tmp_path / "all", on_event=crash_after(3), **options)
+    events = []
+    prune(model, tmp_path / "all", on_event=events.append, **options)
+    assert [event.payload for event in events] == [
+        f"resuming after the last block (all 4 kept from the interrupted run at {tmp_path / '.all.spp-work'})"]
 
 
 @pytest.mark.parametrize("change", ["option", "input model"])
@@ -144,7 +179,7 @@ def test_a_changed_option_or_input_never_resumes(tmp_path, change):
     else:  # the same path, other weights
         save_random(model, "llama", seed=1)
     seen = []
-    rerun = prune(str(model), tmp_path / "out", on_event=lambda event: seen.append(event.payload.index), **options)
+    rerun = prune(str(model), tmp_path / "out", on_event=blocks_into(seen), **options)
     fresh = prune(str(model), tmp_path / "fresh", **options)
     assert "resumed_from_block" not in rerun and seen == [0, 1, 2, 3]
     assert rerun["manifest_sha256"] == fresh["manifest_sha256"]
@@ -303,12 +338,19 @@ def test_streamed_owl_writes_the_in_memory_checkpoint_byte_for_byte(tmp_path, ca
     options = dict(method=case.rsplit("-", 1)[1], sparsity=0.6, sparsity_profile="owl", **CALIB)
     streamed_blocks = []
 
+    notes = []
+
     def on_event(event):  # the streamed path: the staging dir exists while blocks are pruned
-        streamed_blocks.append(staging_path(tmp_path / "stream").is_dir())
+        if event.kind == "block":
+            streamed_blocks.append(staging_path(tmp_path / "stream").is_dir())
+        else:
+            notes.append(event.payload)
 
     in_memory = prune(model, tmp_path / "memory", streaming="off", **options)
     streamed = prune(model, tmp_path / "stream", streaming="auto", on_event=on_event, **options)
     assert streamed_blocks == [True] * 4
+    assert notes == ["OWL: measuring the outlier ratio of all 4 blocks in a dense pass before the first block is "
+                     "pruned"]
     assert_same_output(tmp_path / "stream", tmp_path / "memory")
     assert streamed["sparsity_profile"] == in_memory["sparsity_profile"]
     assert len(set(in_memory["sparsity_profile"]["layer_sparsity"].values())) > 1
@@ -325,7 +367,7 @@ def test_a_killed_streamed_owl_prune_resumes_with_its_kept_profile(tmp_path):
     assert state["next_block"] == 2 and [round(s, 8) for s in state["owl_profile"]["sparsities"]] == [
         whole["sparsity_profile"]["layer_sparsity"][str(i)] for i in range(4)]
     seen = []
-    resumed = prune(model, tmp_path / "out", on_event=lambda event: seen.append(event.payload.index), **options)
+    resumed = prune(model, tmp_path / "out", on_event=blocks_into(seen), **options)
     assert resumed["resumed_from_block"] == 2 and seen == [2, 3]
     assert resumed["sparsity_profile"] == whole["sparsity_profile"]  # every block, the killed run's included
     assert resumed["manifest_sha256"] == whole["manifest_sha256"]
