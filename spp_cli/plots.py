@@ -61,13 +61,12 @@ def metrics_figure(evaluations: dict, colours: dict[str, Any]):
         axis.set_visible(False)
     for axis, (title, section, key) in zip(axes.flat, columns, strict=False):
         texts = [metric_value(evaluations[name], section, key) for name in names]
-        values = [float(text) if text != "-" else float("nan") for text in texts]
+        values = [float(text) if text != "-" else 0.0 for text in texts]  # a missing value: no bar, "-"
         bars = axis.bar(names, values, color=[colours[name] for name in names])
         labels = [text if text == "-" else format(float(text), ".4g") for text in texts]
         axis.bar_label(bars, labels=labels, padding=2, fontsize=8, rotation=90 if upright else 0)
-        known = [value for value in values if value == value]
         headroom = 1.3 if upright else 1.15  # room for the value labels inside the frame
-        axis.set_ylim(0, headroom * max(known) if known and max(known) > 0 else 1)
+        axis.set_ylim(0, headroom * max(values) if max(values) > 0 else 1)
         axis.set_title(title, fontsize=10)
         axis.tick_params(axis="x", labelsize=8, labelrotation=90 if upright else 0)
     figure.tight_layout()
@@ -156,23 +155,27 @@ def recovery_figure(rows: list[dict], colours: dict[str, Any]):
     axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)
     figure.tight_layout()
     for row in points:  # after the layout: the offsets are measured in the final axes
-        side = _label_side(axis, row["trainable_params"], row["ppl"], lines)
+        xytext, horizontal, vertical = _label_place(axis, row["trainable_params"], row["ppl"], lines)
         axis.annotate(row["method"], (row["trainable_params"], row["ppl"]), textcoords="offset points",
-                      xytext=(5, LABEL_OFFSET * side), va="bottom" if side > 0 else "top", fontsize=9)
+                      xytext=xytext, ha=horizontal, va=vertical, fontsize=9)
     return figure
 
 
 LABEL_OFFSET, LABEL_HEIGHT = 6, 12  # points: a method's label starts 6 above (or below) its point, 9-point text
 
 
-def _label_side(axis, x: float, y: float, lines: list[float]) -> int:
-    """+1 (the label above the point) unless a horizontal line runs through the label there, then -1 (below);
-    +1 when lines would cross it on both sides."""
+def _label_place(axis, x: float, y: float, lines: list[float]) -> tuple[tuple[int, int], str, str]:
+    """(offset in points, ha, va) of a point's label: right of the point (left of it in the axes' right third, so
+    it stays inside the figure); above it unless a horizontal line runs through the label there, then below (above
+    when lines would cross it on both sides)."""
     to_points = 72 / axis.figure.dpi
-    point_y = axis.transData.transform((x, y))[1] * to_points
-    heights = [axis.transData.transform((x, line))[1] * to_points - point_y for line in lines]
+    point_x, point_y = axis.transData.transform((x, y))
+    heights = [(axis.transData.transform((x, line))[1] - point_y) * to_points for line in lines]
 
     def crossed(side: int) -> bool:
         return any(LABEL_OFFSET - 2 <= side * height <= LABEL_OFFSET + LABEL_HEIGHT + 2 for height in heights)
 
-    return -1 if crossed(1) and not crossed(-1) else 1
+    side = -1 if crossed(1) and not crossed(-1) else 1
+    right_third = axis.transAxes.inverted().transform((point_x, point_y))[0] > 2 / 3
+    return ((-5 if right_third else 5, LABEL_OFFSET * side), "right" if right_third else "left",
+            "bottom" if side > 0 else "top")
