@@ -257,6 +257,11 @@ def render_run(console, summary: dict) -> None:
         console.print(f"stage {stage['name']} ({stage['type']}): {state} -> {stage['output']}")
     if summary.get("report"):
         console.print(f"report: {summary['report']}")
+    if summary.get("expectations"):  # the recipe's pinned results (spp_cli/expectations.py)
+        from spp_cli.expectations import verdict
+
+        for line in verdict(summary["expectations"]):
+            console.print(line, markup=False, highlight=False)
 
 
 def render_env(console, report: dict) -> None:
