@@ -258,6 +258,8 @@ def run(
     _quiet_libraries()
     summary = run_recipe(recipe, overrides or [], dry_run=dry_run, on_event=event_printer(_console(stderr=True)))
     _emit(summary, output_format, render_run)
+    if not (summary.get("expectations") or {"ok": True})["ok"]:
+        raise typer.Exit(1)  # a pinned result missed its tolerance: a check failed
 
 
 @app.command(cls=SppCommand, epilog="Examples:\n\n    spp verify runs/quickstart/finetune --against runs/quickstart/prune\n\n    spp verify runs/w50")

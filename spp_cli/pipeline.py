@@ -11,6 +11,7 @@ from pathlib import Path
 
 from spp_cli.errors import BadInput
 from spp_cli.events import Listener, notify
+from spp_cli.expectations import check_expectations, check_measured
 from spp_cli.io.outputs import check_spp_output
 from spp_cli.io.ownership import check_replaceable_file, write_owned
 from spp_cli.recipe.resolve import EvalStage, FinetuneStage, PruneStage, Recipe, dump_resolved, load_recipe
@@ -74,6 +75,7 @@ def check_recipe(recipe: Recipe) -> None:
         return model_path(recipe, reference)
 
     loading = {"allow_pickle": recipe.allow_pickle, "trust_remote_code": recipe.trust_remote_code}
+    check_measured(recipe.expect, recipe)  # a pin on something no stage measures fails now, not after the run
     for name in ("run.json", "report.md"):  # written at the end: a user's file there is refused now, not then
         check_replaceable_file(Path(recipe.output_dir) / name)
     for stage in recipe.stages:
@@ -150,4 +152,8 @@ def run_recipe(
         summary["report"] = write_report(output_dir)["report"]
     except BadInput as error:
         summary["report_error"] = str(error)
+    if recipe.expect:  # the CLI prints the verdict and exits 1 on a miss
+        from spp_cli.report import read_stages
+
+        summary["expectations"] = check_expectations(recipe.expect, *read_stages(output_dir))
     return summary

@@ -311,6 +311,11 @@ def render_run(console, summary: dict) -> None:
         console.print(f"stage {stage['name']} ({stage['type']}): {stage_state_text(stage)} -> {stage['output']}")
     if summary.get("report"):
         console.print(f"report: {summary['report']}")
+    if summary.get("expectations"):  # the recipe's pinned results (spp_cli/expectations.py)
+        from spp_cli.expectations import verdict
+
+        for line in verdict(summary["expectations"]):
+            console.print(line, markup=False, highlight=False)
 
 
 def stage_state_text(stage: dict) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from spp_cli.errors import BadInput
 from spp_cli.io.ownership import check_replaceable_file, remember, write_owned
+from spp_cli.plots import loss_figure, metrics_figure, model_colours, pyplot, recovery_figure, sparsity_figure
 
 
 def read_stages(run_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -31,82 +32,17 @@ def read_stages(run_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
     return manifests, evaluations
 
 
-def _pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, figure, path: Path) -> None:
-    """Save a plot spp owns (never over a user's file of that name; spp_cli/io/ownership.py)."""
-    figure.tight_layout()
+def _save(figure, path: Path) -> bool:
+    """Save a laid-out figure (spp_cli/plots.py) as a plot spp owns (never over a user's file of that name;
+    spp_cli/io/ownership.py); False when there was nothing to plot (None)."""
+    if figure is None:
+        return False
     check_replaceable_file(path)
     staging = path.with_name(f".{path.stem}.spp-staging-{os.getpid()}{path.suffix}")
     figure.savefig(staging, dpi=110)
-    plt.close(figure)
+    pyplot().close(figure)
     os.replace(staging, path)
     remember(path.parent, [path.name])
-
-
-def plot_metrics(evaluations: dict, path: Path) -> bool:
-    plt = _pyplot()
-    from spp_cli.render import metric_columns, metric_value
-
-    columns = [c for c in metric_columns(evaluations) if c[1] != "mean_acc_7"]
-    if not columns:
-        return False
-    figure, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.6), squeeze=False)
-    for axis, (title, section, key) in zip(axes[0], columns, strict=True):
-        names = list(evaluations)
-        values = [float(v) if v != "-" else 0.0 for v in (metric_value(evaluations[n], section, key) for n in names)]
-        bars = axis.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"][: len(names)])
-        axis.bar_label(bars, fmt="%.3g")
-        axis.set_title(title, fontsize=10)
-        axis.tick_params(axis="x", labelrotation=20)
-    _save(plt, figure, path)
-    return True
-
-
-def plot_layer_sparsity(manifests: dict, path: Path) -> bool:
-    plt = _pyplot()
-    stages = {name: m for name, m in manifests.items() if m.get("layers")}
-    if not stages:
-        return False
-    figure, axis = plt.subplots(figsize=(max(6, 0.12 * max(len(m["layers"]) for m in stages.values())), 3.6))
-    for name, manifest in stages.items():
-        layers = manifest["layers"]
-        axis.plot(range(len(layers)), [record["sparsity"] for record in layers.values()], marker=".", label=name)
-        labels = [n.split("layers.")[-1] if "layers." in n else n for n in layers]
-    axis.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
-    axis.set_ylabel("fraction of zero weights")
-    axis.set_title("per-layer sparsity of the pruned linears")
-    axis.legend()
-    _save(plt, figure, path)
-    return True
-
-
-def plot_loss(manifests: dict, path: Path) -> bool:
-    plt = _pyplot()
-    curves = {
-        n: m["training"]["loss_curve"] for n, m in manifests.items() if (m.get("training") or {}).get("loss_curve")
-    }
-    if not curves:
-        return False
-    figure, axis = plt.subplots(figsize=(6, 3.6))
-    for name, curve in curves.items():
-        axis.plot([p["step"] for p in curve], [p["loss"] for p in curve], label=f"{name} train loss")
-        eval_loss = manifests[name]["training"].get("eval_loss")
-        if isinstance(eval_loss, float):
-            axis.axhline(eval_loss, linestyle="--", color="gray", label=f"{name} held-out loss (end)")
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("cross-entropy (nats/token)")
-    axis.set_title("fine-tune loss")
-    axis.legend()
-    _save(plt, figure, path)
     return True
 
 
@@ -185,29 +121,6 @@ def recovery_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_recovery(rows: list[dict], path: Path) -> bool:
-    """ppl against trainable parameters (log x), one point per method; the dense and pruned ppl as lines."""
-    points = [r for r in rows if isinstance(r["ppl"], float) and r["trainable_params"]]
-    if not points:
-        return False
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 3.8))
-    for row in points:
-        axis.scatter(row["trainable_params"], row["ppl"], s=40)
-        axis.annotate(row["method"], (row["trainable_params"], row["ppl"]), textcoords="offset points", xytext=(4, 4))
-    for key, label, style in (("dense_ppl", "dense", "-"), ("pruned_ppl", "pruned", "--")):
-        value = points[0][key]
-        if isinstance(value, float):
-            axis.axhline(value, linestyle=style, color="gray", label=f"{label} ({value:.3f})")
-    axis.set_xscale("log")
-    axis.set_xlabel("trainable parameters")
-    axis.set_ylabel("token perplexity")
-    axis.set_title("recovery per method")
-    axis.legend()
-    _save(plt, figure, path)
-    return True
-
-
 def owl_rows(manifest: dict) -> list[dict]:
     """One row per pruned block of an OWL prune's spp.json: its outlier ratio (percent), OWL sparsity, the uniform
     target, and the measured sparsity of the block's linears (zeros over weights, from the layer records)."""
@@ -255,8 +168,7 @@ def owl_section(name: str, manifest: dict, rows: list[dict]) -> str:
 
 def plot_owl(name: str, manifest: dict, rows: list[dict], path: Path) -> None:
     """Bars: each block's OWL sparsity; dashed line: the uniform target; dots (right axis): outlier ratio (%)."""
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 3.6))
+    figure, axis = pyplot().subplots(figsize=(max(6, 0.25 * len(rows)), 3.6))
     blocks = [row["block"] for row in rows]
     axis.bar(blocks, [row["sparsity"] for row in rows], color="#4c72b0", label="OWL sparsity")
     axis.axhline(manifest["target_sparsity"], linestyle="--", color="gray",
@@ -276,7 +188,8 @@ def plot_owl(name: str, manifest: dict, rows: list[dict], path: Path) -> None:
         handles, labels = handles + more_handles, labels + more_labels
     axis.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8)
     axis.set_title(f"{name}: OWL per-block sparsity")
-    _save(plt, figure, path)
+    figure.tight_layout()
+    _save(figure, path)
 
 
 PLOTS = ("metrics.png", "recovery.png", "sparsity.png", "loss.png")
@@ -295,18 +208,19 @@ def write_report(run_dir: str | Path) -> dict:
     for name in ["report.md", *PLOTS, *owl_plots]:  # all refused before any is written
         check_replaceable_file(run_dir / name)
     sections = [f"# spp report: {run_dir.name}\n"]
+    colours = model_colours([*evaluations, *manifests])  # one colour per model in every plot
     if evaluations:
         sections.append("## Evaluation\n\n" + markdown_table(evaluations, manifests) + "\n")
         notes = {note for entry in evaluations.values() for note in entry.get("notes", [])}
         sections += [f"- note: {note}" for note in sorted(notes)]
-        if plot_metrics(evaluations, run_dir / "metrics.png"):
+        if _save(metrics_figure(evaluations, colours), run_dir / "metrics.png"):
             sections.append("\n![metrics per model](metrics.png)\n")
     rows = recovery_rows(run_dir, manifests, evaluations)
     if len(rows) > 1:
         sections.append("## Recovery\n\n" + recovery_table(rows) + "\n")
         memory = {row["memory_measure"] for row in rows if row["memory_measure"]}
         sections += [f"- memory MB: {measure}" for measure in sorted(memory)]
-        if plot_recovery(rows, run_dir / "recovery.png"):
+        if _save(recovery_figure(rows, colours), run_dir / "recovery.png"):
             sections.append("\n![ppl against trainable parameters](recovery.png)\n")
     sections.append("## Stages\n")
     for name, manifest in manifests.items():
@@ -321,7 +235,7 @@ def write_report(run_dir: str | Path) -> dict:
             f"{sparsity_text}{dense_text}{detail}, {manifest.get('seconds', 0):.1f} s; parent `{parent}`; "
             f"manifest `{manifest.get('manifest_sha256', '')[:16]}`"
         )
-    if plot_layer_sparsity(manifests, run_dir / "sparsity.png"):
+    if _save(sparsity_figure(manifests, colours), run_dir / "sparsity.png"):
         sections.append("\n![per-layer sparsity](sparsity.png)\n")
     for name, manifest in manifests.items():
         if (manifest.get("sparsity_profile") or {}).get("profile") == "owl":
@@ -329,7 +243,7 @@ def write_report(run_dir: str | Path) -> dict:
             sections.append(owl_section(name, manifest, rows))
             plot_owl(name, manifest, rows, run_dir / f"owl-{name}.png")
             sections.append(f"\n![OWL per-block sparsity of {name}](owl-{name}.png)\n")
-    if plot_loss(manifests, run_dir / "loss.png"):
+    if _save(loss_figure(manifests, colours), run_dir / "loss.png"):
         sections.append("## Fine-tuning\n\n![fine-tune loss](loss.png)\n")
     report = run_dir / "report.md"
     write_owned(report, "\n".join(sections) + "\n")

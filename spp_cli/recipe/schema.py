@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
 from spp_cli.adapters import REGISTRY, misplaced_option
+from spp_cli.expectations import EXPECT_TEXT
 from spp_cli.recipe.option import Option, option_field, schema_fields
 from spp_cli.vocabulary import (
     BOS_RULES,
@@ -373,6 +374,10 @@ class Recipe:
     allow_pickle: bool = option_field(
         False, "bool", help="Also read pickle .bin weights, which can run code when loaded (off: safetensors only)."
     )
+    expect: dict | None = option_field(
+        None, "expect", text=EXPECT_TEXT, default_text="nothing checked",
+        help="Pinned results `spp run` checks after the last stage; a miss exits 1 (spp_cli/expectations.py).",
+    )
     stages: list[Stage] = field(
         default_factory=list,
         metadata={
@@ -397,5 +402,6 @@ class Recipe:
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data; `load_recipe` on its YAML gives back an equal Recipe."""
-        top = {f.name: getattr(self, f.name) for f in schema_fields(Recipe) if f.name != "stages"}
+        top = {f.name: getattr(self, f.name) for f in schema_fields(Recipe)
+               if f.name != "stages" and (f.name != "expect" or self.expect is not None)}  # no expect: as before
         return {**top, "stages": [stage.options() for stage in self.stages]}

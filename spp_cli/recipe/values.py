@@ -72,6 +72,10 @@ def coerce(value: Any, option: Option, fail: Fail) -> Any:
             return None
         fail(f"null is not allowed; use {allowed}")
     kind = option.kind
+    if kind == "expect":  # the recipe's pinned results: a nested mapping, checked where it is used
+        from spp_cli.expectations import parse_expectations
+
+        return parse_expectations(value, fail)
     if kind == "bool":
         if isinstance(value, bool):
             return value
