@@ -300,6 +300,12 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _usage_message(error: UsageError) -> str:
+    """Click's message on one line, less the "Value error, " that Typer's pydantic coercion puts before a
+    choice's "'x' is not one of ..." and the closing full stop (the "(see ... --help)" hint follows it)."""
+    return _one_line(error.format_message()).replace(": Value error, ", ": ").removesuffix(".")
+
+
 def run_cli(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; errors become one line on stderr (DESIGN.md exit codes)."""
     command = typer.main.get_command(app)
@@ -316,7 +322,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         if not error.format_message().strip():  # `spp` alone: the help was shown, but no command was given
             return 2
         where = f"spp {error.ctx.info_name}" if error.ctx and error.ctx.info_name != "spp" else "spp"
-        sys.stderr.write(f"spp: error: {_one_line(error.format_message())} (see '{where} --help')\n")
+        sys.stderr.write(f"spp: error: {_usage_message(error)} (see '{where} --help')\n")
         return 2
     except (KeyboardInterrupt, typer.Abort):
         sys.stderr.write(INTERRUPTED)
