@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from spp_cli import interrupts
 from spp_cli.cli_options import parameter, schema_command, schema_parameter
 from spp_cli.errors import SppError
 from spp_cli.recipe.resolve import validate_options
@@ -107,6 +108,7 @@ _JSON_STREAM: list = []  # run_cli's real stdout while a `--format json` command
 
 
 def _emit(result, output_format: OutputFormat, render) -> None:
+    interrupts.outcome_decided()  # the result is published: a Ctrl-C from here on cannot make it "interrupted"
     if output_format == OutputFormat.json:
         (_JSON_STREAM[-1] if _JSON_STREAM else sys.stdout).write(json.dumps(result, indent=2, default=str) + "\n")
     else:
@@ -319,20 +321,24 @@ def run_cli(argv: list[str] | None = None) -> int:
     except typer.Exit as exit_:
         code = exit_.exit_code
     except UsageError as error:
+        interrupts.outcome_decided()
         if not error.format_message().strip():  # `spp` alone: the help was shown, but no command was given
             return 2
         where = f"spp {error.ctx.info_name}" if error.ctx and error.ctx.info_name != "spp" else "spp"
         sys.stderr.write(f"spp: error: {_usage_message(error)} (see '{where} --help')\n")
         return 2
     except (KeyboardInterrupt, typer.Abort):
+        interrupts.outcome_decided()  # a second Ctrl-C while spp exits changes nothing (and prints no traceback)
         sys.stderr.write(INTERRUPTED)
         return 130
     except SppError as error:
+        interrupts.outcome_decided()
         if debug:
             raise
         sys.stderr.write(f"spp: error: {_one_line(error)}\n")
         return error.exit_code
     except Exception as error:
+        interrupts.outcome_decided()
         if debug:
             raise
         if "out of memory" in str(error).lower():
@@ -343,6 +349,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     finally:
         if wants_json:
             _JSON_STREAM.pop()
+    interrupts.outcome_decided()
     code = code if isinstance(code, int) else 0
     if code == 130:  # Typer turns Ctrl-C inside a command into exit code 130
         sys.stderr.write(INTERRUPTED)
@@ -356,4 +363,7 @@ def _wants_json(argv: list[str]) -> bool:
 
 
 def main() -> None:
-    sys.exit(run_cli(sys.argv[1:]))
+    """The console script: run_cli in a process whose exit a late Ctrl-C cannot disturb (spp_cli/interrupts.py)."""
+    with interrupts.console_process():
+        code = run_cli(sys.argv[1:])
+    sys.exit(code)
