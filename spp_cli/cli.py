@@ -341,6 +341,10 @@ def run_cli(argv: list[str] | None = None) -> int:
         interrupts.outcome_decided()
         if debug:
             raise
+        if _disk_full(error):  # outside a stage (a stage's own says which output and its resume folder)
+            where = f" while writing '{error.filename}'" if getattr(error, "filename", None) else ""
+            sys.stderr.write(f"spp: error: the disk is full{where}: free space on that disk and rerun\n")
+            return 3
         if "out of memory" in str(error).lower():
             sys.stderr.write(f"spp: error: out of memory ({_one_line(error)[:200]}): use a smaller batch or seqlen\n")
             return 3
@@ -354,6 +358,12 @@ def run_cli(argv: list[str] | None = None) -> int:
     if code == 130:  # Typer turns Ctrl-C inside a command into exit code 130
         sys.stderr.write(INTERRUPTED)
     return code
+
+
+def _disk_full(error: BaseException) -> bool:
+    from spp_cli.io.disk_full import is_disk_full
+
+    return is_disk_full(error)
 
 
 def _wants_json(argv: list[str]) -> bool:

@@ -17,6 +17,7 @@ from spp_cli.errors import BadInput, first_line
 from spp_cli.events import Listener, notify
 from spp_cli.io import checkpoint
 from spp_cli.io.atomic import write_text_atomic
+from spp_cli.io.disk_full import names_output_on_disk_full
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint, written_by_spp
 from spp_cli.recipe.resolve import validate_options
 from spp_cli.recipe.schema import EvalStage
@@ -58,6 +59,7 @@ def write_json_atomic(path: Path, content: dict) -> None:
     write_text_atomic(path, json.dumps(content, indent=2, default=str) + "\n")
 
 
+@names_output_on_disk_full
 def evaluate_models(
     models: dict[str, str],
     tasks: list[str] | str,

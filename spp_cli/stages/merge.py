@@ -8,11 +8,13 @@ from pathlib import Path
 
 from spp_cli.errors import BadInput
 from spp_cli.io import checkpoint
+from spp_cli.io.disk_full import names_output_on_disk_full
 from spp_cli.io.manifest import layers_record, stage_manifest, zeros_sha256
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.stages.finetune import check_zeros_kept, frozen_experts_warnings, not_adapted
 
 
+@names_output_on_disk_full
 def merge_adapter(
     adapter_dir: str | Path, out: str | Path, *, overwrite: bool = False, allow_pickle: bool = False
 ) -> dict:
