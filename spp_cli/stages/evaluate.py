@@ -4,6 +4,7 @@ results.json has one layout whatever the number of models (docs/results-json.md)
     {"schema_version": 1,
      "models": {name: one model's results object (spp_cli.eval.engine) + "model", "config", "versions", "seconds"},
      "config": {the stage's resolved options}, "notes": [str, each once], "fingerprint": str}
+plus "partial": true and "failure": {"model", "path", "error"} while a model that failed is missing.
 Models are evaluated one after another so that only one is in memory at a time.
 """
 
@@ -76,8 +77,10 @@ def evaluate_models(
     {"models": {name: results object}, "notes": [...], "out": str}.
 
     `options` are the other EvalStage keys (spp_cli/recipe/schema.py): seqlen, limit, data_dir, batch_size, device,
-    dtype, bos. A results file spp wrote with the same options and models is returned as it is ("skipped"); one
-    with other options is replaced only with `overwrite`, and a file spp did not write never. Progress goes to
+    dtype, bos. A results file spp wrote with the same options and models is returned as it is ("skipped"), or
+    continued when it is marked "partial"; one with other options is replaced only with `overwrite`, and a file spp
+    did not write never. When a model fails (Ctrl-C included), the finished ones are written marked "partial"
+    with the failure (docs/results-json.md) before the error goes on. Progress goes to
     `on_event` (spp_cli/events.py) as "progress" events: (k - 1, N, "model k/N NAME") as model k starts, then every
     event of engine.evaluate with its label prefixed "model k/N NAME · ". verbose: let lm-eval print its logging
     and progress bars.

@@ -45,3 +45,24 @@ def test_a_failing_first_model_writes_nothing(tmp_path, random_model_dir, capsys
     out = tmp_path / "results.json"
     code, _, _ = run_spp(["eval", broken, random_model_dir, *TASK, "--out", out], capsys)
     assert code == 3 and not out.exists()
+
+
+def test_ctrl_c_during_a_later_model_keeps_the_finished_ones_and_exits_130(tmp_path, random_model_dir, capsys,
+                                                                           monkeypatch):
+    from spp_cli.stages import evaluate
+
+    second = save_random_model(tmp_path / "second", seed=1)
+    evaluate_one = evaluate.evaluate_one
+
+    def interrupted_on_the_second(path, *args, **kwargs):
+        if path == str(second):
+            raise KeyboardInterrupt
+        return evaluate_one(path, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_one", interrupted_on_the_second)
+    out = tmp_path / "results.json"
+    code, _, err = run_spp(["eval", random_model_dir, second, *TASK, "--out", out], capsys)
+    assert code == 130 and err.endswith("spp: interrupted: rerun the same command to resume\n")
+    stored = json.loads(out.read_text())
+    assert stored["partial"] is True and list(stored["models"]) == [str(random_model_dir)]
+    assert stored["failure"] == {"model": str(second), "path": str(second), "error": "interrupted"}
