@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from spp_cli import interrupts
 from spp_cli.cli_options import parameter, schema_command, schema_parameter
 from spp_cli.errors import SppError
 from spp_cli.recipe.resolve import validate_options
@@ -111,6 +112,7 @@ _JSON_STREAM: list = []  # run_cli's real stdout while a `--format json` command
 
 
 def _emit(result, output_format: OutputFormat, render) -> None:
+    interrupts.outcome_decided()  # the result is published: a Ctrl-C from here on cannot make it "interrupted"
     if output_format == OutputFormat.json:
         (_JSON_STREAM[-1] if _JSON_STREAM else sys.stdout).write(json.dumps(result, indent=2, default=str) + "\n")
     else:
@@ -348,6 +350,12 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _usage_message(error: UsageError) -> str:
+    """Click's message on one line, less the "Value error, " that Typer's pydantic coercion puts before a
+    choice's "'x' is not one of ..." and the closing full stop (the "(see ... --help)" hint follows it)."""
+    return _one_line(error.format_message()).replace(": Value error, ", ": ").removesuffix(".")
+
+
 def run_cli(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; errors become one line on stderr (DESIGN.md exit codes), and with
     `--format json` also a JSON object {"error", "exit_code"} on stdout, so a script reading stdout sees why."""
@@ -363,19 +371,26 @@ def run_cli(argv: list[str] | None = None) -> int:
     except typer.Exit as exit_:
         code = exit_.exit_code
     except UsageError as error:
+        interrupts.outcome_decided()
         if not error.format_message().strip():  # `spp` alone: the help was shown, but no command was given
             return 2
         where = f"spp {error.ctx.info_name}" if error.ctx and error.ctx.info_name != "spp" else "spp"
-        return _failed(f"{_one_line(error.format_message())} (see '{where} --help')", 2, wants_json)
+        return _failed(f"{_usage_message(error)} (see '{where} --help')", 2, wants_json)
     except (KeyboardInterrupt, typer.Abort):
+        interrupts.outcome_decided()  # a second Ctrl-C while spp exits changes nothing (and prints no traceback)
         return _interrupted(wants_json)
     except SppError as error:
+        interrupts.outcome_decided()
         if debug:
             raise
         return _failed(_one_line(error), error.exit_code, wants_json)
     except Exception as error:
+        interrupts.outcome_decided()
         if debug:
             raise
+        if _disk_full(error):  # outside a stage (a stage's own says which output and its resume folder)
+            where = f" while writing '{error.filename}'" if getattr(error, "filename", None) else ""
+            return _failed(f"the disk is full{where}: free space on that disk and rerun", 3, wants_json)
         if "out of memory" in str(error).lower():
             return _failed(f"out of memory ({_one_line(error)[:200]}): use a smaller batch or seqlen", 3, wants_json)
         return _failed(f"{type(error).__name__}: {_one_line(error)[:300]} (rerun with SPP_DEBUG=1 for the "
@@ -383,6 +398,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     finally:
         if wants_json:
             _JSON_STREAM.pop()
+    interrupts.outcome_decided()
     code = code if isinstance(code, int) else 0
     if code == 130:  # Typer turns Ctrl-C inside a command into exit code 130
         return _interrupted(wants_json)
@@ -405,6 +421,12 @@ def _interrupted(wants_json: bool) -> int:
     return 130
 
 
+def _disk_full(error: BaseException) -> bool:
+    from spp_cli.io.disk_full import is_disk_full
+
+    return is_disk_full(error)
+
+
 def _wants_json(argv: list[str]) -> bool:
     arguments = [str(a) for a in argv]
     return "--format=json" in arguments or any(
@@ -412,4 +434,7 @@ def _wants_json(argv: list[str]) -> bool:
 
 
 def main() -> None:
-    sys.exit(run_cli(sys.argv[1:]))
+    """The console script: run_cli in a process whose exit a late Ctrl-C cannot disturb (spp_cli/interrupts.py)."""
+    with interrupts.console_process():
+        code = run_cli(sys.argv[1:])
+    sys.exit(code)

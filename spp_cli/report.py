@@ -19,6 +19,12 @@ def read_stages(run_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
     """(model stages: name -> spp.json, evaluations: model name -> results object), in folder order."""
     from spp_cli.stages.evaluate import results_entries
 
+    for name, what in (("spp.json", "a model folder"), ("results.json", "an eval result's folder")):
+        if (run_dir / name).is_file():  # a stage's own output, not the run folder that holds the stages
+            parent = f" (its parent '{run_dir.parent}', if a `spp run` wrote it)" if (
+                run_dir.parent / "run.json").is_file() else ""
+            raise BadInput(f"'{run_dir}' is {what} ({name}), not a run folder: give the output_dir of a `spp run`"
+                           f"{parent}")
     manifests, evaluations = {}, {}
     summary_file = run_dir / "run.json"
     order = [s["name"] for s in json.loads(summary_file.read_text())["stages"]] if summary_file.exists() else None

@@ -62,6 +62,17 @@ def applied_format(records: list[dict], *, chat_template: bool) -> dict:
             "template": " + ".join(named) if named else None, "records": counts}
 
 
+# a key that belongs to another format's records: the fix is that format, not removing the key
+_FORMAT_OF_KEY = {**dict.fromkeys(ALPACA_FIELDS, "alpaca"), "messages": "chat", "text": "text"}
+_JSON_KINDS = {bool: "a boolean", int: "an integer", float: "a number", list: "a list", dict: "an object",
+               type(None): "null"}
+
+
+def json_kind(value) -> str:
+    """What a JSON value is, with its article ("an integer", "a list"): for messages that name a wrong type."""
+    return _JSON_KINDS.get(type(value), f"a {type(value).__name__}")
+
+
 def record_format(record: dict, data_format: str = "auto") -> str:
     """The format (alpaca, chat or text) `record` is read in under `data_format`."""
     if data_format != "auto":
@@ -90,7 +101,7 @@ def normalize_records(
     for number, record in enumerate(records, start=1):
         label = f"training record {number}{where}"
         if not isinstance(record, dict):
-            raise BadInput(f"{label} is a {type(record).__name__}, not a JSON object: fix the data")
+            raise BadInput(f"{label} is {json_kind(record)}, not a JSON object: fix the data")
         kind = record_format(record, data_format)
         if kind == "alpaca":
             canonical.append(_alpaca(record, label))
@@ -112,7 +123,13 @@ def _unknown_keys(record: dict, allowed: tuple[str, ...], label: str, kind: str)
         return
     key = unknown[0]
     meant = _LIKELY_MEANT.get(str(key).lower())
-    fix = f"rename it to '{meant}'" if meant else f"remove it (the {kind} format has {', '.join(allowed)})"
+    other_format = _FORMAT_OF_KEY.get(key)
+    if other_format is not None and kind in DATA_FORMATS:  # alpaca records read with --data-format chat, ...
+        fix = f"'{key}' is a field of {other_format} records: use --data-format {other_format} (or auto)"
+    elif meant:
+        fix = f"rename it to '{meant}'"
+    else:
+        fix = f"remove it (the {kind} format has {', '.join(allowed)})"
     raise BadInput(f"{label} has an unknown key '{key}' ({kind} format): {fix}")
 
 
@@ -123,7 +140,7 @@ def _string_field(record: dict, key: str, label: str, kind: str, *, optional: bo
     if key not in record:
         raise BadInput(f"{label} has no '{key}', which the {kind} format needs: add it (or pick another data_format)")
     if not isinstance(value, str):
-        raise BadInput(f"{label}: '{key}' is a {type(value).__name__}, not a string: fix the data")
+        raise BadInput(f"{label}: '{key}' is {json_kind(value)}, not a string: fix the data")
     return value
 
 

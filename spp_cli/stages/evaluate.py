@@ -4,6 +4,7 @@ results.json has one layout whatever the number of models (docs/results-json.md)
     {"schema_version": 1,
      "models": {name: one model's results object (spp_cli.eval.engine) + "model", "config", "versions", "seconds"},
      "config": {the stage's resolved options}, "notes": [str, each once], "fingerprint": str}
+plus "partial": true and "failure": {"model", "path", "error"} while a model that failed is missing.
 Models are evaluated one after another so that only one is in memory at a time.
 """
 
@@ -13,10 +14,11 @@ from pathlib import Path
 
 from spp_cli import preflight
 from spp_cli.environment import resolve_device, versions
-from spp_cli.errors import BadInput
+from spp_cli.errors import BadInput, first_line
 from spp_cli.events import Listener, notify
 from spp_cli.io import checkpoint
 from spp_cli.io.atomic import write_text_atomic
+from spp_cli.io.disk_full import names_output_on_disk_full
 from spp_cli.io.manifest import applied_record
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint, written_by_spp
 from spp_cli.recipe.resolve import validate_options
@@ -59,6 +61,7 @@ def write_json_atomic(path: Path, content: dict) -> None:
     write_text_atomic(path, json.dumps(content, indent=2, default=str) + "\n")
 
 
+@names_output_on_disk_full
 def evaluate_models(
     models: dict[str, str],
     tasks: list[str] | str,
@@ -75,8 +78,10 @@ def evaluate_models(
     {"models": {name: results object}, "notes": [...], "out": str}.
 
     `options` are the other EvalStage keys (spp_cli/recipe/schema.py): seqlen, limit, data_dir, batch_size, device,
-    dtype, bos. A results file spp wrote with the same options and models is returned as it is ("skipped"); one
-    with other options is replaced only with `overwrite`, and a file spp did not write never. Progress goes to
+    dtype, bos. A results file spp wrote with the same options and models is returned as it is ("skipped"), or
+    continued when it is marked "partial"; one with other options is replaced only with `overwrite`, and a file spp
+    did not write never. When a model fails (Ctrl-C included), the finished ones are written marked "partial"
+    with the failure (docs/results-json.md) before the error goes on. Progress goes to
     `on_event` (spp_cli/events.py) as "progress" events: (k - 1, N, "model k/N NAME") as model k starts, then every
     event of engine.evaluate with its label prefixed "model k/N NAME · ". verbose: let lm-eval print its logging
     and progress bars.
@@ -87,18 +92,54 @@ def evaluate_models(
     manifests = {name: checkpoint.model_manifest(path) for name, path in models.items()}
     config = stage.recorded_options()  # results.json's "config" and the fingerprint
     stage_fingerprint = fingerprint(config, json.dumps(parent_identities(models, manifests), sort_keys=True))
-    if existing_output(out, stage_fingerprint, overwrite):
+    entries = partial_entries(out, stage_fingerprint)
+    if not entries and existing_output(out, stage_fingerprint, overwrite):
         return finished_result(out)
-    entries = {}
     for number, (name, path) in enumerate(models.items(), start=1):
         label = f"model {number}/{len(models)} {name}"
+        if name in entries:
+            notify(on_event, "eval", "note", f"{label}: kept from the partial results in {out}")
+            continue
         notify(on_event, "eval", "progress", {"done": number - 1, "total": len(models), "label": label})
-        entries[name] = evaluate_one(path, manifests[name], stage, config, _prefixed(on_event, label),
-                                     trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, verbose=verbose)
-    notes = list(dict.fromkeys(note for entry in entries.values() for note in entry.get("notes", [])))
-    write_json_atomic(out, {"schema_version": RESULTS_SCHEMA_VERSION, "models": entries, "config": config,
-                            "notes": notes, "fingerprint": stage_fingerprint})
+        try:
+            entries[name] = evaluate_one(path, manifests[name], stage, config, _prefixed(on_event, label),
+                                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                         verbose=verbose)
+        except BaseException as error:  # Ctrl-C included: the finished models' results are kept, marked partial
+            keep_partial(out, entries, config, stage_fingerprint, {"model": name, "path": path, "error": (
+                "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: "
+                f"{first_line(error)}")}, on_event)
+            raise
+    notes = write_results(out, entries, config, stage_fingerprint)
     return {"models": entries, "notes": notes, "out": str(out)}
+
+
+def write_results(out: Path, entries: dict, config: dict, stage_fingerprint: str, failure: dict | None = None
+                  ) -> list[str]:
+    """Write results.json (with `failure`: the finished models only, marked "partial"); returns its notes."""
+    notes = list(dict.fromkeys(note for entry in entries.values() for note in entry.get("notes", [])))
+    partial = {"partial": True, "failure": failure} if failure is not None else {}
+    write_json_atomic(out, {"schema_version": RESULTS_SCHEMA_VERSION, "models": entries, "config": config,
+                            "notes": notes, **partial, "fingerprint": stage_fingerprint})
+    return notes
+
+
+def keep_partial(out: Path, entries: dict, config: dict, stage_fingerprint: str, failure: dict,
+                 on_event: Listener | None) -> None:
+    """A later model failed: keep the finished ones in `out`, marked partial, for a rerun to continue from."""
+    if not entries:
+        return
+    write_results(out, entries, config, stage_fingerprint, failure)
+    notify(on_event, "eval", "note", f"the results of {', '.join(entries)} are kept in {out}, marked partial (model "
+           f"{failure['model']} did not finish): rerun the same command to evaluate the rest")
+
+
+def partial_entries(out: Path, stage_fingerprint: str) -> dict:
+    """The finished models of an earlier run with the same options that stopped part-way (a "partial" file)."""
+    stored = written_by_spp(out) if out.is_file() else None
+    if not stored or not stored.get("partial") or stored.get("fingerprint") != stage_fingerprint:
+        return {}
+    return dict(results_entries(stored, str(out)))
 
 
 def check_inputs(stage: EvalStage, models: dict[str, str], out: Path, allow_pickle: bool,

@@ -30,6 +30,7 @@ from spp_cli.adapters import METHOD_OPTIONS, resolved_method_options
 from spp_cli.errors import BadInput
 from spp_cli.events import Listener, notify
 from spp_cli.io import atomic, checkpoint
+from spp_cli.io.disk_full import names_output_on_disk_full
 from spp_cli.io.manifest import applied_record, layers_record, stage_manifest, zeros_sha256
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.recipe.schema import FinetuneStage
@@ -83,6 +84,7 @@ def check_parent(model_path: str, parent_manifest: dict | None, keeps_zeros: boo
                            "after spp wrote them): restore the checkpoint or rerun the stage that made it")
 
 
+@names_output_on_disk_full
 def finetune(
     model_dir: str,
     out: str | Path,

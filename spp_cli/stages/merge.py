@@ -13,12 +13,14 @@ from pathlib import Path
 from spp_cli.errors import BadInput, CheckFailed
 from spp_cli.events import Listener
 from spp_cli.io import atomic, checkpoint
+from spp_cli.io.disk_full import names_output_on_disk_full
 from spp_cli.io.manifest import applied_record, layers_record, stage_manifest, zeros_sha256
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
 
 MERGE_DTYPE = "float32"  # the merge computes in fp32 and saves in the base's dtype
 
 
+@names_output_on_disk_full
 def merge_adapter(
     adapter_dir: str | Path, out: str | Path, *, overwrite: bool = False, allow_pickle: bool = False,
     streaming: str = "auto", on_event: Listener | None = None,

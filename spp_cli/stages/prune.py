@@ -19,6 +19,7 @@ from spp_cli.environment import resolve_device
 from spp_cli.errors import BadInput, RuntimeFailure
 from spp_cli.events import Listener, notify
 from spp_cli.io import checkpoint
+from spp_cli.io.disk_full import names_output_on_disk_full
 from spp_cli.io.manifest import applied_record, layer_record, stage_manifest
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.recipe.resolve import validate_options
@@ -55,6 +56,7 @@ class LoadedModel:
     stored_dtype: Any = None  # torch.dtype the checkpoint is stored (and saved) in
 
 
+@names_output_on_disk_full
 def prune(model: str, out: str | Path, *, overwrite: bool = False, trust_remote_code: bool = False,
           allow_pickle: bool = False, on_event: Listener | None = None, **options) -> dict:
     """Prune `model` one-shot into `out` (an HF directory with exact zeros + spp.json). Returns the manifest.

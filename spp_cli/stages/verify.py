@@ -26,6 +26,19 @@ def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     return int((zeros_per_group < n).sum())
 
 
+def parent_weight(parent: StoredWeights, name: str, directory: Path) -> torch.Tensor:
+    """The --against model's weight of layer `name`; a parent without that layer is another model, not a broken
+    checkpoint (e.g. an OPT model against a LLaMA prune: `model.decoder.layers.*` vs `model.layers.*`)."""
+    try:
+        return parent[name]
+    except BadInput:
+        example = next((key.removesuffix(".weight") for key in parent.handles if key.endswith("proj.weight")),
+                       next(iter(parent.handles)))
+        raise BadInput(f"--against '{parent.directory}' has no layer '{name}' (its layers are named like "
+                       f"'{example}'): it is not the model '{directory}' was made from; give that model's "
+                       "directory") from None
+
+
 def verify_checkpoint(directory: str | Path, against: str | Path | None = None) -> dict:
     """Check `directory` (and optionally that it kept every zero of `against`). Returns a report; `ok` says it all."""
     directory = Path(directory)
@@ -52,7 +65,7 @@ def verify_checkpoint(directory: str | Path, against: str | Path | None = None) 
                 problems.append(f"{name}: {entry['broken_groups']} groups break {pattern}")
         entry["zeros_match_manifest"] = zeros_sha256(weight) == record.get("zeros_sha256")
         if parent_stored is not None:
-            parent = parent_stored[name]
+            parent = parent_weight(parent_stored, name, directory)
             if parent.shape != weight.shape:
                 raise BadInput(f"{name}: shape {list(weight.shape)} differs from the parent's {list(parent.shape)}")
             entry["lost_zeros"] = int(((parent == 0) & (weight != 0)).sum())

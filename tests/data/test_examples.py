@@ -93,7 +93,7 @@ def test_the_shipped_alpaca_subset_is_valid_and_canonical_records_are_a_fixed_po
         ({"instruction": "Say hi.", "output": "hi", "lang": "en"}, "unknown key 'lang' (alpaca format): remove "
                                                                   "it"),
         ({"instruction": "Say hi.", "output": ""}, "'output' is empty, so there is no response to learn"),
-        ({"instruction": "Say hi.", "output": 5}, "'output' is a int, not a string"),
+        ({"instruction": "Say hi.", "output": 5}, "'output' is an integer, not a string"),
         ({"instruction": "", "output": "hi"}, "'instruction' is empty"),
         ({"messages": [{"role": "human", "content": "hi"}, {"role": "bot", "content": "hello"}]},
          "training record 3, message 1 has role 'human', not one of system, user, assistant: use 'user'"),
