@@ -7,7 +7,7 @@ import pytest
 from conftest import run_spp
 from safetensors import SafetensorError
 
-from spp_cli.io import atomic, checkpoint
+from spp_cli.io import atomic
 from spp_cli.io.disk_full import human_size, is_disk_full
 
 FULL = {
@@ -45,7 +45,7 @@ def test_a_full_disk_names_the_resume_folder_and_its_size(tmp_path, random_model
                            capsys)
     assert code == 0, err
     # the merged model's save fails, after training wrote its checkpoints
-    monkeypatch.setattr(checkpoint, "save_checkpoint", raises(FULL["OSError"]))
+    monkeypatch.setattr(atomic, "publish", raises(FULL["OSError"]))  # both merge paths publish through it
     out = tmp_path / "tuned"
     code, _, err = run_spp(["finetune", pruned, "--data", some_data / "alpaca" / "alpaca_small.json",
                             "--max-steps", "2", "--save-steps", "1", "--batch-size", "4", "--micro-batch-size", "4",
