@@ -20,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ from spp_cli.events import Listener, notify
 from spp_cli.io import atomic, checkpoint
 from spp_cli.io.manifest import layer_record, zeros_sha256
 from spp_cli.stages.streamed_checkpoint import (
+    LOCK_FILE,
+    RESUME_FILE,
     NotStreamable,
     OutputPlan,
     SafetensorsSource,
@@ -41,11 +42,10 @@ from spp_cli.stages.streamed_checkpoint import (
     loaded_conversions,
     plan_output,
     weightless_model,
+    write_resume_state,
 )
 
 SAVE_EVERY_BYTES = 256 * 2**20  # resume.json is rewritten once this much more is written (and never more often)
-RESUME_FILE = "resume.json"
-LOCK_FILE = "lock"
 EXPERT_PROJECTIONS = {"gate_up_proj": (("gate_proj", 0), ("up_proj", 1)), "down_proj": (("down_proj", None),)}
 
 
@@ -299,9 +299,7 @@ class StreamingMerge:
     def _save_state(self) -> None:
         state = {"fingerprint": self.fingerprint, "next_unit": self.next_unit, "records": self.records,
                  "lost": self.lost}
-        temporary = self.staging / (RESUME_FILE + ".tmp")
-        temporary.write_text(json.dumps(state), encoding="utf-8")
-        os.replace(temporary, self.staging / RESUME_FILE)  # atomic: a kill leaves the old state or the new one
+        write_resume_state(self.staging, state)
 
     def close(self) -> None:
         if self.lock is not None:

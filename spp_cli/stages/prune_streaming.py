@@ -35,10 +35,15 @@ from pruners.reports import LayerReport, OwlProfile
 from spp_cli.errors import BadInput
 from spp_cli.io import atomic, checkpoint
 from spp_cli.io.manifest import layer_record
-from spp_cli.stages.streamed_checkpoint import NotStreamable, OutputPlan, SafetensorsSource, ShardWriter
-
-RESUME_FILE = "resume.json"
-LOCK_FILE = "lock"
+from spp_cli.stages.streamed_checkpoint import (
+    LOCK_FILE,
+    RESUME_FILE,
+    NotStreamable,
+    OutputPlan,
+    SafetensorsSource,
+    ShardWriter,
+    write_resume_state,
+)
 
 
 def wants_streaming(streaming: str, model_path: str) -> bool:
@@ -108,33 +113,19 @@ def open_streamed_model(model_path: str, dtype: str, trust_remote_code: bool) ->
 
     Raises BadInput when the shards miss a tensor the model needs (one line naming it), NotStreamable when the
     architecture cannot be written tensor by tensor (the caller falls back to the in-memory path)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
     from pruners.blocks import UnsupportedModelError, find_decoder_blocks
     from pruners.experts import is_fused_experts
+    from spp_cli.stages.streamed_checkpoint import weightless_model
 
     directory = Path(model_path)
     source = SafetensorsSource(directory)
-    compute_dtype = checkpoint.torch_dtype(dtype)
+    model = weightless_model(directory, source, dtype, trust_remote_code)  # tied, generation config, eval mode
     try:
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
-        if compute_dtype == "auto":  # what from_pretrained(dtype="auto") picks
-            compute_dtype = getattr(config, "dtype", None) or source.first_float_dtype() or torch.float32
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
         prefix, blocks = find_decoder_blocks(model)
     except UnsupportedModelError as error:
         raise BadInput(str(error)) from None
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BadInput(f"could not load model '{model_path}': {first_line}") from None
     if any(is_fused_experts(module) for module in model.modules()):
         raise NotStreamable("fused MoE experts are not streamed yet")
-    model.tie_weights()  # from_config leaves meta weights untied; the plan must see the ties save_pretrained sees
-    if (directory / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(directory)
-    model.eval()
     stored = checkpoint.stored_dtype(str(directory), model)
     plan = _plan(model, stored, directory)
     _check_source_covers(source, plan, prefix, len(blocks), directory)
@@ -236,9 +227,7 @@ class StreamingStore:
         state = {"fingerprint": self.fingerprint, "next_block": self.first_block, "done_blocks": self.done_blocks,
                  "inputs": next_inputs_file, "reports": self.reports, "layers": self.layers,
                  "owl_profile": self.owl_profile}
-        temporary = self.staging / (RESUME_FILE + ".tmp")
-        temporary.write_text(json.dumps(state), encoding="utf-8")
-        os.replace(temporary, self.staging / RESUME_FILE)  # atomic: a kill leaves the old state or the new one
+        write_resume_state(self.staging, state)
 
     def close(self) -> None:
         if self.lock is not None:

@@ -105,6 +105,17 @@ class OutputPlan:
     index: dict | None  # model.safetensors.index.json's content when sharded
 
 
+RESUME_FILE = "resume.json"  # a streamed run's state in its staging folder (prune and merge)
+LOCK_FILE = "lock"  # held while a process writes that folder
+
+
+def write_resume_state(staging: Path, state: dict) -> None:
+    """resume.json of a streamed run, replaced atomically: a kill leaves the old state or the new one."""
+    temporary = staging / (RESUME_FILE + ".tmp")
+    temporary.write_text(json.dumps(state), encoding="utf-8")
+    os.replace(temporary, staging / RESUME_FILE)
+
+
 def weightless_model(directory: Path, source: SafetensorsSource, dtype: str, trust_remote_code: bool = False):
     """The model of `directory` without weights (parameters on the meta device, buffers computed as usual) in the
     dtype from_pretrained(dtype=`dtype`) would load it in, tied, with the folder's generation config; in eval mode.
