@@ -1,6 +1,7 @@
 """Checks that need no model weights, made before any heavy work by the stages and by `spp run --dry-run`:
 every output can be written, every data source is readable (and reachable offline), every model reference
-resolves, an optional logger is installed, and SPP's row groups divide every layer it will adapt.
+resolves, an optional logger is installed, SPP's row groups divide every layer it will adapt, and a distill
+fine-tune has a teacher with the student's vocabulary.
 
 Each check raises BadInput (one line naming the problem and the fix) and has no other effect. The stage checks at
 the end (`check_prune`, `check_finetune`, `check_eval`) are the one list of what a stage verifies before it loads any
@@ -143,6 +144,11 @@ def check_finetune(stage, model: str | None, *, architecture: str | None = None,
     if groups is not None:
         narrowing = adapted if adapted is not None else {"names": _pruned_layer_names(model)}
         check_groups_divide(architecture, stage.groups or groups, trust_remote_code=trust_remote_code, **narrowing)
+    if stage.objective == "distill":  # the teacher: found, present, with the student's vocabulary
+        from spp_cli.training.teacher import check_teacher
+
+        check_teacher(stage.teacher, model, architecture, allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code)
 
 
 def check_eval(stage, models: dict[str, str | None], *, architectures: dict[str, str] | None = None,

@@ -53,6 +53,7 @@ def _method_defaults(key: str) -> str:
 REFINES = ("none", "dsnot", "reconstruct", "dsnot+reconstruct")  # pruners/options.py's, in the order they run
 RECONSTRUCT_KEYS = ("reconstruct_epochs", "reconstruct_lr", "reconstruct_batch_size", "reconstruct_weight_decay",
                     "reconstruct_warmup_steps", "reconstruct_params")  # recorded only when refine reconstructs
+DISTILL_KEYS = ("teacher", "distill_temperature", "distill_weight")  # recorded only when objective is distill
 COMMAND_KEYS = ("name", "input")  # recipe-only: a command names its model and output itself
 _MODEL_REF = "dense (the recipe's model), an earlier prune/finetune stage's name, a local model folder or a hub id"
 
@@ -222,6 +223,7 @@ class FinetuneStage(Stage):
 
     TYPE: ClassVar[str] = "finetune"
     NOT_RECORDED: ClassVar[tuple[str, ...]] = ("report_to", "logging_steps", "save_steps", "device")  # logs, saves
+    RECORDED_WHEN_SET: ClassVar[dict[str, tuple[str, ...]]] = {"objective": DISTILL_KEYS}  # sft: as before
     method: str = option_field(
         "spp", choices=FINETUNE_METHODS,
         help="Recovery method: spp, masked-lora, ia3, masked-full keep every zero; lora is the dense baseline.",
@@ -265,6 +267,22 @@ class FinetuneStage(Stage):
         None, "float", low=0, low_open=True, default_text=_method_defaults("lora_alpha"),
         help="LoRA alpha: the branch is scaled by lora_alpha / lora_r.",
     )
+    objective: str = option_field(
+        "sft", choices=("sft", "distill"),
+        help="sft: next-token cross-entropy on the data; distill: KL(teacher || student) on the same batches, "
+             "mixed with sft by distill_weight.",
+    )
+    teacher: str | None = option_field(
+        None, path="source", text="a local model folder or a hub id",
+        default_text="the dense ancestor in spp.json's parent chain",
+        help="Distill: the teacher model (same tokenizer); default: the model the input was pruned from.",
+    )
+    distill_temperature: float = option_field(
+        1.0, "float", low=0, low_open=True, help="Distill: softmax temperature T of both models (the KL is x T^2)."
+    )
+    distill_weight: float = option_field(
+        1.0, "float", low=0, high=1, help="Distill: loss = weight x KL + (1 - weight) x sft cross-entropy.",
+    )
     data_format: str = option_field(
         "auto",
         choices=DATA_FORMATS,
@@ -304,6 +322,11 @@ class FinetuneStage(Stage):
         if misplaced is not None:
             users = " or ".join(m.name for m in REGISTRY.values() if misplaced in m.options)
             fail(f"applies to method {users}, not {self.method}; drop it or change the method", misplaced)
+        defaults = {f.name: f.default for f in schema_fields(FinetuneStage)}
+        for key in DISTILL_KEYS if self.objective != "distill" else ():
+            if getattr(self, key) != defaults[key]:
+                fail("applies to objective distill: set objective distill (--objective distill) or drop this option",
+                     key)
 
 
 @dataclass

@@ -4,7 +4,7 @@ every zero, save. `finetune` reads as its steps, each a function below:
     resolve          the validated options, device, precision, the parent's spp.json and the fingerprint
     check            the parent's provenance and the training records (after the output path and the skip of an
                      identical finished output), all before any weights load
-    load             the model, the layers to adapt and the parent's zero hashes
+    load             the model, the layers to adapt and the parent's zero hashes (and a distill run's teacher)
     train            trainer.run_finetune in a resumable work dir; on_main_process: the full weights on rank 0
     save_adapter, merge_and_check, record    the adapter, the merge with every zero checked, spp.json
     publish          OUT written atomically, the work dir removed
@@ -150,6 +150,8 @@ class LoadedBase:
     targets: list[str]  # the ones the method adapts
     parent_zeros: dict[str, str]  # name -> zeros_sha256 before training
     stored_dtype: Any  # the checkpoint's dtype, which the merged model is saved in
+    teacher: Any = None  # objective distill: the frozen teacher model (released after training)
+    teacher_record: dict | None = None  # spp.json's "distillation" and the teacher's MiB (teacher.load_teacher)
 
 
 def resolve(model_dir: str, out: Path, options: dict, loading: dict) -> FinetunePlan:
@@ -204,12 +206,21 @@ def load(plan: FinetunePlan, on_event: Listener | None) -> LoadedBase:
         notify(on_event, "finetune", "warning",
                f"'{plan.model_dir}' has no spp.json: its current zeros define the mask to keep")
     parent_zeros = {name: zeros_sha256(weight_of(model, name)) for name in pruned}
-    return LoadedBase(model, tokenizer, pruned, targets, parent_zeros, model.spp_stored_dtype)
+    teacher, teacher_record = None, None
+    if options.objective == "distill":
+        from spp_cli.training.teacher import load_teacher
+
+        teacher, teacher_record = load_teacher(options, plan.model_dir, _compute_dtype(options.dtype, options.device),
+                                               plan.loading)
+        notify(on_event, "finetune", "note", f"distilling from {teacher_record['teacher']['path']}: "
+               f"{teacher_record['teacher_memory_mb']:.0f} MiB of weights beside the student")
+    return LoadedBase(model, tokenizer, pruned, targets, parent_zeros, model.spp_stored_dtype, teacher, teacher_record)
 
 
 def train(plan: FinetunePlan, base: LoadedBase, records: list[dict], on_event: Listener | None):
     """trainer.run_finetune in the stage's work dir, resuming its last checkpoint; a run refused before its first
     checkpoint leaves nothing behind."""
+    from spp_cli.training.distill import Distillation
     from spp_cli.training.phases import resume_note
     from spp_cli.training.trainer import run_finetune
 
@@ -217,13 +228,18 @@ def train(plan: FinetunePlan, base: LoadedBase, records: list[dict], on_event: L
     _claim_work_dir(work_dir, plan.fingerprint)
     if note := resume_note(work_dir / "checkpoints"):  # "resuming from step N (checkpoint ...)"
         notify(on_event, "finetune", "note", note)
+    options = plan.options
+    objective = None if base.teacher is None else Distillation(base.teacher, options.distill_temperature,
+                                                                options.distill_weight)
     try:
-        return run_finetune(base.model, base.tokenizer, records, plan.options, work_dir, target_names=base.targets,
-                            callbacks=_progress_callbacks(on_event, plan.options))
+        return run_finetune(base.model, base.tokenizer, records, options, work_dir, target_names=base.targets,
+                            callbacks=_progress_callbacks(on_event, options), objective=objective)
     except BadInput:
         if not any(work_dir.glob("checkpoints/checkpoint-*")):
             shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume: leave nothing behind
         raise
+    finally:
+        base.teacher = None  # the merge does not need it: its memory goes with the objective
 
 
 def on_main_process(plan: FinetunePlan, result, on_event: Listener | None):
@@ -308,16 +324,20 @@ def record(plan: FinetunePlan, base: LoadedBase, result, layers: dict) -> dict:
         dense=not keeps_zeros,
         layers=layers,
         config=plan.config,
-        applied=applied_record(**result.applied, stored_dtype=base.stored_dtype),
+        applied=applied_record(**result.applied, stored_dtype=base.stored_dtype,
+                               **{k: v for k, v in (base.teacher_record or {}).items() if k == "teacher_memory_mb"}),
         fingerprint=plan.fingerprint,
         merged=not plan.options.no_merge,
         adapter=result.adapter.record(),
         training={
             "steps": result.steps,
             "loss_curve": result.train_curve,
+            **({"kl_curve": result.kl_curve} if base.teacher_record else {}),  # distill: the KL beside the loss
             "eval_loss": result.eval_loss,
             "trainable_params": result.trainable_params,
         },
+        **({"distillation": {k: v for k, v in base.teacher_record.items() if k != "teacher_memory_mb"}}
+           if base.teacher_record else {}),  # the teacher's memory depends on this machine's dtype: in applied
         **({"frozen_experts": len(frozen_experts)} if frozen_experts else {}),
         **({"warnings": warnings} if warnings else {}),
     )

@@ -26,6 +26,7 @@ def adapter_trainer_class():
         times its held-out evaluations (evaluation_seconds: they are not training time)."""
 
         evaluation_seconds = 0.0
+        objective = None  # a Distillation (spp_cli/training/distill.py); None: the model's own loss (SFT)
 
         def evaluate(self, *args, **kwargs):
             start = time.perf_counter()
@@ -33,6 +34,29 @@ def adapter_trainer_class():
                 return super().evaluate(*args, **kwargs)
             finally:
                 self.evaluation_seconds += time.perf_counter() - start
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """Trainer's cross-entropy; in training with an objective, mixed with its KL normalised as that
+            cross-entropy is: per target token of the optimizer step (num_items_in_batch, scaled by the processes as
+            Trainer scales the cross-entropy under DDP), else of the micro-batch (loss_normalization micro_batch).
+            Held-out evaluations stay the cross-entropy, comparable across objectives."""
+            if self.objective is None or not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            cross_entropy, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            kl_sum, tokens = self.objective.kl(outputs.logits, inputs)
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                kl_mean = kl_sum / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    kl_mean = kl_mean * self.accelerator.num_processes
+            else:
+                kl_mean = kl_sum / tokens.clamp(min=1)
+            loss = self.objective.mix(cross_entropy, kl_mean)
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict, *args, **kwargs) -> None:
+            if self.objective is not None and "loss" in logs:
+                logs["kl"] = self.objective.logged_kl()  # the KL curve, beside the loss in the log history
+            super().log(logs, *args, **kwargs)
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             from safetensors.torch import save_file

@@ -97,6 +97,7 @@ class FinetuneResult:
     parallelism: str = "single"  # what the Trainer really ran: single | ddp | fsdp1 | fsdp2 | deepspeed
     eval_seconds: float = 0.0  # the held-out evaluations of this run
     applied: dict = dataclasses.field(default_factory=dict)  # what ran: applied_options' record
+    kl_curve: list[dict] = dataclasses.field(default_factory=list)  # distill: [{"step", "kl"}] beside train_curve
 
     @property
     def method(self) -> str:
@@ -198,14 +199,15 @@ def _training_callbacks(adapter: Adapter, model: nn.Module, memory: dict) -> lis
 
 
 def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work_dir: str | os.PathLike, *,
-                 target_names: list[str], callbacks: list | None = None) -> FinetuneResult:
+                 target_names: list[str], callbacks: list | None = None, objective=None) -> FinetuneResult:
     """Fine-tune `model` on `records` with options.method's adapter on `target_names`.
 
     `options` is a FinetuneStage (spp_cli/recipe/schema.py). The model is modified in place (adapters
     injected; a PEFT method wraps it, see result.model). Trainer checkpoints go to work_dir/checkpoints; an
     existing checkpoint there is resumed from. Raises BadInput on bad options or data, RuntimeFailure on a
     NaN/inf loss (the last good checkpoint is kept). `callbacks` are extra transformers TrainerCallbacks (e.g.
-    the stage's progress events); the library itself prints nothing.
+    the stage's progress events); the library itself prints nothing. `objective`: None trains on the data's
+    cross-entropy (SFT); a training.distill.Distillation adds the teacher's KL.
     """
     from transformers import set_seed
 
@@ -229,6 +231,7 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
     args = training_arguments(options, checkpoints, device, precision, world, evaluate=bool(val_set))
     memory: dict = {}  # the training state's size on a CPU, measured at the first optimizer step
     trainer = _adapter_trainer(model, args, adapter, tokenizer, train_set, val_set, memory, callbacks, options)
+    trainer.objective = objective
     resume = last_complete_checkpoint(checkpoints)
     on_cuda = device.startswith("cuda")
     seconds, eval_loss = _train(trainer, resume, checkpoints, learning_rate(options), bool(val_set), on_cuda)
@@ -354,6 +357,7 @@ def _trained_result(trainer, adapter: Adapter, target_names: list[str], resume: 
         is_main_process=trainer.args.should_save, steps_run=trainer.state.global_step - start_step,
         peak_memory_mb=None if peak_memory_mb is None else round(peak_memory_mb, 3), memory_measure=memory_measure,
         parallelism=parallelism(trainer),
+        kl_curve=[{"step": e["step"], "kl": e["kl"]} for e in trainer.state.log_history if "kl" in e],
     )
 
 
