@@ -28,6 +28,14 @@ def pruned(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def other_vocabulary(tmp_path_factory) -> Path:
+    """A model whose vocabulary (320 tokens) is not the tiny model's (4096): a teacher distill must refuse."""
+    from tiny_models import save_random_model
+
+    return save_random_model(tmp_path_factory.mktemp("entry") / "other-vocabulary")
+
+
 # (id, stage type, its options, the model(s), a fragment of the one line)
 RULES = [
     ("prune seqlen beyond the positions", "prune", {"method": "wanda", "calib": SOURCE, "seqlen": 100000},
@@ -41,6 +49,14 @@ RULES = [
      "--report-to wandb needs the 'wandb' package"),
     ("finetune groups do not divide", "finetune", {"data": SOURCE, "groups": 7}, "{pruned}",
      "groups 7 does not divide"),
+    ("finetune distill without a teacher", "finetune", {"data": SOURCE, "objective": "distill"},
+     "builtin:tiny-llama", "objective distill needs a teacher: 'builtin:tiny-llama' has no spp.json"),
+    ("finetune distill teacher missing", "finetune", {"data": SOURCE, "objective": "distill",
+                                                      "teacher": "{tmp}/no-teacher"}, "{pruned}",
+     "no-teacher' does not exist"),
+    ("finetune distill teacher of another vocabulary", "finetune", {"data": SOURCE, "objective": "distill",
+                                                                    "teacher": "{other}"}, "{pruned}",
+     "has another vocabulary than the student"),
     ("eval seqlen beyond the positions", "eval", {"tasks": ["ppl:" + SOURCE], "seqlen": 100000},
      ["builtin:tiny-llama"], "--seqlen 100000 exceeds the model's 1024 positions"),
     ("eval unknown task", "eval", {"tasks": ["boolqq"]}, ["builtin:tiny-llama"], "boolqq"),
@@ -100,11 +116,12 @@ def snapshot(root: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("stage_type, options, model, message", [pytest.param(*row[1:], id=row[0]) for row in RULES])
-def test_a_bad_input_is_the_same_line_through_every_entry_point(tmp_path, pruned, capsys, stage_type, options,
-                                                                 model, message):
+def test_a_bad_input_is_the_same_line_through_every_entry_point(tmp_path, pruned, other_vocabulary, capsys,
+                                                                 stage_type, options, model, message):
     if "wandb" in message and importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here, so --report-to wandb is valid")
-    options, model = fill(options, tmp=tmp_path, pruned=pruned), fill(model, tmp=tmp_path, pruned=pruned)
+    places = {"tmp": tmp_path, "pruned": pruned, "other": other_vocabulary}
+    options, model = fill(options, **places), fill(model, **places)
     out = tmp_path / ("results.json" if stage_type == "eval" else "out")
     before = snapshot(tmp_path)
     lines = {}
