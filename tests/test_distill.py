@@ -56,8 +56,9 @@ def test_a_pruned_student_moves_towards_its_dense_teacher_and_keeps_every_zero(t
     teacher = tiny_llama(init_std=0.3)  # pruned_tiny_llama is this model with half of each projection zeroed
     model = pruned_tiny_llama(init_std=0.3)
     before = zero_hashes(model)
-    result = run_finetune(model, tiny_tokenizer(), alpaca_records(), distill_config(method="masked-full", lr=3e-3, max_steps=6),
-                          tmp_path, target_names=decoder_linears(model), objective=Distillation(teacher, 2.0))
+    config = distill_config(method="masked-full", lr=3e-3, max_steps=6)
+    result = run_finetune(model, tiny_tokenizer(), alpaca_records(), config, tmp_path,
+                          target_names=decoder_linears(model), objective=Distillation(teacher, 2.0))
     kl = [entry["kl"] for entry in result.kl_curve]
     assert len(kl) == 6 and kl[-1] < 0.7 * kl[0], kl
     assert result.train_curve[0]["loss"] == pytest.approx(4.0 * kl[0], rel=1e-4)  # T^2 x KL at weight 1

@@ -172,10 +172,14 @@ def is_complete(directory: str | Path) -> bool:
 
 def manifest_sha256(manifest: dict) -> str:
     """sha256 of the manifest's content: UNHASHED_KEYS (`seconds`, `created`, the hash itself, `applied`) and the
-    parent's *location* are left out, so identical runs give identical hashes wherever they are written."""
+    parent's (and a distill teacher's) *location* are left out, so identical runs give identical hashes wherever
+    they are written."""
     content = {key: value for key, value in manifest.items() if key not in UNHASHED_KEYS}
     if isinstance(content.get("parent"), dict):
         content["parent"] = {key: value for key, value in content["parent"].items() if key != "path"}
+    if isinstance(content.get("distillation"), dict):
+        teacher = {key: value for key, value in content["distillation"]["teacher"].items() if key != "path"}
+        content["distillation"] = {**content["distillation"], "teacher": teacher}
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
