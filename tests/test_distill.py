@@ -33,6 +33,15 @@ def test_next_token_kl_is_the_formula_on_the_shifted_target_positions():
                 count += 1
     assert int(tokens) == count == 6 and float(kl_sum) == pytest.approx(want, rel=1e-5)
     assert float(next_token_kl(student, student.clone(), labels, 1.0)[0]) == 0.0  # exactly
+    # the hand-written gradient (q - p) is autograd's through the formula
+    leaf = student.clone().requires_grad_(True)
+    next_token_kl(leaf, teacher, labels, 2.0)[0].backward()
+    reference = student.clone().requires_grad_(True)
+    targets = labels[:, 1:] != IGNORE_INDEX
+    torch.nn.functional.kl_div(torch.log_softmax(reference[:, :-1][targets] / 2, -1),
+                               torch.log_softmax(teacher[:, :-1][targets] / 2, -1), reduction="sum",
+                               log_target=True).backward()
+    assert torch.allclose(leaf.grad, reference.grad, atol=1e-6) and leaf.grad[:, -1].abs().sum() == 0
 
 
 def distill_config(**overrides):

@@ -82,7 +82,7 @@ class Distillation:
         """The training loss from the step-normalised cross-entropy and KL (both per target token)."""
         distill = self.temperature ** 2 * kl_mean
         if self.weight == 1:
-            return distill  # the SFT term is not even computed into the graph: no 0 x inf
+            return distill  # the cross-entropy stays out of the graph (0 x a non-finite one would be NaN)
         return self.weight * distill + (1 - self.weight) * cross_entropy
 
     def logged_kl(self) -> float:
