@@ -287,8 +287,10 @@ def _resolve_stages(recipe: Recipe, report: _Reporter, base_for: Callable[[int |
                 value = _local_path(value, base) or value
             elif kind == "dir":
                 value = _dir_path(value, base)
-            elif kind == "task":
-                value = [f"ppl:{_local_path(t[4:], base) or t[4:]}" if t.startswith("ppl:") else t for t in value]
+            elif kind == "task":  # a list of tasks, or one (finetune's eval_ppl_source)
+                tasks = [f"ppl:{_local_path(t[4:], base) or t[4:]}" if t.startswith("ppl:") else t
+                         for t in ([value] if isinstance(value, str) else value)]
+                value = tasks[0] if isinstance(value, str) else tasks
             elif kind == "model" and isinstance(value, list):
                 value = [_resolve_reference(v, index, recipe.stages, base, fail, f.name) for v in value]
                 repeated = sorted({v for v in value if value.count(v) > 1})

@@ -29,6 +29,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,8 @@ class FinetuneResult:
     parallelism: str = "single"  # what the Trainer really ran: single | ddp | fsdp1 | fsdp2 | deepspeed
     eval_seconds: float = 0.0  # the held-out evaluations of this run
     applied: dict = dataclasses.field(default_factory=dict)  # what ran: applied_options' record
+    curve: list[dict] | None = None  # with options.eval_steps: [{"step", "train_tokens", "held_out_loss"[, "ppl"]}]
+    curve_ppl: dict | None = None  # how the curve's ppl was measured (training/curve.py perplexity_probe)
 
     @property
     def method(self) -> str:
@@ -198,14 +201,17 @@ def _training_callbacks(adapter: Adapter, model: nn.Module, memory: dict) -> lis
 
 
 def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work_dir: str | os.PathLike, *,
-                 target_names: list[str], callbacks: list | None = None) -> FinetuneResult:
+                 target_names: list[str], callbacks: list | None = None,
+                 on_curve_point: Callable[[str], None] | None = None) -> FinetuneResult:
     """Fine-tune `model` on `records` with options.method's adapter on `target_names`.
 
     `options` is a FinetuneStage (spp_cli/recipe/schema.py). The model is modified in place (adapters
     injected; a PEFT method wraps it, see result.model). Trainer checkpoints go to work_dir/checkpoints; an
     existing checkpoint there is resumed from. Raises BadInput on bad options or data, RuntimeFailure on a
     NaN/inf loss (the last good checkpoint is kept). `callbacks` are extra transformers TrainerCallbacks (e.g.
-    the stage's progress events); the library itself prints nothing.
+    the stage's progress events); the library itself prints nothing. With options.eval_steps the result's curve
+    holds the held-out loss (and eval_ppl_source's ppl) along training (training/curve.py), each point also said
+    through `on_curve_point(text)` on the main process.
     """
     from transformers import set_seed
 
@@ -219,6 +225,7 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
                               lr=learning_rate(options))
     examples = build_examples(tokenizer, records, options.seqlen, options.mask_prompt)
     train_set, val_set = split_examples(examples, options.val_size, options.seed)
+    curve = _recovery_curve(options, tokenizer, bool(val_set), on_curve_point)
 
     set_seed(options.seed)  # adapter initialisations are random: same seed, same start
     if hasattr(model, "config"):
@@ -226,22 +233,47 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
     model = adapter.inject(model, list(target_names))
 
     checkpoints = Path(work_dir) / "checkpoints"
-    args = training_arguments(options, checkpoints, device, precision, world, evaluate=bool(val_set))
-    memory: dict = {}  # the training state's size on a CPU, measured at the first optimizer step
-    trainer = _adapter_trainer(model, args, adapter, tokenizer, train_set, val_set, memory, callbacks, options)
     resume = last_complete_checkpoint(checkpoints)
+    args = training_arguments(options, checkpoints, device, precision, world, evaluate=bool(val_set),
+                              resuming=resume is not None)
+    memory: dict = {}  # the training state's size on a CPU, measured at the first optimizer step
+    callbacks = [*(callbacks or []), *([curve] if curve else [])]
+    trainer = _adapter_trainer(model, args, adapter, tokenizer, train_set, val_set, memory, callbacks, options)
     on_cuda = device.startswith("cuda")
     seconds, eval_loss = _train(trainer, resume, checkpoints, learning_rate(options), bool(val_set), on_cuda)
     result = _trained_result(trainer, adapter, target_names, resume, seconds, eval_loss,
                              peak_memory(on_cuda, memory))
+    if curve is not None:
+        from spp_cli.training.curve import curve_points
+
+        result = dataclasses.replace(result, curve=curve_points(trainer.state.log_history),
+                                     curve_ppl=curve.probe[1] if curve.probe else None)
     return dataclasses.replace(result, applied=applied)
 
 
-def training_arguments(options, checkpoints: Path, device: str, precision: str, world: int, *, evaluate: bool):
-    """transformers' TrainingArguments for a FinetuneStage: the schedule, logging, checkpoints and precision."""
+def _recovery_curve(options, tokenizer, evaluate: bool, on_text: Callable[[str], None] | None):
+    """The callback that records the curve (training/curve.py), None without options.eval_steps; BadInput when
+    there is no held-out example to score."""
+    if options.eval_steps is None:
+        return None
+    if not evaluate:
+        raise BadInput(f"--eval-steps scores the held-out split, and --val-size {options.val_size} leaves no "
+                       "held-out example of this data: give a larger --val-size (e.g. 16)")
+    from spp_cli.training.curve import RecoveryCurve, perplexity_probe, point_text
+
+    probe = perplexity_probe(options, tokenizer)
+    on_point = None if on_text is None else (lambda point: on_text(point_text(point, probe and probe[1])))
+    return RecoveryCurve(probe, options.micro_batch_size, on_point)
+
+
+def training_arguments(options, checkpoints: Path, device: str, precision: str, world: int, *, evaluate: bool,
+                       resuming: bool = False):
+    """transformers' TrainingArguments for a FinetuneStage: the schedule, logging, checkpoints and precision
+    (with options.eval_steps, the recovery curve's evaluations: training/curve.py)."""
     from transformers import TrainingArguments
 
     from spp_cli.training.compat import checkpointing_arguments
+    from spp_cli.training.curve import curve_arguments
 
     return TrainingArguments(
         output_dir=str(checkpoints),
@@ -265,7 +297,7 @@ def training_arguments(options, checkpoints: Path, device: str, precision: str, 
         save_steps=options.save_steps,
         save_total_limit=SAVE_TOTAL_LIMIT,
         eval_strategy="steps" if evaluate else "no",
-        eval_steps=options.save_steps if evaluate else None,
+        **(curve_arguments(options, resuming=resuming) if evaluate else {}),
         seed=options.seed,
         report_to=[] if options.report_to == "none" else [options.report_to],
         use_cpu=device == "cpu",
