@@ -32,6 +32,7 @@ from spp_cli.recipe.schema import (
     Stage,
     schema_fields,
 )
+from spp_cli.recipe.sweep import expand_sweeps, take_sweeps
 from spp_cli.recipe.values import coerce, did_you_mean, show
 
 __all__ = [
@@ -221,6 +222,9 @@ def parse_recipe(
             f"use {Recipe.__dataclass_fields__['stages'].metadata['spp'].allowed()}",
             "stages",
         )
+    stage_fail = {index: report.for_stage(index, raw.get("name") or raw.get("type") or "")
+                  for index, raw in enumerate(raw_stages) if isinstance(raw, dict)}
+    sweeps = take_sweeps(raw_stages, stage_fail.get)  # a finetune stage's sweep: (spp_cli/recipe/sweep.py)
     stages = [_read_stage(raw, index, report, owners) for index, raw in enumerate(raw_stages)]
 
     cwd = Path.cwd()
@@ -233,6 +237,7 @@ def parse_recipe(
     top["model"] = _local_path(top["model"], base_for(None, "model")) or top["model"]
     recipe = Recipe(**top, stages=stages)
     _resolve_stages(recipe, report, base_for)
+    expand_sweeps(recipe, sweeps, lambda index: report.for_stage(index, recipe.stages[index].name))
     return recipe
 
 

@@ -423,6 +423,9 @@ class Recipe:
         },
     )
 
+    # not a recipe key: a swept stage's name -> [{"stage", "values"}] of the stages it became (recipe/sweep.py)
+    sweeps: dict[str, list[dict]] = field(default_factory=dict)
+
     @property
     def stage_names(self) -> list[str]:
         return [stage.name for stage in self.stages]
