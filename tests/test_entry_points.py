@@ -41,6 +41,8 @@ RULES = [
      "--report-to wandb needs the 'wandb' package"),
     ("finetune groups do not divide", "finetune", {"data": SOURCE, "groups": 7}, "{pruned}",
      "groups 7 does not divide"),
+    ("finetune curve ppl data_dir not a folder", "finetune", {"data": SOURCE, "eval_steps": 2,
+     "eval_ppl_source": "wikitext2", "eval_data_dir": "{tmp}/no-dir"}, "{pruned}", "no-dir' is not a directory"),
     ("eval seqlen beyond the positions", "eval", {"tasks": ["ppl:" + SOURCE], "seqlen": 100000},
      ["builtin:tiny-llama"], "--seqlen 100000 exceeds the model's 1024 positions"),
     ("eval unknown task", "eval", {"tasks": ["boolqq"]}, ["builtin:tiny-llama"], "boolqq"),
