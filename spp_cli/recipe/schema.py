@@ -290,9 +290,6 @@ class FinetuneStage(Stage):
         help="Average a step's loss over all its target tokens (batch, transformers 5.x) or per micro-batch "
         "(micro_batch, SPP's reference on transformers 4.28).",
     )
-    report_to: str = option_field("none", choices=REPORT_TO, help="Where the Trainer logs.")
-    save_steps: int = option_field(200, "int", low=1, help="Trainer checkpoint (a resume point) every N steps.")
-    logging_steps: int = option_field(10, "int", low=1, help="Log the training loss every N steps.")
     # the recovery curve (spp_cli/training/curve.py): recorded only when asked, so earlier fingerprints stand
     eval_steps: int | None = option_field(
         None, "int", low=1, default_text="at each checkpoint, no curve",
@@ -309,6 +306,9 @@ class FinetuneStage(Stage):
         None, path="dir", text="a folder laid out like the offline task bundle",
         help="eval_ppl_source wikitext2 or c4 from local files laid out like shared/data.",
     )
+    report_to: str = option_field("none", choices=REPORT_TO, help="Where the Trainer logs.")
+    save_steps: int = option_field(200, "int", low=1, help="Trainer checkpoint (a resume point) every N steps.")
+    logging_steps: int = option_field(10, "int", low=1, help="Log the training loss every N steps.")
     device: str | None = _deviceoption_field()
     dtype: str | None = _dtypeoption_field()
 
