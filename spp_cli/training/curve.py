@@ -34,6 +34,21 @@ def curve_arguments(options, *, resuming: bool) -> dict:
             "include_num_input_tokens_seen": "non_padding"}
 
 
+def recovery_curve(options, tokenizer, evaluate: bool, on_text: Callable[[str], None] | None = None):
+    """The RecoveryCurve callback for a run (None without options.eval_steps), `on_text(line)` per point; BadInput
+    when the run has no held-out example to score (`evaluate` False)."""
+    if options.eval_steps is None:
+        return None
+    if not evaluate:
+        from spp_cli.errors import BadInput
+
+        raise BadInput(f"--eval-steps scores the held-out split, and --val-size {options.val_size} leaves no "
+                       "held-out example of this data: give a larger --val-size (e.g. 16)")
+    probe = perplexity_probe(options, tokenizer)
+    on_point = None if on_text is None else (lambda point: on_text(point_text(point, probe and probe[1])))
+    return RecoveryCurve(probe, options.micro_batch_size, on_point)
+
+
 def perplexity_probe(options, tokenizer) -> tuple[torch.LongTensor, dict] | None:
     """(the token stream [1, L], its record {task, source, seqlen, windows, protocol}) of options.eval_ppl_source,
     tokenized once before training, in windows of the training seqlen; None when no source is asked."""

@@ -215,6 +215,8 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
     """
     from transformers import set_seed
 
+    from spp_cli.training.curve import curve_points, recovery_curve
+
     world = world_size()
     adapter = check_options(options, world)
     if not target_names:
@@ -225,7 +227,7 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
                               lr=learning_rate(options))
     examples = build_examples(tokenizer, records, options.seqlen, options.mask_prompt)
     train_set, val_set = split_examples(examples, options.val_size, options.seed)
-    curve = _recovery_curve(options, tokenizer, bool(val_set), on_curve_point)
+    curve = recovery_curve(options, tokenizer, bool(val_set), on_curve_point)  # None without eval_steps
 
     set_seed(options.seed)  # adapter initialisations are random: same seed, same start
     if hasattr(model, "config"):
@@ -244,26 +246,9 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
     result = _trained_result(trainer, adapter, target_names, resume, seconds, eval_loss,
                              peak_memory(on_cuda, memory))
     if curve is not None:
-        from spp_cli.training.curve import curve_points
-
         result = dataclasses.replace(result, curve=curve_points(trainer.state.log_history),
                                      curve_ppl=curve.probe[1] if curve.probe else None)
     return dataclasses.replace(result, applied=applied)
-
-
-def _recovery_curve(options, tokenizer, evaluate: bool, on_text: Callable[[str], None] | None):
-    """The callback that records the curve (training/curve.py), None without options.eval_steps; BadInput when
-    there is no held-out example to score."""
-    if options.eval_steps is None:
-        return None
-    if not evaluate:
-        raise BadInput(f"--eval-steps scores the held-out split, and --val-size {options.val_size} leaves no "
-                       "held-out example of this data: give a larger --val-size (e.g. 16)")
-    from spp_cli.training.curve import RecoveryCurve, perplexity_probe, point_text
-
-    probe = perplexity_probe(options, tokenizer)
-    on_point = None if on_text is None else (lambda point: on_text(point_text(point, probe and probe[1])))
-    return RecoveryCurve(probe, options.micro_batch_size, on_point)
 
 
 def training_arguments(options, checkpoints: Path, device: str, precision: str, world: int, *, evaluate: bool,
