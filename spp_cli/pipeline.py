@@ -120,6 +120,8 @@ def run_recipe(
     """Run (or with dry_run only validate) a recipe; returns a summary of every stage and the last evaluation."""
     recipe = load_recipe(recipe_file, overrides)
     summary = {"recipe": str(recipe_file), "output_dir": recipe.output_dir, "dry_run": dry_run, "stages": []}
+    if recipe.sweeps:  # which stages a sweep: became (spp_cli/recipe/sweep.py), for the report's pick
+        summary["sweeps"] = recipe.sweeps
     check_recipe(recipe)  # a bad later stage fails now, not after the earlier stages' work
     if dry_run:
         summary["stages"] = [

@@ -179,3 +179,30 @@ def _label_place(axis, x: float, y: float, lines: list[float]) -> tuple[tuple[in
     right_third = axis.transAxes.inverted().transform((point_x, point_y))[0] > 2 / 3
     return ((-5 if right_third else 5, LABEL_OFFSET * side), "right" if right_third else "left",
             "bottom" if side > 0 else "top")
+
+
+def curves_figure(data: dict, colours: dict[str, Any]):
+    """Recovery against budget (spp_cli/report_curves.py's data): one panel per metric (held-out loss, ppl), the
+    metric against training tokens, one line per fine-tune stage in its colour, labelled with its stage and
+    method, each point marked; the references (pruned, dense) as gray horizontal lines. None without a curve."""
+    if not data["series"]:
+        return None
+    plt = pyplot()
+    panels = data["panels"]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for axis, panel in zip(axes[0], panels, strict=True):
+        metric = panel["metric"]
+        for name, series in data["series"].items():
+            points = [p for p in series["points"] if p.get(metric) is not None]
+            axis.plot([p["train_tokens"] for p in points], [p[metric] for p in points], color=colours[name],
+                      marker="o" if len(points) < FEW_POINTS else None, markersize=4,
+                      label=f"{name} ({series['method']})")
+        for label, value in panel["references"].items():  # as in recovery_figure: dense solid, pruned dashed
+            axis.axhline(value, linestyle="-" if label == "dense" else "--", color="gray",
+                         label=f"{label} ({value:.4g})")
+        axis.set_xlabel("training tokens (non-padding)")
+        axis.set_ylabel(panel["label"])
+        axis.set_title(f"recovery against budget: {panel['metric'].replace('_', ' ')}")
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
+    figure.tight_layout()
+    return figure

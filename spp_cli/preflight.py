@@ -138,6 +138,8 @@ def check_finetune(stage, model: str | None, *, architecture: str | None = None,
         check_model_reference(model, allow_pickle)
     check_source(stage.data)
     check_report_to(stage.report_to)
+    if stage.eval_ppl_source is not None:  # the recovery curve's perplexity source
+        check_ppl_source(stage.eval_ppl_source, stage.eval_data_dir)
     architecture = architecture or model
     check_seqlen(architecture, stage.seqlen, trust_remote_code)
     groups = method_named(stage.method).options.get("groups")  # None: the method has no row groups
@@ -149,6 +151,15 @@ def check_finetune(stage, model: str | None, *, architecture: str | None = None,
 
         check_teacher(stage.teacher, model, architecture, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code)
+
+
+def check_ppl_source(task: str, data_dir: str | None) -> None:
+    """A perplexity task (wikitext2, c4, ppl:SOURCE) reads: from `data_dir` when given, else offline-reachable."""
+    from spp_cli.eval.engine import validate_tasks
+
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise BadInput(f"'{data_dir}' is not a directory: point it at a folder laid out like shared/data")
+    validate_tasks([task], data_dir=data_dir)
 
 
 def check_eval(stage, models: dict[str, str | None], *, architectures: dict[str, str] | None = None,

@@ -220,14 +220,18 @@ def metric_columns(entries: dict) -> list[tuple[str, str, str]]:
     return columns
 
 
-def metric_value(entry: dict, section: str, key: str) -> str:
+def metric_number(entry: dict, section: str, key: str):
+    """The value of a metric_columns column in one model's results (None when it has none)."""
     if section == "perplexity":
-        value = (entry.get("perplexity") or {}).get(key, {}).get("value")
-    elif section == "results":
+        return (entry.get("perplexity") or {}).get(key, {}).get("value")
+    if section == "results":
         task, metric = key.split("|")
-        value = (entry.get("results") or {}).get(task, {}).get(metric)
-    else:
-        value = entry.get("mean_acc_7")
+        return (entry.get("results") or {}).get(task, {}).get(metric)
+    return entry.get("mean_acc_7")
+
+
+def metric_value(entry: dict, section: str, key: str) -> str:
+    value = metric_number(entry, section, key)
     return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
 
 

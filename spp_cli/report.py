@@ -12,7 +12,15 @@ from pathlib import Path
 
 from spp_cli.errors import BadInput
 from spp_cli.io.ownership import check_replaceable_file, remember, write_owned
-from spp_cli.plots import loss_figure, metrics_figure, model_colours, pyplot, recovery_figure, sparsity_figure
+from spp_cli.plots import (
+    curves_figure,
+    loss_figure,
+    metrics_figure,
+    model_colours,
+    pyplot,
+    recovery_figure,
+    sparsity_figure,
+)
 
 
 def read_stages(run_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -198,7 +206,26 @@ def plot_owl(name: str, manifest: dict, rows: list[dict], path: Path) -> None:
     _save(figure, path)
 
 
-PLOTS = ("metrics.png", "recovery.png", "sparsity.png", "loss.png")
+PLOTS = ("metrics.png", "recovery.png", "recovery_curves.png", "sparsity.png", "loss.png")
+
+
+def _budget_sections(run_dir: Path, manifests: dict, evaluations: dict, colours: dict) -> list[str]:
+    """Recovery against budget: the curves (spp_cli/report_curves.py, recovery_curves.png) and each sweep's pick on
+    the held-out split with its test figures over the seeds (spp_cli/report_sweep.py; run.json's "sweeps")."""
+    from spp_cli.report_curves import curves_section
+    from spp_cli.report_sweep import sweeps_section
+
+    sections = []
+    curves = curves_section(manifests, evaluations)
+    if curves is not None:
+        sections.append(curves[0])
+        if _save(curves_figure(curves[1], colours), run_dir / "recovery_curves.png"):
+            sections.append("![recovery against training tokens](recovery_curves.png)\n")
+    summary_file = run_dir / "run.json"
+    sweeps = json.loads(summary_file.read_text()).get("sweeps") if summary_file.is_file() else None
+    if sweeps:
+        sections.append(sweeps_section(sweeps, manifests, evaluations)[0])
+    return sections
 
 
 def write_report(run_dir: str | Path) -> dict:
@@ -228,6 +255,7 @@ def write_report(run_dir: str | Path) -> dict:
         sections += [f"- memory MB: {measure}" for measure in sorted(memory)]
         if _save(recovery_figure(rows, colours), run_dir / "recovery.png"):
             sections.append("\n![ppl against trainable parameters](recovery.png)\n")
+    sections += _budget_sections(run_dir, manifests, evaluations, colours)
     sections.append("## Stages\n")
     for name, manifest in manifests.items():
         parent = (manifest.get("parent") or {}).get("path")

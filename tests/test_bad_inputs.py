@@ -36,6 +36,9 @@ def workspace(tmp_path_factory):
         f"model: {root / 'dense'}\nstages:\n  - {{type: prune, method: magnitude}}\n"
         f"  - {{type: finetune, data: {root / 'nowhere.jsonl'}}}\n"
     )
+    (root / "sweep.yaml").write_text(  # a sweep whose lr is one number, not a list
+        "model: builtin:tiny-llama\nstages:\n  - {type: finetune, data: builtin:python-docs:train, sweep: {lr: 3}}\n"
+    )
     (root / "not-spp").mkdir()
     (root / "not-spp" / "notes.txt").write_text("my notes")
     from safetensors.torch import load_file, save_file
@@ -122,6 +125,11 @@ def rows(data: Path):
         ("owl with 2:4", [*prune, "--method", "wanda", "--pattern", "2:4", "--sparsity-profile", "owl"], "owl needs pattern unstructured"),
         ("dsnot after magnitude", [*prune, "--method", "magnitude", "--refine", "dsnot"], "--refine: dsnot refines a wanda or sparsegpt mask"),
         ("reconstruct options without reconstruct", [*prune, "--method", "wanda", "--reconstruct-epochs", "3"], "--reconstruct-epochs: applies to refine reconstruct"),
+        # the recovery curve and the recipe sweep (issue 24, item 3)
+        ("eval steps with no held-out split", ["finetune", "{root}/dense", "--data", "{root}/calib.jsonl", "--out", "{root}/ft", "--eval-steps", "2", "--val-size", "0"], "--eval-steps: scores the held-out split, which val_size 0 leaves empty"),
+        ("a curve ppl without eval steps", ["finetune", "{root}/dense", "--data", "{root}/calib.jsonl", "--out", "{root}/ft", "--eval-ppl-source", "wikitext2"], "--eval-ppl-source: is scored at every eval_steps"),
+        ("a curve ppl source that is no ppl task", ["finetune", "{root}/dense", "--data", "{root}/calib.jsonl", "--out", "{root}/ft", "--eval-steps", "2", "--eval-ppl-source", "boolq"], "'boolq' is not a perplexity task"),
+        ("a sweep value that is not a list", ["run", "{root}/sweep.yaml", "--dry-run"], "stages[0] (finetune).sweep: lr: 3 is not allowed; use a non-empty list"),
         ("dsnot+reconstruct after magnitude", [*prune, "--method", "magnitude", "--refine", "dsnot+reconstruct"], "--refine: dsnot refines a wanda or sparsegpt mask"),
         ("reconstruct before dsnot", [*prune, "--method", "wanda", "--refine", "reconstruct+dsnot"], "'reconstruct+dsnot' is not one of"),
         ("reconstruct through an spp adapter", [*prune, "--method", "wanda", "--refine", "reconstruct", "--reconstruct-params", "spp"], "--reconstruct-params: spp adapters are not implemented yet"),

@@ -57,6 +57,8 @@ RULES = [
     ("finetune distill teacher of another vocabulary", "finetune", {"data": SOURCE, "objective": "distill",
                                                                     "teacher": "{other}"}, "{pruned}",
      "has another vocabulary than the student"),
+    ("finetune curve ppl data_dir not a folder", "finetune", {"data": SOURCE, "eval_steps": 2,
+     "eval_ppl_source": "wikitext2", "eval_data_dir": "{tmp}/no-dir"}, "{pruned}", "no-dir' is not a directory"),
     ("eval seqlen beyond the positions", "eval", {"tasks": ["ppl:" + SOURCE], "seqlen": 100000},
      ["builtin:tiny-llama"], "--seqlen 100000 exceeds the model's 1024 positions"),
     ("eval unknown task", "eval", {"tasks": ["boolqq"]}, ["builtin:tiny-llama"], "boolqq"),

@@ -32,6 +32,7 @@ from spp_cli.recipe.schema import (
     Stage,
     schema_fields,
 )
+from spp_cli.recipe.sweep import expand_sweeps, take_sweeps
 from spp_cli.recipe.values import coerce, did_you_mean, show
 
 __all__ = [
@@ -221,6 +222,9 @@ def parse_recipe(
             f"use {Recipe.__dataclass_fields__['stages'].metadata['spp'].allowed()}",
             "stages",
         )
+    stage_fail = {index: report.for_stage(index, raw.get("name") or raw.get("type") or "")
+                  for index, raw in enumerate(raw_stages) if isinstance(raw, dict)}
+    sweeps = take_sweeps(raw_stages, stage_fail.get)  # a finetune stage's sweep: (spp_cli/recipe/sweep.py)
     stages = [_read_stage(raw, index, report, owners) for index, raw in enumerate(raw_stages)]
 
     cwd = Path.cwd()
@@ -233,6 +237,7 @@ def parse_recipe(
     top["model"] = _local_path(top["model"], base_for(None, "model")) or top["model"]
     recipe = Recipe(**top, stages=stages)
     _resolve_stages(recipe, report, base_for)
+    expand_sweeps(recipe, sweeps, lambda index: report.for_stage(index, recipe.stages[index].name))
     return recipe
 
 
@@ -287,8 +292,10 @@ def _resolve_stages(recipe: Recipe, report: _Reporter, base_for: Callable[[int |
                 value = _local_path(value, base) or value
             elif kind == "dir":
                 value = _dir_path(value, base)
-            elif kind == "task":
-                value = [f"ppl:{_local_path(t[4:], base) or t[4:]}" if t.startswith("ppl:") else t for t in value]
+            elif kind == "task":  # a list of tasks, or one (finetune's eval_ppl_source)
+                tasks = [f"ppl:{_local_path(t[4:], base) or t[4:]}" if t.startswith("ppl:") else t
+                         for t in ([value] if isinstance(value, str) else value)]
+                value = tasks[0] if isinstance(value, str) else tasks
             elif kind == "model" and isinstance(value, list):
                 value = [_resolve_reference(v, index, recipe.stages, base, fail, f.name) for v in value]
                 repeated = sorted({v for v in value if value.count(v) > 1})

@@ -222,8 +222,11 @@ class FinetuneStage(Stage):
     """Sparsity-preserving fine-tuning (`spp finetune`)."""
 
     TYPE: ClassVar[str] = "finetune"
-    NOT_RECORDED: ClassVar[tuple[str, ...]] = ("report_to", "logging_steps", "save_steps", "device")  # logs, saves
-    RECORDED_WHEN_SET: ClassVar[dict[str, tuple[str, ...]]] = {"objective": DISTILL_KEYS}  # sft: as before
+    NOT_RECORDED: ClassVar[tuple[str, ...]] = ("report_to", "logging_steps", "save_steps", "device",
+                                               "eval_data_dir")  # logs, saves, where data is read from
+    RECORDED_WHEN_SET: ClassVar[dict[str, tuple[str, ...]]] = {"objective": DISTILL_KEYS,  # sft: as before
+                                                               "eval_steps": (),
+                                                               "eval_ppl_source": ("eval_ppl_windows",)}
     method: str = option_field(
         "spp", choices=FINETUNE_METHODS,
         help="Recovery method: spp, masked-lora, ia3, masked-full keep every zero; lora is the dense baseline.",
@@ -305,6 +308,22 @@ class FinetuneStage(Stage):
         help="Average a step's loss over all its target tokens (batch, transformers 5.x) or per micro-batch "
         "(micro_batch, SPP's reference on transformers 4.28).",
     )
+    # the recovery curve (spp_cli/training/curve.py): recorded only when asked, so earlier fingerprints stand
+    eval_steps: int | None = option_field(
+        None, "int", low=1, default_text="at each checkpoint, no curve",
+        help="Score the held-out loss at the start, every N steps and at the end; spp.json keeps the curve.",
+    )
+    eval_ppl_source: str | None = option_field(
+        None, path="task", text="a perplexity task: wikitext2, c4 or ppl:SOURCE",
+        help="With eval_steps: also a token perplexity on this source at every point (wikitext2, c4, ppl:SOURCE).",
+    )
+    eval_ppl_windows: int = option_field(
+        8, "int", low=1, help="eval_ppl_source: score its first N windows of seqlen tokens."
+    )
+    eval_data_dir: str | None = option_field(
+        None, path="dir", text="a folder laid out like the offline task bundle",
+        help="eval_ppl_source wikitext2 or c4 from local files laid out like shared/data.",
+    )
     report_to: str = option_field("none", choices=REPORT_TO, help="Where the Trainer logs.")
     save_steps: int = option_field(200, "int", low=1, help="Trainer checkpoint (a resume point) every N steps.")
     logging_steps: int = option_field(10, "int", low=1, help="Log the training loss every N steps.")
@@ -312,6 +331,7 @@ class FinetuneStage(Stage):
     dtype: str | None = _dtypeoption_field()
 
     def check(self, fail: Fail) -> None:
+        self._check_curve(fail)
         if self.batch_size % self.micro_batch_size:
             fail(
                 f"{self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}; "
@@ -327,6 +347,22 @@ class FinetuneStage(Stage):
             if getattr(self, key) != defaults[key]:
                 fail("applies to objective distill: set objective distill (--objective distill) or drop this option",
                      key)
+
+    def _check_curve(self, fail: Fail) -> None:
+        """The curve's options make sense only together: a ppl needs eval_steps, eval_steps a held-out split."""
+        if self.eval_steps is not None and self.val_size == 0:
+            fail("scores the held-out split, which val_size 0 leaves empty: drop val_size 0 or eval_steps",
+                 "eval_steps")
+        if self.eval_ppl_source is not None and self.eval_steps is None:
+            fail("is scored at every eval_steps: add eval_steps N or drop it", "eval_ppl_source")
+        if self.eval_ppl_source is not None and not (
+                self.eval_ppl_source in ("wikitext2", "c4") or self.eval_ppl_source.startswith("ppl:")):
+            fail(f"{self.eval_ppl_source!r} is not a perplexity task: use wikitext2, c4 or ppl:SOURCE",
+                 "eval_ppl_source")
+        defaults = {f.name: f.default for f in schema_fields(FinetuneStage)}
+        for key in ("eval_ppl_windows", "eval_data_dir"):
+            if self.eval_ppl_source is None and getattr(self, key) != defaults[key]:
+                fail("applies to eval_ppl_source: add it or drop this option", key)
 
 
 @dataclass
@@ -409,6 +445,9 @@ class Recipe:
             )
         },
     )
+
+    # not a recipe key: a swept stage's name -> [{"stage", "values"}] of the stages it became (recipe/sweep.py)
+    sweeps: dict[str, list[dict]] = field(default_factory=dict)
 
     @property
     def stage_names(self) -> list[str]:

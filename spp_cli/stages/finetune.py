@@ -233,7 +233,8 @@ def train(plan: FinetunePlan, base: LoadedBase, records: list[dict], on_event: L
                                                                 options.distill_weight)
     try:
         return run_finetune(base.model, base.tokenizer, records, options, work_dir, target_names=base.targets,
-                            callbacks=_progress_callbacks(on_event, options), objective=objective)
+                            callbacks=_progress_callbacks(on_event, options), objective=objective,
+                            on_curve_point=lambda text: notify(on_event, "finetune", "note", text))
     except BadInput:
         if not any(work_dir.glob("checkpoints/checkpoint-*")):
             shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume: leave nothing behind
@@ -335,12 +336,21 @@ def record(plan: FinetunePlan, base: LoadedBase, result, layers: dict) -> dict:
             **({"kl_curve": result.kl_curve} if base.teacher_record else {}),  # distill: the KL beside the loss
             "eval_loss": result.eval_loss,
             "trainable_params": result.trainable_params,
+            **_curve_record(result),
         },
         **({"distillation": {k: v for k, v in base.teacher_record.items() if k != "teacher_memory_mb"}}
            if base.teacher_record else {}),  # the teacher's memory depends on this machine's dtype: in applied
         **({"frozen_experts": len(frozen_experts)} if frozen_experts else {}),
         **({"warnings": warnings} if warnings else {}),
     )
+
+
+def _curve_record(result) -> dict:
+    """spp.json's recovery curve (with eval_steps only, so other manifests stay as they were): "curve", the points
+    {step, train_tokens, held_out_loss[, ppl]}, and "curve_ppl", how the ppl was measured."""
+    if result.curve is None:
+        return {}
+    return {"curve": result.curve, **({"curve_ppl": result.curve_ppl} if result.curve_ppl else {})}
 
 
 def publish(plan: FinetunePlan, model_out, tokenizer, manifest: dict, started: float, configured=None) -> dict:

@@ -29,6 +29,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,8 @@ class FinetuneResult:
     eval_seconds: float = 0.0  # the held-out evaluations of this run
     applied: dict = dataclasses.field(default_factory=dict)  # what ran: applied_options' record
     kl_curve: list[dict] = dataclasses.field(default_factory=list)  # distill: [{"step", "kl"}] beside train_curve
+    curve: list[dict] | None = None  # with options.eval_steps: [{"step", "train_tokens", "held_out_loss"[, "ppl"]}]
+    curve_ppl: dict | None = None  # how the curve's ppl was measured (training/curve.py perplexity_probe)
 
     @property
     def method(self) -> str:
@@ -199,7 +202,8 @@ def _training_callbacks(adapter: Adapter, model: nn.Module, memory: dict) -> lis
 
 
 def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work_dir: str | os.PathLike, *,
-                 target_names: list[str], callbacks: list | None = None, objective=None) -> FinetuneResult:
+                 target_names: list[str], callbacks: list | None = None, objective=None,
+                 on_curve_point: Callable[[str], None] | None = None) -> FinetuneResult:
     """Fine-tune `model` on `records` with options.method's adapter on `target_names`.
 
     `options` is a FinetuneStage (spp_cli/recipe/schema.py). The model is modified in place (adapters
@@ -207,9 +211,13 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
     existing checkpoint there is resumed from. Raises BadInput on bad options or data, RuntimeFailure on a
     NaN/inf loss (the last good checkpoint is kept). `callbacks` are extra transformers TrainerCallbacks (e.g.
     the stage's progress events); the library itself prints nothing. `objective`: None trains on the data's
-    cross-entropy (SFT); a training.distill.Distillation adds the teacher's KL.
+    cross-entropy (SFT); a training.distill.Distillation adds the teacher's KL. With options.eval_steps the result's
+    curve holds the held-out loss (and eval_ppl_source's ppl) along training (training/curve.py), each point also
+    said through `on_curve_point(text)` on the main process.
     """
     from transformers import set_seed
+
+    from spp_cli.training.curve import curve_points, recovery_curve
 
     world = world_size()
     adapter = check_options(options, world)
@@ -221,6 +229,7 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
                               lr=learning_rate(options))
     examples = build_examples(tokenizer, records, options.seqlen, options.mask_prompt)
     train_set, val_set = split_examples(examples, options.val_size, options.seed)
+    curve = recovery_curve(options, tokenizer, bool(val_set), on_curve_point)  # None without eval_steps
 
     set_seed(options.seed)  # adapter initialisations are random: same seed, same start
     if hasattr(model, "config"):
@@ -228,23 +237,31 @@ def run_finetune(model: nn.Module, tokenizer, records: list[dict], options, work
     model = adapter.inject(model, list(target_names))
 
     checkpoints = Path(work_dir) / "checkpoints"
-    args = training_arguments(options, checkpoints, device, precision, world, evaluate=bool(val_set))
+    resume = last_complete_checkpoint(checkpoints)
+    args = training_arguments(options, checkpoints, device, precision, world, evaluate=bool(val_set),
+                              resuming=resume is not None)
     memory: dict = {}  # the training state's size on a CPU, measured at the first optimizer step
+    callbacks = [*(callbacks or []), *([curve] if curve else [])]
     trainer = _adapter_trainer(model, args, adapter, tokenizer, train_set, val_set, memory, callbacks, options)
     trainer.objective = objective
-    resume = last_complete_checkpoint(checkpoints)
     on_cuda = device.startswith("cuda")
     seconds, eval_loss = _train(trainer, resume, checkpoints, learning_rate(options), bool(val_set), on_cuda)
     result = _trained_result(trainer, adapter, target_names, resume, seconds, eval_loss,
                              peak_memory(on_cuda, memory))
+    if curve is not None:
+        result = dataclasses.replace(result, curve=curve_points(trainer.state.log_history),
+                                     curve_ppl=curve.probe[1] if curve.probe else None)
     return dataclasses.replace(result, applied=applied)
 
 
-def training_arguments(options, checkpoints: Path, device: str, precision: str, world: int, *, evaluate: bool):
-    """transformers' TrainingArguments for a FinetuneStage: the schedule, logging, checkpoints and precision."""
+def training_arguments(options, checkpoints: Path, device: str, precision: str, world: int, *, evaluate: bool,
+                       resuming: bool = False):
+    """transformers' TrainingArguments for a FinetuneStage: the schedule, logging, checkpoints and precision
+    (with options.eval_steps, the recovery curve's evaluations: training/curve.py)."""
     from transformers import TrainingArguments
 
     from spp_cli.training.compat import checkpointing_arguments
+    from spp_cli.training.curve import curve_arguments
 
     return TrainingArguments(
         output_dir=str(checkpoints),
@@ -268,7 +285,7 @@ def training_arguments(options, checkpoints: Path, device: str, precision: str, 
         save_steps=options.save_steps,
         save_total_limit=SAVE_TOTAL_LIMIT,
         eval_strategy="steps" if evaluate else "no",
-        eval_steps=options.save_steps if evaluate else None,
+        **(curve_arguments(options, resuming=resuming) if evaluate else {}),
         seed=options.seed,
         report_to=[] if options.report_to == "none" else [options.report_to],
         use_cpu=device == "cpu",
