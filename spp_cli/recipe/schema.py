@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
 from spp_cli.adapters import REGISTRY, misplaced_option
+from spp_cli.eval.placement import DEVICE_MAPS, MAX_MEMORY_TEXT, gpu_budgets
 from spp_cli.expectations import EXPECT_TEXT
 from spp_cli.recipe.option import Option, option_field, schema_fields
 from spp_cli.vocabulary import (
@@ -311,7 +312,9 @@ class EvalStage(Stage):
     """Perplexity and zero-shot evaluation (`spp eval`) of one or more models."""
 
     TYPE: ClassVar[str] = "eval"
-    NOT_RECORDED: ClassVar[tuple[str, ...]] = ("models", "device")  # the models count as the parents
+    # the models count as the parents; where the model runs does not change its numbers (eval/placement.py), so
+    # the placement is each model's "applied" record, not the fingerprint
+    NOT_RECORDED: ClassVar[tuple[str, ...]] = ("models", "device", "device_map", "max_memory", "offload_folder")
     models: list[str] | None = option_field(
         None,
         "list",
@@ -346,9 +349,37 @@ class EvalStage(Stage):
     )
     device: str | None = _deviceoption_field()
     dtype: str | None = _dtypeoption_field()
+    device_map: str | None = option_field(
+        None, choices=DEVICE_MAPS, default_text="none: the whole model on the device",
+        help="Spread a model larger than one device over the GPUs, the CPU and the disk (accelerate's big-model "
+             "inference): auto, balanced, balanced_low_0 or sequential.",
+    )
+    max_memory: str | None = option_field(
+        None, "max_memory", text=MAX_MEMORY_TEXT, default_text="each device's free memory",
+        help="With device_map: the budget per device, e.g. 0=20GiB,cpu=64GiB; only the devices named are used, "
+             "the disk takes the rest.",
+    )
+    offload_folder: str | None = option_field(
+        None, path="dir", text="a folder for weights offloaded to disk", default_text="a temporary folder",
+        help="With device_map: where weights that must be re-saved to be offloaded (pickle, fused MoE) go, in a "
+             "scratch folder removed afterwards.",
+    )
 
     def reads(self) -> list[str]:
         return list(self.models or [])
+
+    def check(self, fail: Fail) -> None:
+        if self.device_map is None:
+            for key in ("max_memory", "offload_folder"):
+                if getattr(self, key) is not None:
+                    fail("applies only with a device map: add device_map auto (--device-map auto) or drop it", key)
+            return
+        if self.device not in (None, "auto", "cpu"):
+            fail(f"{self.device} and a device map both place the model: drop the device (or make it cpu to keep the "
+                 "model off the GPUs) and choose the GPUs with max_memory, e.g. 0=20GiB,cpu=64GiB", "device")
+        if self.device == "cpu" and gpu_budgets(self.max_memory):
+            fail(f"{self.max_memory} names a GPU, but the device is cpu: drop the GPU budgets or the device",
+                 "max_memory")
 
 
 STAGE_TYPES: dict[str, type[Stage]] = {cls.TYPE: cls for cls in (PruneStage, FinetuneStage, EvalStage)}
