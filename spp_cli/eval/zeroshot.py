@@ -215,7 +215,8 @@ def run_zeroshot(
                          "data": ", ".join(config["dataset_kwargs"]["data_files"].values()),
                          "prompt": metadata.get("spp_prompt", "")}
         if note := metadata.get("spp_note"):  # e.g. hellaswag's preprocessing, boolq's missing titles
-            results[task]["note"] = note
+            if task in results:  # not on a rank other than 0
+                results[task]["note"] = note
             notes.append(f"{task}: {note}")
     return {
         "results": results,
