@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-MAX_MEMORY_TEXT = "DEVICE=SIZE pairs such as 0=20GiB,cpu=64GiB (DEVICE: a GPU index, cuda:N, cpu or mps)"
+MAX_MEMORY_TEXT = ("DEVICE=SIZE pairs such as 0=20GiB,cpu=64GiB (DEVICE: a GPU index, cuda:N, cpu or mps), "
+                   "or in a recipe the mapping {0: 20GiB, cpu: 64GiB}")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)", re.IGNORECASE)

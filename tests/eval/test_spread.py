@@ -11,13 +11,15 @@ import sys
 import pytest
 from conftest import REPO, SOME_DATA
 
+from spp_cli.errors import BadInput
 from spp_cli.eval.placement import normalise_max_memory, parse_max_memory
 from spp_cli.recipe.resolve import parse_recipe
 from spp_cli.stages.evaluate import evaluate_models
 
-MODEL = "builtin:tiny-llama"  # fp16, 4 blocks of ~0.4 MB, embedding and lm_head 1 MB each
+MODEL = "builtin:tiny-llama"  # 4 blocks; in fp32 ~0.8 MB each, embedding and lm_head 2 MB each
 TASKS = ["ppl:builtin:python-docs:test", "boolq"]
-OPTIONS = {"seqlen": 64, "limit": 4, "data_dir": str(SOME_DATA), "device": "cpu", "dtype": "float32"}  # fp16 is slow on CPU
+# fp32: the checkpoint's fp16 computes several times slower on a CPU
+OPTIONS = {"seqlen": 64, "limit": 4, "data_dir": str(SOME_DATA), "device": "cpu", "dtype": "float32"}
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +89,10 @@ def test_two_gloo_processes_equal_one(tmp_path, plain):
     assert entry["results"]["boolq"]["acc,none"] == reference["results"]["boolq"]["acc,none"]
     assert entry["n-samples"] == reference["n-samples"]
     assert spread["config"] == plain["config"]
+
+
+def test_a_device_map_in_one_of_several_processes_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(BadInput, match="--device-map spreads one model over the devices, but this is one of several"):
+        evaluate_models({"m": MODEL}, [TASKS[0]], tmp_path / "r.json", device_map="auto", device="cpu")
+    assert not (tmp_path / "r.json").exists()
