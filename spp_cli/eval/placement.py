@@ -89,6 +89,20 @@ def gpu_budgets(max_memory: str | None) -> list[int]:
     return [key for key in parse_max_memory(max_memory) if isinstance(key, int)] if max_memory else []
 
 
+def placement_problem(device_map: str | None, max_memory: str | None, offload_folder: str | None,
+                      device: str | None) -> tuple[str, str] | None:
+    """(key, problem and fix) when the eval placement options contradict each other, else None."""
+    if device_map is None:
+        key = "max_memory" if max_memory is not None else "offload_folder" if offload_folder is not None else None
+        return key and (key, "applies only with a device map: add device_map auto (--device-map auto) or drop it")
+    if device not in (None, "auto", "cpu"):
+        return "device", (f"{device} and a device map both place the model: drop the device (or make it cpu to keep "
+                          "the model off the GPUs) and choose the GPUs with max_memory, e.g. 0=20GiB,cpu=64GiB")
+    if device == "cpu" and gpu_budgets(max_memory):
+        return "max_memory", f"{max_memory} names a GPU, but the device is cpu: drop the GPU budgets or the device"
+    return None
+
+
 def device_map_budgets(max_memory: str | None, device: str) -> dict[int | str, int] | None:
     """accelerate's max_memory for a --device-map run: the --max-memory budgets; else, with --device cpu, the CPU's
     free memory alone (so no GPU is used); else None (accelerate takes every device's free memory)."""

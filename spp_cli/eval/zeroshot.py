@@ -165,8 +165,7 @@ def run_zeroshot(
     lm-eval's logging, tqdm bars and git lookup are silenced unless `verbose` (spp_cli.eval.quiet).
     Returns {"results", "n-samples", "task_versions", "sources", "bos", "notes"}, results in lm-eval's layout
     ({task: {"alias", "acc,none", "acc_stderr,none", ...}}), sources {task: {"task_file", "data", "prompt"}}.
-    With several launched `processes` (eval/processes.py) lm-eval shards the requests by rank and gathers the
-    metrics on rank 0; the other ranks return empty "results".
+    Several launched `processes` (eval/processes.py): lm-eval shards the requests, rank 0 alone gets "results".
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -207,6 +206,19 @@ def run_zeroshot(
             task_versions |= output["versions"]
         if on_progress is not None and tasks:
             on_progress(len(tasks), len(tasks), f"zero-shot {tasks[-1]}")
+    sources, notes = _sources_and_notes(online, configs, results)
+    return {
+        "results": results,
+        "n-samples": n_samples,
+        "task_versions": task_versions,
+        "sources": sources,
+        "bos": bos_record(tokenizer, bos),
+        "notes": notes,
+    }
+
+
+def _sources_and_notes(online: list[str], configs: dict[str, dict], results: dict) -> tuple[dict, list[str]]:
+    """Which task file, data and prompt each task used, and the bundle's notes (also put on `results`' tasks)."""
     notes = []
     sources = {task: dict(BUILTIN_SOURCE) for task in online}
     for task, config in configs.items():
@@ -218,14 +230,7 @@ def run_zeroshot(
             if task in results:  # not on a rank other than 0
                 results[task]["note"] = note
             notes.append(f"{task}: {note}")
-    return {
-        "results": results,
-        "n-samples": n_samples,
-        "task_versions": task_versions,
-        "sources": sources,
-        "bos": bos_record(tokenizer, bos),
-        "notes": notes,
-    }
+    return sources, notes
 
 
 def _place(lm, model, processes: Processes) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
 from spp_cli.adapters import REGISTRY, misplaced_option
-from spp_cli.eval.placement import DEVICE_MAPS, MAX_MEMORY_TEXT, gpu_budgets
+from spp_cli.eval.placement import DEVICE_MAPS, MAX_MEMORY_TEXT, placement_problem
 from spp_cli.expectations import EXPECT_TEXT
 from spp_cli.recipe.option import Option, option_field, schema_fields
 from spp_cli.vocabulary import (
@@ -351,35 +351,21 @@ class EvalStage(Stage):
     dtype: str | None = _dtypeoption_field()
     device_map: str | None = option_field(
         None, choices=DEVICE_MAPS, default_text="none: the whole model on the device",
-        help="Spread a model larger than one device over the GPUs, the CPU and the disk (accelerate's big-model "
-             "inference): auto, balanced, balanced_low_0 or sequential.",
-    )
+        help="Spread a model larger than one device over the GPUs, the CPU and the disk (accelerate).")
     max_memory: str | None = option_field(
         None, "max_memory", text=MAX_MEMORY_TEXT, default_text="each device's free memory",
-        help="With device_map: the budget per device, e.g. 0=20GiB,cpu=64GiB; only the devices named are used, "
-             "the disk takes the rest.",
-    )
+        help="With device_map: the budget per device, e.g. 0=20GiB,cpu=64GiB; only the devices named are used.")
     offload_folder: str | None = option_field(
         None, path="dir", text="a folder for weights offloaded to disk", default_text="a temporary folder",
-        help="With device_map: where weights that must be re-saved to be offloaded (pickle, fused MoE) go, in a "
-             "scratch folder removed afterwards.",
-    )
+        help="With device_map: where weights that must be re-saved to be offloaded go (a scratch folder in it).")
 
     def reads(self) -> list[str]:
         return list(self.models or [])
 
     def check(self, fail: Fail) -> None:
-        if self.device_map is None:
-            for key in ("max_memory", "offload_folder"):
-                if getattr(self, key) is not None:
-                    fail("applies only with a device map: add device_map auto (--device-map auto) or drop it", key)
-            return
-        if self.device not in (None, "auto", "cpu"):
-            fail(f"{self.device} and a device map both place the model: drop the device (or make it cpu to keep the "
-                 "model off the GPUs) and choose the GPUs with max_memory, e.g. 0=20GiB,cpu=64GiB", "device")
-        if self.device == "cpu" and gpu_budgets(self.max_memory):
-            fail(f"{self.max_memory} names a GPU, but the device is cpu: drop the GPU budgets or the device",
-                 "max_memory")
+        problem = placement_problem(self.device_map, self.max_memory, self.offload_folder, self.device)
+        if problem is not None:
+            fail(problem[1], problem[0])
 
 
 STAGE_TYPES: dict[str, type[Stage]] = {cls.TYPE: cls for cls in (PruneStage, FinetuneStage, EvalStage)}
