@@ -236,7 +236,8 @@ def eval_command(options, *, out, overwrite, trust_remote_code, allow_pickle, ou
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
         on_event=event_printer(_console(stderr=True)), verbose=_verbose(), **options,
     )
-    _emit(results, output_format, render_eval)
+    if "rank" not in results:  # under torchrun/accelerate only rank 0 writes and reports
+        _emit(results, output_format, render_eval)
 
 
 @app.command(

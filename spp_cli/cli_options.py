@@ -66,7 +66,8 @@ def _metavar(option: Option) -> str | None:
         return ""  # a flag takes no value: no `<bool>` after it
     if option.choices:
         return None  # Typer shows the choices
-    return {"int": "INT", "float": "NUMBER", "list": "A,B,...", "regex": "REGEX", "pattern": "PATTERN"}.get(
+    return {"int": "INT", "float": "NUMBER", "list": "A,B,...", "regex": "REGEX", "pattern": "PATTERN",
+            "max_memory": "DEVICE=SIZE,..."}.get(
         option.kind, "TEXT"
     )
 

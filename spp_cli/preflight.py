@@ -172,10 +172,39 @@ def check_eval(stage, models: dict[str, str | None], *, architectures: dict[str,
         raise BadInput(f"--data-dir '{stage.data_dir}' is not a directory: point it at a folder laid out like "
                        "shared/data")
     validate_tasks(stage.tasks, data_dir=stage.data_dir)
+    if stage.device_map is not None:
+        check_device_map(stage)
     for name, model in models.items():
         if model is not None:
             check_model_reference(model, allow_pickle)
         check_seqlen((architectures or {}).get(name) or model, stage.seqlen, trust_remote_code)
+
+
+def check_device_map(stage) -> None:
+    """A device map runs in one process, on GPUs this machine has, with an offload folder it can write."""
+    from spp_cli.eval.placement import gpu_budgets
+    from spp_cli.eval.processes import launched_processes
+
+    if launched_processes().world_size > 1:
+        raise BadInput("--device-map spreads one model over the devices, but this is one of several launched "
+                       "processes, each holding a whole model: drop --device-map, or run one process")
+    gpus = gpu_budgets(stage.max_memory)
+    if gpus:
+        import torch
+
+        count = torch.cuda.device_count()
+        if max(gpus) >= count:
+            have = f"GPUs 0-{count - 1}" if count > 1 else "GPU 0" if count else "no GPU"
+            raise BadInput(f"--max-memory names GPU {max(gpus)}, but this machine has {have}: name only the GPUs "
+                           "it has, or give cpu=SIZE alone")
+    folder = stage.offload_folder
+    if folder is not None:
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise BadInput(f"--offload-folder '{folder}' is a file: give a folder (spp makes a scratch folder in it)")
+        try:
+            check_writable(Path(folder) / "spp-offload")
+        except BadInput:
+            raise BadInput(f"cannot write in --offload-folder '{folder}': choose a folder you can write") from None
 
 
 def _pruned_layer_names(model: str | None) -> set[str] | None:

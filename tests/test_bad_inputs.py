@@ -32,6 +32,9 @@ def workspace(tmp_path_factory):
     (root / "bos.yaml").write_text(
         "model: builtin:tiny-llama\nstages:\n  - {type: eval, tasks: [wikitext2], bos: maybe}\n"
     )
+    (root / "max-memory.yaml").write_text(
+        "model: builtin:tiny-llama\nstages:\n  - {type: eval, tasks: [wikitext2], device_map: auto, max_memory: {cpu: lots}}\n"
+    )
     (root / "missing-data.yaml").write_text(
         f"model: {root / 'dense'}\nstages:\n  - {{type: prune, method: magnitude}}\n"
         f"  - {{type: finetune, data: {root / 'nowhere.jsonl'}}}\n"
@@ -60,6 +63,7 @@ def workspace(tmp_path_factory):
 
 
 def rows(data: Path):
+    evaluate = ["eval", "{root}/dense", "--tasks", "wikitext2", "--data-dir", str(data), "--out", "{root}/r.json"]
     prune = ["prune", "{root}/dense", "--out", "{root}/out", "--calib", "{root}/calib.jsonl", "--nsamples", "2",
              "--seqlen", "32"]
     return [
@@ -145,6 +149,15 @@ def rows(data: Path):
         ("a finetune key on a prune stage", ["run", "{root}/good.yaml", "stages.prune.lr=1", "--dry-run"], "'lr' is a key of finetune stages"),
         ("dry run with a missing data file", ["run", "{root}/missing-data.yaml", "--dry-run"], "nowhere.jsonl"),
         ("eval with no tasks", ["eval", "{root}/dense", "--tasks", ",", "--out", "{root}/r.json"], "--tasks"),
+        # evaluation that spreads (issue 23)
+        ("eval --max-memory without --device-map", [*evaluate, "--max-memory", "cpu=1GB"], "--max-memory: applies only with a device map"),
+        ("eval --offload-folder without --device-map", [*evaluate, "--offload-folder", "{root}/off"], "--offload-folder: applies only with a device map"),
+        ("eval --max-memory not a size", [*evaluate, "--device-map", "auto", "--max-memory", "cpu=lots"], "--max-memory: 'lots' for device cpu is not a size"),
+        ("eval --max-memory unknown device", [*evaluate, "--device-map", "auto", "--max-memory", "gpu0=1GB"], "--max-memory: device 'gpu0' is unknown"),
+        ("eval --device-map unknown", [*evaluate, "--device-map", "everywhere"], "'everywhere' is not one of"),
+        ("eval --device cuda with --device-map", [*evaluate, "--device", "cuda:1", "--device-map", "auto"], "--device: cuda:1 and a device map both place the model"),
+        ("eval --device cpu with a GPU budget", [*evaluate, "--device", "cpu", "--device-map", "auto", "--max-memory", "0=1GB"], "--max-memory: 0=1GB names a GPU, but the device is cpu"),
+        ("recipe max_memory mapping not a size", ["run", "{root}/max-memory.yaml", "--dry-run"], "stages[0] (eval).max_memory: 'lots' for device cpu is not a size"),
     ]
 
 

@@ -66,6 +66,12 @@ RULES = [
      "nowhere"),
     ("eval data_dir not a folder", "eval", {"tasks": ["boolq"], "data_dir": "{tmp}/no-dir"}, ["builtin:tiny-llama"],
      "no-dir"),
+    ("eval max_memory names a GPU this machine lacks", "eval",
+     {"tasks": ["ppl:" + SOURCE], "device_map": "auto", "max_memory": "99=1GiB"}, ["builtin:tiny-llama"],
+     "--max-memory names GPU 99, but this machine has"),
+    ("eval offload_folder is a file", "eval",
+     {"tasks": ["ppl:" + SOURCE], "device_map": "auto", "offload_folder": "{pruned}/config.json"},
+     ["builtin:tiny-llama"], "config.json' is a file: give a folder"),
 ]
 
 

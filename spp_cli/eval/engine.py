@@ -30,6 +30,7 @@ from pathlib import Path
 from spp_cli.environment import is_offline, resolve_device
 from spp_cli.errors import BadInput
 from spp_cli.eval.perplexity import check_available, perplexity_stream, token_perplexity
+from spp_cli.eval.processes import Processes
 from spp_cli.eval.zeroshot import (
     BUNDLE_TASKS,
     check_reachable_offline,
@@ -56,6 +57,7 @@ def evaluate(
     bos: str = "auto",
     on_progress=None,
     verbose: bool = False,
+    processes: Processes | None = None,
 ) -> dict:
     """Evaluate `model` on `tasks`; returns one results object (module docstring).
 
@@ -67,6 +69,8 @@ def evaluate(
     bos: zero-shot BOS rule, auto | yes | no (eval/zeroshot.py); perplexity always has one BOS at the start of
         its stream, as the papers' code does.
     on_progress: callable(done, total, label), see the module docstring. verbose: let lm-eval print.
+    processes: this process's place when several were launched (eval/processes.py): each scores a shard and every
+        one returns the gathered perplexity; the zero-shot results are complete on rank 0 only.
     All task names and local files are checked before any model work (BadInput); the option values themselves are
     the eval stage's to check (its schema, spp_cli/recipe/schema.py EvalStage).
     """
@@ -80,14 +84,16 @@ def evaluate(
     for task in perplexity_tasks:
         stream, source = perplexity_stream(task, tokenizer, seqlen, data_dir)
         result["perplexity"][task] = token_perplexity(
-            model, stream, seqlen, batch_size, max_windows=limit, on_progress=on_progress, label=f"{task} windows"
+            model, stream, seqlen, batch_size, max_windows=limit, on_progress=on_progress, label=f"{task} windows",
+            processes=processes,
         )
         result["perplexity"][task]["source"] = source
         if limit is not None:
             result["perplexity"][task]["limit"] = limit
     if zeroshot_tasks:
         zeroshot = run_zeroshot(model, tokenizer, zeroshot_tasks, data_dir=data_dir, limit=limit,
-                                batch_size=batch_size, bos=bos, on_progress=on_progress, verbose=verbose)
+                                batch_size=batch_size, bos=bos, on_progress=on_progress, verbose=verbose,
+                                processes=processes)
         for key in ("results", "n-samples", "task_versions", "sources"):
             result[key] |= zeroshot[key]
         result["bos"] = zeroshot["bos"]

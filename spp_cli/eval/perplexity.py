@@ -31,6 +31,8 @@ from spp_cli.data.sources import read_texts, token_stream
 from spp_cli.environment import is_offline
 from spp_cli.errors import BadInput, first_line
 from spp_cli.eval.hub import download_errors
+from spp_cli.eval.placement import input_device
+from spp_cli.eval.processes import Processes
 
 PROTOCOL = "token, non-overlapping windows"
 
@@ -55,6 +57,7 @@ def token_perplexity(
     max_windows: int | None = None,
     on_progress=None,
     label: str = "perplexity windows",
+    processes: Processes | None = None,
 ) -> dict:
     """Perplexity of `model` on `stream` [1, L] in non-overlapping windows of `seqlen` tokens.
 
@@ -66,6 +69,9 @@ def token_perplexity(
     nsamples). Returns {"value", "windows", "seqlen", "protocol", "tokens", "stream_tokens"}: `tokens` are the
     tokens scored (windows × seqlen), `stream_tokens` is L, the whole stream (its tail of L mod seqlen tokens, and
     with `max_windows` every window past the first ones, are not scored).
+    With several launched `processes` (eval/processes.py), each scores batches rank, rank + N, ... and reports
+    progress on its own share; the windows' losses are gathered and summed in window order on every process, so
+    the value is one process's. The inputs go to placement.input_device (a device-mapped model's embedding).
     """
     if stream.dim() != 2 or stream.shape[0] != 1:
         raise ValueError(f"stream must have shape [1, L], got {list(stream.shape)}")
@@ -84,24 +90,41 @@ def token_perplexity(
         nsamples = min(nsamples, max_windows)
     windows = stream[0, : nsamples * seqlen].view(nsamples, seqlen)  # [nsamples, seqlen]
 
+    processes = processes or Processes()
+    starts = range(0, nsamples, batch_size)[processes.rank :: processes.world_size]  # this process's batches
+    nlls = _window_nlls(model, windows, starts, batch_size, on_progress, label)
+    for shard in processes.gather(nlls):  # every process's windows (disjoint), on every process
+        nlls |= shard
+    nll_sum = 0.0  # Python float = float64: sum_i nll_i, in window order whatever the number of processes
+    for index in range(nsamples):
+        nll_sum += nlls[index]
+    value = math.exp(nll_sum / (nsamples * seqlen))
+    return {"value": value, "windows": nsamples, "seqlen": seqlen, "protocol": PROTOCOL, "tokens": nsamples * seqlen,
+            "stream_tokens": total_tokens}
+
+
+def _window_nlls(model: torch.nn.Module, windows: torch.LongTensor, starts: range, batch_size: int, on_progress,
+                 label: str) -> dict[int, float]:
+    """window index -> nll_i (module docstring) of the windows [nsamples, seqlen] in the batches starting at
+    `starts`; on_progress(done, total, label) with 0 first and after every batch (windows of these batches)."""
     model.eval()
-    device = next(model.parameters()).device
-    nll_sum = 0.0  # Python float = float64: sum_i nll_i
+    device = input_device(model)
+    nsamples, seqlen = windows.shape
+    total = sum(min(batch_size, nsamples - start) for start in starts)
+    nlls: dict[int, float] = {}
     if on_progress is not None:
-        on_progress(0, nsamples, label)
-    for start in range(0, nsamples, batch_size):
+        on_progress(0, total, label)
+    for start in starts:
         batch = windows[start : start + batch_size].to(device)  # [b, seqlen]
         logits = model(input_ids=batch, use_cache=False).logits  # [b, seqlen, vocab]
         for row in range(batch.shape[0]):
             # mean CE over the seqlen-1 shifted targets of one window, then * seqlen as the reference does
             loss = F.cross_entropy(logits[row, :-1].float(), batch[row, 1:])
-            nll_sum += loss.double().item() * seqlen
+            nlls[start + row] = loss.double().item() * seqlen
         del logits
         if on_progress is not None:
-            on_progress(start + batch.shape[0], nsamples, label)
-    value = math.exp(nll_sum / (nsamples * seqlen))
-    return {"value": value, "windows": nsamples, "seqlen": seqlen, "protocol": PROTOCOL, "tokens": nsamples * seqlen,
-            "stream_tokens": total_tokens}
+            on_progress(len(nlls), total, label)
+    return nlls
 
 
 def check_available(task: str, data_dir: str | os.PathLike | None) -> None:

@@ -34,6 +34,8 @@ import yaml
 
 from spp_cli.errors import BadInput, first_line
 from spp_cli.eval.hub import download_errors
+from spp_cli.eval.placement import input_device
+from spp_cli.eval.processes import Processes
 from spp_cli.eval.quiet import quiet_lm_eval
 from spp_cli.io.atomic import write_text_atomic
 from spp_cli.vocabulary import BOS_RULES
@@ -151,6 +153,7 @@ def run_zeroshot(
     bos: str = "auto",
     on_progress=None,
     verbose: bool = False,
+    processes: Processes | None = None,
 ) -> dict:
     """Run lm-eval zero-shot `tasks` on an in-memory HF model; bundle tasks come from `data_dir` when given.
 
@@ -162,6 +165,7 @@ def run_zeroshot(
     lm-eval's logging, tqdm bars and git lookup are silenced unless `verbose` (spp_cli.eval.quiet).
     Returns {"results", "n-samples", "task_versions", "sources", "bos", "notes"}, results in lm-eval's layout
     ({task: {"alias", "acc,none", "acc_stderr,none", ...}}), sources {task: {"task_file", "data", "prompt"}}.
+    Several launched `processes` (eval/processes.py): lm-eval shards the requests, rank 0 alone gets "results".
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -182,6 +186,7 @@ def run_zeroshot(
         task_manager = default_task_manager() if online else TaskManager(include_defaults=False)
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size,
                   add_bos_token=_ADD_BOS_TOKEN[bos])
+        _place(lm, model, processes or Processes())
         for done, task in enumerate(tasks):
             running[0] = task
             if on_progress is not None:
@@ -194,21 +199,14 @@ def run_zeroshot(
                 )
             except download_errors() as error:
                 raise BadInput(_download_failure(error, online)) from None
+            if output is None:  # a rank other than 0: lm-eval gathered its metrics on rank 0
+                continue
             results |= output["results"]
             n_samples |= output["n-samples"]
             task_versions |= output["versions"]
         if on_progress is not None and tasks:
             on_progress(len(tasks), len(tasks), f"zero-shot {tasks[-1]}")
-    notes = []
-    sources = {task: dict(BUILTIN_SOURCE) for task in online}
-    for task, config in configs.items():
-        metadata = config.get("metadata", {})
-        sources[task] = {"task_file": metadata["spp_task_file"],
-                         "data": ", ".join(config["dataset_kwargs"]["data_files"].values()),
-                         "prompt": metadata.get("spp_prompt", "")}
-        if note := metadata.get("spp_note"):  # e.g. hellaswag's preprocessing, boolq's missing titles
-            results[task]["note"] = note
-            notes.append(f"{task}: {note}")
+    sources, notes = _sources_and_notes(online, configs, results)
     return {
         "results": results,
         "n-samples": n_samples,
@@ -217,6 +215,33 @@ def run_zeroshot(
         "bos": bos_record(tokenizer, bos),
         "notes": notes,
     }
+
+
+def _sources_and_notes(online: list[str], configs: dict[str, dict], results: dict) -> tuple[dict, list[str]]:
+    """Which task file, data and prompt each task used, and the bundle's notes (also put on `results`' tasks)."""
+    notes = []
+    sources = {task: dict(BUILTIN_SOURCE) for task in online}
+    for task, config in configs.items():
+        metadata = config.get("metadata", {})
+        sources[task] = {"task_file": metadata["spp_task_file"],
+                         "data": ", ".join(config["dataset_kwargs"]["data_files"].values()),
+                         "prompt": metadata.get("spp_prompt", "")}
+        if note := metadata.get("spp_note"):  # e.g. hellaswag's preprocessing, boolq's missing titles
+            if task in results:  # not on a rank other than 0
+                results[task]["note"] = note
+            notes.append(f"{task}: {note}")
+    return sources, notes
+
+
+def _place(lm, model, processes: Processes) -> None:
+    """What lm-eval's HFLM skips for a model passed in memory: the inputs' device of a device-mapped model (its
+    `model.device` can be the meta device of an offloaded weight), and data parallelism under several launched
+    processes (HFLM shards requests by `rank` and gathers with `accelerator`, as when it loads the model itself)."""
+    if getattr(model, "hf_device_map", None) is not None:
+        lm._device = input_device(model)
+    if processes.world_size > 1:
+        lm._rank, lm._world_size = processes.rank, processes.world_size
+        lm.accelerator = processes.accelerator(cpu=lm.device.type == "cpu")
 
 
 # the Hub datasets lm-eval's built-in YAMLs read for the bundle's tasks (lm_eval/tasks/*/: dataset_path)

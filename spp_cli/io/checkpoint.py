@@ -102,8 +102,12 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     with_tokenizer: bool = True,
+    placement: dict | None = None,
 ):
     """(model, tokenizer) from a local directory, `builtin:NAME`, or a hub id. Only safetensors unless allowed.
+
+    placement: from_pretrained's {"device_map", "max_memory", "offload_folder"} (accelerate's big-model inference,
+    spp_cli/eval/placement.py), which then places the model instead of `device`.
 
     with_tokenizer=False returns (model, None): transformers 5 builds a tokenizer in Python from tokenizer.json, 5-8 s
     for Gemma 3's 262k-token vocabulary, so a caller that does not use it should not load it.
@@ -114,14 +118,14 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype(dtype), use_safetensors=None if allow_pickle else True,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, **(placement or {}),
         )
     except (OSError, ValueError) as error:
         raise BadInput(f"could not load model '{path_or_id}': {first_line(error)}") from None
     tokenizer = load_tokenizer(path, trust_remote_code) if with_tokenizer else None
     model.eval()
     model.spp_stored_dtype = stored_dtype(path, model)
-    return model.to(device), tokenizer
+    return (model if placement else model.to(device)), tokenizer
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

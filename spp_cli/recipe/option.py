@@ -15,7 +15,7 @@ from spp_cli.vocabulary import DEVICE_TEXT
 class Option:
     """What one recipe key accepts. Lives in the dataclass field's metadata, so the table is the code."""
 
-    kind: str  # str | int | float | bool | list | regex | pattern | device | stages | expect
+    kind: str  # str | int | float | bool | list | regex | pattern | device | stages | expect | max_memory
     choices: tuple[str, ...] = ()
     low: float | None = None
     high: float | None = None

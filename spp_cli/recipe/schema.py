@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
 from spp_cli.adapters import REGISTRY, misplaced_option
+from spp_cli.eval.placement import DEVICE_MAPS, MAX_MEMORY_TEXT, placement_problem
 from spp_cli.expectations import EXPECT_TEXT
 from spp_cli.recipe.option import Option, option_field, schema_fields
 from spp_cli.vocabulary import (
@@ -370,7 +371,9 @@ class EvalStage(Stage):
     """Perplexity and zero-shot evaluation (`spp eval`) of one or more models."""
 
     TYPE: ClassVar[str] = "eval"
-    NOT_RECORDED: ClassVar[tuple[str, ...]] = ("models", "device")  # the models count as the parents
+    # the models count as the parents; where the model runs does not change its numbers (eval/placement.py), so
+    # the placement is each model's "applied" record, not the fingerprint
+    NOT_RECORDED: ClassVar[tuple[str, ...]] = ("models", "device", "device_map", "max_memory", "offload_folder")
     models: list[str] | None = option_field(
         None,
         "list",
@@ -405,9 +408,23 @@ class EvalStage(Stage):
     )
     device: str | None = _deviceoption_field()
     dtype: str | None = _dtypeoption_field()
+    device_map: str | None = option_field(
+        None, choices=DEVICE_MAPS, default_text="none: the whole model on the device",
+        help="Spread a model larger than one device over the GPUs, the CPU and the disk (accelerate).")
+    max_memory: str | None = option_field(
+        None, "max_memory", text=MAX_MEMORY_TEXT, default_text="each device's free memory",
+        help="With device_map: the budget per device, e.g. 0=20GiB,cpu=64GiB; only the devices named are used.")
+    offload_folder: str | None = option_field(
+        None, path="dir", text="a folder for weights offloaded to disk", default_text="a temporary folder",
+        help="With device_map: where weights that must be re-saved to be offloaded go (a scratch folder in it).")
 
     def reads(self) -> list[str]:
         return list(self.models or [])
+
+    def check(self, fail: Fail) -> None:
+        problem = placement_problem(self.device_map, self.max_memory, self.offload_folder, self.device)
+        if problem is not None:
+            fail(problem[1], problem[0])
 
 
 STAGE_TYPES: dict[str, type[Stage]] = {cls.TYPE: cls for cls in (PruneStage, FinetuneStage, EvalStage)}

@@ -76,6 +76,13 @@ def coerce(value: Any, option: Option, fail: Fail) -> Any:
         from spp_cli.expectations import parse_expectations
 
         return parse_expectations(value, fail)
+    if kind == "max_memory":  # accelerate's budgets: "0=20GiB,cpu=64GiB" or a mapping, kept in one spelling
+        from spp_cli.eval.placement import normalise_max_memory
+
+        try:
+            return normalise_max_memory(value)
+        except ValueError as error:
+            fail(str(error))
     if kind == "bool":
         if isinstance(value, bool):
             return value

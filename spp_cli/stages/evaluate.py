@@ -15,6 +15,7 @@ from pathlib import Path
 from spp_cli import preflight
 from spp_cli.environment import resolve_device, versions
 from spp_cli.errors import BadInput, first_line
+from spp_cli.eval.processes import Processes, launched_processes, start_process_group
 from spp_cli.events import Listener, notify
 from spp_cli.io import checkpoint
 from spp_cli.io.atomic import write_text_atomic
@@ -89,12 +90,16 @@ def evaluate_models(
     stage = validate_options(EvalStage, {"models": list(models), "tasks": tasks, **options})
     out = Path(out)
     check_inputs(stage, models, out, allow_pickle, trust_remote_code)
+    processes = launched_processes()
+    if not processes.is_main:
+        on_event = None  # rank 0 reports and writes; the others score their shard quietly
     manifests = {name: checkpoint.model_manifest(path) for name, path in models.items()}
     config = stage.recorded_options()  # results.json's "config" and the fingerprint
     stage_fingerprint = fingerprint(config, json.dumps(parent_identities(models, manifests), sort_keys=True))
     entries = partial_entries(out, stage_fingerprint)
     if not entries and existing_output(out, stage_fingerprint, overwrite):
         return finished_result(out)
+    start_process_group(processes, eval_device(stage, processes))
     for number, (name, path) in enumerate(models.items(), start=1):
         label = f"model {number}/{len(models)} {name}"
         if name in entries:
@@ -104,12 +109,15 @@ def evaluate_models(
         try:
             entries[name] = evaluate_one(path, manifests[name], stage, config, _prefixed(on_event, label),
                                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                         verbose=verbose)
+                                         verbose=verbose, processes=processes)
         except BaseException as error:  # Ctrl-C included: the finished models' results are kept, marked partial
-            keep_partial(out, entries, config, stage_fingerprint, {"model": name, "path": path, "error": (
-                "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: "
-                f"{first_line(error)}")}, on_event)
+            if processes.is_main:
+                    keep_partial(out, entries, config, stage_fingerprint, {"model": name, "path": path, "error": (
+                    "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: "
+                    f"{first_line(error)}")}, on_event)
             raise
+    if not processes.is_main:
+        return {"rank": processes.rank, "out": str(out)}
     notes = write_results(out, entries, config, stage_fingerprint)
     return {"models": entries, "notes": notes, "out": str(out)}
 
@@ -160,23 +168,36 @@ def finished_result(out: Path) -> dict:
             "skipped": True}
 
 
+def eval_device(stage: EvalStage, processes: Processes) -> str:
+    """The device a model is evaluated on (with a device map: where the map starts), this process's own GPU when
+    several processes were launched."""
+    return processes.device(resolve_device(stage.device))
+
+
 def evaluate_one(path: str, manifest: dict | None, stage: EvalStage, config: dict, on_progress, *,
-                 trust_remote_code: bool, allow_pickle: bool, verbose: bool) -> dict:
-    """One model's results object: load it on the stage's device, run every task, free it."""
+                 trust_remote_code: bool, allow_pickle: bool, verbose: bool, processes: Processes) -> dict:
+    """One model's results object: load it on the stage's device (or spread by its device map), run every task,
+    free it."""
     from spp_cli.eval.engine import evaluate
+    from spp_cli.eval.placement import placed_model
 
     started = time.time()
-    device = resolve_device(stage.device)
-    model, tokenizer = checkpoint.load_model(
-        path, dtype=stage.dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
-    )
-    result = evaluate(model, tokenizer, stage.tasks, seqlen=stage.seqlen, limit=stage.limit,
-                      data_dir=stage.data_dir, batch_size=stage.batch_size, device=device, bos=stage.bos,
-                      on_progress=on_progress, verbose=verbose)
-    # "applied": what was resolved for this model (config holds what was asked); seqlen is the perplexity window
-    applied = applied_record(device=device, compute_dtype=next(model.parameters()).dtype,
-                             stored_dtype=model.spp_stored_dtype,
-                             seqlen=next((entry["seqlen"] for entry in result["perplexity"].values()), None))
+    device = eval_device(stage, processes)
+    with placed_model(path, device_map=stage.device_map, max_memory=stage.max_memory,
+                      offload_folder=stage.offload_folder, device=device, dtype=stage.dtype,
+                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle) as (model, tokenizer, placement):
+        result = evaluate(model, tokenizer, stage.tasks, seqlen=stage.seqlen, limit=stage.limit,
+                          data_dir=stage.data_dir, batch_size=stage.batch_size, device=None, bos=stage.bos,
+                          on_progress=on_progress, verbose=verbose, processes=processes)
+        compute_dtype, stored_dtype = next(model.parameters()).dtype, model.spp_stored_dtype
+        del model
+    # "applied": what was resolved for this model (config holds what was asked); seqlen is the perplexity window;
+    # the placement and the number of processes only when they are not the default
+    spread = ({"placement": placement} if placement else {}) | (
+        {"processes": processes.world_size} if processes.world_size > 1 else {})
+    applied = applied_record(device=device, compute_dtype=compute_dtype, stored_dtype=stored_dtype,
+                             seqlen=next((entry["seqlen"] for entry in result["perplexity"].values()), None),
+                             **spread)
     return result | {"model": model_summary(path, manifest), "config": config, "applied": applied,
                      "versions": versions(), "seconds": round(time.time() - started, 2)}
 
