@@ -18,6 +18,10 @@ RUNTIME_BYTES = 700 * MiB  # Python + torch + transformers (+ peft, lm-eval) imp
 CHUNK_TOKENS = 2048  # pruners/sequential.py: calibration windows per forward, up to this many tokens
 SAVE_TOTAL_LIMIT = 2  # spp_cli/training/trainer.py: Trainer checkpoints kept for resume
 MERGE_BYTES = 4  # the merge computes in float32 (spp_cli/stages/merge.py MERGE_DTYPE)
+# measured, not derived (benchmarks/memory_plan.py, the same on a 0.1 and a 0.5 GB model): the tokenized training
+# records of builtin:python-docs, the Trainer and its data loader; the evaluation's tokenized text
+TRAINER_BYTES = 150 * MiB
+EVAL_DATA_BYTES = 16 * MiB
 
 
 @dataclass
@@ -48,14 +52,14 @@ def _on_device(device: str) -> bool:
 
 def prune_estimate(shape: ModelShape, *, method: str, nsamples: int, seqlen: int | None, calibrated: bool,
                    streamed: bool, device: str = "cpu", dtype: str | None = None) -> StagePlan:
-    """The sequential driver: the model (streamed: the weights outside the blocks and one block) in the compute
-    dtype, the calibration activations (inputs and outputs of a block: 2 x nsamples x seqlen x hidden), one
-    block's statistics (SparseGPT: an fp32 Hessian per distinct linear input, and its factor) and one forward's
-    intermediates (CHUNK_TOKENS tokens at a time)."""
+    """The sequential driver: the model (streamed: the embedding and one block) in the compute dtype, the
+    calibration activations (inputs and outputs of a block: 2 x nsamples x seqlen x hidden), one block's statistics
+    (SparseGPT: an fp32 Hessian per distinct linear input, and its factor) and one forward's intermediates
+    (CHUNK_TOKENS tokens at a time)."""
     size = element_bytes(dtype, shape)
     seqlen = seqlen or min(2048, shape.max_positions)
     block = shape.block_parameters * size
-    weights = (shape.outside_blocks * size + 2 * block) if streamed else shape.parameters * size
+    weights = (shape.vocab * shape.hidden * size + block) if streamed else shape.parameters * size
     activations = 2 * nsamples * seqlen * shape.hidden * size if calibrated else 0
     inputs = sorted({features for features, _ in shape.linears})
     hessians = 2 * sum(4 * features**2 for features in inputs) if method == "sparsegpt" else 0
@@ -113,8 +117,9 @@ def finetune_estimate(shape: ModelShape, *, method: str, micro_batch_size: int, 
         if method in ("masked-full", "masked-lora") else 0,
         "activations": activation_bytes(shape, tokens, size, gradient_checkpointing),
         "teacher": (teacher.parameters * size + 2 * tokens * teacher.vocab * 4) if teacher is not None else 0,
+        "training data, Trainer": TRAINER_BYTES,
     }
-    merging = {"streaming": 3 * shape.largest_tensor * MERGE_BYTES,
+    merging = {"streaming": streaming_merge_bytes(shape),
                "memory": shape.parameters * DTYPE_BYTES[shape.stored_dtype], "none": 0}[merge]
     adapter_file = trainable * state_size
     disk = (shape.stored_bytes if merge != "none" else 0) + adapter_file + SAVE_TOTAL_LIMIT * 3 * adapter_file
@@ -130,11 +135,17 @@ def finetune_estimate(shape: ModelShape, *, method: str, micro_batch_size: int, 
     return StagePlan("finetune", device, cpu, training, disk, parts | {"merge": merging}, assumed)
 
 
+def streaming_merge_bytes(shape: ModelShape) -> int:
+    """A streaming merge holds one tensor at a time: the largest copied as stored (the embedding), or the largest
+    adapted linear in float32 with its merged result."""
+    return shape.largest_tensor * DTYPE_BYTES[shape.stored_dtype] + 2 * shape.largest_linear * MERGE_BYTES
+
+
 def merge_estimate(shape: ModelShape, *, adapter: int, streamed: bool) -> StagePlan:
     """`spp merge` of an adapter of `adapter` bytes: streaming, one float32 tensor in, its merged copy and its
     stored-dtype copy out, and the adapter; in memory, the whole base in float32 and its copy in the stored dtype."""
     if streamed:
-        parts = {"tensors in flight": 3 * shape.largest_tensor * MERGE_BYTES, "adapter": adapter}
+        parts = {"tensors in flight": streaming_merge_bytes(shape), "adapter": adapter}
     else:
         stored = DTYPE_BYTES[shape.stored_dtype]
         parts = {"base in float32": shape.parameters * MERGE_BYTES, "adapter": adapter,
@@ -152,7 +163,7 @@ def eval_estimate(shape: ModelShape, *, batch_size: int, seqlen: int | None, dev
     seqlen = seqlen or min(2048, shape.max_positions)
     tokens = batch_size * seqlen
     parts = {"weights": shape.parameters * size, "logits": 2 * tokens * shape.vocab * 4,
-             "forward": tokens * (4 * shape.hidden + 3 * shape.intermediate) * size}
+             "forward": tokens * (4 * shape.hidden + 3 * shape.intermediate) * size, "data": EVAL_DATA_BYTES}
     assumed = {"batch_size": batch_size, "seqlen": seqlen, "device_map": device_map}
     if not _on_device(device):
         return StagePlan("eval", device, sum(parts.values()), None, 0, parts, assumed)

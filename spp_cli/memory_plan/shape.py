@@ -43,6 +43,11 @@ class ModelShape:
         return max(0, self.parameters - self.blocks * self.block_parameters)
 
     @property
+    def largest_linear(self) -> int:
+        """Elements of the largest prunable linear."""
+        return max(i * o for i, o in self.linears)
+
+    @property
     def adapted_weights(self) -> int:
         """Elements of every block's prunable linears (what masked-full trains, what a mask covers)."""
         return self.blocks * sum(i * o for i, o in self.linears)
