@@ -4,7 +4,7 @@
 Measured: random-init LLaMAs (fp32 on disk, tokenizer of the tiny model) saved to a scratch folder; one fresh
 subprocess per model runs every stage in turn on the CPU, in the stage functions the commands call:
   prune     spp_cli.stages.prune.prune (wanda 50%, builtin:python-docs windows), streaming off, then on
-  finetune  spp_cli.stages.finetune.finetune (spp, 2 steps, micro batch 1, --no-merge)
+  finetune  spp_cli.stages.finetune.finetune (spp, 1 step, micro batch 1, --no-merge)
   merge     spp_cli.stages.merge.merge_adapter of that adapter, streaming off, then on
   eval      spp_cli.stages.evaluate.evaluate_models (token perplexity, 2 windows)
 Before each stage the child frees what it can (gc, malloc_trim), reads its RSS and resets its peak
@@ -47,46 +47,51 @@ from spp_cli.stages.merge import merge_adapter
 from spp_cli.stages.prune import prune
 from spp_cli.memory_plan import stage_plans_for_benchmark
 libc = ctypes.CDLL("libc.so.6")
-work, model = Path(spp_cli_work := spec["work"]), spec["model"]
-calls = {
-  "prune": lambda: prune(model, work / "prune", method="wanda", calib="builtin:python-docs:train",
-                         nsamples=spec["nsamples"], seqlen=spec["seqlen"], streaming="off", overwrite=True),
-  "prune-streaming": lambda: prune(model, work / "prune-s", method="wanda", calib="builtin:python-docs:train",
-                         nsamples=spec["nsamples"], seqlen=spec["seqlen"], streaming="on"),
-  "finetune": lambda: finetune(str(work / "prune"), work / "finetune", data="builtin:python-docs:train",
-                         max_steps=2, batch_size=1, micro_batch_size=1, seqlen=spec["seqlen"], val_size=0,
-                         no_merge=True),
-  "merge": lambda: merge_adapter(work / "finetune" / "adapter", work / "merge", streaming="off"),
-  "merge-streaming": lambda: merge_adapter(work / "finetune" / "adapter", work / "merge-s", streaming="on"),
-  "eval": lambda: evaluate_models({"m": str(work / "prune")}, ["ppl:builtin:python-docs:test"], work / "r.json",
-                         seqlen=spec["seqlen"], limit=2),
-}
-measured = {}
-for name in spec["stages"]:
-    gc.collect(); libc.malloc_trim(0)
-    floor = process_status_mb()
-    reset_peak_rss()
-    calls[name]()
-    measured[name] = process_status_mb("VmHWM") - floor
-estimated = stage_plans_for_benchmark(model, work, spec)
-print(json.dumps({"measured_mb": measured, "estimated_mb": estimated}))
+def calls(model, work):
+  return {
+    "prune": lambda: prune(model, work / "prune", method="wanda", calib="builtin:python-docs:train",
+                           nsamples=spec["nsamples"], seqlen=spec["seqlen"], streaming="off", overwrite=True),
+    "prune-streaming": lambda: prune(model, work / "prune-s", method="wanda", calib="builtin:python-docs:train",
+                           nsamples=spec["nsamples"], seqlen=spec["seqlen"], streaming="on"),
+    "finetune": lambda: finetune(str(work / "prune"), work / "finetune", data="builtin:python-docs:train",
+                           max_steps=1, batch_size=1, micro_batch_size=1, seqlen=spec["seqlen"], val_size=0,
+                           no_merge=True),
+    "merge": lambda: merge_adapter(work / "finetune" / "adapter", work / "merge", streaming="off"),
+    "merge-streaming": lambda: merge_adapter(work / "finetune" / "adapter", work / "merge-s", streaming="on"),
+    "eval": lambda: evaluate_models({"m": str(work / "prune")}, ["ppl:builtin:python-docs:test"], work / "r.json",
+                           seqlen=spec["seqlen"], limit=2),
+  }
+results = []
+for model, work in zip(spec["models"], spec["works"]):
+    measured, stage_calls = {}, calls(model, Path(work))
+    for name in spec["stages"]:
+        gc.collect(); libc.malloc_trim(0)
+        floor = process_status_mb()
+        reset_peak_rss()
+        stage_calls[name]()
+        measured[name] = process_status_mb("VmHWM") - floor
+    results.append({"measured_mb": measured, "estimated_mb": stage_plans_for_benchmark(model, work, spec)})
+print(json.dumps(results))
 """
 
 
-def measure(model_dir: Path, work: Path, stages=STAGES, nsamples: int = 8, seqlen: int = 64) -> dict:
-    """Run `stages` on `model_dir` in one fresh subprocess; {"measured_mb", "estimated_mb", "ratio"} per stage."""
-    spec = {"model": str(model_dir), "work": str(work), "stages": list(stages), "nsamples": nsamples,
-            "seqlen": seqlen}
+def measure(model_dirs: list[Path], works: list[Path], stages=STAGES, nsamples: int = 8, seqlen: int = 64
+            ) -> list[dict]:
+    """Run `stages` on each model in one fresh subprocess (one import of the libraries); per model
+    {"measured_mb", "estimated_mb", "ratio"}, each per stage."""
+    spec = {"models": [str(m) for m in model_dirs], "works": [str(w) for w in works], "stages": list(stages),
+            "nsamples": nsamples, "seqlen": seqlen}
     env = {**os.environ, "PYTHONPATH": str(common.REPO), "MALLOC_MMAP_THRESHOLD_": "65536",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], cwd=common.REPO,
                                capture_output=True, text=True, env=env)
     if completed.returncode != 0:
         raise RuntimeError(completed.stderr.strip()[-2000:])
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
-    result["ratio"] = {name: round(result["estimated_mb"][name] / result["measured_mb"][name], 3)
-                       for name in result["measured_mb"]}
-    return result
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    for result in results:
+        result["ratio"] = {name: round(result["estimated_mb"][name] / result["measured_mb"][name], 3)
+                           for name in result["measured_mb"]}
+    return results
 
 
 def save_model(directory: Path, size: str) -> Path:
@@ -120,11 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     sizes = ["256x2"] if args.smoke else args.sizes.split(",")
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
-        for size in sizes:
+        for size in sizes:  # one child a size: a larger model's seconds are its own
             model_dir = save_model(Path(scratch) / f"llama-{size}", size)
             started = time.perf_counter()
-            runs.append({"size": size, **measure(model_dir, Path(scratch) / f"work-{size}"),
-                         "seconds": round(time.perf_counter() - started, 1)})
+            (result,) = measure([model_dir], [Path(scratch) / f"work-{size}"])
+            runs.append({"size": size, **result, "seconds": round(time.perf_counter() - started, 1)})
             print(json.dumps(runs[-1]), flush=True)
     report = {
         "benchmark": "memory plan estimate against measured peak RSS growth per stage (benchmarks/memory_plan.py)",
