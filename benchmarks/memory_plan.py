@@ -109,6 +109,20 @@ def shapes_table(shape_names=("llama-7b", "llama-13b", "llama-70b")) -> list[dic
     return [row for name in shape_names for row in shape_rows(name)]
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The README's table: a row per stage variant, "CPU RAM / GPU / disk" GiB per shape."""
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for row in rows:
+        gpu = "-" if row["device_gib"] is None else f"{row['device_gib']:g}"
+        cells.setdefault((row["stage"], row["variant"]), {})[row["shape"]] = (
+            f"{row['cpu_gib']:g} / {gpu} / {row['disk_gib']:g}")
+    shapes = list(dict.fromkeys(row["shape"] for row in rows))
+    lines = ["| stage | variant | " + " | ".join(shapes) + " |", "|---|---|" + "---|" * len(shapes)]
+    lines += [f"| {stage} | {variant} | " + " | ".join(by_shape[s] for s in shapes) + " |"
+              for (stage, variant), by_shape in cells.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_plan", description=__doc__.split("\n")[0])
@@ -118,8 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="the JSON report (default benchmarks/results/memory_plan.json)")
     args = parser.parse_args(argv)
     if args.shapes:
-        for row in shapes_table():
-            print(json.dumps(row))
+        print(markdown_table(shapes_table()))
         return
     load = [round(x, 2) for x in os.getloadavg()]
     sizes = ["256x2"] if args.smoke else args.sizes.split(",")
