@@ -201,11 +201,12 @@ def merge(
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
     """Merge a --no-merge adapter into its base model, with the same zero checks as finetune."""
-    from spp_cli.render import render_merge
+    from spp_cli.render import event_printer, render_merge
     from spp_cli.stages.merge import merge_adapter
 
     _quiet_libraries()
-    manifest = merge_adapter(adapter_dir, out, overwrite=overwrite, allow_pickle=allow_pickle)
+    manifest = merge_adapter(adapter_dir, out, overwrite=overwrite, allow_pickle=allow_pickle,
+                             on_event=event_printer(_console(stderr=True)))
     _emit(manifest, output_format, lambda console, result: render_merge(console, result, out))
 
 

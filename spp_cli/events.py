@@ -11,13 +11,15 @@ Kinds and their payloads:
     "warning"   something the user should act on: str (printed as "spp: warning: ...")
     "note"      something the user should know, e.g. a resume: str (printed as "spp: ...")
     "stage"     `spp run` starts a stage: {"name": str, "type": str}
+    "plan"      a stage starts: its memory plan, spp_cli.memory_plan.StagePlan (estimated peak CPU RAM, device memory
+                and disk); a "warning" follows for each resource it may exceed
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("block", "step", "progress", "warning", "note", "stage")
+KINDS = ("block", "step", "progress", "warning", "note", "stage", "plan")
 
 
 @dataclass(frozen=True)

@@ -124,8 +124,12 @@ def run_recipe(
         summary["sweeps"] = recipe.sweeps
     check_recipe(recipe)  # a bad later stage fails now, not after the earlier stages' work
     if dry_run:
+        from spp_cli.memory_plan.stages import recipe_plans
+
+        plans = recipe_plans(recipe)  # estimated peak CPU RAM, device memory, disk; what may not fit
         summary["stages"] = [
-            {"name": s.name, "type": s.TYPE, "output": str(stage_output(recipe, s)), "options": s.options()}
+            {"name": s.name, "type": s.TYPE, "output": str(stage_output(recipe, s)), "options": s.options(),
+             "plan": plans[s.name]}
             for s in recipe.stages
         ]
         return summary

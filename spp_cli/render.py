@@ -91,6 +91,10 @@ def event_printer(console):
             console.print(f"spp: warning: {event.payload}")
         elif event.kind == "stage":
             console.print(f"stage {event.payload['name']} ({event.payload['type']}) ...")
+        elif event.kind == "plan":
+            from spp_cli.memory_plan import plan_text
+
+            console.print(f"spp: {plan_text(event.payload)}")
         else:
             console.print(f"spp: {event.payload}")
 
@@ -298,6 +302,8 @@ def render_run(console, summary: dict) -> None:
             f"recipe {summary['recipe']} is valid and its inputs check out (nothing was loaded); stages: "
             + ", ".join(f"{stage['name']} ({stage['type']}) -> {stage['output']}" for stage in summary["stages"])
         )
+        for stage in summary["stages"]:
+            plan_lines(console, stage["name"], stage.get("plan"))
         return
     entries = summary.get("evaluation") or {}
     seconds = {stage["name"]: stage for stage in summary["stages"]}
@@ -320,6 +326,18 @@ def render_run(console, summary: dict) -> None:
 
         for line in verdict(summary["expectations"]):
             console.print(line, markup=False, highlight=False)
+
+
+def plan_lines(console, name: str, plan: dict | None) -> None:
+    """`spp run --dry-run`: a stage's memory plan (spp_cli/memory_plan) and what may not fit, with the fix."""
+    from spp_cli.memory_plan import StagePlan, plan_text
+
+    if plan is None:
+        console.print(f"  {name}: plan: unknown (the model's config could not be read without its weights)")
+        return
+    console.print(f"  {name}: {plan_text(StagePlan(**plan))}")
+    for fix in plan["fixes"]:
+        console.print(f"    warning: {fix}")
 
 
 def stage_state_text(stage: dict) -> str:

@@ -22,6 +22,7 @@ from spp_cli.io.atomic import write_text_atomic
 from spp_cli.io.disk_full import names_output_on_disk_full
 from spp_cli.io.manifest import applied_record
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint, written_by_spp
+from spp_cli.memory_plan.stages import announce_eval
 from spp_cli.recipe.resolve import validate_options
 from spp_cli.recipe.schema import EvalStage
 
@@ -100,6 +101,8 @@ def evaluate_models(
     if not entries and existing_output(out, stage_fingerprint, overwrite):
         return finished_result(out)
     start_process_group(processes, eval_device(stage, processes))
+    announce_eval(on_event, {name: path for name, path in models.items() if name not in entries}, stage,
+                  resolve_device(stage.device), out, trust_remote_code)
     for number, (name, path) in enumerate(models.items(), start=1):
         label = f"model {number}/{len(models)} {name}"
         if name in entries:

@@ -33,6 +33,7 @@ from spp_cli.io import atomic, checkpoint
 from spp_cli.io.disk_full import names_output_on_disk_full
 from spp_cli.io.manifest import applied_record, layers_record, stage_manifest, zeros_sha256
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
+from spp_cli.memory_plan.stages import announce_finetune
 from spp_cli.recipe.schema import FinetuneStage
 from spp_cli.stages.merge import check_zeros_kept, frozen_experts_warnings, not_adapted
 
@@ -108,6 +109,7 @@ def finetune(
     if existing_output(plan.out, plan.fingerprint, overwrite):
         return {**checkpoint.read_manifest(plan.out), "skipped": True}
     records = check(plan)
+    announce_finetune(on_event, plan.model_path, plan.options, plan.out, plan.loading["trust_remote_code"])
     notify(on_event, "finetune", "note", f"loading {plan.model_dir} and tokenizing {len(records)} training records")
     base = load(plan, on_event)
     result = train(plan, base, records, on_event)

@@ -16,6 +16,7 @@ from spp_cli.io import atomic, checkpoint
 from spp_cli.io.disk_full import names_output_on_disk_full
 from spp_cli.io.manifest import applied_record, layers_record, stage_manifest, zeros_sha256
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
+from spp_cli.memory_plan.stages import announce_merge
 
 MERGE_DTYPE = "float32"  # the merge computes in fp32 and saves in the base's dtype
 
@@ -50,6 +51,7 @@ def merge_adapter(
     check_output_path(out, [base, adapter_dir])
     if existing_output(out, stage_fingerprint, overwrite):
         return {**checkpoint.read_manifest(out), "skipped": True}
+    announce_merge(on_event, base, adapter_dir, streaming, out)
     merge = dict(adapter_dir=adapter_dir, out=out, method=method.name, config=config, base=base,
                  parent_manifest=parent_manifest, options=options, fingerprint=stage_fingerprint, started=started)
     merge_input = streamed_base(streaming, base, (parent_manifest or {}).get("layers"))

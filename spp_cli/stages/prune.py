@@ -22,6 +22,7 @@ from spp_cli.io import checkpoint
 from spp_cli.io.disk_full import names_output_on_disk_full
 from spp_cli.io.manifest import applied_record, layer_record, stage_manifest
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
+from spp_cli.memory_plan.stages import announce_prune
 from spp_cli.recipe.resolve import validate_options
 from spp_cli.recipe.schema import PruneStage
 
@@ -72,6 +73,7 @@ def prune(model: str, out: str | Path, *, overwrite: bool = False, trust_remote_
     finished = check(plan, overwrite, allow_pickle, trust_remote_code)
     if finished is not None:
         return finished
+    announce_prune(on_event, plan.model_path, plan.stage, plan.device, plan.out, trust_remote_code)
     loaded = load(plan, trust_remote_code, allow_pickle)
     announce(plan, loaded, on_event)
     reports, blocks_seen = run(plan, loaded, on_event)

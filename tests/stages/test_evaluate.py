@@ -43,6 +43,8 @@ def test_progress_says_model_k_of_n_and_prefixes_the_inner_events(tmp_path):
     evaluate_models({"a": "builtin:tiny-llama", "b": "builtin:tiny-llama"}, ["ppl:builtin:python-docs:test"],
                     tmp_path / "results.json", seqlen=64, limit=2, device="cpu", batch_size=2,
                     on_event=events.append)
+    assert [event.kind for event in events[:1]] == ["plan"]  # the memory plan first (tests/test_memory_plan.py)
+    events = events[1:]
     assert {(event.stage, event.kind) for event in events} == {("eval", "progress")}
     assert [(e.payload["done"], e.payload["total"], e.payload["label"]) for e in events] == [
         (0, 2, "model 1/2 a"), (0, 2, "model 1/2 a · ppl:builtin:python-docs:test windows"),

@@ -131,7 +131,7 @@ def test_the_stage_reports_its_steps_and_warnings_as_events(tmp_path):
     assert warnings == [f"'{tmp_path / 'pruned'}' has no spp.json: its current zeros define the mask to keep"]
     steps = [event.payload for event in events if event.kind == "step"]
     assert [step["step"] for step in steps] == [1, 2] and all(step["total"] == 2 for step in steps)
-    assert {event.kind for event in events} == {"warning", "step", "note"}
+    assert {event.kind for event in events} == {"plan", "warning", "step", "note"}
     records = len(json.loads(ALPACA.read_text()))
     assert [event.payload for event in events if event.kind == "note"] == [
         f"loading {tmp_path / 'pruned'} and tokenizing {records} training records", "training: 2 steps on "

@@ -97,7 +97,8 @@ def test_streaming_merge_writes_the_in_memory_merge_byte_for_byte(tmp_path, mode
     adapter = random_adapter(pruned, method, tmp_path / "tuned" / "adapter")
     in_memory = merge_adapter(adapter, tmp_path / "memory", streaming="off")
     events = []
-    streamed = merge_adapter(adapter, tmp_path / "stream", streaming="on", on_event=events.append)
+    streamed = merge_adapter(adapter, tmp_path / "stream", streaming="on",
+                             on_event=lambda event: events.append(event) if event.kind == "progress" else None)
     assert_same_output(tmp_path / "stream", tmp_path / "memory")
     assert streamed["manifest_sha256"] == in_memory["manifest_sha256"]
     assert events and events[-1].payload["done"] == events[-1].payload["total"]
@@ -147,7 +148,7 @@ def test_kill_9_during_a_streaming_merge_leaves_nothing_complete_and_a_rerun_fin
         "from spp_cli.stages.merge import merge_adapter\n"
         "merge_streaming.SAVE_EVERY_BYTES = 0\n"
         "def on_event(event):\n"
-        "    if event.payload['done'] == 20:\n"
+        "    if event.kind == 'progress' and event.payload['done'] == 20:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         f"merge_adapter({str(adapter)!r}, {str(out)!r}, on_event=on_event)\n"
     )
@@ -159,7 +160,8 @@ def test_kill_9_during_a_streaming_merge_leaves_nothing_complete_and_a_rerun_fin
     assert state["next_unit"] == 20
 
     seen = []
-    resumed = merge_adapter(adapter, out, on_event=lambda event: seen.append(event.payload["done"]))
+    resumed = merge_adapter(adapter, out, on_event=lambda event: seen.append(event.payload["done"])
+                            if event.kind == "progress" else None)
     assert seen[0] == 21 and seen[-1] == len(seen) + 20  # only what the killed run had not written
     assert resumed["manifest_sha256"] == whole["manifest_sha256"]
     assert_same_output(out, tmp_path / "whole")

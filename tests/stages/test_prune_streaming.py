@@ -149,7 +149,7 @@ def test_a_resumed_prune_says_where_it_resumes_and_which_blocks_it_kept(tmp_path
                               "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--out", tmp_path / "out"],
                              capsys)
     assert code == 0, err
-    lines = err.splitlines()
+    lines = [line for line in err.splitlines() if not line.startswith("spp: plan: ")]
     assert lines[0] == f"spp: resuming at block 3 of 4 (blocks 1-2 kept from the interrupted run at {work})"
     assert [line.split(":")[0] for line in lines[1:]] == ["  block 3/4", "  block 4/4"]
     assert "  resumed: blocks 1-2 were pruned by the interrupted run" in out.splitlines()
@@ -157,13 +157,15 @@ def test_a_resumed_prune_says_where_it_resumes_and_which_blocks_it_kept(tmp_path
         prune(model, tmp_path / "one", on_event=crash_after(0), **options)
     events = []
     resumed = prune(model, tmp_path / "one", on_event=events.append, **options)
+    assert events[0].kind == "plan"  # the memory plan (tests/test_memory_plan.py)
+    events = events[1:]
     assert events[0].kind == "note" and events[0].payload.startswith("resuming at block 2 of 4 (block 1 kept from")
     assert [event.kind for event in events[1:]] == ["block"] * 3 and resumed["resumed_from_block"] == 1
     with pytest.raises(Crash):  # killed after its last block, before the output was complete
         prune(model, tmp_path / "all", on_event=crash_after(3), **options)
     events = []
     prune(model, tmp_path / "all", on_event=events.append, **options)
-    assert [event.payload for event in events] == [
+    assert [event.payload for event in events if event.kind != "plan"] == [
         f"resuming after the last block (all 4 kept from the interrupted run at {tmp_path / '.all.spp-work'})"]
 
 
@@ -343,7 +345,7 @@ def test_streamed_owl_writes_the_in_memory_checkpoint_byte_for_byte(tmp_path, ca
     def on_event(event):  # the streamed path: the staging dir exists while blocks are pruned
         if event.kind == "block":
             streamed_blocks.append(staging_path(tmp_path / "stream").is_dir())
-        else:
+        elif event.kind != "plan":
             notes.append(event.payload)
 
     in_memory = prune(model, tmp_path / "memory", streaming="off", **options)
