@@ -167,6 +167,8 @@ def run(plan: PrunePlan, loaded: LoadedModel, on_event: Listener | None) -> tupl
         blocks_seen.append(report)
         notify(on_event, "prune", "block", report)
 
+    if loaded.store is not None:  # a streamed block is reported once it is kept on disk
+        on_block = loaded.store.when_kept(on_block)
     try:
         reports = prune_model(loaded.model, loaded.calibration, pruner_options(plan), on_block=on_block,
                               store=loaded.store)
