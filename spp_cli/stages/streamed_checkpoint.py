@@ -288,9 +288,10 @@ class BackgroundWriter:
     hashes, saves the next inputs, replaces resume.json) while the caller computes block i + 1.
 
     `start` first waits for every earlier job, so at most one block's job is in flight (a queue of depth 1: the
-    buffers a job reads may be reused once the next one starts) and a job's failure surfaces in the caller's thread
-    at the next `start` or `wait`, as the very exception the job raised (a full disk stays a full disk). `then` queues a job behind the others without waiting (a block's event, once the block is kept).
-    Once a job failed, the jobs after it are skipped."""
+    buffers a job reads may be reused once the next one starts), and a job's failure surfaces in the caller's
+    thread at the next `start` or `wait`, as the very exception the job raised (a full disk stays a full disk).
+    `then` queues a job behind the others without waiting (a block's event, once the block is kept). Once a job
+    failed, the jobs after it are skipped."""
 
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
