@@ -97,7 +97,8 @@ def summarize(runs: list[dict]) -> dict:
     return {"median": median, **ratios}
 
 
-def run_benchmark(args) -> dict:
+def run_benchmark(args, out: str) -> None:
+    """Every round, the report rewritten to `out` after each run (a run cut short keeps what it measured)."""
     import shutil
 
     import torch  # noqa: F401  (machine_info reports its version)
@@ -113,7 +114,11 @@ def run_benchmark(args) -> dict:
                 run = {"round": round_index, **run_variant(variant, model_dir, Path(scratch) / "out", args)}
                 shutil.rmtree(Path(scratch) / "out", ignore_errors=True)
                 runs.append(run)
-                print(run, file=sys.stderr, flush=True)
+                common.write_json(report(args, shape, runs), out, announce=False)
+    common.write_json(report(args, shape, runs), out)
+
+
+def report(args, shape: str, runs: list[dict]) -> dict:
     config = common.LLAMA_SHAPES[shape]
     return {
         "benchmark": "streamed prune against in-memory, seconds per block (benchmarks/prune_overlap.py)",
@@ -122,7 +127,7 @@ def run_benchmark(args) -> dict:
                    "blocks": args.blocks, "method": args.method, "sparsity": 0.5, "nsamples": args.nsamples,
                    "seqlen": args.seqlen, "device": "cpu", "rounds": args.rounds, "smoke": args.smoke},
         "machine": common.machine_info(),
-        "summary": summarize(runs),
+        "summary": summarize(runs) if {run["variant"] for run in runs} == set(VARIANTS) else None,
         "runs": runs,
         "created": common.timestamp(),
     }
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    common.write_json(run_benchmark(args), args.out or common.default_out("prune_overlap", args.smoke))
+    run_benchmark(args, args.out or common.default_out("prune_overlap", args.smoke))
 
 
 if __name__ == "__main__":
