@@ -8,7 +8,13 @@ subprocess, which reports:
   process_seconds   wall time of the subprocess (imports, load, calibration, pruning, writing the output)
   block_seconds     each block's wall time (BlockReport.seconds): forward passes, statistics and pruning, and
                     with streaming also writing the block, hashing it for spp.json and saving the next inputs
-                    (work the in-memory path does after the last block instead: compare process_seconds too)
+                    (work the in-memory path does after the last block instead: compare process_seconds too;
+                    streaming keeps block i on a writer thread while block i + 1 runs, so a block's seconds
+                    include only what of the previous block's keeping is left when it ends, and the last
+                    block's keeping falls outside every block, like the in-memory path's save)
+  prune_call_seconds  the prune() call alone, end to end (load, calibration, blocks, writing the output):
+                    the same work on both paths, the fairest whole-stage comparison
+  load_before       the 1, 5 and 15 minute load averages just before the run (the machine may not be quiet)
 The summary gives, per mode, how much the peak grows from the shallowest to the deepest model (the issue's
 target: < 15% with streaming) and the mean seconds per block side by side (medians over --memory-repeats rounds of
 on, off; the issue's target: streaming's within 10% of the in-memory path's).
@@ -44,8 +50,11 @@ from benchmarks.common import peak_rss_mb
 from spp_cli.stages.prune import prune
 blocks = []
 options = json.loads(sys.argv[1])
+called = time.perf_counter()
 prune(on_event=lambda event: blocks.append(event.payload) if event.kind == "block" else None, **options)
-print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1), "child_seconds": round(time.perf_counter() - started, 3),
+ended = time.perf_counter()
+print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1), "child_seconds": round(ended - started, 3),
+                  "prune_call_seconds": round(ended - called, 3),
                   "block_seconds": [round(block.seconds, 3) for block in blocks]}))
 """
 
@@ -63,6 +72,7 @@ def run_one(model_dir: Path, out: Path, mode: str, method: str, args) -> dict:
     options = {"model": str(model_dir), "out": str(out), "method": method, "sparsity": args.sparsity or 0.5,
                "pattern": args.pattern, "calib": args.calib or "builtin:python-docs:train",
                "nsamples": args.nsamples, "seqlen": args.seqlen, "device": args.device, "streaming": mode}
+    load = [round(x, 2) for x in os.getloadavg()]
     start = time.perf_counter()
     completed = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(options)], cwd=common.REPO,
                                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(common.REPO)})
@@ -72,7 +82,7 @@ def run_one(model_dir: Path, out: Path, mode: str, method: str, args) -> dict:
         return {"streaming": mode, "failed": completed.stderr.strip().splitlines()[-1:]}
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     blocks = result["block_seconds"]
-    return {"streaming": mode, "process_seconds": round(seconds, 3), **result,
+    return {"streaming": mode, "load_before": load, "process_seconds": round(seconds, 3), **result,
             "mean_block_seconds": round(statistics.fmean(blocks), 4) if blocks else None}
 
 
@@ -86,7 +96,7 @@ def summarize(runs: list[dict], depths: list[int]) -> dict:
         by_depth = {depth: found for depth, found in by_depth.items() if found}
         median = {key: {str(depth): round(statistics.median(run[key] for run in found), 4)
                         for depth, found in by_depth.items()}
-                  for key in ("peak_rss_mb", "mean_block_seconds", "process_seconds")}
+                  for key in ("peak_rss_mb", "mean_block_seconds", "process_seconds", "prune_call_seconds")}
         if depths[0] in by_depth and depths[-1] in by_depth:
             low, high = median["peak_rss_mb"][str(depths[0])], median["peak_rss_mb"][str(depths[-1])]
             summary[mode] = {"repeats": min(len(found) for found in by_depth.values()), **median,
@@ -95,6 +105,9 @@ def summarize(runs: list[dict], depths: list[int]) -> dict:
         on, off = summary["on"]["mean_block_seconds"], summary["off"]["mean_block_seconds"]
         summary["streaming_over_in_memory_block_seconds"] = {depth: round(on[depth] / off[depth], 3)
                                                              for depth in on if depth in off}
+        on, off = summary["on"]["prune_call_seconds"], summary["off"]["prune_call_seconds"]
+        summary["streaming_over_in_memory_prune_call_seconds"] = {depth: round(on[depth] / off[depth], 3)
+                                                                  for depth in on if depth in off}
     return summary
 
 

@@ -172,6 +172,8 @@ def _prune_without_data(run: PruneRun, on_block) -> list[LayerReport]:
         if run.store is not None:
             run.store.block_done(index, module, block.reports, None)
         _report(block, start, on_block)
+    if run.store is not None:
+        run.store.flush()
     return reports
 
 
@@ -219,6 +221,8 @@ def _prune_with_data(run: PruneRun, on_block) -> list[LayerReport]:
                                  inputs if index < last_pruned else None)
         if block is not None:
             _report(block, start, on_block)
+    if run.store is not None:
+        run.store.flush()
     return reports
 
 

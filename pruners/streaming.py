@@ -44,4 +44,11 @@ class BlockStore(Protocol):
     def block_done(self, index: int, block: nn.Module, reports: list[LayerReport],
                    next_inputs: torch.Tensor | None) -> None:
         """Block `index` is pruned: keep its weights and `reports`, and `next_inputs` (the hidden states entering
-        block index + 1; None for magnitude), then free it. A block with nothing to prune gets reports == []."""
+        block index + 1; None for magnitude), then free it. A block with nothing to prune gets reports == [].
+        The store may keep the block in the background: `block` itself is emptied before this returns, but
+        `next_inputs` is read until the next block_done (or flush) returns, so the driver does not overwrite it
+        before then."""
+
+    def flush(self) -> None:
+        """Return once every block handed to block_done is kept; raise what keeping one of them raised. The driver
+        calls it after the last block."""

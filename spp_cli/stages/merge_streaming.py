@@ -46,6 +46,9 @@ from spp_cli.stages.streamed_checkpoint import (
 )
 
 SAVE_EVERY_BYTES = 256 * 2**20  # resume.json is rewritten once this much more is written (and never more often)
+# how torch words a shape mismatch (an adapter tensor that does not fit its base layer)
+SHAPE_ERRORS = ("must match the size of tensor", "shapes cannot be multiplied", "is invalid for input of size",
+                "expanded size of the tensor", "size mismatch", "mismatch in shape")
 EXPERT_PROJECTIONS = {"gate_up_proj": (("gate_proj", 0), ("up_proj", 1)), "down_proj": (("down_proj", None),)}
 
 
@@ -237,9 +240,17 @@ class StreamingMerge:
         if unit.layer is not None:
             weight_name = next(name for name in unit.parameters if not name.endswith(".bias"))
             bias_name = next((name for name in unit.parameters if name.endswith(".bias")), None)
-            weight, bias = self.adapter.merged_layer(
-                unit.layer, base[weight_name].to(self.device), None if bias_name is None else base[bias_name].to(
-                    self.device), {role: tensor.to(self.device) for role, tensor in tensors.items()})
+            try:
+                weight, bias = self.adapter.merged_layer(
+                    unit.layer, base[weight_name].to(self.device), None if bias_name is None else base[bias_name].to(
+                        self.device), {role: tensor.to(self.device) for role, tensor in tensors.items()})
+            except RuntimeError as error:
+                if not any(text in str(error) for text in SHAPE_ERRORS):
+                    raise
+                shapes = ", ".join(f"{role} {list(tensor.shape)}" for role, tensor in tensors.items())
+                raise BadInput(f"adapter {self.adapter_weights} does not fit this base: layer {unit.layer}'s tensors "
+                               f"({shapes}) do not fit its weight {list(base[weight_name].shape)}; the adapter is "
+                               f"damaged or for another base: merge it into the model it was trained on") from None
             merged[weight_name] = weight.cpu()
             if bias_name is not None:
                 merged[bias_name] = bias.cpu()

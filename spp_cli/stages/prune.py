@@ -64,7 +64,8 @@ def prune(model: str, out: str | Path, *, overwrite: bool = False, trust_remote_
 
     `options` are the prune stage's recipe keys (spp_cli/recipe/schema.py, PruneStage): method, sparsity, pattern,
     calib, nsamples, seqlen, seed, ... Skips the work when `out` already holds the same result (same options and
-    parent). `on_event` hears one "block" event per pruned block (payload: pruners.reports.BlockReport), and a
+    parent). `on_event` hears one "block" event per pruned block (payload: pruners.reports.BlockReport; streamed:
+sent from the writer thread once the block is on disk), and a
     "note" (str) before the first for a resume or OWL's dense pass (`announce`). A streamed
     run that resumed a killed one returns "resumed_from_block": the first block it pruned.
     """
@@ -169,6 +170,8 @@ def run(plan: PrunePlan, loaded: LoadedModel, on_event: Listener | None) -> tupl
         blocks_seen.append(report)
         notify(on_event, "prune", "block", report)
 
+    if loaded.store is not None:  # a streamed block is reported once it is kept on disk
+        on_block = loaded.store.when_kept(on_block)
     try:
         reports = prune_model(loaded.model, loaded.calibration, pruner_options(plan), on_block=on_block,
                               store=loaded.store)

@@ -6,7 +6,10 @@ lm_head: what the capture pass runs before block 0, and small next to the blocks
 exactly as save_pretrained would write them (streamed_checkpoint.py).
 `StreamingStore` is the driver's BlockStore (pruners/streaming.py): block i's tensors are read from the input's
 shards just before it runs, and once it is pruned they are cast to the stored dtype and written at their final
-place in the output's shard files, recorded (spp.json's layer entries), and freed.
+place in the output's shard files, recorded (spp.json's layer entries), and freed. That keeping runs on one writer
+thread (streamed_checkpoint.BackgroundWriter) while the driver computes block i + 1, so the streamed path costs
+about what the in-memory one does per block; the process holds two blocks at that moment (the one computed, the
+one written), and block i's event is sent once block i is kept (`when_kept`), from the writer thread.
 Resume: everything lives in the output's resume directory (atomic.work_dir: `.<out>.spp-work`, the stable
 sibling kept across runs), which becomes the output when complete.
 After each block it holds the block's pruned tensors (in the shards), the hidden states entering the next block
@@ -26,7 +29,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +44,7 @@ from spp_cli.io.manifest import layer_record
 from spp_cli.stages.streamed_checkpoint import (
     LOCK_FILE,
     RESUME_FILE,
+    BackgroundWriter,
     NotStreamable,
     OutputPlan,
     SafetensorsSource,
@@ -170,6 +177,7 @@ class StreamingStore:
         self.out = out
         self.staging = staging_path(out)
         self.writer = ShardWriter(self.staging, streamed.plan)
+        self.jobs = BackgroundWriter()  # keeps each finished block while the next one is computed (block_done)
         self.fingerprint = run_fingerprint
         self.first_block = 0
         self.done_blocks: list[int] = []
@@ -230,6 +238,7 @@ class StreamingStore:
         write_resume_state(self.staging, state)
 
     def close(self) -> None:
+        self.jobs.close()
         if self.lock is not None:
             self.lock.close()
             self.lock = None
@@ -270,21 +279,35 @@ class StreamingStore:
     def save_owl_profile(self, profile) -> None:
         """Kept in resume.json from now on (floats round-trip exactly through JSON). The dense pass runs before any
         block is pruned, so there are no saved inputs yet."""
+        self.jobs.wait()
         self.owl_profile = dataclasses.asdict(profile)
         self._write_state(None)
 
     def block_done(self, index: int, block: nn.Module, reports: list, next_inputs: torch.Tensor | None) -> None:
+        """Empty `block` and hand its tensors to the writer thread (`_keep_block`), which keeps them while the driver
+        computes the next block; first wait for the previous block's job, whose `next_inputs` buffer the next block
+        is about to overwrite."""
         from pruners.experts import weight_of
 
         names = self._block_names(index, block)
         current = block.state_dict()
-        stored = {full: self._as_stored(current[relative]) for relative, full in names.items()}
-        self.writer.write(stored)
-        for report in reports:  # weight_of: an MoE expert is a slice of a fused parameter, not a module
-            self.layers[report.name] = layer_record(self._as_stored(weight_of(self.streamed.model, report.name)))
-        self.reports += [dataclasses.asdict(report) for report in reports]
-        del current, stored
+        tensors = {full: current[relative] for relative, full in names.items()}
+        # weight_of: an MoE expert is a slice of a fused parameter, not a module
+        weights = {report.name: weight_of(self.streamed.model, report.name) for report in reports}
+        records = [dataclasses.asdict(report) for report in reports]
+        del current
         self.unload_block(index, block)
+        self.jobs.start(partial(self._keep_block, index, tensors, weights, records, next_inputs))
+
+    def _keep_block(self, index: int, tensors: dict, weights: dict, records: list[dict],
+                    next_inputs: torch.Tensor | None) -> None:
+        """On the writer thread: block `index`'s tensors at their place in the shards, its layers' records, the
+        hidden states entering the next block, then resume.json (a kill leaves the old state or the new one)."""
+        self.writer.write({full: self._as_stored(tensors.pop(full)) for full in list(tensors)})
+        for name in list(weights):
+            self.layers[name] = layer_record(self._as_stored(weights.pop(name)))
+        self.reports += records
+        release_freed_memory()
         inputs_file = None
         if next_inputs is not None:
             inputs_file = f"inputs-{index + 1}.pt"
@@ -296,6 +319,15 @@ class StreamingStore:
         for old in self.staging.glob("inputs-*.pt"):  # only now is the previous block's file no longer needed
             if old.name != inputs_file:
                 old.unlink()
+
+    def when_kept(self, listener: Callable[[Any], None]) -> Callable[[Any], None]:
+        """`listener` (the driver's on_block) called on the writer thread once the block just handed to
+        block_done is kept: a block reported is a block a rerun resumes after, even after kill -9."""
+        return lambda report: self.jobs.then(partial(listener, report))
+
+    def flush(self) -> None:
+        """Return once every finished block is kept (and reported); raise what keeping one of them raised."""
+        self.jobs.wait()
 
     def layer_reports(self) -> list[LayerReport]:
         """The LayerReports of every finished block, those of a killed run this one resumed included."""
@@ -316,6 +348,7 @@ class StreamingStore:
             self.close()
 
     def _finish(self, manifest: dict, tokenizer, parent_dir: Path, started: float) -> dict:
+        self.flush()
         done = tuple(f"{self.streamed.prefix}.{index}." for index in self.done_blocks)
         model = self.streamed.model
         skeleton = model.state_dict(keep_vars=True)

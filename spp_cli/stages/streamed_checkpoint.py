@@ -10,12 +10,17 @@ files out up front and writes each tensor's bytes at its planned offset, wheneve
 so a block's pruned weights go straight to their final place and a resumed run rewrites only what was not done.
 The files are byte-identical to save_pretrained's: safetensors orders a file's tensors by dtype (its Dtype enum,
 largest first), then by name, and pads the JSON header with spaces to a multiple of 8 bytes.
+`BackgroundWriter` is the one thread a streamed store keeps a finished block with (write, hash, inputs, state)
+while the caller computes the next one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,3 +281,56 @@ class ShardWriter:
         if self.plan.index is not None:
             text = json.dumps(self.plan.index, indent=2, sort_keys=True) + "\n"
             (self.directory / INDEX_NAME).write_text(text, encoding="utf-8")
+
+
+class BackgroundWriter:
+    """Jobs run one at a time, in the order given, on one background thread: a streamed store keeps block i (writes,
+    hashes, saves the next inputs, replaces resume.json) while the caller computes block i + 1.
+
+    `start` first waits for every earlier job, so at most one block's job is in flight (a queue of depth 1: the
+    buffers a job reads may be reused once the next one starts), and a job's failure surfaces in the caller's
+    thread at the next `start` or `wait`, as the very exception the job raised (a full disk stays a full disk).
+    `then` queues a job behind the others without waiting (a block's event, once the block is kept). Once a job
+    failed, the jobs after it are skipped."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._futures: list[Future] = []
+        self._failed = False
+
+    def start(self, job: Callable[[], None]) -> None:
+        self.wait()
+        self.then(job)
+
+    def then(self, job: Callable[[], None]) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spp-writer")
+        self._futures.append(self._executor.submit(self._run, job))
+
+    def _run(self, job: Callable[[], None]) -> None:
+        if self._failed:
+            return
+        try:
+            job()
+        except BaseException:
+            self._failed = True
+            raise
+
+    def wait(self) -> None:
+        """Return once every job queued so far has run; raise the first failure among them."""
+        futures, self._futures = self._futures, []
+        wait_for(futures)
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        """Wait for the queued jobs, keeping quiet about their failures (the caller already waited, or is failing
+        for another reason), and end the thread."""
+        try:
+            self.wait()
+        except Exception:  # noqa: S110 (a KeyboardInterrupt still propagates)
+            pass
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import eval as eval_benchmark
-from benchmarks import finetune, matmul, prune, prune_memory, prune_owl, real_model
+from benchmarks import finetune, matmul, prune, prune_memory, prune_overlap, prune_owl, real_model
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +72,13 @@ def test_prune_memory(tmp_path):
     summary = report["summary"]["wanda"]
     assert summary["on"]["peak_growth_2_to_2_blocks"] == 0.0
     assert positive(summary["streaming_over_in_memory_block_seconds"]["2"])
+
+
+def test_prune_overlap(tmp_path):
+    report = run(prune_overlap.main, tmp_path)
+    assert [run["variant"] for run in report["runs"]] == ["in-memory", "streamed", "streamed-inline"]
+    assert all(len(run["block_seconds"]) == 2 and len(run["load_before"]) == 3 for run in report["runs"])
+    assert positive(report["summary"]["streamed_over_in_memory"]["mean_block_seconds"])
 
 
 def test_finetune(tmp_path):
