@@ -152,7 +152,8 @@ def recovery_figure(rows: list[dict], colours: dict[str, Any]):
     axis.set_xlabel("trainable parameters")
     axis.set_ylabel("token perplexity")
     axis.set_title("recovery per method")
-    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)
+    if lines:  # no dense or pruned level known: nothing to put in a legend
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)
     figure.tight_layout()
     for row in points:  # after the layout: the offsets are measured in the final axes
         xytext, horizontal, vertical = _label_place(axis, row["trainable_params"], row["ppl"], lines)
