@@ -507,3 +507,16 @@ def test_readme_recipe_reference_is_the_schema():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     for section, key, kind, default, allowed in describe_schema():
         assert f"| {section} | `{key}` | {kind} | {default} | {allowed} |" in readme, (section, key)
+
+
+def test_top_level_x_keys_hold_anchors_and_are_ignored(tmp_path):
+    """x-... keys at the top level are the author's (YAML anchors the stages share, as compose files do); any other
+    unknown key is still refused."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: builtin:tiny-llama\nx-prune: &prune {type: prune, method: magnitude}\n"
+                      "stages:\n  - {<<: *prune, name: a, sparsity: 0.6}\n  - {<<: *prune, name: b}\n")
+    stages = load_recipe(recipe).stages
+    assert [(s.name, s.method, s.sparsity) for s in stages] == [("a", "magnitude", 0.6), ("b", "magnitude", 0.5)]
+    recipe.write_text("model: builtin:tiny-llama\ny-prune: 1\nstages:\n  - {type: prune}\n")
+    with pytest.raises(BadInput, match="unknown key 'y-prune'"):
+        load_recipe(recipe)

@@ -208,6 +208,8 @@ def parse_recipe(
     def top_fail(message: str, key: str | None = None) -> NoReturn:
         report.fail(message, key=key)
 
+    # top-level keys named x-... are the author's own (YAML anchors for stages to share, as compose files do)
+    data = {key: value for key, value in data.items() if not str(key).startswith("x-")}
     _unknown_keys(
         data,
         [f.name for f in schema_fields(Recipe)],
