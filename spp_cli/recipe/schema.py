@@ -40,7 +40,7 @@ def _deviceoption_field() -> Any:
 def _dtypeoption_field() -> Any:
     return option_field(
         None, choices=DTYPES, inherit="dtype", default_text="recipe's dtype",
-        help="Compute dtype; auto is the checkpoint's (fp32 on a CPU for fine-tuning).",
+        help="Compute dtype; auto is the checkpoint's (on a CPU: fp32 to fine-tune, and to prune fp16).",
     )
 
 

@@ -121,12 +121,13 @@ def load(plan: PrunePlan, trust_remote_code: bool, allow_pickle: bool) -> Loaded
     from spp_cli.stages import prune_streaming
 
     stage = plan.stage
-    streamed = prune_streaming.streamed_model(stage.streaming, plan.model_path, stage.dtype, trust_remote_code)
+    dtype = compute_dtype(stage.dtype, plan.model_path, plan.device, trust_remote_code)
+    streamed = prune_streaming.streamed_model(stage.streaming, plan.model_path, dtype, trust_remote_code)
     if streamed is not None:
         model, stored_dtype = streamed.model, streamed.stored_dtype
         tokenizer = checkpoint.load_tokenizer(plan.model_path, trust_remote_code)
     else:
-        model, tokenizer = checkpoint.load_model(plan.model, dtype=stage.dtype, trust_remote_code=trust_remote_code,
+        model, tokenizer = checkpoint.load_model(plan.model, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  allow_pickle=allow_pickle)
         stored_dtype = model.spp_stored_dtype
     seqlen = calibration = store = None
@@ -138,7 +139,7 @@ def load(plan: PrunePlan, trust_remote_code: bool, allow_pickle: bool) -> Loaded
                                           plan.calibration_texts)
     if streamed is not None:
         store = prune_streaming.StreamingStore(streamed, plan.out, prune_streaming.run_fingerprint(
-            plan.fingerprint, streamed.source, calibration, plan.device, stage.dtype))
+            plan.fingerprint, streamed.source, calibration, plan.device, dtype))
         store.open()
     return LoadedModel(model, tokenizer, calibration, seqlen, store, next(model.parameters()).dtype, stored_dtype)
 
@@ -231,6 +232,51 @@ def publish(plan: PrunePlan, loaded: LoadedModel, manifest: dict, started: float
 
 # ---------------------------------------------------------------------------------------------------------------
 # what the steps use
+
+
+def compute_dtype(requested: str, model_path: str, device: str, trust_remote_code: bool = False) -> str:
+    """The dtype the blocks are pruned in: `requested`, except that "auto" on a CPU computes an fp16 checkpoint in
+    float32 (this CPU's fp16 matmuls are several times slower than fp32: benchmarks/prune_dtype.py), and a bf16
+    checkpoint in float32 on a CPU without native bf16 instructions (AVX512-BF16 or AMX). Elsewhere "auto" keeps the
+    checkpoint's dtype. The output is saved in the checkpoint's dtype either way; spp.json's "applied" records both."""
+    if requested not in (None, "auto") or device != "cpu":
+        return requested
+    stored = _stored_dtype_name(model_path, trust_remote_code)
+    return cpu_auto_dtype(stored, _cpu_has_bf16()) or "auto"
+
+
+def cpu_auto_dtype(stored: str | None, native_bf16: bool) -> str | None:
+    """What "auto" computes a checkpoint stored in `stored` in on a CPU; None: the checkpoint's own dtype.
+
+    fp32 holds every fp16 and bf16 value exactly, so the statistics only gain precision; bf16 stays bf16 where the
+    CPU computes it natively (Wanda and SparseGPT were both faster in bf16 than in fp32 there)."""
+    if stored == "float16" or (stored == "bfloat16" and not native_bf16):
+        return "float32"
+    return None
+
+
+def _stored_dtype_name(model_path: str, trust_remote_code: bool) -> str | None:
+    """The checkpoint's dtype from its config (config.json's "dtype" or "torch_dtype"), None when unknown."""
+    config_file = Path(model_path) / "config.json"
+    try:
+        if config_file.is_file():
+            import json
+
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        else:  # a hub id: its config (cached, or fetched when online)
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).to_dict()
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype")
+    return str(name).removeprefix("torch.") if name else None
+
+
+def _cpu_has_bf16() -> bool:
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def parse_pattern(pattern: str, sparsity: float):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import eval as eval_benchmark
-from benchmarks import finetune, matmul, prune, prune_memory, prune_overlap, prune_owl, real_model
+from benchmarks import finetune, matmul, prune, prune_dtype, prune_memory, prune_overlap, prune_owl, real_model
 
 
 @pytest.fixture(autouse=True)
@@ -106,6 +106,14 @@ def test_matmul(tmp_path):
     report = run(matmul.main, tmp_path, "--threads", "1")
     assert len(report["results"]) == sum(len(shapes) for _, shapes in matmul.SHAPES.values())
     assert all(positive(row["gflops"]) for row in report["results"])
+
+
+def test_prune_dtype(tmp_path):
+    report = run(prune_dtype.main, tmp_path)
+    rows = report["results"]
+    assert len(rows) == len(prune_dtype.METHODS) * len(prune_dtype.PATTERNS) * len(prune_dtype.DTYPE_PAIRS)
+    assert all(positive(row["median_seconds"]) and 0 < row["reconstruction_error"] < 1 for row in rows)
+    assert all(row["mask_agreement_with_fp32_compute"] == 1.0 for row in rows if row["compute_dtype"] == "float32")
 
 
 def test_real_model(tmp_path, test_data):
