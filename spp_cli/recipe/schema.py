@@ -51,6 +51,7 @@ def _method_defaults(key: str) -> str:
 
 
 REFINES = ("none", "dsnot", "reconstruct", "dsnot+reconstruct")  # pruners/options.py's, in the order they run
+RECONSTRUCT_PARAMS = ("weights", "spp", "masked-lora")  # pruners/reconstruct_params.py's (it imports torch)
 RECONSTRUCT_KEYS = ("reconstruct_epochs", "reconstruct_lr", "reconstruct_batch_size", "reconstruct_weight_decay",
                     "reconstruct_warmup_steps", "reconstruct_params")  # recorded only when refine reconstructs
 COMMAND_KEYS = ("name", "input")  # recipe-only: a command names its model and output itself
@@ -162,8 +163,11 @@ class PruneStage(Stage):
     reconstruct_batch_size: int = option_field(8, "int", low=1, help="Reconstruct: calibration windows per step.")
     reconstruct_weight_decay: float = option_field(0.1, "float", low=0, help="Reconstruct: AdamW weight decay.")
     reconstruct_warmup_steps: int = option_field(0, "int", low=0, help="Reconstruct: linear warmup steps per block.")
-    reconstruct_params: str = option_field("weights", choices=("weights", "spp", "masked-lora"),
-                                           help="Reconstruct: what trains (the kept weights; adapters: not yet).")
+    reconstruct_params: str = option_field(
+        "weights", choices=RECONSTRUCT_PARAMS,
+        help="Reconstruct: what trains: the kept weights, or an spp or masked-lora adapter per linear, merged "
+             "right after its block.",
+    )
     min_expert_tokens: int = option_field(
         16, "int", low=0, help="An MoE expert that saw fewer calibration tokens is pruned by magnitude instead.",
     )
@@ -203,8 +207,6 @@ class PruneStage(Stage):
         for key in RECONSTRUCT_KEYS if not self.refine.endswith("reconstruct") else ():
             if getattr(self, key) != defaults[key]:
                 fail("applies to refine reconstruct (or dsnot+reconstruct): add it or drop this option", key)
-        if self.reconstruct_params != "weights":
-            fail(f"{self.reconstruct_params} adapters are not implemented yet: use weights", "reconstruct_params")
 
     def recorded_options(self) -> dict[str, Any]:
         """Stage's rule, but reconstruct's options only when refine reconstructs (dsnot alone records none)."""
