@@ -155,7 +155,8 @@ class PruneStage(Stage):
     refine: str = option_field(
         "none", choices=REFINES,
         help="dsnot: refine a wanda or sparsegpt mask by prune-and-grow within each row (DSnoT), same sparsity; "
-             "reconstruct: train each block's kept weights to reproduce its dense outputs (EBFT); dsnot+reconstruct.",
+             "reconstruct: train each block's kept weights (or an adapter, reconstruct params) to reproduce its "
+             "dense outputs (EBFT); dsnot+reconstruct.",
     )
     # reconstruct's own options, EBFT's defaults (pruners/reconstruct.py cites its code)
     reconstruct_epochs: int = option_field(10, "int", low=1, help="Reconstruct: passes over the windows per block.")

@@ -123,3 +123,13 @@ def test_merge_memory(tmp_path):
     assert all("failed" not in run and positive(run["peak_rss_mb"]) for run in report["runs"]), report["runs"]
     assert all(run["peak_rss_mb"] >= run["rss_after_imports_mb"] for run in report["runs"])
     assert report["summary"]["on"]["peak_growth_2_to_2_blocks"] == 0.0
+
+
+def test_reconstruct_params(tmp_path):
+    from benchmarks import reconstruct_params
+
+    report = run(reconstruct_params.main, tmp_path)
+    plain, adapter = report["results"]["wanda (no reconstruct)"], report["results"]["masked-lora, lr 2e-4"]
+    assert adapter["every_block_lower"] and len(adapter["error_after"]) == 4 and "error_after" not in plain
+    assert all(positive(row["held_out_ppl"]) and row["same_bytes_every_repeat"] for row in (plain, adapter))
+    assert positive(adapter["median_seconds"]) and len(report["machine"]["loadavg_at_start"]) == 3
