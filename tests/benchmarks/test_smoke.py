@@ -129,7 +129,7 @@ def test_reconstruct_params(tmp_path):
     from benchmarks import reconstruct_params
 
     report = run(reconstruct_params.main, tmp_path)
-    plain, adapter = report["results"]["wanda (no reconstruct)"], report["results"]["masked-lora, lr 2e-4"]
-    assert adapter["every_block_lower"] and len(adapter["error_after"]) == 4 and "error_after" not in plain
-    assert all(positive(row["held_out_ppl"]) and row["same_bytes_every_repeat"] for row in (plain, adapter))
-    assert positive(adapter["median_seconds"]) and len(report["machine"]["loadavg_at_start"]) == 3
+    (adapter,) = report["results"].values()
+    assert adapter["every_block_lower"] and len(adapter["error_after"]) == 4 and adapter["same_bytes_every_repeat"]
+    assert positive(adapter["held_out_ppl"]) and positive(adapter["median_seconds"])
+    assert len(report["machine"]["loadavg_at_start"]) == 3 and report["reconstruct"]["steps_per_block"] == 1

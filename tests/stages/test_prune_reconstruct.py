@@ -67,21 +67,18 @@ def test_streamed_and_in_memory_write_the_same_bytes(tmp_path, method, options):
     assert streamed["manifest_sha256"] == memory["manifest_sha256"] and len(memory["reconstruct"]["block_error"]) == 4
 
 
-@pytest.mark.parametrize("params", ["spp", "masked-lora"])
-def test_an_adapter_streams_like_in_memory_lowers_every_block_error_and_keeps_the_zeros(tmp_path, params):
-    """reconstruct_params spp | masked-lora: streamed = in memory byte for byte, each block's error falls, N:M kept,
-    and block 0 (the same inputs as the unrefined prune) has the unrefined prune's zeros."""
-    model = str(save_random(tmp_path / "llama", "llama", shard="60KB"))
-    options = dict(method="wanda", pattern="2:4", **{**CALIB, "seqlen": 32})
-    plain = prune(model, tmp_path / "plain", **options)
-    options |= {**FAST, "reconstruct_params": params}
+def assert_an_adapters_prune(model: str, tmp_path, options: dict, streamed: dict) -> None:
+    """reconstruct_params spp | masked-lora (`streamed`: its streamed prune, in tmp_path / "whole"): in memory the
+    same bytes, each block's error lower after, every N:M group kept, and block 0 (the same inputs as the unrefined
+    prune) with the unrefined prune's zeros and other kept values."""
     memory = prune(model, tmp_path / "memory", streaming="off", **options)
-    streamed = prune(model, tmp_path / "stream", streaming="on", **options)
-    assert_same_output(tmp_path / "stream", tmp_path / "memory")
+    assert_same_output(tmp_path / "whole", tmp_path / "memory")
     assert streamed["manifest_sha256"] == memory["manifest_sha256"]
-    assert memory["reconstruct"]["params"] == memory["config"]["reconstruct_params"] == params
+    assert memory["reconstruct"]["params"] == memory["config"]["reconstruct_params"] == options["reconstruct_params"]
     errors = memory["reconstruct"]["block_error"]
     assert len(errors) == 4 and all(block["after"] < block["before"] for block in errors.values()), errors
+    plain = prune(model, tmp_path / "plain", **{k: v for k, v in options.items() if not k.startswith("reconstruct")
+                                                  and k != "refine"})
     for name, layer in plain["layers"].items():
         assert memory["layers"][name]["sparsity"] == layer["sparsity"] == 0.5, name
         if ".layers.0." in name:
@@ -91,9 +88,13 @@ def test_an_adapter_streams_like_in_memory_lowers_every_block_error_and_keeps_th
 
 @pytest.mark.parametrize("params", ["weights", "spp", "masked-lora"])
 def test_kill_9_during_a_reconstructed_prune_resumes_bit_identically(tmp_path, params):
+    """With an adapter (wanda 2:4) also assert_an_adapters_prune: streamed = in memory, errors, zeros."""
     model = str(save_random(tmp_path / "llama", "llama", shard="60KB"))
-    options = dict(method="wanda", sparsity=0.5, **{**CALIB, "seqlen": 32}, **FAST, reconstruct_params=params)
+    sparsity = {"sparsity": 0.5} if params == "weights" else {"pattern": "2:4"}
+    options = dict(method="wanda", **sparsity, **{**CALIB, "seqlen": 32}, **FAST, reconstruct_params=params)
     whole = prune(model, tmp_path / "whole", **options)
+    if params != "weights":
+        assert_an_adapters_prune(model, tmp_path, options, whole)
     out = tmp_path / "killed"
     script = (  # SIGKILL from block 1's report hook, after its state is saved
         "import os, signal\n"
