@@ -54,7 +54,7 @@ class Trainable(Protocol):
 class KeptWeights:
     """Fp32 master copies of the kept weights of a block's target linears; the zeros stay zeros."""
 
-    def __init__(self, module: nn.Module, linears: dict[str, nn.Module], generator: torch.Generator) -> None:
+    def __init__(self, linears: dict[str, nn.Module]) -> None:
         self.weights = [linear.weight for linear in linears.values()]
         self.pruned = [weight.detach().clone() for weight in self.weights]  # the weights as pruning left them
         self.keep = [weight != 0 for weight in self.weights]
@@ -201,7 +201,7 @@ def trainable(params: str, module: nn.Module, linears: dict[str, nn.Module], gen
               ) -> Trainable:
     """The object that trains a block for `reconstruct_params` (weights | spp | masked-lora)."""
     if params == "weights":
-        return KeptWeights(module, linears, generator)
+        return KeptWeights(linears)
     update_class = {"spp": SPPUpdate, "masked-lora": MaskedLoRAUpdate}[params]
     return AdaptedLinears(module, linears, generator, update_class)
 
