@@ -51,7 +51,8 @@ class PruneOptions:
     reconstruct_batch_size: int = DEFAULTS.batch_size
     reconstruct_weight_decay: float = DEFAULTS.weight_decay
     reconstruct_warmup_steps: int = DEFAULTS.warmup_steps
-    reconstruct_params: str = "weights"  # what trains: the kept weights (the adapters spp, masked-lora: not yet)
+    reconstruct_params: str = "weights"  # what trains: the kept weights, or an spp or masked-lora adapter merged
+    # right after its block trains (pruners/reconstruct_params.py)
     seed: int = 0  # reconstruct: with the block index, seeds the order of the training windows
     min_expert_tokens: int = DEFAULT_MIN_TOKENS  # a fused-MoE expert projection that saw fewer calibration tokens
     # is pruned by magnitude instead (pruners/experts.py; its LayerReport says so in `fallback` and `tokens`)
@@ -89,9 +90,6 @@ class PruneOptions:
                                     "dsnot+reconstruct): add it or drop the option")
         if self.reconstructs:
             settings.check()
-            if self.reconstruct_params != "weights":
-                raise PrunerOptionError(f"reconstruct_params {self.reconstruct_params!r} is not implemented: use "
-                                        "weights")
         if (isinstance(self.min_expert_tokens, bool) or not isinstance(self.min_expert_tokens, int)
                 or self.min_expert_tokens < 0):
             raise PrunerOptionError(f"min_expert_tokens {self.min_expert_tokens!r} is invalid: use an integer >= 0")
@@ -106,7 +104,8 @@ class PruneOptions:
 
     def reconstruct_settings(self) -> ReconstructSettings:
         return ReconstructSettings(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_batch_size,
-                                   self.reconstruct_weight_decay, self.reconstruct_warmup_steps, self.seed)
+                                   self.reconstruct_weight_decay, self.reconstruct_warmup_steps, self.seed,
+                                   self.reconstruct_params)
 
     @property
     def needs_calibration(self) -> bool:

@@ -2,7 +2,9 @@
 
 After a block's masks are chosen, train the kept weights of its target linears (mask fixed) so that the sparse block
 reproduces the dense block's outputs on the calibration windows; then the driver's pruned pass feeds the next block
-as before. `BlockReconstruction` is a driver hook (pruners/hooks.py) that does this in `after_prune`.
+as before. `BlockReconstruction` is a driver hook (pruners/hooks.py) that does this in `after_prune`. With
+reconstruct_params spp or masked-lora, an adapter of each target linear trains instead of its kept weights, with the
+same loop and settings, and is merged into the linear as soon as the block has trained (pruners/reconstruct_params.py).
 
 What EBFT does, from its code (file:line in sunggo/EBFT):
 - inputs: the *pruned* model's block inputs. Each block's dense outputs are computed on `inps` before its masks
@@ -51,6 +53,7 @@ from torch import nn
 from pruners.blocks import _same_call, block_outputs
 from pruners.errors import PrunerOptionError
 from pruners.hooks import ERROR_WINDOWS, BlockContext, PruneHook, PruneRun, error_terms
+from pruners.reconstruct_params import RECONSTRUCT_PARAMS, Trainable, trainable
 
 ADAM_BETAS = (0.9, 0.95)  # EBFT lib/options.py:18-19
 MAX_GRAD_NORM = 1.0  # EBFT lib/options.py:20
@@ -66,10 +69,14 @@ class ReconstructSettings:
     batch_size: int = 8  # calibration windows per step
     weight_decay: float = 0.1
     warmup_steps: int = 0
-    seed: int = 0  # with the block index, seeds the window order
+    seed: int = 0  # with the block index, seeds the window order (and an adapter's initial values)
+    params: str = "weights"  # what trains: pruners/reconstruct_params.py (weights | spp | masked-lora)
 
     def check(self) -> None:
         """Raise PrunerOptionError for settings that cannot train."""
+        if self.params not in RECONSTRUCT_PARAMS:
+            raise PrunerOptionError(f"unknown reconstruct_params {self.params!r}: use one of "
+                                    f"{', '.join(RECONSTRUCT_PARAMS)}")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -137,69 +144,37 @@ def minibatches(block: BlockContext, batch_size: int, generator: torch.Generator
         yield torch.arange(batch.start, batch.stop), block.calls[index]
 
 
-class _MaskedWeights:
-    """Fp32 master copies of the kept weights of a block's target linears; the zeros stay zeros."""
-
-    def __init__(self, linears: dict[str, nn.Module]) -> None:
-        self.weights = [linear.weight for linear in linears.values()]
-        self.pruned = [weight.detach().clone() for weight in self.weights]  # the weights as pruning left them
-        self.keep = [weight != 0 for weight in self.weights]
-        self.masters = [weight.detach().to(torch.float32, copy=True) for weight in self.weights]
-
-    def unscaled_gradients(self, scale: float) -> bool:
-        """Move each weight's gradient (kept entries only, / scale) to its master; False when one is not finite."""
-        finite = True
-        for weight, master, keep in zip(self.weights, self.masters, self.keep, strict=True):
-            master.grad = weight.grad.float().mul_(keep).div_(scale)
-            weight.grad = None
-            finite = finite and bool(torch.isfinite(master.grad).all())
-        return finite
-
-    @torch.no_grad()
-    def write_back(self) -> None:
-        """Masters (re-zeroed) into the block's weights, in their dtype."""
-        for weight, master, keep in zip(self.weights, self.masters, self.keep, strict=True):
-            master.mul_(keep)
-            weight.copy_(master)
-
-    @torch.no_grad()
-    def keep_kept_nonzero(self) -> None:
-        """A kept weight that rounded to zero in the weight's dtype gets its pruned value back (no new zero)."""
-        for weight, pruned, keep in zip(self.weights, self.pruned, self.keep, strict=True):
-            lost = keep & (weight == 0)
-            weight[lost] = pruned[lost]
-
-
 def train_block(block: BlockContext, settings: ReconstructSettings) -> None:
-    """Train the kept weights of block.linears to minimise MSE(block(x), dense block(x)) over the calibration windows
+    """Train what settings.params names (pruners/reconstruct_params.py: the kept weights of block.linears, or an
+    adapter of each merged into it at the end) to minimise MSE(block(x), dense block(x)) over the calibration windows
     (x = block.inputs, targets block.outputs); the block's other parameters and every zero stay as they are."""
-    module, weights = block.module, _MaskedWeights(block.linears)
+    module = block.module
+    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + block.index)
+    initial = torch.Generator().manual_seed(settings.seed * 1_000_003 + block.index)  # an adapter's initial values
+    trained = trainable(settings.params, module, block.linears, initial)
+    dtype = next(iter(block.linears.values())).weight.dtype
     requires_grad = {parameter: parameter.requires_grad for parameter in module.parameters()}
     module.requires_grad_(False)
-    for weight, master in zip(weights.weights, weights.masters, strict=True):
-        weight.requires_grad_(True)
-        master.requires_grad_(True)
-    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + block.index)
-    optimizer = torch.optim.AdamW(weights.masters, lr=settings.lr, betas=ADAM_BETAS,
+    trained.attach()
+    optimizer = torch.optim.AdamW(trained.parameters, lr=settings.lr, betas=ADAM_BETAS,
                                   weight_decay=settings.weight_decay)
     total_steps = settings.epochs * steps_per_epoch(block, settings.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(settings.warmup_steps, total_steps))
-    scale = FP16_INITIAL_SCALE if weights.weights[0].dtype == torch.float16 else 1.0
+    scale = FP16_INITIAL_SCALE if dtype == torch.float16 else 1.0
     try:
         with torch.enable_grad():
             for _ in range(settings.epochs):
                 for windows, (args, kwargs) in minibatches(block, settings.batch_size, generator):
-                    scale = _step(block, windows, args, kwargs, weights, optimizer, scale)
+                    scale = _step(block, windows, args, kwargs, trained, optimizer, scale)
                     schedule.step()
-        weights.keep_kept_nonzero()
+        trained.merge()
     finally:
+        trained.detach()
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
-        for weight in weights.weights:
-            weight.grad = None
 
 
-def _step(block: BlockContext, windows: torch.Tensor, args: tuple, kwargs: dict, weights: _MaskedWeights,
+def _step(block: BlockContext, windows: torch.Tensor, args: tuple, kwargs: dict, trained: Trainable,
           optimizer: torch.optim.Optimizer, scale: float) -> float:
     """One optimizer step on `windows`; returns the loss scale for the next (halved after a non-finite fp16 step,
     which is skipped, as GradScaler does)."""
@@ -211,15 +186,15 @@ def _step(block: BlockContext, windows: torch.Tensor, args: tuple, kwargs: dict,
     if not torch.isfinite(loss):
         raise RuntimeError(f"reconstruct: block {block.index}'s loss is {float(loss)}; lower reconstruct_lr")
     (loss * scale).backward()
-    if not weights.unscaled_gradients(scale):
+    if not trained.unscaled_gradients(scale):
         if scale == 1.0:
             raise RuntimeError(f"reconstruct: block {block.index}'s gradients are not finite; lower reconstruct_lr")
         optimizer.zero_grad(set_to_none=True)
         return scale / 2
-    torch.nn.utils.clip_grad_norm_(weights.masters, MAX_GRAD_NORM)
+    torch.nn.utils.clip_grad_norm_(trained.parameters, MAX_GRAD_NORM)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    weights.write_back()
+    trained.after_step()
     return scale
 
 

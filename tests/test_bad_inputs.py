@@ -136,7 +136,8 @@ def rows(data: Path):
         ("a sweep value that is not a list", ["run", "{root}/sweep.yaml", "--dry-run"], "stages[0] (finetune).sweep: lr: 3 is not allowed; use a non-empty list"),
         ("dsnot+reconstruct after magnitude", [*prune, "--method", "magnitude", "--refine", "dsnot+reconstruct"], "--refine: dsnot refines a wanda or sparsegpt mask"),
         ("reconstruct before dsnot", [*prune, "--method", "wanda", "--refine", "reconstruct+dsnot"], "'reconstruct+dsnot' is not one of"),
-        ("reconstruct through an spp adapter", [*prune, "--method", "wanda", "--refine", "reconstruct", "--reconstruct-params", "spp"], "--reconstruct-params: spp adapters are not implemented yet"),
+        ("reconstruct params without reconstruct", [*prune, "--method", "wanda", "--reconstruct-params", "spp"], "--reconstruct-params: applies to refine reconstruct"),
+        ("unknown reconstruct params", [*prune, "--method", "wanda", "--refine", "reconstruct", "--reconstruct-params", "lora"], "'--reconstruct-params': 'lora' is not one of 'weights', 'spp', 'masked-lora'"),
         ("reconstruct lr 0", [*prune, "--method", "wanda", "--refine", "reconstruct", "--reconstruct-lr", "0"], "--reconstruct-lr: 0.0 is out of range"),
         ("true-sequential with wanda", [*prune, "--method", "wanda", "--true-sequential"], "--true-sequential: is a SparseGPT option"),
         ("forward grouped (was accepted)", ["finetune", "{root}/dense", "--data", "{root}/calib.jsonl", "--out", "{root}/ft", "--forward", "grouped"], "'grouped' is not one of"),
@@ -219,8 +220,8 @@ API_ROWS = [
      "reconstruct_epochs: 0 is out of range"),
     ("reconstruct options without reconstruct", dict(method="sparsegpt", refine="dsnot", reconstruct_lr=1e-3),
      "reconstruct_lr: applies to refine reconstruct"),
-    ("reconstruct through masked-lora", dict(method="wanda", refine="reconstruct", reconstruct_params="masked-lora"),
-     "masked-lora adapters are not implemented yet"),
+    ("masked-lora reconstruct after dsnot alone", dict(method="wanda", refine="dsnot", reconstruct_params="masked-lora"),
+     "reconstruct_params: applies to refine reconstruct"),
     ("min_expert_tokens negative", dict(method="wanda", min_expert_tokens=-1), "min_expert_tokens: -1 is out of"),
 ]
 

@@ -52,6 +52,7 @@ def _method_defaults(key: str) -> str:
 
 
 REFINES = ("none", "dsnot", "reconstruct", "dsnot+reconstruct")  # pruners/options.py's, in the order they run
+RECONSTRUCT_PARAMS = ("weights", "spp", "masked-lora")  # pruners/reconstruct_params.py's (it imports torch)
 RECONSTRUCT_KEYS = ("reconstruct_epochs", "reconstruct_lr", "reconstruct_batch_size", "reconstruct_weight_decay",
                     "reconstruct_warmup_steps", "reconstruct_params")  # recorded only when refine reconstructs
 DISTILL_KEYS = ("teacher", "distill_temperature", "distill_weight")  # recorded only when objective is distill
@@ -156,7 +157,8 @@ class PruneStage(Stage):
     refine: str = option_field(
         "none", choices=REFINES,
         help="dsnot: refine a wanda or sparsegpt mask by prune-and-grow within each row (DSnoT), same sparsity; "
-             "reconstruct: train each block's kept weights to reproduce its dense outputs (EBFT); dsnot+reconstruct.",
+             "reconstruct: train each block's kept weights (or an adapter, reconstruct params) to reproduce its "
+             "dense outputs (EBFT); dsnot+reconstruct.",
     )
     # reconstruct's own options, EBFT's defaults (pruners/reconstruct.py cites its code)
     reconstruct_epochs: int = option_field(10, "int", low=1, help="Reconstruct: passes over the windows per block.")
@@ -164,8 +166,11 @@ class PruneStage(Stage):
     reconstruct_batch_size: int = option_field(8, "int", low=1, help="Reconstruct: calibration windows per step.")
     reconstruct_weight_decay: float = option_field(0.1, "float", low=0, help="Reconstruct: AdamW weight decay.")
     reconstruct_warmup_steps: int = option_field(0, "int", low=0, help="Reconstruct: linear warmup steps per block.")
-    reconstruct_params: str = option_field("weights", choices=("weights", "spp", "masked-lora"),
-                                           help="Reconstruct: what trains (the kept weights; adapters: not yet).")
+    reconstruct_params: str = option_field(
+        "weights", choices=RECONSTRUCT_PARAMS,
+        help="Reconstruct: what trains: the kept weights, or an spp or masked-lora adapter per linear, merged "
+             "right after its block.",
+    )
     min_expert_tokens: int = option_field(
         16, "int", low=0, help="An MoE expert that saw fewer calibration tokens is pruned by magnitude instead.",
     )
@@ -205,8 +210,6 @@ class PruneStage(Stage):
         for key in RECONSTRUCT_KEYS if not self.refine.endswith("reconstruct") else ():
             if getattr(self, key) != defaults[key]:
                 fail("applies to refine reconstruct (or dsnot+reconstruct): add it or drop this option", key)
-        if self.reconstruct_params != "weights":
-            fail(f"{self.reconstruct_params} adapters are not implemented yet: use weights", "reconstruct_params")
 
     def recorded_options(self) -> dict[str, Any]:
         """Stage's rule, but reconstruct's options only when refine reconstructs (dsnot alone records none)."""

@@ -138,3 +138,13 @@ def test_merge_memory(tmp_path):
     assert all("failed" not in run and positive(run["peak_rss_mb"]) for run in report["runs"]), report["runs"]
     assert all(run["peak_rss_mb"] >= run["rss_after_imports_mb"] for run in report["runs"])
     assert report["summary"]["on"]["peak_growth_2_to_2_blocks"] == 0.0
+
+
+def test_reconstruct_params(tmp_path):
+    from benchmarks import reconstruct_params
+
+    report = run(reconstruct_params.main, tmp_path)
+    (adapter,) = report["results"].values()
+    assert adapter["every_block_lower"] and len(adapter["error_after"]) == 4 and adapter["same_bytes_every_repeat"]
+    assert positive(adapter["held_out_ppl"]) and positive(adapter["median_seconds"])
+    assert len(report["machine"]["loadavg_at_start"]) == 3 and report["reconstruct"]["steps_per_block"] == 1

@@ -67,10 +67,34 @@ def test_streamed_and_in_memory_write_the_same_bytes(tmp_path, method, options):
     assert streamed["manifest_sha256"] == memory["manifest_sha256"] and len(memory["reconstruct"]["block_error"]) == 4
 
 
-def test_kill_9_during_a_reconstructed_prune_resumes_bit_identically(tmp_path):
+def assert_an_adapters_prune(model: str, tmp_path, options: dict, streamed: dict) -> None:
+    """reconstruct_params spp | masked-lora (`streamed`: its streamed prune, in tmp_path / "whole"): in memory the
+    same bytes, each block's error lower after, every N:M group kept, and block 0 (the same inputs as the unrefined
+    prune) with the unrefined prune's zeros and other kept values."""
+    memory = prune(model, tmp_path / "memory", streaming="off", **options)
+    assert_same_output(tmp_path / "whole", tmp_path / "memory")
+    assert streamed["manifest_sha256"] == memory["manifest_sha256"]
+    assert memory["reconstruct"]["params"] == memory["config"]["reconstruct_params"] == options["reconstruct_params"]
+    errors = memory["reconstruct"]["block_error"]
+    assert len(errors) == 4 and all(block["after"] < block["before"] for block in errors.values()), errors
+    plain = prune(model, tmp_path / "plain", **{k: v for k, v in options.items() if not k.startswith("reconstruct")
+                                                  and k != "refine"})
+    for name, layer in plain["layers"].items():
+        assert memory["layers"][name]["sparsity"] == layer["sparsity"] == 0.5, name
+        if ".layers.0." in name:
+            assert memory["layers"][name]["zeros_sha256"] == layer["zeros_sha256"], name
+            assert memory["layers"][name]["weight_sha256"] != layer["weight_sha256"], name
+
+
+@pytest.mark.parametrize("params", ["weights", "spp", "masked-lora"])
+def test_kill_9_during_a_reconstructed_prune_resumes_bit_identically(tmp_path, params):
+    """With an adapter (wanda 2:4) also assert_an_adapters_prune: streamed = in memory, errors, zeros."""
     model = str(save_random(tmp_path / "llama", "llama", shard="60KB"))
-    options = dict(method="wanda", sparsity=0.5, **{**CALIB, "seqlen": 32}, **FAST)
+    sparsity = {"sparsity": 0.5} if params == "weights" else {"pattern": "2:4"}
+    options = dict(method="wanda", **sparsity, **{**CALIB, "seqlen": 32}, **FAST, reconstruct_params=params)
     whole = prune(model, tmp_path / "whole", **options)
+    if params != "weights":
+        assert_an_adapters_prune(model, tmp_path, options, whole)
     out = tmp_path / "killed"
     script = (  # SIGKILL from block 1's report hook, after its state is saved
         "import os, signal\n"
@@ -94,14 +118,21 @@ def test_kill_9_during_a_reconstructed_prune_resumes_bit_identically(tmp_path):
 
 @pytest.mark.parametrize("refine", ["none", "dsnot", "reconstruct", "dsnot+reconstruct"])
 @pytest.mark.parametrize("changed", [{}, {"reconstruct_epochs": 3}, {"reconstruct_params": "spp"},
+                                     {"reconstruct_params": "masked-lora"},
                                      {"reconstruct_lr": 1e-3, "reconstruct_warmup_steps": 2}])
 def test_the_schema_and_the_driver_agree_on_reconstructs_options(refine, changed):
     from test_prune_stage import _driver_accepts, _schema_accepts
 
     options = dict(method="wanda", pattern="unstructured", refine=refine, **changed)
     assert _schema_accepts(options) == _driver_accepts(options)
-    assert _schema_accepts(options) == ("reconstruct" in refine and changed.get("reconstruct_params") != "spp"
-                                        or not changed)
+    assert _schema_accepts(options) == ("reconstruct" in refine or not changed)
+
+
+def test_the_schema_offers_the_drivers_reconstruct_params():
+    from pruners.reconstruct_params import RECONSTRUCT_PARAMS
+    from spp_cli.recipe.schema import RECONSTRUCT_PARAMS as OFFERED
+
+    assert OFFERED == RECONSTRUCT_PARAMS == ("weights", "spp", "masked-lora")
 
 
 def test_reconstructs_options_are_recorded_after_refine_and_only_with_it():
@@ -117,3 +148,28 @@ def test_reconstructs_options_are_recorded_after_refine_and_only_with_it():
     assert recorded(refine="dsnot")[-2:] == ["refine", "min_expert_tokens"]
     assert recorded(refine="reconstruct")[-8:] == ["refine", *KEYS, "min_expert_tokens"]
     assert recorded(refine="dsnot+reconstruct", reconstruct_epochs=1)[-8:] == ["refine", *KEYS, "min_expert_tokens"]
+
+
+def test_reconstruct_params_reaches_the_fingerprint_from_a_recipe_and_the_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from pruners.masks import parse_pattern
+    from spp_cli.cli import app
+    from spp_cli.io.outputs import fingerprint
+    from spp_cli.recipe.resolve import load_recipe, validate_options
+    from spp_cli.recipe.schema import PruneStage
+    from spp_cli.stages.prune import recorded_options
+
+    def config(**options):
+        stage = validate_options(PruneStage, {"method": "wanda", "refine": "reconstruct", **options})
+        return recorded_options(stage, parse_pattern(stage.pattern, stage.sparsity))
+
+    prints = {params: fingerprint(config(reconstruct_params=params), "parent")
+              for params in ("weights", "spp", "masked-lora")}
+    assert len(set(prints.values())) == 3 and config(reconstruct_params="spp")["reconstruct_params"] == "spp"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: builtin:tiny-llama\noutput_dir: out\nstages:\n  - name: prune\n    type: prune\n"
+                      "    method: wanda\n    refine: reconstruct\n    reconstruct_params: masked-lora\n")
+    assert load_recipe(recipe).stages[0].reconstruct_params == "masked-lora"
+    result = CliRunner().invoke(app, ["prune", "--help"], terminal_width=200)
+    assert "--reconstruct-params" in result.output and "masked-lora" in result.output
