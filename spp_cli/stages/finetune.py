@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spp_cli import preflight
+from spp_cli import interrupts, preflight
 from spp_cli.adapters import METHOD_OPTIONS, resolved_method_options
 from spp_cli.errors import BadInput
 from spp_cli.events import Listener, notify
@@ -325,8 +325,8 @@ def record(plan: FinetunePlan, base: LoadedBase, result, layers: dict) -> dict:
 
 def publish(plan: FinetunePlan, model_out, tokenizer, manifest: dict, started: float, configured=None) -> dict:
     """OUT/ atomically: the merged model (`model_out`: a model, or a StreamingMerge's staged shards, whose config is
-    `configured`'s) + adapter/ + spp.json (or, with --no-merge, adapter/ + spp.json); the work dir goes. Returns the
-    finished manifest."""
+    `configured`'s) + adapter/ + spp.json (or, with --no-merge, adapter/ + spp.json); the work dir goes. Once OUT/ is
+    in place the run is done, whatever a Ctrl-C does after (spp_cli/interrupts.py). Returns the finished manifest."""
     from spp_cli.stages.merge_streaming import StreamingMerge
 
     adapter_dir = plan.work_dir / "adapter"
@@ -338,6 +338,7 @@ def publish(plan: FinetunePlan, model_out, tokenizer, manifest: dict, started: f
     else:
         manifest = checkpoint.save_checkpoint(model_out, tokenizer, plan.out, manifest, parent_dir=plan.model_path,
                                               started=started, extra_dirs={"adapter": adapter_dir})
+    interrupts.output_published()
     shutil.rmtree(plan.work_dir, ignore_errors=True)
     return manifest
 
