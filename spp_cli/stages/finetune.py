@@ -344,17 +344,18 @@ def publish(plan: FinetunePlan, model_out, tokenizer, manifest: dict, started: f
 
 
 def _progress_callbacks(on_event: Listener | None, options: FinetuneStage) -> list:
-    """A "step" event per optimizer step, and the notes of training/phases.py, when someone listens."""
+    """Events, when someone listens: "step" per optimizer step, "progress" per held-out batch, phases.py's notes."""
     if on_event is None:
         return []
-    from spp_cli.training.phases import PhaseNotes
+    from spp_cli.training.phases import HeldOutProgress, PhaseNotes
     from spp_cli.training.progress import TrainingProgress
 
     def on_update(update: dict) -> None:
         notify(on_event, "finetune", "step", update)
 
     return [TrainingProgress(on_update, tokens_per_step=options.batch_size * options.seqlen),
-            PhaseNotes(lambda text: notify(on_event, "finetune", "note", text))]
+            PhaseNotes(lambda text: notify(on_event, "finetune", "note", text)),
+            HeldOutProgress(lambda progress: notify(on_event, "finetune", "progress", progress))]
 
 
 def _unchanged_merge_warning(layers: dict, parent_manifest: dict | None, stored_dtype) -> list[str]:
