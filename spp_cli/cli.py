@@ -94,9 +94,10 @@ def _verbose() -> bool:
 
 
 def _quiet_libraries() -> None:
-    """spp prints its own progress lines; the libraries' bars (transformers' "Writing model shards", the Hub's
-    downloads), advisory log lines and Python warnings (PEFT's FutureWarning for lora and ia3) would bury them.
-    The warnings filter holds until run_cli returns (its catch_warnings); lm-eval is quieted in eval/quiet.py."""
+    """spp prints its own progress lines; the libraries' bars (transformers' "Loading weights" and "Writing model
+    shards", the Hub's downloads, datasets' "Generating train split" of an online --data/--calib source), advisory
+    log lines and Python warnings (PEFT's FutureWarning for lora and ia3) would bury them. The warnings filter holds
+    until run_cli returns (its catch_warnings); lm-eval is quieted in eval/quiet.py."""
     if _verbose():
         return
     import huggingface_hub
@@ -106,6 +107,10 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:  # read when datasets is imported (importing it here would cost every command a second and a half)
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 _JSON_STREAM: list = []  # run_cli's real stdout while a `--format json` command runs with stdout sent to stderr
