@@ -11,15 +11,21 @@ BAR = "%|"  # tqdm's "Writing model shards: 100%|██████████|
 
 
 @pytest.fixture
-def bars_on():
-    """The libraries' bars as a fresh process has them (an earlier in-process command turned them off)."""
+def bars_on(monkeypatch):
+    """The libraries' bars as a fresh process has them (an earlier in-process command turned them off, or set
+    HF_DATASETS_DISABLE_PROGRESS_BARS before datasets was imported, which datasets then reads as final)."""
+    import sys
+
     import datasets
     import huggingface_hub
     import transformers
 
+    monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(sys.modules["datasets.utils.tqdm"], "HF_DATASETS_DISABLE_PROGRESS_BARS", None)
     transformers.utils.logging.enable_progress_bar()
     huggingface_hub.utils.enable_progress_bars()
     datasets.enable_progress_bars()
+    assert datasets.is_progress_bar_enabled()
 
 
 @pytest.fixture
