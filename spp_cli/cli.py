@@ -13,18 +13,15 @@ from typing import Annotated
 
 import typer
 
-from spp_cli import interrupts
+from spp_cli import error_output, interrupts
 from spp_cli.cli_options import parameter, schema_command, schema_parameter
-from spp_cli.errors import SppError
 from spp_cli.recipe.resolve import validate_options
 from spp_cli.recipe.schema import EvalStage, FinetuneStage, PruneStage, Recipe, schema_fields
 
 try:  # recent Typer vendors its own Click; older releases use the click package
-    from typer._click.exceptions import UsageError
     from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover
     from click import get_current_context
-    from click.exceptions import UsageError
 
 class _FlagHelp:
     """`--help` is a flag: no `<bool>` after it in the help text (like every other flag of spp)."""
@@ -94,9 +91,10 @@ def _verbose() -> bool:
 
 
 def _quiet_libraries() -> None:
-    """spp prints its own progress lines; the libraries' bars (transformers' "Writing model shards", the Hub's
-    downloads), advisory log lines and Python warnings (PEFT's FutureWarning for lora and ia3) would bury them.
-    The warnings filter holds until run_cli returns (its catch_warnings); lm-eval is quieted in eval/quiet.py."""
+    """spp prints its own progress lines; the libraries' bars (transformers' "Loading weights" and "Writing model
+    shards", the Hub's downloads, datasets' "Generating train split" of an online --data/--calib source), advisory
+    log lines and Python warnings (PEFT's FutureWarning for lora and ia3) would bury them. The warnings filter holds
+    until run_cli returns (its catch_warnings); lm-eval is quieted in eval/quiet.py."""
     if _verbose():
         return
     import huggingface_hub
@@ -106,6 +104,10 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:  # read when datasets is imported (importing it here would cost every command a second and a half)
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 _JSON_STREAM: list = []  # run_cli's real stdout while a `--format json` command runs with stdout sent to stderr
@@ -331,7 +333,8 @@ def bench(
     """Measure on this device what pruning and recovery will cost: prune, recovery step (every method against PEFT
     LoRA r=8), merge, eval and 2:4 kernel speed, per block and extrapolated to the whole model."""
     from spp_cli.bench import BenchOptions, run_bench
-    from spp_cli.render import event_printer, render_bench
+    from spp_cli.render import event_printer
+    from spp_cli.render_bench import render_bench
 
     def listed(text: str | None) -> list[str]:
         return [item.strip() for item in (text or "").split(",") if item.strip()]
@@ -345,25 +348,12 @@ def bench(
     _emit(result, output_format, render_bench)
 
 
-INTERRUPTED = "spp: interrupted: rerun the same command to resume\n"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _usage_message(error: UsageError) -> str:
-    """Click's message on one line, less the "Value error, " that Typer's pydantic coercion puts before a
-    choice's "'x' is not one of ..." and the closing full stop (the "(see ... --help)" hint follows it)."""
-    return _one_line(error.format_message()).replace(": Value error, ", ": ").removesuffix(".")
-
-
 def run_cli(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code; errors become one line on stderr (DESIGN.md exit codes), and with
-    `--format json` also a JSON object {"error", "exit_code"} on stdout, so a script reading stdout sees why."""
+    """Run the CLI and return its exit code; a failure becomes one line on stderr and its exit code (DESIGN.md),
+    with `--format json` also a JSON object on stdout (spp_cli/error_output.py)."""
     command = typer.main.get_command(app)
     debug = os.environ.get("SPP_DEBUG") == "1"
-    wants_json = _wants_json(argv if argv is not None else sys.argv[1:])
+    wants_json = error_output.wants_json(argv if argv is not None else sys.argv[1:])
     if wants_json:  # libraries that print to stdout (deepspeed's import-time logger) would break the JSON
         _JSON_STREAM.append(sys.stdout)
     try:
@@ -372,67 +362,19 @@ def run_cli(argv: list[str] | None = None) -> int:
             code = command.main(args=argv, prog_name="spp", standalone_mode=False)
     except typer.Exit as exit_:
         code = exit_.exit_code
-    except UsageError as error:
-        interrupts.outcome_decided()
-        if not error.format_message().strip():  # `spp` alone: the help was shown, but no command was given
-            return 2
-        where = f"spp {error.ctx.info_name}" if error.ctx and error.ctx.info_name != "spp" else "spp"
-        return _failed(f"{_usage_message(error)} (see '{where} --help')", 2, wants_json)
-    except (KeyboardInterrupt, typer.Abort):
+    except (KeyboardInterrupt, Exception) as error:  # usage errors, Ctrl-C, SppError and the rest
         interrupts.outcome_decided()  # a second Ctrl-C while spp exits changes nothing (and prints no traceback)
-        return _interrupted(wants_json)
-    except SppError as error:
-        interrupts.outcome_decided()
-        if debug:
+        if debug and error_output.shows_traceback(error):
             raise
-        return _failed(_one_line(error), error.exit_code, wants_json)
-    except Exception as error:
-        interrupts.outcome_decided()
-        if debug:
-            raise
-        if _disk_full(error):  # outside a stage (a stage's own says which output and its resume folder)
-            where = f" while writing '{error.filename}'" if getattr(error, "filename", None) else ""
-            return _failed(f"the disk is full{where}: free space on that disk and rerun", 3, wants_json)
-        if "out of memory" in str(error).lower():
-            return _failed(f"out of memory ({_one_line(error)[:200]}): use a smaller batch or seqlen", 3, wants_json)
-        return _failed(f"{type(error).__name__}: {_one_line(error)[:300]} (rerun with SPP_DEBUG=1 for the "
-                       "traceback)", 3, wants_json)
+        return error_output.failure(error, wants_json)
     finally:
         if wants_json:
             _JSON_STREAM.pop()
     interrupts.outcome_decided()
     code = code if isinstance(code, int) else 0
     if code == 130:  # Typer turns Ctrl-C inside a command into exit code 130
-        return _interrupted(wants_json)
+        return error_output.interrupted(wants_json)
     return code
-
-
-def _failed(message: str, exit_code: int, wants_json: bool) -> int:
-    """The one stderr line "spp: error: MESSAGE"; with --format json also {"error", "exit_code"} on stdout."""
-    sys.stderr.write(f"spp: error: {message}\n")
-    if wants_json:
-        sys.stdout.write(json.dumps({"error": message, "exit_code": exit_code}, indent=2) + "\n")
-    return exit_code
-
-
-def _interrupted(wants_json: bool) -> int:
-    sys.stderr.write(INTERRUPTED)
-    if wants_json:
-        sys.stdout.write(json.dumps({"error": INTERRUPTED.removeprefix("spp: ").strip(), "exit_code": 130},
-                                    indent=2) + "\n")
-    return 130
-
-
-def _disk_full(error: BaseException) -> bool:
-    from spp_cli.io.disk_full import is_disk_full
-
-    return is_disk_full(error)
-
-
-def _wants_json(argv: list[str]) -> bool:
-    arguments = [str(a) for a in argv]
-    return "--format=json" in arguments or any(
-        a == "--format" and b == "json" for a, b in zip(arguments, arguments[1:], strict=False))
 
 
 def main() -> None:

@@ -11,8 +11,12 @@ made that go wrong:
 
 `console_process()` wraps the console script's run (spp_cli/cli.py main) and fixes both: a KeyboardInterrupt that
 lands in a finalizer is raised again in the main thread's own code (silently), and once `outcome_decided()` is
-called (the CLI calls it as it prints the result or the error) SIGINT is ignored until the process has exited.
-Called in-process (tests, notebooks) without it, `outcome_decided()` changes nothing.
+called SIGINT is ignored until the process has exited. The outcome is decided when the command's final output is
+in place (each stage calls `output_published()` right after its final publish, so a Ctrl-C while it tidies up and
+returns cannot turn a complete output into "interrupted"), and at the latest when the CLI prints the result or the
+error. A stage that is one step of `spp run` publishes inside `more_to_come()`: a Ctrl-C after it still interrupts
+the run (the next stage resumes from there). Called in-process (tests, notebooks) without `console_process()`,
+neither changes anything.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-_state = {"console": False, "decided": False}
+_state = {"console": False, "decided": False, "more_to_come": 0}
 REDELIVERY_DELAY_S = 0.01  # after the finalizer and the hook have returned; one landing in a finalizer again repeats
 
 
@@ -54,6 +58,23 @@ def outcome_decided() -> None:
     if _state["console"] and not _state["decided"]:
         _state["decided"] = True
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def output_published() -> None:
+    """A stage's final output is in place (its atomic publish is done): the run is done whatever follows, unless
+    the stage is one step of a longer run (inside `more_to_come()`)."""
+    if not _state["more_to_come"]:
+        outcome_decided()
+
+
+@contextmanager
+def more_to_come() -> Iterator[None]:
+    """Around a stage that `spp run` runs before other work: its publish does not decide the run's outcome."""
+    _state["more_to_come"] += 1
+    try:
+        yield
+    finally:
+        _state["more_to_come"] -= 1
 
 
 def _redeliver_interrupts(previous_hook):

@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+from spp_cli import interrupts
 from spp_cli.errors import BadInput
 from spp_cli.events import Listener, notify
 from spp_cli.expectations import check_expectations, check_measured
@@ -141,7 +142,8 @@ def run_recipe(
         existed = (output / "spp.json").is_file() if isinstance(stage, (PruneStage, FinetuneStage)) else (
             output.is_file())
         started = time.time()
-        result = run_stage(recipe, stage, on_event)
+        with interrupts.more_to_come():  # a Ctrl-C after a stage's publish interrupts the run; the rerun goes on
+            result = run_stage(recipe, stage, on_event)
         (output.parent if output.suffix else output).mkdir(parents=True, exist_ok=True)
         write_owned((output.parent if output.suffix else output) / "recipe.yaml", dump_resolved(recipe, stage))
         summary["stages"].append(stage_summary(stage, output, result, time.time() - started, existed))
@@ -152,6 +154,7 @@ def run_recipe(
         if entry["name"] in (summary.get("evaluation") or {}):
             summary["evaluation"][entry["name"]].setdefault("stage_seconds", entry["seconds"])
     write_owned(output_dir / "run.json", json.dumps(summary, indent=2, default=str) + "\n")
+    interrupts.output_published()  # every stage and run.json are in place: the run is done
     try:
         from spp_cli.report import write_report
 

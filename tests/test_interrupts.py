@@ -81,3 +81,54 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_interrupts_the_run():
     assert result.returncode == 130, (result.returncode, result.stderr)
     assert result.stderr == "spp: interrupted: rerun the same command to resume\n"
     assert result.stdout == ""  # nothing printed as if done
+
+
+def interrupt_around_the_prune_publish(when: str) -> str:
+    """A hook: SIGINT just before the prune stage's final publish step, or just after it returned."""
+    before, after = (SEND_SIGINT, "") if when == "before" else ("", SEND_SIGINT)
+    return f"""
+        import spp_cli.stages.prune as prune_stage
+        def publish_then_interrupt(*args, original=prune_stage.publish, **kwargs):
+            {before}
+            result = original(*args, **kwargs)
+            {after}
+            return result
+        prune_stage.publish = publish_then_interrupt
+    """
+
+
+PRUNE = ["prune", "--method", "magnitude", "--sparsity", "0.5"]
+
+
+def test_a_ctrl_c_after_the_final_publish_leaves_the_run_done(random_model_dir, tmp_path):
+    """The output is complete: the result prints and the exit is 0 (it was 130 with a complete output)."""
+    out = tmp_path / "pruned"
+    result = run_spp_child(interrupt_around_the_prune_publish("after"), [*PRUNE, str(random_model_dir), "--out",
+                                                                         str(out)])
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert f"-> {out}" in result.stdout and "interrupted" not in result.stderr
+    assert (out / "spp.json").is_file()
+
+
+def test_a_ctrl_c_before_the_final_publish_interrupts_with_nothing_published(random_model_dir, tmp_path):
+    out = tmp_path / "pruned"
+    result = run_spp_child(interrupt_around_the_prune_publish("before"), [*PRUNE, str(random_model_dir), "--out",
+                                                                          str(out)])
+    assert result.returncode == 130, (result.returncode, result.stderr)
+    assert result.stderr.endswith("spp: interrupted: rerun the same command to resume\n") and result.stdout == ""
+    assert not out.exists()
+
+
+def test_a_stage_of_spp_run_publishes_without_deciding_the_run(monkeypatch):
+    """In `spp run` a stage's publish is not the end (run.json decides): a Ctrl-C after it interrupts the run."""
+    import signal
+
+    from spp_cli import interrupts
+
+    monkeypatch.setattr(interrupts, "_state", {"console": True, "decided": False, "more_to_come": 0})
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the test process keeps its own SIGINT handler
+    with interrupts.more_to_come():
+        interrupts.output_published()
+    assert not interrupts._state["decided"]
+    interrupts.output_published()
+    assert interrupts._state["decided"]

@@ -349,6 +349,8 @@ def test_references_must_name_dense_an_earlier_model_stage_a_path_or_a_hub_id(tm
     [
         ("", "expected a mapping with model: and stages: at the top level, got nothing (the file is empty)"),
         ("- a\n- b\n", "expected a mapping with model: and stages: at the top level, got a list"),
+        ("5\n", "expected a mapping with model: and stages: at the top level, got an integer"),  # was "a int"
+        ("wanda\n", "expected a mapping with model: and stages: at the top level, got a string"),
         ("model: x\n", "stages: missing; use a non-empty list of stages, each with type: prune, finetune or eval"),
         (
             "model: x\nstages: []\n",

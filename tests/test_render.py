@@ -60,3 +60,18 @@ def test_run_names_what_it_did_with_each_stage_and_keeps_the_eval_notes():
         "stage eval (eval): rerun (changed options replaced the earlier output), 4.2 s -> r/eval/results.json",
         "report: r/report.md",
     ]
+
+
+def test_a_held_out_evaluation_is_drawn_as_it_goes():
+    """The fine-tune's held-out batches (training/phases.py HeldOutProgress) become lines about every tenth."""
+    from spp_cli.events import Event
+    from spp_cli.render import event_printer
+
+    def draw(console):
+        on_event = event_printer(console)
+        for done in range(1, 21):
+            on_event(Event("finetune", "progress", {"done": done, "total": 20, "label": "held-out loss after step 40"}))
+
+    lines = lines_of(draw)
+    assert lines[0] == "  held-out loss after step 40 1/20" and lines[-1] == "  held-out loss after step 40 20/20"
+    assert len(lines) == 11

@@ -64,8 +64,8 @@ def applied_format(records: list[dict], *, chat_template: bool) -> dict:
 
 # a key that belongs to another format's records: the fix is that format, not removing the key
 _FORMAT_OF_KEY = {**dict.fromkeys(ALPACA_FIELDS, "alpaca"), "messages": "chat", "text": "text"}
-_JSON_KINDS = {bool: "a boolean", int: "an integer", float: "a number", list: "a list", dict: "an object",
-               type(None): "null"}
+_JSON_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "an object", type(None): "null"}
 
 
 def json_kind(value) -> str:

@@ -9,6 +9,9 @@ transformers 5's fused experts, one expert's projection `model.layers.0.mlp.expe
   running the model type's own conversion mapping (transformers.conversion_mapping) over the stored keys, as
   from_pretrained does;
 - or a block of a fused tensor stored as is (`<experts>.gate_up_proj` [e, :half] is gate, [e, half:] up).
+Every key is first named as loading names it: a checkpoint saved from the bare base model (facebook/opt-125m's
+`decoder.layers.0.fc1.weight`) gets the causal LM's `base_model_prefix` (`model.decoder.layers.0.fc1.weight`), as
+from_pretrained adds it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,26 @@ def open_weights(directory: Path) -> dict:
     if not handles:
         raise BadInput(f"'{directory}' has no safetensors weights: point at a model directory")
     return handles
+
+
+def base_model_prefix(model_type: str | None) -> str | None:
+    """The `base_model_prefix` of the model type's causal LM class (OPTForCausalLM: "model"), None if unknown."""
+    if not model_type:
+        return None
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    return getattr(model_class, "base_model_prefix", None) or None
+
+
+def loaded_keys(keys: list[str], prefix: str | None) -> dict[str, str]:
+    """The name loading gives each stored key -> the stored key: `prefix.` added to every key when none has it
+    (a checkpoint of the bare base model, as transformers' from_pretrained reads it), else the keys as they are."""
+    if prefix and not any(key.startswith(f"{prefix}.") for key in keys):
+        return {f"{prefix}.{key}": key for key in keys}
+    return {key: key for key in keys}
 
 
 def converted_names(keys: list[str], model_type: str | None) -> dict[str, str]:
@@ -83,7 +106,8 @@ class StoredWeights:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.handles = open_weights(self.directory)
-        self._converted: dict[str, str] | None = None  # built on the first name that is not stored as is
+        self._loaded: dict[str, str] | None = None  # loaded name -> stored key, built on the first name not stored
+        self._converted: dict[str, str] | None = None  # as is, with the names the conversion mapping gives
 
     def _model_type(self) -> str | None:
         config = self.directory / "config.json"
@@ -94,10 +118,12 @@ class StoredWeights:
         key = f"{layer}.weight"
         if key in self.handles:
             return self.handles[key].get_tensor(key)
-        if self._converted is None:
-            self._converted = converted_names(list(self.handles), self._model_type())
-        if layer in self._converted:
-            key = self._converted[layer]
+        if self._loaded is None:
+            model_type = self._model_type()
+            self._loaded = loaded_keys(list(self.handles), base_model_prefix(model_type))
+            self._converted = converted_names(list(self._loaded), model_type)
+        key = self._loaded.get(key) or self._loaded.get(self._converted.get(layer))
+        if key is not None:
             return self.handles[key].get_tensor(key)
         weight = self._fused_block(layer)
         if weight is None:
@@ -111,8 +137,8 @@ class StoredWeights:
         if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in EXPERT_PROJECTIONS:
             return None
         owner, expert, projection = parts[0], int(parts[1]), parts[2]
-        key = f"{owner}.{'down_proj' if projection == 'down_proj' else 'gate_up_proj'}"
-        if key not in self.handles:
+        key = self._loaded.get(f"{owner}.{'down_proj' if projection == 'down_proj' else 'gate_up_proj'}")
+        if key is None:
             return None
         fused = self.handles[key].get_slice(key)  # reads only the expert's block, not the whole tensor
         rows = fused.get_shape()[1]

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from spp_cli.data.formats import json_kind
 from spp_cli.errors import BadInput
 from spp_cli.recipe.loader import RecipeLoader, parse_yaml
 from spp_cli.recipe.schema import (
@@ -196,7 +197,7 @@ def parse_recipe(
 ) -> Recipe:
     """Validate and resolve recipe data already read from YAML (see load_recipe)."""
     if not isinstance(data, dict):
-        got = "nothing (the file is empty)" if data is None else f"a {type(data).__name__}"
+        got = "nothing (the file is empty)" if data is None else json_kind(data)
         raise BadInput(f"{source}: expected a mapping with model: and stages: at the top level, got {got}")
     data = dict(data)  # overrides must not change the caller's data
     if isinstance(data.get("stages"), list):

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from spp_cli import preflight
+from spp_cli import interrupts, preflight
 from spp_cli.environment import resolve_device, versions
 from spp_cli.errors import BadInput, first_line
 from spp_cli.eval.processes import Processes, launched_processes, start_process_group
@@ -122,6 +122,7 @@ def evaluate_models(
     if not processes.is_main:
         return {"rank": processes.rank, "out": str(out)}
     notes = write_results(out, entries, config, stage_fingerprint)
+    interrupts.output_published()  # results.json is whole: the run is done (spp_cli/interrupts.py)
     return {"models": entries, "notes": notes, "out": str(out)}
 
 

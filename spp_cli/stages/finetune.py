@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spp_cli import preflight
+from spp_cli import interrupts, preflight
 from spp_cli.adapters import METHOD_OPTIONS, resolved_method_options
 from spp_cli.errors import BadInput
 from spp_cli.events import Listener, notify
@@ -357,8 +357,8 @@ def _curve_record(result) -> dict:
 
 def publish(plan: FinetunePlan, model_out, tokenizer, manifest: dict, started: float, configured=None) -> dict:
     """OUT/ atomically: the merged model (`model_out`: a model, or a StreamingMerge's staged shards, whose config is
-    `configured`'s) + adapter/ + spp.json (or, with --no-merge, adapter/ + spp.json); the work dir goes. Returns the
-    finished manifest."""
+    `configured`'s) + adapter/ + spp.json (or, with --no-merge, adapter/ + spp.json); the work dir goes. Once OUT/ is
+    in place the run is done, whatever a Ctrl-C does after (spp_cli/interrupts.py). Returns the finished manifest."""
     from spp_cli.stages.merge_streaming import StreamingMerge
 
     adapter_dir = plan.work_dir / "adapter"
@@ -370,22 +370,24 @@ def publish(plan: FinetunePlan, model_out, tokenizer, manifest: dict, started: f
     else:
         manifest = checkpoint.save_checkpoint(model_out, tokenizer, plan.out, manifest, parent_dir=plan.model_path,
                                               started=started, extra_dirs={"adapter": adapter_dir})
+    interrupts.output_published()
     shutil.rmtree(plan.work_dir, ignore_errors=True)
     return manifest
 
 
 def _progress_callbacks(on_event: Listener | None, options: FinetuneStage) -> list:
-    """A "step" event per optimizer step, and the notes of training/phases.py, when someone listens."""
+    """Events, when someone listens: "step" per optimizer step, "progress" per held-out batch, phases.py's notes."""
     if on_event is None:
         return []
-    from spp_cli.training.phases import PhaseNotes
+    from spp_cli.training.phases import HeldOutProgress, PhaseNotes
     from spp_cli.training.progress import TrainingProgress
 
     def on_update(update: dict) -> None:
         notify(on_event, "finetune", "step", update)
 
     return [TrainingProgress(on_update, tokens_per_step=options.batch_size * options.seqlen),
-            PhaseNotes(lambda text: notify(on_event, "finetune", "note", text))]
+            PhaseNotes(lambda text: notify(on_event, "finetune", "note", text)),
+            HeldOutProgress(lambda progress: notify(on_event, "finetune", "progress", progress))]
 
 
 def _unchanged_merge_warning(layers: dict, parent_manifest: dict | None, stored_dtype) -> list[str]:

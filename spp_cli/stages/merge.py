@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from spp_cli import interrupts
 from spp_cli.errors import BadInput, CheckFailed
 from spp_cli.events import Listener
 from spp_cli.io import atomic, checkpoint
@@ -56,8 +57,11 @@ def merge_adapter(
                  parent_manifest=parent_manifest, options=options, fingerprint=stage_fingerprint, started=started)
     merge_input = streamed_base(streaming, base, (parent_manifest or {}).get("layers"))
     if merge_input is None:
-        return _merge_in_memory(**merge, allow_pickle=allow_pickle)
-    return _merge_streaming(**merge, merge_input=merge_input, on_event=on_event)
+        merged = _merge_in_memory(**merge, allow_pickle=allow_pickle)
+    else:
+        merged = _merge_streaming(**merge, merge_input=merge_input, on_event=on_event)
+    interrupts.output_published()  # OUT/ is in place: the run is done (spp_cli/interrupts.py)
+    return merged
 
 
 def streamed_base(streaming: str, base: str, pruned: dict | None, dtype: str = MERGE_DTYPE):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spp_cli import preflight
+from spp_cli import interrupts, preflight
 from spp_cli.environment import resolve_device
 from spp_cli.errors import BadInput, RuntimeFailure
 from spp_cli.events import Listener, notify
@@ -220,14 +220,18 @@ def record(plan: PrunePlan, loaded: LoadedModel, reports: list, blocks_seen: lis
 
 
 def publish(plan: PrunePlan, loaded: LoadedModel, manifest: dict, started: float) -> dict:
-    """Write the output atomically (streamed: finish the staging directory the blocks were written into)."""
+    """Write the output atomically (streamed: finish the staging directory the blocks were written into); once it
+    is in place the run is done, whatever a Ctrl-C does after (spp_cli/interrupts.py)."""
     model_path = Path(plan.model_path)
     if loaded.store is not None:
         finished = loaded.store.finish(manifest, loaded.tokenizer, model_path, started)
+        interrupts.output_published()
         resumed = loaded.store.resumed_from
         return {**finished, "resumed_from_block": resumed} if resumed else finished
-    return checkpoint.save_checkpoint(loaded.model, loaded.tokenizer, plan.out, manifest,
-                                      parent_dir=model_path if model_path.is_dir() else None, started=started)
+    finished = checkpoint.save_checkpoint(loaded.model, loaded.tokenizer, plan.out, manifest,
+                                          parent_dir=model_path if model_path.is_dir() else None, started=started)
+    interrupts.output_published()
+    return finished
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -165,6 +165,9 @@ def test_a_resumed_finetune_says_from_which_step_and_the_held_out_evaluation_is_
     ]
     assert [event.payload["step"] for event in events if event.kind == "step"] == [2, 3]
     assert manifest["run"]["resumed_from"] == "checkpoint-1"
+    # each held-out evaluation reports its batches (it printed nothing for tens of seconds at full size)
+    assert [event.payload for event in events if event.kind == "progress"] == [
+        {"done": 1, "total": 1, "label": f"held-out loss after step {step}"} for step in (2, 3)]
 
 
 QUICKSTART = dict(method="spp", data="builtin:python-docs:train", max_steps=120, batch_size=16, micro_batch_size=16,

@@ -81,3 +81,26 @@ def test_verify_against_parent_separates_lost_and_extra_zeros(tmp_path, capsys):
     report = json.loads(out)
     assert code == 1 and report["lost_zeros"] == 1
     assert any(problem.startswith(names[2]) for problem in report["problems"])
+
+
+def save_base_model_keys(directory, model):
+    """`model` saved as the Hub's OPT checkpoints are (facebook/opt-125m): the bare base model's keys,
+    `decoder.layers.0.fc1.weight`, without the causal LM's `model.` prefix; config.json of the causal LM."""
+    directory.mkdir()
+    model.config.save_pretrained(directory)
+    tensors = {key: tensor.contiguous() for key, tensor in model.model.state_dict().items()}
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def test_verify_reads_a_hub_opt_checkpoint_without_the_model_prefix(tmp_path, capsys):
+    from spp_cli.stages.prune import prune
+
+    dense = save_base_model_keys(tmp_path / "opt", random_model("opt"))
+    assert "decoder.layers.0.fc1.weight" in load_file(dense / "model.safetensors")
+    prune(str(dense), tmp_path / "pruned", method="magnitude", sparsity=0.5, device="cpu")
+    code, out, err = run_spp(["verify", tmp_path / "pruned", "--against", dense, "--format", "json"], capsys)
+    report = json.loads(out)
+    assert code == 0, err
+    assert report["lost_zeros"] == 0 and report["extra_zeros"] > 0 and len(report["layers"]) == 12
