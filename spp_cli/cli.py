@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from spp_cli import error_output, interrupts
-from spp_cli.cli_options import parameter, schema_command, schema_parameter
+from spp_cli.cli_options import parameter, schema_choices, schema_command, schema_parameter
 from spp_cli.recipe.resolve import validate_options
 from spp_cli.recipe.schema import EvalStage, FinetuneStage, PruneStage, Recipe, schema_fields
 
@@ -73,6 +73,10 @@ FormatOption = Annotated[OutputFormat, typer.Option("--format", help="human tabl
 PickleOption = Annotated[bool, typer.Option(
     "--allow-pickle", help="Also read pickle .bin weights, which can run code when loaded (off: safetensors only).",
     metavar="", show_default=False)]
+MergeStreaming = schema_choices(PruneStage, "streaming")  # auto, on, off: prune's vocabulary
+MergeStreamingOption = Annotated[MergeStreaming, typer.Option(
+    "--streaming", help="auto: from a local safetensors base with a spp.json, hold one tensor in RAM and resume a "
+    "killed merge; on: insist (exit 2 when the base cannot); off: load the whole base (same output bytes).")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP, metavar="", show_default=False)]
 
 
@@ -200,6 +204,7 @@ def merge(
     out: Annotated[Path, typer.Option("--out", help="Output directory for the merged model.")],
     overwrite: OverwriteOption = False,
     allow_pickle: PickleOption = False,
+    streaming: MergeStreamingOption = MergeStreaming.auto,
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
     """Merge a --no-merge adapter into its base model, with the same zero checks as finetune."""
@@ -208,7 +213,7 @@ def merge(
 
     _quiet_libraries()
     manifest = merge_adapter(adapter_dir, out, overwrite=overwrite, allow_pickle=allow_pickle,
-                             on_event=event_printer(_console(stderr=True)))
+                             streaming=streaming.value, on_event=event_printer(_console(stderr=True)))
     _emit(manifest, output_format, lambda console, result: render_merge(console, result, out))
 
 

@@ -36,6 +36,12 @@ def _choices_type(field: dataclasses.Field) -> type[Enum]:
     return StrEnum(f"{field.name}_choices", {choice: choice for choice in choices})
 
 
+def schema_choices(stage_class: type, key: str) -> type[Enum]:
+    """The Enum of a schema key's choices, for a command option that shares the key's vocabulary but not its stage
+    (`spp merge --streaming` takes prune's auto/on/off: the schema has no merge stage)."""
+    return _choices_type(next(f for f in schema_fields(stage_class) if f.name == key))
+
+
 def schema_parameter(field: dataclasses.Field, *, argument: bool = False) -> inspect.Parameter:
     """The Typer parameter of one schema key (an option, or with `argument` a positional list)."""
     option: Option = field.metadata["spp"]

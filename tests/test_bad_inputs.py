@@ -111,6 +111,7 @@ def rows(data: Path):
         ("eval limit 0", ["eval", "{root}/dense", "--tasks", "wikitext2", "--limit", "0", "--data-dir", str(data), "--out", "{root}/r.json"], "--limit: 0 is out of range"),
         ("verify a directory without spp.json", ["verify", "{root}/dense"], "has no spp.json"),
         ("merge something that is not an adapter", ["merge", "{root}/dense", "--out", "{root}/merged"], "adapter_config.json"),
+        ("merge --streaming unknown", ["merge", "{root}/dense", "--out", "{root}/merged", "--streaming", "sometimes"], "'sometimes' is not one of"),
         ("finetune, no data", ["finetune", "{root}/dense", "--data", "{root}/none.jsonl", "--out", "{root}/ft"], "does not exist"),
         ("finetune, nothing to preserve", ["finetune", "{root}/dense", "--data", "{root}/calib.jsonl", "--out", "{root}/ft", "--max-steps", "1", "--seqlen", "64"], "nothing to preserve"),
         ("finetune, default seqlen beyond the positions", ["finetune", "{root}/dense", "--data", "{root}/calib.jsonl", "--out", "{root}/ft"], "--seqlen 512 exceeds the model's 256 positions"),

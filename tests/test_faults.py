@@ -223,8 +223,9 @@ def test_inputs_are_never_modified_and_identical_runs_are_identical(tmp_path, ra
             assert record["weight_sha256"] == second[stage]["layers"][name]["weight_sha256"]
 
 
-def test_finetune_cli_under_torchrun_ddp_keeps_every_zero(tmp_path, pruned_dir, some_data):
-    """`torchrun -m spp_cli finetune` with 2 CPU processes (gloo): rank 0 merges, checks and saves."""
+def test_finetune_cli_under_torchrun_ddp_keeps_every_zero(tmp_path, pruned_dir, some_data, capsys):
+    """`torchrun -m spp_cli finetune` with 2 CPU processes (gloo): rank 0 merges, checks and saves, on a weightless
+    base (the parent streams): its adapter merged in memory by `spp merge --streaming off` is its output's bytes."""
     import socket
 
     with socket.socket() as probe:
@@ -277,3 +278,6 @@ def test_finetune_cli_under_torchrun_ddp_keeps_every_zero(tmp_path, pruned_dir, 
         text=True,
     )
     assert code.returncode == 0, code.stdout + code.stderr
+    code, _, err = run_spp(["merge", out / "adapter", "--out", tmp_path / "in-memory", "--streaming", "off"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "in-memory" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

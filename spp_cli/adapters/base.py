@@ -107,8 +107,9 @@ class Adapter:
         return {name: p.detach().cpu().contiguous().clone() for name, p in model.named_parameters()
                 if p.requires_grad}
 
-    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Load what trainable_state gave (onto a model this adapter injected); BadInput on a mismatch."""
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """Load what trainable_state gave (onto a model this adapter injected); BadInput on a mismatch. assign: the
+        tensors replace the parameters (meta ones too), cast to each parameter's dtype as copying into it casts."""
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if set(state) != set(trainable):
             extra = sorted(set(state) ^ set(trainable))[0]
@@ -117,16 +118,17 @@ class Adapter:
             if tensor.shape != trainable[name].shape:
                 raise BadInput(f"adapter tensor {name} has shape {list(tensor.shape)}, the model "
                                f"{list(trainable[name].shape)}: the adapter is damaged or for another base")
-        model.load_state_dict(state, strict=False)
+        if assign:
+            state = {name: tensor.to(trainable[name].dtype) for name, tensor in state.items()}
+        model.load_state_dict(state, strict=False, assign=assign)
 
     # ---- files: PEFT's layout, adapter_dir/{adapter_config.json, adapter_model.safetensors} ----
 
     def save(self, model: nn.Module, adapter_dir: str | os.PathLike, *, base_path: str,
-             base_manifest_sha256: str | None) -> None:
-        """Write the adapter atomically; records the base and the zeros_sha256 of every target."""
+             base_manifest_sha256: str | None, known_zeros: dict[str, str] | None = None) -> None:
+        """Write the adapter atomically; records the base and the zeros_sha256 of every target (`known_zeros`' for
+        a target whose weight is on the meta device: a weightless base, trainer.adapted_weightless)."""
         from safetensors.torch import save_file
-
-        from spp_cli.io.manifest import zeros_sha256
 
         state = {self.file_key(name): tensor for name, tensor in self.trainable_state(model).items()}
         if not state:
@@ -134,7 +136,8 @@ class Adapter:
         targets = self.target_modules()
         config = {"peft_type": self.method.peft_type, **self.file_record(model), "base_model_name_or_path": base_path,
                   "base_manifest_sha256": base_manifest_sha256,
-                  "base_zeros_sha256": {name: zeros_sha256(target_weight(model, name)) for name in targets}}
+                  "base_zeros_sha256": target_zeros(targets, known_zeros, lambda name: target_weight(model, name),
+                                                    lambda name: target_is_meta(model, name))}
 
         with atomic_dir(adapter_dir) as staging:
             (staging / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -209,6 +212,30 @@ def target_weight(model: nn.Module, name: str) -> torch.Tensor:
         return base_weight(model.get_submodule(name))
     except AttributeError:
         return weight_of(model, name)
+
+
+def target_zeros(targets: list[str], known_zeros: dict[str, str] | None, weight_of, is_meta) -> dict[str, str]:
+    """{target: zeros_sha256 of weight_of(target)}, `known_zeros`' where is_meta(target): its weight is not loaded."""
+    from spp_cli.io.manifest import zeros_sha256
+
+    return {name: known_zeros[name] if known_zeros is not None and is_meta(name) else zeros_sha256(weight_of(name))
+            for name in targets}
+
+
+def target_is_meta(model: nn.Module, name: str) -> bool:
+    """Whether target `name`'s weight is on the meta device, read without running a parametrization (SPP's fused
+    experts compute theirs from the meta original and the real adapter)."""
+    from torch.nn.utils import parametrize
+
+    try:
+        return base_weight(model.get_submodule(name)).is_meta
+    except AttributeError:
+        owner, _, projection = name.rsplit(".", 2)
+        experts = model.get_submodule(owner)
+        parameter = "down_proj" if projection == "down_proj" else "gate_up_proj"
+        if parametrize.is_parametrized(experts, parameter):
+            return experts.parametrizations[parameter].original.is_meta
+        return getattr(experts, parameter).is_meta
 
 
 def json_safe(value: Any) -> Any:

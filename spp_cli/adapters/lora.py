@@ -27,6 +27,7 @@ from spp_cli.adapters.base import (
     json_safe,
     layers_by_suffix,
     read_adapter_config,
+    target_zeros,
 )
 from spp_cli.errors import BadInput
 from spp_cli.io.atomic import atomic_dir
@@ -82,11 +83,10 @@ class PeftAdapter(Adapter):
                 if key not in ("base_model_name_or_path", "revision")}
 
     def save(self, model: nn.Module, adapter_dir: str | os.PathLike, *, base_path: str,
-             base_manifest_sha256: str | None) -> None:
-        from spp_cli.io.manifest import zeros_sha256
-
+             base_manifest_sha256: str | None, known_zeros: dict[str, str] | None = None) -> None:
         modules = dict(model.get_base_model().named_modules())
-        zeros = {name: zeros_sha256(base_weight(modules[name])) for name in self.config.target_modules}
+        weight = lambda name: base_weight(modules[name])  # noqa: E731
+        zeros = target_zeros(list(self.config.target_modules), known_zeros, weight, lambda name: weight(name).is_meta)
         model.peft_config["default"].base_model_name_or_path = base_path
 
         with atomic_dir(adapter_dir) as staging:

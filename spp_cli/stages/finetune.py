@@ -5,7 +5,7 @@ every zero, save. `finetune` reads as its steps, each a function below:
     check            the parent's provenance and the training records (after the output path and the skip of an
                      identical finished output), all before any weights load
     load             the model, the layers to adapt and the parent's zero hashes (and a distill run's teacher)
-    train            trainer.run_finetune in a resumable work dir; on_main_process: the full weights on rank 0
+    train            trainer.run_finetune in a resumable work dir; on_main_process: the whole adapter on rank 0
     save_adapter, merge_and_check, record    the adapter, the merge with every zero checked, spp.json
     publish          OUT written atomically, the work dir removed
 
@@ -115,8 +115,8 @@ def finetune(
     result = train(plan, base, records, on_event)
     if not result.is_main_process:
         return {"stage": "finetune", "rank": int(os.environ.get("RANK", "0"))}  # rank 0 merges, checks, saves
-    result = on_main_process(plan, result, on_event)
-    run = save_adapter(plan, result)
+    result = on_main_process(plan, base, result, on_event)
+    run = save_adapter(plan, base, result)
     model_out, layers = merge_and_check(plan, base, result)
     manifest = record(plan, base, result, layers)
     return {**publish(plan, model_out, base.tokenizer, manifest, started, configured=result.model), "run": run}
@@ -245,33 +245,54 @@ def train(plan: FinetunePlan, base: LoadedBase, records: list[dict], on_event: L
         base.teacher = None  # the merge does not need it: its memory goes with the objective
 
 
-def on_main_process(plan: FinetunePlan, result, on_event: Listener | None):
-    """The result with full weights on rank 0. FSDP / ZeRO-3 leave only shards in result.model: after a
-    multi-process run the gathered adapters go on the full frozen base, reloaded on the CPU (the base never
-    changes, so the parent's weights are the full weights)."""
-    from spp_cli.training.trainer import adapted_copy, world_size
+def on_main_process(plan: FinetunePlan, base: LoadedBase, result, on_event: Listener | None):
+    """The result with the whole adapter on rank 0. FSDP / ZeRO-3 leave only shards in result.model: after a
+    multi-process run the gathered adapters go on a fresh copy of the frozen base (the base never changes, so the
+    parent's weights are the full weights): a weightless one when the merge streams (saving the adapter needs only
+    the targets' zero hashes, base.parent_zeros), else the parent's full weights reloaded on the CPU."""
+    from spp_cli.training.trainer import adapted_copy, adapted_weightless, world_size
 
     if os.environ.get("ACCELERATE_USE_FSDP") == "true" and not result.parallelism.startswith("fsdp"):
         notify(on_event, "finetune", "warning", f"the launch config asks for FSDP but accelerate ran "
                f"{result.parallelism} (it ignores FSDP on CPU): the result is right, only nothing was sharded")
     if world_size() == 1:
         return result
-    base, _ = checkpoint.load_model(plan.model_dir, dtype=_compute_dtype(plan.options.dtype, "cpu"),
-                                    with_tokenizer=False, **plan.loading)
-    return adapted_copy(base, result)
+    dtype = _compute_dtype(plan.options.dtype, "cpu")
+    merge_input = _merge_input(plan, dtype)
+    if merge_input is not None:
+        from spp_cli.stages.streamed_checkpoint import weightless_model
+
+        skeleton = weightless_model(Path(plan.model_path), merge_input.source, dtype,
+                                    plan.loading["trust_remote_code"])
+        return adapted_weightless(skeleton, result)
+    full, _ = checkpoint.load_model(plan.model_dir, dtype=dtype, with_tokenizer=False, **plan.loading)
+    return adapted_copy(full, result)
 
 
-def save_adapter(plan: FinetunePlan, result) -> dict:
+def save_adapter(plan: FinetunePlan, base: LoadedBase, result) -> dict:
     """The adapter (before any merge) and run.json into the work dir; returns run.json's statistics."""
     from spp_cli.training.trainer import save_trained_adapter
 
     adapter_dir = plan.work_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     save_trained_adapter(result, adapter_dir, base_path=str(Path(plan.model_path).resolve()),
-                         base_manifest_sha256=(plan.parent_manifest or {}).get("manifest_sha256"))
+                         base_manifest_sha256=(plan.parent_manifest or {}).get("manifest_sha256"),
+                         known_zeros=_known_zeros(plan, base, result.adapter.target_modules()))
     run = _run_record(result)
     (adapter_dir / RUN_RECORD).write_text(json.dumps(run, indent=2) + "\n")
     return run
+
+
+def _known_zeros(plan: FinetunePlan, base: LoadedBase, targets: list[str]) -> dict[str, str]:
+    """The targets' zero hashes as loaded (base.parent_zeros), any other target's read from the parent's shards:
+    what a weightless base's adapter records (the frozen weights are the parent's)."""
+    missing = [name for name in targets if name not in base.parent_zeros]
+    if not missing:
+        return base.parent_zeros
+    from spp_cli.io.stored_weights import StoredWeights
+
+    stored = StoredWeights(Path(plan.model_path))
+    return {**base.parent_zeros, **{name: zeros_sha256(stored[name]) for name in missing}}
 
 
 def merge_and_check(plan: FinetunePlan, base: LoadedBase, result):
@@ -297,17 +318,23 @@ def _streaming_merge(plan: FinetunePlan, base: LoadedBase, result):
     """The streaming merge (stages/merge_streaming.py) of the saved adapter into the parent, computing where the
     in-memory merge would (the training device and dtype; the CPU after a multi-process run); None when the parent
     cannot be streamed."""
-    from spp_cli.stages.merge import streamed_base
     from spp_cli.stages.merge_streaming import adapter_merge
     from spp_cli.training.trainer import world_size
 
     device = plan.options.device if world_size() == 1 else "cpu"
     dtype = _compute_dtype(plan.options.dtype, device)
-    merge_input = streamed_base("auto", plan.model_path, (plan.parent_manifest or {}).get("layers"), dtype)
+    merge_input = _merge_input(plan, dtype)
     if merge_input is None:
         return None
     return adapter_merge(merge_input, result.adapter, plan.work_dir / "adapter", plan.work_dir / "merged",
                          plan.fingerprint, pruned=base.pruned, dtype=dtype, device=device)
+
+
+def _merge_input(plan: FinetunePlan, dtype: str):
+    """The parent read lazily for a streaming merge in `dtype` (merge.streamed_base), or None: it cannot stream."""
+    from spp_cli.stages.merge import streamed_base
+
+    return streamed_base("auto", plan.model_path, (plan.parent_manifest or {}).get("layers"), dtype)
 
 
 def record(plan: FinetunePlan, base: LoadedBase, result, layers: dict) -> dict:

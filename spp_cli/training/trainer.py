@@ -405,6 +405,16 @@ def adapted_copy(base_model: nn.Module, result: FinetuneResult) -> FinetuneResul
     return dataclasses.replace(result, model=model, adapter=adapter)
 
 
+def adapted_weightless(skeleton: nn.Module, result: FinetuneResult) -> FinetuneResult:
+    """adapted_copy on a weightless copy of the base (parameters on the meta device): the trained adapters become
+    real tensors in the dtype a real copy would hold them in, the frozen weights stay meta. Enough to save the
+    adapter (with its targets' zero hashes given) and for a streaming merge, without the base's weights in RAM."""
+    adapter = type(result.adapter)(copy.deepcopy(result.adapter.config))
+    model = adapter.inject(skeleton, result.targets)
+    adapter.load_trainable_state(model, result.adapter_state, assign=True)
+    return dataclasses.replace(result, model=model, adapter=adapter)
+
+
 def merge_trained(result: FinetuneResult) -> nn.Module:
     """The plain model with the adapters merged (nn.Linear modules, original keys): a zero-keeping method keeps
     every zero; LoRA's merge makes the targets dense. Call on the main process only (full weights)."""
@@ -412,6 +422,8 @@ def merge_trained(result: FinetuneResult) -> nn.Module:
 
 
 def save_trained_adapter(result: FinetuneResult, adapter_dir: str | os.PathLike, *, base_path: str,
-                         base_manifest_sha256: str | None) -> None:
-    """Write the adapter (before merging) in its method's PEFT-style layout."""
-    result.adapter.save(result.model, adapter_dir, base_path=base_path, base_manifest_sha256=base_manifest_sha256)
+                         base_manifest_sha256: str | None, known_zeros: dict[str, str] | None = None) -> None:
+    """Write the adapter (before merging) in its method's PEFT-style layout; `known_zeros`: the zero hashes of
+    targets whose weights are meta (adapted_weightless)."""
+    result.adapter.save(result.model, adapter_dir, base_path=base_path, base_manifest_sha256=base_manifest_sha256,
+                        known_zeros=known_zeros)

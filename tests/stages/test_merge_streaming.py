@@ -180,6 +180,25 @@ def test_streaming_falls_back_to_memory_unless_it_is_on(tmp_path):
     assert not (tmp_path / "on").exists() and not atomic.work_dir(tmp_path / "on").exists()
 
 
+def test_spp_merge_streaming_on_and_off_write_the_same_bytes_and_on_refuses_in_one_line(tmp_path, capsys):
+    """`spp merge --streaming on|off` (merge_adapter's streaming): the same output; on, for a base whose spp.json
+    lists no layers, is exit 2 with one line and nothing written."""
+    from conftest import run_spp
+
+    pruned = pruned_model(tmp_path, "builtin")
+    adapter = random_adapter(pruned, "masked-lora", tmp_path / "tuned" / "adapter")
+    for streaming in ("off", "on"):
+        code, _, err = run_spp(["merge", adapter, "--out", tmp_path / streaming, "--streaming", streaming], capsys)
+        assert code == 0, err
+    assert_same_output(tmp_path / "on", tmp_path / "off")
+    manifest = json.loads((pruned / "spp.json").read_text())
+    (pruned / "spp.json").write_text(json.dumps({**manifest, "layers": {}}))
+    code, _, err = run_spp(["merge", adapter, "--out", tmp_path / "refused", "--streaming", "on"], capsys)
+    assert code == 2 and err.splitlines()[-1].startswith("spp: error: --streaming on cannot merge this model"), err
+    assert [line for line in err.splitlines() if line.startswith("spp: error")] == [err.splitlines()[-1]]
+    assert not (tmp_path / "refused").exists() and not atomic.work_dir(tmp_path / "refused").exists()
+
+
 def test_a_base_whose_zeros_differ_is_refused_and_a_lost_zero_fails_with_nothing_left(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -233,3 +252,36 @@ def test_finetune_merges_streaming_into_the_in_memory_merge_s_bytes(tmp_path, mo
     assert_same_output(tmp_path / "stream", tmp_path / "memory", timings="run.json")
     assert streamed["manifest_sha256"] == in_memory["manifest_sha256"]
     assert not atomic.work_dir(tmp_path / "stream").exists()
+
+
+@pytest.mark.parametrize(("model", "method"), [("builtin", "lora"), ("mixtral", "spp")])
+def test_rank_0_saves_and_merges_on_a_weightless_base_the_bytes_of_the_full_reload(tmp_path, monkeypatch, model,
+                                                                                   method):
+    """After a multi-process run (simulated: the world is 2 once training returns) rank 0 puts the gathered
+    adapters on a weightless base: the adapter files and the merged output are those of the full reload. PEFT's
+    save, and SPP's fused experts (a parametrization over a meta original); SPP on linears runs for real under
+    torchrun in tests/test_faults.py."""
+    from tiny_models import ALPACA
+
+    from spp_cli.stages import finetune as finetune_stage
+    from spp_cli.training import trainer
+
+    pruned = pruned_model(tmp_path, model)
+    train = dict(data=str(ALPACA), method=method, max_steps=2, batch_size=4, micro_batch_size=4, seqlen=32,
+                 val_size=0, device="cpu")
+    one_process, trained = trainer.world_size, finetune_stage.train
+    monkeypatch.setattr(finetune_stage, "train", lambda *args: (
+        trained(*args), monkeypatch.setattr(trainer, "world_size", lambda: 2))[0])
+    reloads = []
+    monkeypatch.setattr(trainer, "adapted_copy", lambda base, result, _copy=trainer.adapted_copy: (
+        reloads.append(base), _copy(base, result))[1])
+    weightless = finetune_stage.finetune(str(pruned), tmp_path / "weightless", **train)
+    assert reloads == []
+    monkeypatch.setattr(trainer, "world_size", one_process)
+    # the full reload as before: the parent's weights loaded whole on the CPU under the adapters
+    monkeypatch.setattr(trainer, "adapted_weightless", lambda skeleton, result: trainer.adapted_copy(
+        checkpoint.load_model(str(pruned), dtype="float32", with_tokenizer=False)[0], result))
+    reloaded = finetune_stage.finetune(str(pruned), tmp_path / "reloaded", **train)
+    assert len(reloads) == 1
+    assert_same_output(tmp_path / "weightless", tmp_path / "reloaded", timings="run.json")
+    assert weightless["manifest_sha256"] == reloaded["manifest_sha256"]
