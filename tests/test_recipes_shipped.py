@@ -13,6 +13,9 @@ RECIPES = [path for path in RECIPES if "launch" not in path.parts]
 PAPER = [path for path in RECIPES if "paper" in path.parts]
 # gpu-check's model is made by scripts/gpu_check.sh, which runs the recipe for real (tests/test_gpu_check.py)
 OFFLINE = [path for path in RECIPES if "paper" not in path.parts and path.stem != "gpu-check"]
+# the study's zero-shot tasks read the public data (its command line names the folder: stages.eval.data_dir=...)
+WITH_DATA = [path for path in OFFLINE if path.stem == "recovery-study"]
+OFFLINE = [path for path in OFFLINE if path not in WITH_DATA]
 
 
 def test_the_paper_grid_is_complete():
@@ -35,6 +38,14 @@ def test_offline_recipe_passes_the_dry_run(recipe, capsys):
     assert code == 0, err
     summary = json.loads(out)
     assert summary["dry_run"] and summary["stages"]
+
+
+@pytest.mark.parametrize("recipe", WITH_DATA, ids=[path.stem for path in WITH_DATA])
+def test_recipe_with_the_public_data_passes_the_dry_run(recipe, test_data, capsys):
+    code, out, err = run_spp(["run", recipe, "--dry-run", "--format", "json", f"stages.eval.data_dir={test_data}"],
+                             capsys)
+    assert code == 0, err
+    assert len(json.loads(out)["stages"]) == 23  # every row of the study, and its eval
 
 
 @pytest.mark.parametrize("recipe", PAPER[:2], ids=[path.stem for path in PAPER[:2]])

@@ -52,14 +52,15 @@ def _on_device(device: str) -> bool:
 
 def prune_estimate(shape: ModelShape, *, method: str, nsamples: int, seqlen: int | None, calibrated: bool,
                    streamed: bool, device: str = "cpu", dtype: str | None = None) -> StagePlan:
-    """The sequential driver: the model (streamed: the embedding and one block) in the compute dtype, the
+    """The sequential driver: the model (streamed: the embedding and two blocks, the one pruned and the one its
+    writer thread is still saving: stages/streamed_checkpoint.BackgroundWriter) in the compute dtype, the
     calibration activations (inputs and outputs of a block: 2 x nsamples x seqlen x hidden), one block's statistics
     (SparseGPT: an fp32 Hessian per distinct linear input, and its factor) and one forward's intermediates
     (CHUNK_TOKENS tokens at a time)."""
     size = element_bytes(dtype, shape)
     seqlen = seqlen or min(2048, shape.max_positions)
     block = shape.block_parameters * size
-    weights = (shape.vocab * shape.hidden * size + block) if streamed else shape.parameters * size
+    weights = (shape.vocab * shape.hidden * size + 2 * block) if streamed else shape.parameters * size
     activations = 2 * nsamples * seqlen * shape.hidden * size if calibrated else 0
     inputs = sorted({features for features, _ in shape.linears})
     hessians = 2 * sum(4 * features**2 for features in inputs) if method == "sparsegpt" else 0

@@ -75,14 +75,16 @@ def test_a_full_disk_on_the_writer_thread_is_the_same_one_line_and_the_rerun_res
     assert line.startswith(f"spp: error: the disk is full while writing '{out}'; the resume folder "
                            f"'{staging_path(out)}' holds ")
     assert line.endswith(": free space on that disk (or choose another --out) and rerun")
-    assert [line.split(":")[0] for line in err.splitlines()[:-1]] == ["  block 1/4", "  block 2/4"]  # kept only
+    progress = [line for line in err.splitlines()[:-1] if not line.startswith("spp: plan: ")]
+    assert [line.split(":")[0] for line in progress] == ["  block 1/4", "  block 2/4"]  # kept only
     state = json.loads((staging_path(out) / "resume.json").read_text())
     assert (state["next_block"], state["done_blocks"]) == (2, [0, 1])
 
     monkeypatch.setattr(streamed_checkpoint.ShardWriter, "write", write)  # space freed: the rerun resumes
     code, _, err = run_spp(["prune", four_blocks, *WANDA, "--out", out], capsys)
     assert code == 0, err
-    assert err.splitlines()[0].startswith("spp: resuming at block 3 of 4")
+    assert err.splitlines()[0].startswith("spp: plan: ") and err.splitlines()[1].startswith(
+        "spp: resuming at block 3 of 4")
     assert json.loads((out / "spp.json").read_text())["manifest_sha256"] == whole["manifest_sha256"]
     for name in ("model.safetensors", "config.json"):
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
@@ -124,7 +126,9 @@ def test_an_adapter_whose_shapes_do_not_fit_the_base_is_one_line_exit_2_on_the_s
     capsys.readouterr()
     code, _, err = run_spp(["merge", adapter, "--out", tmp_path / "merged"], capsys)
     assert code == 2 and "Traceback" not in err, err
-    assert len(err.splitlines()) == 1 and err.startswith(f"spp: error: adapter {adapter / 'adapter_model.safetensors'}"
-                                                          " does not fit this base: layer "), err
+    *before, error = err.splitlines()  # the plan and the tensors merged before the bad one, then one error line
+    assert all(line.startswith(("spp: plan: ", "  tensors ")) for line in before), err
+    assert error.startswith(f"spp: error: adapter {adapter / 'adapter_model.safetensors'} does not fit this base: "
+                            "layer "), err
     assert err.rstrip().endswith("merge it into the model it was trained on")
     assert not (tmp_path / "merged").exists() and not staging_path(tmp_path / "merged").exists()

@@ -100,7 +100,7 @@ def test_kill_9_during_a_reconstructed_prune_resumes_bit_identically(tmp_path, p
         "import os, signal\n"
         "from spp_cli.stages.prune import prune\n"
         "def on_event(event):\n"
-        "    if event.payload.index == 1:\n"
+        "    if event.kind == \"block\" and event.payload.index == 1:\n"
         f"        os.kill(os.getpid(), {int(signal.SIGKILL)})\n"
         f"prune({model!r}, {str(out)!r}, on_event=on_event, **{options!r})\n"
     )
