@@ -264,6 +264,7 @@ def test_rank_0_saves_and_merges_on_a_weightless_base_the_bytes_of_the_full_relo
     from tiny_models import ALPACA
 
     from spp_cli.stages import finetune as finetune_stage
+    from spp_cli.training import result as training_result
     from spp_cli.training import trainer
 
     pruned = pruned_model(tmp_path, model)
@@ -273,13 +274,13 @@ def test_rank_0_saves_and_merges_on_a_weightless_base_the_bytes_of_the_full_relo
     monkeypatch.setattr(finetune_stage, "train", lambda *args: (
         trained(*args), monkeypatch.setattr(trainer, "world_size", lambda: 2))[0])
     reloads = []
-    monkeypatch.setattr(trainer, "adapted_copy", lambda base, result, _copy=trainer.adapted_copy: (
+    monkeypatch.setattr(training_result, "adapted_copy", lambda base, result, _copy=training_result.adapted_copy: (
         reloads.append(base), _copy(base, result))[1])
     weightless = finetune_stage.finetune(str(pruned), tmp_path / "weightless", **train)
     assert reloads == []
     monkeypatch.setattr(trainer, "world_size", one_process)
     # the full reload as before: the parent's weights loaded whole on the CPU under the adapters
-    monkeypatch.setattr(trainer, "adapted_weightless", lambda skeleton, result: trainer.adapted_copy(
+    monkeypatch.setattr(training_result, "adapted_weightless", lambda skeleton, result: training_result.adapted_copy(
         checkpoint.load_model(str(pruned), dtype="float32", with_tokenizer=False)[0], result))
     reloaded = finetune_stage.finetune(str(pruned), tmp_path / "reloaded", **train)
     assert len(reloads) == 1
