@@ -237,7 +237,7 @@ def test_finetune_merges_streaming_into_the_in_memory_merge_s_bytes(tmp_path, mo
     from tiny_models import ALPACA
 
     from spp_cli.stages import finetune as finetune_stage
-    from spp_cli.stages import merge_streaming
+    from spp_cli.stages import finetune_merge, merge_streaming
 
     pruned = pruned_model(tmp_path, "builtin")
     train = dict(data=str(ALPACA), method=method, max_steps=2, batch_size=4, micro_batch_size=4, seqlen=32,
@@ -247,7 +247,7 @@ def test_finetune_merges_streaming_into_the_in_memory_merge_s_bytes(tmp_path, mo
                         _open: (opened.append(self.staging), _open(self))[1])
     streamed = finetune_stage.finetune(str(pruned), tmp_path / "stream", **train)
     assert opened == [atomic.work_dir(tmp_path / "stream") / "merged"]
-    monkeypatch.setattr(finetune_stage, "_streaming_merge", lambda plan, base, result: None)
+    monkeypatch.setattr(finetune_merge, "_streaming_merge", lambda plan, base, result: None)
     in_memory = finetune_stage.finetune(str(pruned), tmp_path / "memory", **train)
     assert_same_output(tmp_path / "stream", tmp_path / "memory", timings="run.json")
     assert streamed["manifest_sha256"] == in_memory["manifest_sha256"]
