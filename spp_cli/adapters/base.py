@@ -127,7 +127,7 @@ class Adapter:
     def save(self, model: nn.Module, adapter_dir: str | os.PathLike, *, base_path: str,
              base_manifest_sha256: str | None, known_zeros: dict[str, str] | None = None) -> None:
         """Write the adapter atomically; records the base and the zeros_sha256 of every target (`known_zeros`' for
-        a target whose weight is on the meta device: a weightless base, trainer.adapted_weightless)."""
+        a target whose weight is on the meta device: a weightless base, training/result.py adapted_weightless)."""
         from safetensors.torch import save_file
 
         state = {self.file_key(name): tensor for name, tensor in self.trainable_state(model).items()}

@@ -1,5 +1,6 @@
 """The finetune stage: a recovery method (SPP, or another from spp_cli/adapters) on a pruned model, merge, check
-every zero, save. `finetune` reads as its steps, each a function below:
+every zero, save. `finetune` reads as its steps, each a function below or in finetune_merge.py (the steps after
+training, on the main process); finetune_plan.py holds what the steps hand each other (FinetunePlan, LoadedBase):
 
     resolve          the validated options, device, precision, the parent's spp.json and the fingerprint
     check            the parent's provenance and the training records (after the output path and the skip of an
@@ -17,13 +18,10 @@ command resumes from the last one.
 """
 
 import dataclasses
-import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from spp_cli import interrupts, preflight
 from spp_cli.adapters import METHOD_OPTIONS, resolved_method_options
@@ -31,20 +29,13 @@ from spp_cli.errors import BadInput
 from spp_cli.events import Listener, notify
 from spp_cli.io import atomic, checkpoint
 from spp_cli.io.disk_full import names_output_on_disk_full
-from spp_cli.io.manifest import applied_record, layers_record, stage_manifest, zeros_sha256
+from spp_cli.io.manifest import applied_record, stage_manifest, zeros_sha256
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.memory_plan.stages import announce_finetune
 from spp_cli.recipe.schema import FinetuneStage
-from spp_cli.stages.merge import check_zeros_kept, frozen_experts_warnings, not_adapted
-
-RUN_RECORD = "run.json"  # in OUT/adapter/: resumed_from, step seconds, peak memory (not hashed)
-
-
-def _compute_dtype(dtype: str, device: str) -> str:
-    """fp32 on CPU; the checkpoint's dtype elsewhere (autocast handles bf16/fp16 on GPUs)."""
-    if dtype == "auto" and device == "cpu":
-        return "float32"
-    return dtype
+from spp_cli.stages.finetune_merge import merge_and_check, on_main_process, save_adapter, unchanged_merge_warning
+from spp_cli.stages.finetune_plan import FinetunePlan, LoadedBase, training_dtype
+from spp_cli.stages.merge import frozen_experts_warnings, not_adapted
 
 
 def fingerprinted_options(options: FinetuneStage, precision: str) -> dict:
@@ -98,7 +89,7 @@ def finetune(
 ) -> dict:
     """Fine-tune `model_dir` into `out`; returns the manifest (plus "run": this run's statistics).
 
-    `options` are the FinetuneStage fields (spp_cli/recipe/schema.py) by name: data (required), method, lr,
+    `options` are the FinetuneStage fields (spp_cli/recipe/finetune_schema.py) by name: data (required), method, lr,
     max_steps, ...; None means the default (the method's, for lr and the method-specific options). Skips a
     finished identical output. `on_event` (spp_cli/events.py) gets a "step" per optimizer step and the warnings.
     """
@@ -120,40 +111,6 @@ def finetune(
     model_out, layers = merge_and_check(plan, base, result)
     manifest = record(plan, base, result, layers)
     return {**publish(plan, model_out, base.tokenizer, manifest, started, configured=result.model), "run": run}
-
-
-@dataclass
-class FinetunePlan:
-    """What `resolve` decides before any weights are read."""
-
-    model_dir: str  # as given: a directory, a hub id or builtin:NAME (what load_model reads)
-    model_path: str  # its local directory
-    out: Path
-    options: FinetuneStage  # validated; device and dtype resolved
-    adapter: Any  # the method's adapter, not yet injected (keeps_zeros, adapts_fused_experts)
-    parent_manifest: dict | None  # the parent's spp.json (None for a model spp did not write)
-    config: dict  # the fingerprinted options: spp.json's "config"
-    fingerprint: str
-    loading: dict  # trust_remote_code, allow_pickle
-
-    @property
-    def work_dir(self) -> Path:
-        """Trainer checkpoints and the adapter until the stage completes (a rerun resumes from them)."""
-        return atomic.work_dir(self.out)
-
-
-@dataclass
-class LoadedBase:
-    """The model `load` read, with what the later steps compare against."""
-
-    model: Any
-    tokenizer: Any
-    pruned: list[str]  # every pruned layer (fused MoE expert slices included)
-    targets: list[str]  # the ones the method adapts
-    parent_zeros: dict[str, str]  # name -> zeros_sha256 before training
-    stored_dtype: Any  # the checkpoint's dtype, which the merged model is saved in
-    teacher: Any = None  # objective distill: the frozen teacher model (released after training)
-    teacher_record: dict | None = None  # spp.json's "distillation" and the teacher's MiB (teacher.load_teacher)
 
 
 def resolve(model_dir: str, out: Path, options: dict, loading: dict) -> FinetunePlan:
@@ -197,7 +154,7 @@ def load(plan: FinetunePlan, on_event: Listener | None) -> LoadedBase:
     from spp_cli.adapters.base import default_targets, split_fused_experts
 
     options = plan.options
-    model, tokenizer = checkpoint.load_model(plan.model_dir, dtype=_compute_dtype(options.dtype, options.device),
+    model, tokenizer = checkpoint.load_model(plan.model_dir, dtype=training_dtype(options.dtype, options.device),
                                              **plan.loading)
     pruned = default_targets(model, plan.parent_manifest)
     targets = pruned if plan.adapter.adapts_fused_experts else split_fused_experts(model, pruned)[0]
@@ -212,7 +169,7 @@ def load(plan: FinetunePlan, on_event: Listener | None) -> LoadedBase:
     if options.objective == "distill":
         from spp_cli.training.teacher import load_teacher
 
-        teacher, teacher_record = load_teacher(options, plan.model_dir, _compute_dtype(options.dtype, options.device),
+        teacher, teacher_record = load_teacher(options, plan.model_dir, training_dtype(options.dtype, options.device),
                                                plan.loading)
         notify(on_event, "finetune", "note", f"distilling from {teacher_record['teacher']['path']}: "
                f"{teacher_record['teacher_memory_mb']:.0f} MiB of weights beside the student")
@@ -245,98 +202,6 @@ def train(plan: FinetunePlan, base: LoadedBase, records: list[dict], on_event: L
         base.teacher = None  # the merge does not need it: its memory goes with the objective
 
 
-def on_main_process(plan: FinetunePlan, base: LoadedBase, result, on_event: Listener | None):
-    """The result with the whole adapter on rank 0. FSDP / ZeRO-3 leave only shards in result.model: after a
-    multi-process run the gathered adapters go on a fresh copy of the frozen base (the base never changes, so the
-    parent's weights are the full weights): a weightless one when the merge streams (saving the adapter needs only
-    the targets' zero hashes, base.parent_zeros), else the parent's full weights reloaded on the CPU."""
-    from spp_cli.training.trainer import adapted_copy, adapted_weightless, world_size
-
-    if os.environ.get("ACCELERATE_USE_FSDP") == "true" and not result.parallelism.startswith("fsdp"):
-        notify(on_event, "finetune", "warning", f"the launch config asks for FSDP but accelerate ran "
-               f"{result.parallelism} (it ignores FSDP on CPU): the result is right, only nothing was sharded")
-    if world_size() == 1:
-        return result
-    dtype = _compute_dtype(plan.options.dtype, "cpu")
-    merge_input = _merge_input(plan, dtype)
-    if merge_input is not None:
-        from spp_cli.stages.streamed_checkpoint import weightless_model
-
-        skeleton = weightless_model(Path(plan.model_path), merge_input.source, dtype,
-                                    plan.loading["trust_remote_code"])
-        return adapted_weightless(skeleton, result)
-    full, _ = checkpoint.load_model(plan.model_dir, dtype=dtype, with_tokenizer=False, **plan.loading)
-    return adapted_copy(full, result)
-
-
-def save_adapter(plan: FinetunePlan, base: LoadedBase, result) -> dict:
-    """The adapter (before any merge) and run.json into the work dir; returns run.json's statistics."""
-    from spp_cli.training.trainer import save_trained_adapter
-
-    adapter_dir = plan.work_dir / "adapter"
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    save_trained_adapter(result, adapter_dir, base_path=str(Path(plan.model_path).resolve()),
-                         base_manifest_sha256=(plan.parent_manifest or {}).get("manifest_sha256"),
-                         known_zeros=_known_zeros(plan, base, result.adapter.target_modules()))
-    run = _run_record(result)
-    (adapter_dir / RUN_RECORD).write_text(json.dumps(run, indent=2) + "\n")
-    return run
-
-
-def _known_zeros(plan: FinetunePlan, base: LoadedBase, targets: list[str]) -> dict[str, str]:
-    """The targets' zero hashes as loaded (base.parent_zeros), any other target's read from the parent's shards:
-    what a weightless base's adapter records (the frozen weights are the parent's)."""
-    missing = [name for name in targets if name not in base.parent_zeros]
-    if not missing:
-        return base.parent_zeros
-    from spp_cli.io.stored_weights import StoredWeights
-
-    stored = StoredWeights(Path(plan.model_path))
-    return {**base.parent_zeros, **{name: zeros_sha256(stored[name]) for name in missing}}
-
-
-def merge_and_check(plan: FinetunePlan, base: LoadedBase, result):
-    """(what publish saves, spp.json's "layers"): every pruned tensor, the frozen experts too; a zero-keeping method
-    must have kept every zero (CheckFailed). (None, {}) with --no-merge. A local safetensors parent is merged
-    streaming from its shards and the saved adapter (a StreamingMerge whose shards are written; the same bytes), any
-    other in memory (the merged model in the checkpoint's dtype)."""
-    from spp_cli.training.trainer import merge_trained
-
-    if plan.options.no_merge:
-        return None, {}
-    streaming = _streaming_merge(plan, base, result)
-    if streaming is not None:
-        return streaming, streaming.run()
-    model_out = merge_trained(result).to(base.stored_dtype)
-    layers = layers_record(model_out, base.pruned)
-    if result.adapter.keeps_zeros:
-        check_zeros_kept(model_out, layers, base.parent_zeros, plan.model_path)
-    return model_out, layers
-
-
-def _streaming_merge(plan: FinetunePlan, base: LoadedBase, result):
-    """The streaming merge (stages/merge_streaming.py) of the saved adapter into the parent, computing where the
-    in-memory merge would (the training device and dtype; the CPU after a multi-process run); None when the parent
-    cannot be streamed."""
-    from spp_cli.stages.merge_streaming import adapter_merge
-    from spp_cli.training.trainer import world_size
-
-    device = plan.options.device if world_size() == 1 else "cpu"
-    dtype = _compute_dtype(plan.options.dtype, device)
-    merge_input = _merge_input(plan, dtype)
-    if merge_input is None:
-        return None
-    return adapter_merge(merge_input, result.adapter, plan.work_dir / "adapter", plan.work_dir / "merged",
-                         plan.fingerprint, pruned=base.pruned, dtype=dtype, device=device)
-
-
-def _merge_input(plan: FinetunePlan, dtype: str):
-    """The parent read lazily for a streaming merge in `dtype` (merge.streamed_base), or None: it cannot stream."""
-    from spp_cli.stages.merge import streamed_base
-
-    return streamed_base("auto", plan.model_path, (plan.parent_manifest or {}).get("layers"), dtype)
-
-
 def record(plan: FinetunePlan, base: LoadedBase, result, layers: dict) -> dict:
     """spp.json: provenance, the layers, the fingerprinted config, the adapter's record and the training curve
     (identical for a resumed and an uninterrupted run: the resume itself is in run.json, not hashed)."""
@@ -344,7 +209,7 @@ def record(plan: FinetunePlan, base: LoadedBase, result, layers: dict) -> dict:
     keeps_zeros = result.adapter.keeps_zeros
     frozen_experts = not_adapted(base.pruned, result.adapter.target_modules())
     warnings = (frozen_experts_warnings(frozen_experts, result.method)
-                + _unchanged_merge_warning(layers, plan.parent_manifest, base.stored_dtype))
+                + unchanged_merge_warning(layers, plan.parent_manifest, base.stored_dtype))
     return stage_manifest(
         "finetune",
         parent=checkpoint.parent_record(plan.model_path, plan.parent_manifest),
@@ -415,35 +280,6 @@ def _progress_callbacks(on_event: Listener | None, options: FinetuneStage) -> li
     return [TrainingProgress(on_update, tokens_per_step=options.batch_size * options.seqlen),
             PhaseNotes(lambda text: notify(on_event, "finetune", "note", text)),
             HeldOutProgress(lambda progress: notify(on_event, "finetune", "progress", progress))]
-
-
-def _unchanged_merge_warning(layers: dict, parent_manifest: dict | None, stored_dtype) -> list[str]:
-    """A merge cast back to a low-precision dtype can round every update away (SPP's multipliers 1 + s·β·α stay
-    within bf16's 2^-9 after a few steps): say so rather than publish a copy of the parent as a tuned model."""
-    parent_layers = (parent_manifest or {}).get("layers") or {}
-    if not layers or any(record["weight_sha256"] != parent_layers.get(name, {}).get("weight_sha256")
-                         for name, record in layers.items()):
-        return []
-    return [f"the merged weights are bit-identical to the parent's: every update was rounded away when cast back "
-            f"to {str(stored_dtype).removeprefix('torch.')}; train longer or at a higher lr, or keep the adapter "
-            "(--no-merge) and merge into a float32 copy"]
-
-
-def _run_record(result) -> dict:
-    """This run's statistics: they differ between identical runs, so they never enter the hashed manifest."""
-    from spp_cli.training.trainer import world_size
-
-    return {
-        "resumed_from": Path(result.resumed_from).name if result.resumed_from else None,
-        "steps_run": result.steps_run,
-        "train_seconds": round(result.seconds, 3),  # training only: the held-out evaluations are eval_seconds
-        "seconds_per_step": round(result.seconds / result.steps_run, 4) if result.steps_run else None,
-        "eval_seconds": round(result.eval_seconds, 3),
-        "peak_memory_mb": result.peak_memory_mb,
-        "memory_measure": result.memory_measure,
-        "parallelism": result.parallelism,
-        "processes": world_size(),
-    }
 
 
 def _claim_work_dir(work_dir: Path, stage_fingerprint: str) -> None:

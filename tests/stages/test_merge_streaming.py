@@ -237,7 +237,7 @@ def test_finetune_merges_streaming_into_the_in_memory_merge_s_bytes(tmp_path, mo
     from tiny_models import ALPACA
 
     from spp_cli.stages import finetune as finetune_stage
-    from spp_cli.stages import merge_streaming
+    from spp_cli.stages import finetune_merge, merge_streaming
 
     pruned = pruned_model(tmp_path, "builtin")
     train = dict(data=str(ALPACA), method=method, max_steps=2, batch_size=4, micro_batch_size=4, seqlen=32,
@@ -247,7 +247,7 @@ def test_finetune_merges_streaming_into_the_in_memory_merge_s_bytes(tmp_path, mo
                         _open: (opened.append(self.staging), _open(self))[1])
     streamed = finetune_stage.finetune(str(pruned), tmp_path / "stream", **train)
     assert opened == [atomic.work_dir(tmp_path / "stream") / "merged"]
-    monkeypatch.setattr(finetune_stage, "_streaming_merge", lambda plan, base, result: None)
+    monkeypatch.setattr(finetune_merge, "_streaming_merge", lambda plan, base, result: None)
     in_memory = finetune_stage.finetune(str(pruned), tmp_path / "memory", **train)
     assert_same_output(tmp_path / "stream", tmp_path / "memory", timings="run.json")
     assert streamed["manifest_sha256"] == in_memory["manifest_sha256"]
@@ -264,6 +264,7 @@ def test_rank_0_saves_and_merges_on_a_weightless_base_the_bytes_of_the_full_relo
     from tiny_models import ALPACA
 
     from spp_cli.stages import finetune as finetune_stage
+    from spp_cli.training import result as training_result
     from spp_cli.training import trainer
 
     pruned = pruned_model(tmp_path, model)
@@ -273,13 +274,13 @@ def test_rank_0_saves_and_merges_on_a_weightless_base_the_bytes_of_the_full_relo
     monkeypatch.setattr(finetune_stage, "train", lambda *args: (
         trained(*args), monkeypatch.setattr(trainer, "world_size", lambda: 2))[0])
     reloads = []
-    monkeypatch.setattr(trainer, "adapted_copy", lambda base, result, _copy=trainer.adapted_copy: (
+    monkeypatch.setattr(training_result, "adapted_copy", lambda base, result, _copy=training_result.adapted_copy: (
         reloads.append(base), _copy(base, result))[1])
     weightless = finetune_stage.finetune(str(pruned), tmp_path / "weightless", **train)
     assert reloads == []
     monkeypatch.setattr(trainer, "world_size", one_process)
     # the full reload as before: the parent's weights loaded whole on the CPU under the adapters
-    monkeypatch.setattr(trainer, "adapted_weightless", lambda skeleton, result: trainer.adapted_copy(
+    monkeypatch.setattr(training_result, "adapted_weightless", lambda skeleton, result: training_result.adapted_copy(
         checkpoint.load_model(str(pruned), dtype="float32", with_tokenizer=False)[0], result))
     reloaded = finetune_stage.finetune(str(pruned), tmp_path / "reloaded", **train)
     assert len(reloads) == 1
