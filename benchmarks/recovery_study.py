@@ -95,6 +95,22 @@ def collect(recipe: dict, output_dir: Path) -> list[dict]:
     return rows + [row_record(stage, output_dir, results) for stage in recipe["stages"] if stage["type"] != "eval"]
 
 
+def markdown_table(report: dict) -> str:
+    """README's table: a row per model, its ppl, mean zero-shot accuracy, held-out loss along the budget, seconds."""
+    lines = ["| row | from | recovery | held-out loss at each curve point | ppl | mean acc | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        ppl = next(iter(row["ppl"].values()), None)
+        accs = [value for value in row.get("acc", {}).values() if value is not None]
+        curve = " → ".join(f"{point['held_out_loss']:.3f}" for point in row.get("curve") or [])
+        recovery = (f"{row['method']} {row['objective']}" if row.get("stage") == "finetune"
+                    else row.get("refine") or ("" if row["row"] == "dense" else "none"))
+        lines.append(f"| {row['row']} | {row.get('input') or ''} | {recovery} | {curve} | "
+                     f"{'' if ppl is None else f'{ppl:.2f}'} | "
+                     f"{f'{sum(accs) / len(accs):.3f}' if accs else ''} | {row.get('seconds') or ''} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=("tiny", "gemma"), default="tiny")
@@ -104,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="the run's output folder (default: a folder under runs/)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--table", help="print README's table from this JSON and stop")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return 0
     work = Path(args.work or common.REPO / "runs" / f"recovery-study-{args.profile}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     recipe = study_recipe(args.profile, args.model, Path(args.data_dir).resolve(), work / "run",

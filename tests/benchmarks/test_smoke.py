@@ -148,3 +148,15 @@ def test_reconstruct_params(tmp_path):
     assert adapter["every_block_lower"] and len(adapter["error_after"]) == 4 and adapter["same_bytes_every_repeat"]
     assert positive(adapter["held_out_ppl"]) and positive(adapter["median_seconds"])
     assert len(report["machine"]["loadavg_at_start"]) == 3 and report["reconstruct"]["steps_per_block"] == 1
+
+
+def test_recovery_study(tmp_path, test_data):
+    from benchmarks import recovery_study
+
+    report = run(recovery_study.main, tmp_path, "--work", str(tmp_path / "work"), "--data-dir", str(test_data))
+    names = [stage["name"] for stage in report["recipe"]["stages"]]
+    assert len(names) == 23 and names[-1] == "eval" and report["rows"] == []  # every row planned, none trained
+    gemma = recovery_study.study_recipe("gemma", "/models/gemma3-270m", test_data, tmp_path, recovery_study.GEMMA_ROWS)
+    assert [stage["name"] for stage in gemma["stages"]] == [*recovery_study.GEMMA_ROWS, "eval"]
+    assert gemma["stages"][-1]["models"] == ["dense", *recovery_study.GEMMA_ROWS]
+    assert all(stage["max_steps"] == 12 for stage in gemma["stages"] if stage["type"] == "finetune")
