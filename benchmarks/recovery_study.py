@@ -30,10 +30,11 @@ RECIPE = common.REPO / "recipes" / "recovery-study.yaml"
 GEMMA_ROWS = ("w24", "w24-rc", "w24-spp-sft", "w24-spp-distill", "w24-mlora-sft", "w24-mlora-distill")
 
 
-def gemma_profile(recipe: dict, model: str, data: Path, rows: tuple[str, ...]) -> dict:
+def gemma_profile(recipe: dict, model: str, data: Path, rows: tuple[str, ...], steps: int = 12,
+                  windows: int = 40) -> dict:
     """The study's rows on a real model at what 2 CPU cores run in under an hour: C4 calibration (64 x 512),
-    reconstruction for 2 epochs, 12 fine-tune steps x 4 Alpaca examples x 256 tokens with the held-out loss every
-    4 steps, WikiText-2 token ppl @512 on 40 windows (no zero-shot tasks: see the README for their cost)."""
+    reconstruction for 2 epochs, `steps` fine-tune steps x 4 Alpaca examples x 256 tokens with the held-out loss at
+    4 points, WikiText-2 token ppl @512 on `windows` windows (no zero-shot tasks: see the README for their cost)."""
     stages = []
     for stage in recipe["stages"]:
         if stage["type"] == "prune" and stage["name"] in rows:
@@ -42,21 +43,25 @@ def gemma_profile(recipe: dict, model: str, data: Path, rows: tuple[str, ...]) -
                 stage["reconstruct_epochs"] = 2
         elif stage["type"] == "finetune" and stage["name"] in rows:
             stage = {key: value for key, value in stage.items() if not key.startswith("eval_ppl")}
-            stage |= {"data": str(data / "alpaca" / "alpaca_small.json"), "max_steps": 12, "batch_size": 4,
-                      "micro_batch_size": 2, "seqlen": 256, "val_size": 16, "eval_steps": 4}
+            stage |= {"data": str(data / "alpaca" / "alpaca_small.json"), "batch_size": 4,
+                      "micro_batch_size": 2, "seqlen": 256, "val_size": 16,
+                      "eval_steps": max(1, steps // 3), "max_steps": steps}
         elif stage["type"] == "eval":
             stage = {**stage, "models": ["dense", *[m for m in stage["models"] if m in rows]],
-                     "tasks": ["wikitext2"], "seqlen": 512, "limit": 40, "batch_size": 4, "data_dir": str(data)}
+                     "tasks": ["wikitext2"], "seqlen": 512, "limit": windows, "batch_size": 4,
+                     "data_dir": str(data)}
         else:
             continue
         stages.append(stage)
     return {**recipe, "model": model, "stages": stages}
 
 
-def study_recipe(profile: str, model: str | None, data: Path, output_dir: Path, rows: tuple[str, ...]) -> dict:
+def study_recipe(profile: str, model: str | None, data: Path, output_dir: Path, rows: tuple[str, ...],
+                 steps: int = 12, windows: int = 40) -> dict:
     recipe = {key: value for key, value in yaml.safe_load(RECIPE.read_text()).items() if not key.startswith("x-")}
     if profile == "gemma":
-        recipe = gemma_profile(recipe, model or str(common.REPO.parent / "models" / "gemma3-270m"), data, rows)
+        recipe = gemma_profile(recipe, model or str(common.REPO.parent / "models" / "gemma3-270m"), data, rows,
+                               steps, windows)
     else:
         recipe["stages"][-1]["data_dir"] = str(data)
     return {**recipe, "output_dir": str(output_dir)}
@@ -116,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=("tiny", "gemma"), default="tiny")
     parser.add_argument("--model", help="gemma: the built model folder (../shared/models/gemma3-270m.sh)")
     parser.add_argument("--rows", default=",".join(GEMMA_ROWS), help="gemma: the stages to run")
+    parser.add_argument("--steps", type=int, default=12, help="gemma: fine-tune steps (4 examples x 256 tokens each)")
+    parser.add_argument("--eval-windows", type=int, default=40, help="gemma: WikiText-2 windows of 512 tokens")
     parser.add_argument("--data-dir", default=str(common.SHARED_DATA))
     parser.add_argument("--work", default=None, help="the run's output folder (default: a folder under runs/)")
     parser.add_argument("--out", default=None)
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or common.REPO / "runs" / f"recovery-study-{args.profile}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     recipe = study_recipe(args.profile, args.model, Path(args.data_dir).resolve(), work / "run",
-                          tuple(args.rows.split(",")))
+                          tuple(args.rows.split(",")), args.steps, args.eval_windows)
     recipe_path = work / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     seconds = run_study(recipe_path, dry_run=args.smoke)
