@@ -13,10 +13,11 @@ into the linear's weight right after the block trains: the next block sees merge
 Why the math is here and not spp_cli/adapters' layers: pruners/ knows nothing of the CLI, files or recipes, and the
 adapter classes there are stage-level (BadInput, the adapter registry, PEFT files, branch dropout for training).
 The two merge formulas are the adapters' own (spp_cli/adapters/spp.py and masked_lora.py `merged_weight`), written
-here element for element; tests/pruners/test_pruners_reconstruct.py holds them bit-identical to those. The
-adapters' defaults: SPP's G = 16 groups (the greatest divisor of out_features up to 16 where 16 does not divide
-it) and s = lora_alpha / r = 16 / 8; masked LoRA's r = 8, s = 16 / 8; init as theirs (α, A kaiming-uniform with
-a = √5, β, B zero: the block starts exactly at its pruned weights); no dropout (EBFT trains in eval mode).
+here element for element; tests/pruners/test_pruners_reconstruct.py holds them bit-identical to those. The adapters'
+defaults: SPP's G = 16 groups (where 16 does not divide out_features, which the fine-tune adapter refuses,
+gcd(out_features, 16) groups here) and s = lora_alpha / r = 16 / 8; masked LoRA's r = 8, s = 16 / 8; init as theirs
+(α, A kaiming-uniform with a = √5, β, B zero: the block starts exactly at its pruned weights); no dropout (EBFT
+trains in eval mode).
 """
 
 from __future__ import annotations

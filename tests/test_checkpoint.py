@@ -118,3 +118,20 @@ def test_stored_dtype_is_kept_when_computing_in_float32(tmp_path):
     save_random_model(directory, dtype=torch.float16)
     model, _ = checkpoint.load_model(str(directory), dtype="float32")
     assert next(model.parameters()).dtype == torch.float32 and model.spp_stored_dtype == torch.float16
+
+
+def test_a_damaged_distillation_record_hashes_without_a_traceback():
+    """A user's spp.json with a distillation record but no teacher mapping is hashed (and so found not to be spp's
+    by its sha) instead of raising KeyError; the teacher's path is left out of the hash as the parent's is."""
+    assert len(checkpoint.manifest_sha256({"distillation": {}, "stage": "finetune"})) == 64
+    with_path = {"distillation": {"teacher": {"path": "/a", "manifest_sha256": "x"}, "temperature": 1.0}}
+    moved = {"distillation": {"teacher": {"path": "/b", "manifest_sha256": "x"}, "temperature": 1.0}}
+    assert checkpoint.manifest_sha256(with_path) == checkpoint.manifest_sha256(moved)
+
+
+def test_the_stored_dtype_comes_from_the_config_not_the_compute_dtype(tmp_path):
+    """A checkpoint stored in fp16 and loaded in fp32 (auto on a CPU) is saved back in fp16."""
+    directory = save_random_model(tmp_path / "m", dtype=torch.float16)
+    model, _ = checkpoint.load_model(str(directory), dtype="float32", with_tokenizer=False)
+    assert next(model.parameters()).dtype == torch.float32 and model.spp_stored_dtype == torch.float16
+    assert checkpoint.config_dtype_name(str(directory)) == "float16"

@@ -133,18 +133,23 @@ def placed_model(path: str, *, device_map: str | None, max_memory: str | None, o
         yield (*load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                            allow_pickle=allow_pickle), {})
         return
+    created = offload_folder is not None and not Path(offload_folder).exists()
     if offload_folder is not None:
         Path(offload_folder).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="spp-offload-", dir=offload_folder) as scratch:
-        placement = {"device_map": device_map, "max_memory": device_map_budgets(max_memory, device),
-                     "offload_folder": scratch}
-        model, tokenizer = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                                      allow_pickle=allow_pickle, placement=placement)
-        modules: dict[str, int] = {}
-        for where in model.hf_device_map.values():
-            modules[str(where)] = modules.get(str(where), 0) + 1
-        yield model, tokenizer, {"device_map": device_map, "max_memory": max_memory,
-                                 "offload_folder": offload_folder, "modules": modules}
+    try:
+        with tempfile.TemporaryDirectory(prefix="spp-offload-", dir=offload_folder) as scratch:
+            placement = {"device_map": device_map, "max_memory": device_map_budgets(max_memory, device),
+                         "offload_folder": scratch}
+            model, tokenizer = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                          allow_pickle=allow_pickle, placement=placement)
+            modules: dict[str, int] = {}
+            for where in model.hf_device_map.values():
+                modules[str(where)] = modules.get(str(where), 0) + 1
+            yield model, tokenizer, {"device_map": device_map, "max_memory": max_memory,
+                                     "offload_folder": offload_folder, "modules": modules}
+    finally:  # a folder spp made for the scratch goes with it; the user's own folder stays
+        if created and not any(Path(offload_folder).iterdir()):
+            Path(offload_folder).rmdir()
 
 
 def input_device(model):

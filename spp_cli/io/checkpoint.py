@@ -124,7 +124,7 @@ def load_model(
         raise BadInput(f"could not load model '{path_or_id}': {first_line(error)}") from None
     tokenizer = load_tokenizer(path, trust_remote_code) if with_tokenizer else None
     model.eval()
-    model.spp_stored_dtype = stored_dtype(path, model)
+    model.spp_stored_dtype = stored_dtype(path, model, trust_remote_code)
     return (model if placement else model.to(device)), tokenizer
 
 
@@ -138,15 +138,28 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         raise BadInput(f"could not load the tokenizer of '{path}': {first_line(error)}") from None
 
 
-def stored_dtype(path: str, model) -> torch.dtype:
+def stored_dtype(path: str, model, trust_remote_code: bool = False) -> torch.dtype:
     """The dtype the checkpoint is stored in (what a stage saves back), whatever dtype it computes in."""
-    config_file = Path(path) / "config.json"
-    name = None
-    if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        name = config.get("dtype") or config.get("torch_dtype")
-    stored = getattr(torch, name, None) if isinstance(name, str) else None
+    name = config_dtype_name(path, trust_remote_code)
+    stored = getattr(torch, name, None) if name else None
     return stored if isinstance(stored, torch.dtype) else next(model.parameters()).dtype
+
+
+def config_dtype_name(path: str, trust_remote_code: bool = False) -> str | None:
+    """The checkpoint's dtype from its config ("dtype" or "torch_dtype"): a local config.json, else a hub id's
+    config (cached, or fetched when online); None when unknown."""
+    config_file = Path(path) / "config.json"
+    try:
+        if config_file.is_file():
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        else:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).to_dict()
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype")
+    return str(name).removeprefix("torch.") if name else None
 
 
 def read_manifest(model_dir: str | Path) -> dict | None:
@@ -181,7 +194,7 @@ def manifest_sha256(manifest: dict) -> str:
     content = {key: value for key, value in manifest.items() if key not in UNHASHED_KEYS}
     if isinstance(content.get("parent"), dict):
         content["parent"] = {key: value for key, value in content["parent"].items() if key != "path"}
-    if isinstance(content.get("distillation"), dict):
+    if isinstance(content.get("distillation"), dict) and isinstance(content["distillation"].get("teacher"), dict):
         teacher = {key: value for key, value in content["distillation"]["teacher"].items() if key != "path"}
         content["distillation"] = {**content["distillation"], "teacher": teacher}
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

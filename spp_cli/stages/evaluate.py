@@ -115,9 +115,10 @@ def evaluate_models(
                                          verbose=verbose, processes=processes)
         except BaseException as error:  # Ctrl-C included: the finished models' results are kept, marked partial
             if processes.is_main:
-                    keep_partial(out, entries, config, stage_fingerprint, {"model": name, "path": path, "error": (
-                    "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: "
-                    f"{first_line(error)}")}, on_event)
+                reason = ("interrupted" if isinstance(error, KeyboardInterrupt)
+                          else f"{type(error).__name__}: {first_line(error)}")
+                keep_partial(out, entries, config, stage_fingerprint, {"model": name, "path": path, "error": reason},
+                             on_event)
             raise
     if not processes.is_main:
         return {"rank": processes.rank, "out": str(out)}

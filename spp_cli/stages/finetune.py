@@ -100,7 +100,7 @@ def finetune(
     if existing_output(plan.out, plan.fingerprint, overwrite):
         return {**checkpoint.read_manifest(plan.out), "skipped": True}
     records = check(plan)
-    announce_finetune(on_event, plan.model_path, plan.options, plan.out, plan.loading["trust_remote_code"])
+    announce_plan(plan, on_event)
     notify(on_event, "finetune", "note", f"loading {plan.model_dir} and tokenizing {len(records)} training records")
     base = load(plan, on_event)
     result = train(plan, base, records, on_event)
@@ -111,6 +111,21 @@ def finetune(
     model_out, layers = merge_and_check(plan, base, result)
     manifest = record(plan, base, result, layers)
     return {**publish(plan, model_out, base.tokenizer, manifest, started, configured=result.model), "run": run}
+
+
+def announce_plan(plan: FinetunePlan, on_event: Listener | None) -> None:
+    """The memory plan's line, once (on the main process of a multi-process run), with the distillation teacher's
+    weights when there is one."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    teacher = None
+    if plan.options.objective == "distill":
+        from spp_cli.memory_plan.stages import _shape_or_none
+        from spp_cli.training.teacher import find_teacher
+
+        reference = find_teacher(plan.options.teacher, plan.model_path, None)
+        teacher = _shape_or_none(reference, plan.loading["trust_remote_code"]) if reference else None
+    announce_finetune(on_event, plan.model_path, plan.options, plan.out, plan.loading["trust_remote_code"], teacher)
 
 
 def resolve(model_dir: str, out: Path, options: dict, loading: dict) -> FinetunePlan:

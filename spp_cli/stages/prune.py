@@ -64,17 +64,19 @@ def prune(model: str, out: str | Path, *, overwrite: bool = False, trust_remote_
 
     `options` are the prune stage's recipe keys (spp_cli/recipe/schema.py, PruneStage): method, sparsity, pattern,
     calib, nsamples, seqlen, seed, ... Skips the work when `out` already holds the same result (same options and
-    parent). `on_event` hears one "block" event per pruned block (payload: pruners.reports.BlockReport; streamed:
-sent from the writer thread once the block is on disk), and a
-    "note" (str) before the first for a resume or OWL's dense pass (`announce`). A streamed
-    run that resumed a killed one returns "resumed_from_block": the first block it pruned.
+    parent). `on_event` hears a "plan" event first (the memory plan), one "block" event per pruned block (payload:
+    pruners.reports.BlockReport; streamed: sent from the writer thread once the block is on disk), and a "note"
+    (str) before the first for a resume or OWL's dense pass (`announce`). A streamed run that resumed a killed one
+    returns "resumed_from_block": the first block it pruned.
     """
     started = time.time()
     plan = resolve(model, Path(out), options)
     finished = check(plan, overwrite, allow_pickle, trust_remote_code)
     if finished is not None:
         return finished
-    announce_prune(on_event, plan.model_path, plan.stage, plan.device, plan.out, trust_remote_code)
+    computed = compute_dtype(plan.stage.dtype, plan.model_path, plan.device, trust_remote_code)
+    announce_prune(on_event, plan.model_path, dataclasses.replace(plan.stage, dtype=computed), plan.device, plan.out,
+                   trust_remote_code)  # the plan sizes what is computed: auto on a CPU may be fp32
     loaded = load(plan, trust_remote_code, allow_pickle)
     announce(plan, loaded, on_event)
     reports, blocks_seen = run(plan, loaded, on_event)
@@ -245,7 +247,7 @@ def compute_dtype(requested: str, model_path: str, device: str, trust_remote_cod
     checkpoint's dtype. The output is saved in the checkpoint's dtype either way; spp.json's "applied" records both."""
     if requested not in (None, "auto") or device != "cpu":
         return requested
-    stored = _stored_dtype_name(model_path, trust_remote_code)
+    stored = checkpoint.config_dtype_name(model_path, trust_remote_code)
     return cpu_auto_dtype(stored, _cpu_has_bf16()) or "auto"
 
 
@@ -259,28 +261,13 @@ def cpu_auto_dtype(stored: str | None, native_bf16: bool) -> str | None:
     return None
 
 
-def _stored_dtype_name(model_path: str, trust_remote_code: bool) -> str | None:
-    """The checkpoint's dtype from its config (config.json's "dtype" or "torch_dtype"), None when unknown."""
-    config_file = Path(model_path) / "config.json"
-    try:
-        if config_file.is_file():
-            import json
-
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        else:  # a hub id: its config (cached, or fetched when online)
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).to_dict()
-    except (OSError, ValueError):
-        return None
-    name = config.get("dtype") or config.get("torch_dtype")
-    return str(name).removeprefix("torch.") if name else None
-
-
 def _cpu_has_bf16() -> bool:
     import torch
 
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    def supported(name: str) -> bool:  # private torch helpers: absent in another version means "not known"
+        return bool(getattr(torch.cpu, name, lambda: False)())
+
+    return supported("_is_avx512_bf16_supported") or supported("_is_amx_tile_supported")
 
 
 def parse_pattern(pattern: str, sparsity: float):
