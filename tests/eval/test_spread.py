@@ -59,7 +59,7 @@ def test_an_offloaded_run_equals_the_plain_run(tmp_path, plain):
     assert placement["device_map"] == "auto" and placement["max_memory"] == "cpu=5MB"
     assert placement["modules"].get("disk", 0) >= 4 and placement["modules"]["cpu"] >= 1, placement
     assert "placement" not in reference["applied"]
-    assert list((tmp_path / "offload").iterdir()) == []
+    assert not (tmp_path / "offload").exists()  # the folder spp made for its scratch went with it
 
 
 def test_two_gloo_processes_equal_one(tmp_path, plain):
