@@ -43,14 +43,10 @@ def adapter_trainer_class():
             if self.objective is None or not model.training:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             cross_entropy, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-            kl_sum, tokens = self.objective.kl(outputs.logits, inputs)
-            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-                kl_mean = kl_sum / num_items_in_batch
-                if self.args.average_tokens_across_devices:
-                    kl_mean = kl_mean * self.accelerator.num_processes
-            else:
-                kl_mean = kl_sum / tokens.clamp(min=1)
-            loss = self.objective.mix(cross_entropy, kl_mean)
+            per_step = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            processes = self.accelerator.num_processes if per_step and self.args.average_tokens_across_devices else 1
+            loss = self.objective.loss(cross_entropy, outputs.logits, inputs,
+                                       num_items_in_batch if per_step else None, processes)
             return (loss, outputs) if return_outputs else loss
 
         def log(self, logs: dict, *args, **kwargs) -> None:
@@ -59,19 +55,7 @@ def adapter_trainer_class():
             super().log(logs, *args, **kwargs)
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            from safetensors.torch import save_file
-
-            output_dir = output_dir or self.args.output_dir
-            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-            if state_dict is None:  # FSDP / ZeRO-3 pass the gathered state dict, filtered here
-                state_dict = model.state_dict()
-            if not self.args.should_save:
-                return
-            os.makedirs(output_dir, exist_ok=True)
-            tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k in trainable}
-            save_file(tensors, os.path.join(output_dir, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            save_trainable(self, output_dir or self.args.output_dir, state_dict)
 
         def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
             if not self.is_fsdp_enabled:
@@ -110,6 +94,22 @@ def adapter_trainer_class():
             return loss
 
     return AdapterTrainer
+
+
+def save_trainable(trainer, output_dir: str, state_dict: dict | None) -> None:
+    """A checkpoint of only the trainable parameters (adapter_model.safetensors) and the training arguments."""
+    from safetensors.torch import save_file
+
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if state_dict is None:  # FSDP / ZeRO-3 pass the gathered state dict, filtered here
+        state_dict = model.state_dict()
+    if not trainer.args.should_save:
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k in trainable}
+    save_file(tensors, os.path.join(output_dir, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    torch.save(trainer.args, os.path.join(output_dir, "training_args.bin"))
 
 
 def _shard_like(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

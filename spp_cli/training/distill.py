@@ -78,6 +78,15 @@ class Distillation:
         self._tokens += tokens.double().cpu()
         return kl_sum, tokens
 
+    def loss(self, cross_entropy: torch.Tensor, student_logits: torch.Tensor, inputs: dict[str, torch.Tensor],
+             step_tokens: torch.Tensor | int | None, processes: int = 1) -> torch.Tensor:
+        """The training loss of a micro-batch: its KL normalised as Trainer normalises the cross-entropy, per target
+        token of the optimizer step (`step_tokens`, times the `processes` Trainer averages over under DDP), or of
+        the micro-batch when `step_tokens` is None (loss_normalization micro_batch), then mixed."""
+        kl_sum, tokens = self.kl(student_logits, inputs)
+        kl_mean = kl_sum / step_tokens * processes if step_tokens is not None else kl_sum / tokens.clamp(min=1)
+        return self.mix(cross_entropy, kl_mean)
+
     def mix(self, cross_entropy: torch.Tensor, kl_mean: torch.Tensor) -> torch.Tensor:
         """The training loss from the step-normalised cross-entropy and KL (both per target token)."""
         distill = self.temperature ** 2 * kl_mean
