@@ -109,6 +109,19 @@ def machine_info(**extra) -> dict:
     return {**info, **extra, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
 
 
+def run_child(code: str, options: dict, scratch: Path) -> tuple[float, dict | None, list[str]]:
+    """`code` in a fresh interpreter (the repo importable) with `options` as JSON in argv[1]; `scratch` removed
+    after. (seconds, the JSON its last stdout line holds, []), or (seconds, None, its last stderr line) on failure."""
+    start = time.perf_counter()
+    completed = subprocess.run([sys.executable, "-c", code, json.dumps(options)], cwd=REPO, capture_output=True,
+                               text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    seconds = time.perf_counter() - start
+    shutil.rmtree(scratch, ignore_errors=True)
+    if completed.returncode != 0:
+        return seconds, None, completed.stderr.strip().splitlines()[-1:]
+    return seconds, json.loads(completed.stdout.strip().splitlines()[-1]), []
+
+
 def timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 

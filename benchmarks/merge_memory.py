@@ -22,10 +22,8 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -85,15 +83,10 @@ def save_pruned_with_adapter(directory: Path, shape: str, depth: int) -> Path:
 
 def run_one(adapter_dir: Path, out: Path, mode: str) -> dict:
     options = {"adapter_dir": str(adapter_dir), "out": str(out), "streaming": mode}
-    start = time.perf_counter()
-    completed = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(options)], cwd=common.REPO,
-                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(common.REPO)})
-    seconds = time.perf_counter() - start
-    shutil.rmtree(out, ignore_errors=True)
-    if completed.returncode != 0:
-        return {"streaming": mode, "failed": completed.stderr.strip().splitlines()[-1:]}
-    return {"streaming": mode, "process_seconds": round(seconds, 3),
-            **json.loads(completed.stdout.strip().splitlines()[-1])}
+    seconds, result, failure = common.run_child(_CHILD, options, out)
+    if result is None:
+        return {"streaming": mode, "failed": failure}
+    return {"streaming": mode, "process_seconds": round(seconds, 3), **result}
 
 
 def summarize(runs: list[dict], depths: list[int]) -> dict:

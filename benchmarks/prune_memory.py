@@ -32,10 +32,8 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from benchmarks import common
@@ -73,14 +71,9 @@ def run_one(model_dir: Path, out: Path, mode: str, method: str, args) -> dict:
                "pattern": args.pattern, "calib": args.calib or "builtin:python-docs:train",
                "nsamples": args.nsamples, "seqlen": args.seqlen, "device": args.device, "streaming": mode}
     load = [round(x, 2) for x in os.getloadavg()]
-    start = time.perf_counter()
-    completed = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(options)], cwd=common.REPO,
-                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(common.REPO)})
-    seconds = time.perf_counter() - start
-    shutil.rmtree(out, ignore_errors=True)
-    if completed.returncode != 0:
-        return {"streaming": mode, "failed": completed.stderr.strip().splitlines()[-1:]}
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    seconds, result, failure = common.run_child(_CHILD, options, out)
+    if result is None:
+        return {"streaming": mode, "failed": failure}
     blocks = result["block_seconds"]
     return {"streaming": mode, "load_before": load, "process_seconds": round(seconds, 3), **result,
             "mean_block_seconds": round(statistics.fmean(blocks), 4) if blocks else None}

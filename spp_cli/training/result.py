@@ -101,19 +101,22 @@ def adapted_copy(base_model: nn.Module, result: FinetuneResult) -> FinetuneResul
     """The result with its trained adapters put on `base_model`, a fresh copy of the frozen base (e.g. the
     parent checkpoint loaded on rank 0, on CPU). This is how to merge after FSDP / ZeRO-3, where result.model
     holds shards only: the base is frozen, so the parent's weights are the full weights."""
-    adapter = type(result.adapter)(copy.deepcopy(result.adapter.config))
-    model = adapter.inject(base_model, result.targets)
-    adapter.load_trainable_state(model, result.adapter_state)
-    return dataclasses.replace(result, model=model, adapter=adapter)
+    return _with_adapters(base_model, result, assign=False)
 
 
 def adapted_weightless(skeleton: nn.Module, result: FinetuneResult) -> FinetuneResult:
     """adapted_copy on a weightless copy of the base (parameters on the meta device): the trained adapters become
     real tensors in the dtype a real copy would hold them in, the frozen weights stay meta. Enough to save the
     adapter (with its targets' zero hashes given) and for a streaming merge, without the base's weights in RAM."""
+    return _with_adapters(skeleton, result, assign=True)
+
+
+def _with_adapters(base: nn.Module, result: FinetuneResult, *, assign: bool) -> FinetuneResult:
+    """A fresh adapter of result's method injected into `base`, loaded with the trained state (assign: the loaded
+    tensors replace meta parameters instead of being copied into them)."""
     adapter = type(result.adapter)(copy.deepcopy(result.adapter.config))
-    model = adapter.inject(skeleton, result.targets)
-    adapter.load_trainable_state(model, result.adapter_state, assign=True)
+    model = adapter.inject(base, result.targets)
+    adapter.load_trainable_state(model, result.adapter_state, assign=assign)
     return dataclasses.replace(result, model=model, adapter=adapter)
 
 
