@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -27,53 +29,126 @@ import yaml
 from benchmarks import common
 
 RECIPE = common.REPO / "recipes" / "recovery-study.yaml"
+STARTS = ("w24", "w70")  # the two pruned starting points (Wanda 2:4, Wanda 70% unstructured)
+TRAINED = ("spp-sft", "spp-distill", "mlora-sft", "mlora-distill")  # each start's four fine-tunes
 GEMMA_ROWS = ("w24", "w24-rc", "w24-spp-sft", "w24-spp-distill", "w24-mlora-sft", "w24-mlora-distill")
+ALL_ROWS = tuple(f"{start}{suffix}" for start in STARTS
+                 for suffix in ("", "-dsnot", "-rc", *(f"-{row}" for row in TRAINED)))
+CALIB = "c4/c4-train.00000-of-01024.first1000.jsonl"
+TRAIN = "alpaca/alpaca_small.json"
+VALIDATION = "wikitext-2-raw-v1/validation.jsonl"  # the curves' ppl: WikiText-2's validation split, not its test
 
 
-def gemma_profile(recipe: dict, model: str, data: Path, rows: tuple[str, ...], steps: int = 12,
-                  windows: int = 40) -> dict:
-    """The study's rows on a real model at what 2 CPU cores run in under an hour: C4 calibration (64 x 512),
-    reconstruction for 2 epochs, `steps` fine-tune steps x 4 Alpaca examples x 256 tokens with the held-out loss at
-    4 points, WikiText-2 token ppl @512 on `windows` windows (no zero-shot tasks: see the README for their cost)."""
+@dataclass(frozen=True)
+class Sizes:
+    """What the study costs on a real model. The defaults are what 2 CPU cores run in under an hour; the device
+    run (scripts/device_study.sh) sets its own."""
+
+    steps: int = 12  # fine-tune optimizer steps, the same for every trained row
+    batch: int = 4  # Alpaca examples per step
+    seqlen: int = 256  # fine-tune sequence length (longer examples are cut)
+    val_size: int = 16  # held-out Alpaca examples scored at each curve point
+    points: int = 3  # curve points after step 0 (eval_steps = steps // points)
+    curve_windows: int = 0  # WikiText-2 validation windows of `seqlen` tokens scored at each point (0: none)
+    eval_windows: int = 40  # WikiText-2 test windows of 512 tokens (and examples per zero-shot task)
+    zero_shot: tuple[str, ...] = ()  # lm-eval tasks scored from local files
+    eval_batch: int = 4  # the eval's sequences per forward
+    reconstruct_epochs: int | None = 2  # None: EBFT's 10
+
+    @property
+    def train_tokens_stated(self) -> str:
+        return f"{self.steps} steps x {self.batch} Alpaca examples (<= {self.seqlen} tokens each)"
+
+
+def prune_stage(stage: dict, data: Path, sizes: Sizes) -> dict:
+    stage = {**stage, "calib": str(data / CALIB), "seqlen": 512}
+    if stage.get("refine") == "reconstruct" and sizes.reconstruct_epochs is not None:
+        stage["reconstruct_epochs"] = sizes.reconstruct_epochs
+    return stage
+
+
+def finetune_stage(stage: dict, data: Path, sizes: Sizes) -> dict:
+    stage = {key: value for key, value in stage.items() if not key.startswith("eval_ppl")}
+    stage |= {"data": str(data / TRAIN), "batch_size": sizes.batch, "micro_batch_size": min(sizes.batch, 8),
+              "seqlen": sizes.seqlen, "val_size": sizes.val_size, "eval_steps": max(1, sizes.steps // sizes.points),
+              "max_steps": sizes.steps}
+    if sizes.curve_windows:
+        stage |= {"eval_ppl_source": f"ppl:{data / VALIDATION}", "eval_ppl_windows": sizes.curve_windows}
+    return stage
+
+
+def eval_stage(stage: dict, data: Path, sizes: Sizes, models: list[str]) -> dict:
+    return {**stage, "models": ["dense", *models], "tasks": ["wikitext2", *sizes.zero_shot], "seqlen": 512,
+            "limit": sizes.eval_windows, "batch_size": sizes.eval_batch, "data_dir": str(data)}
+
+
+def gemma_profile(recipe: dict, model: str, data: Path, rows: tuple[str, ...], sizes: Sizes = Sizes()) -> dict:
+    """The study's `rows` on a real model: C4 calibration (64 x 512), Alpaca training at `sizes`, WikiText-2 token
+    ppl @512 and the zero-shot tasks of `sizes` in the eval stage."""
     stages = []
     for stage in recipe["stages"]:
         if stage["type"] == "prune" and stage["name"] in rows:
-            stage = {**stage, "calib": str(data / "c4" / "c4-train.00000-of-01024.first1000.jsonl"), "seqlen": 512}
-            if stage.get("refine") == "reconstruct":
-                stage["reconstruct_epochs"] = 2
+            stages.append(prune_stage(stage, data, sizes))
         elif stage["type"] == "finetune" and stage["name"] in rows:
-            stage = {key: value for key, value in stage.items() if not key.startswith("eval_ppl")}
-            stage |= {"data": str(data / "alpaca" / "alpaca_small.json"), "batch_size": 4,
-                      "micro_batch_size": 2, "seqlen": 256, "val_size": 16,
-                      "eval_steps": max(1, steps // 3), "max_steps": steps}
+            stages.append(finetune_stage(stage, data, sizes))
         elif stage["type"] == "eval":
-            stage = {**stage, "models": ["dense", *[m for m in stage["models"] if m in rows]],
-                     "tasks": ["wikitext2"], "seqlen": 512, "limit": windows, "batch_size": 4,
-                     "data_dir": str(data)}
-        else:
-            continue
-        stages.append(stage)
+            stages.append(eval_stage(stage, data, sizes, [m for m in stage["models"] if m in rows]))
     return {**recipe, "model": model, "stages": stages}
 
 
+def with_best_after_reconstruct(recipe: dict, best: dict[str, dict], data: Path, sizes: Sizes) -> dict:
+    """`recipe` with, per start in `best` ({start: its best fine-tune's stage}), a row `<start>-rc-best`: the same
+    fine-tune from the reconstructed prune `<start>-rc`, placed before the eval stage, which scores it too."""
+    *stages, evaluation = recipe["stages"]
+    added = [finetune_stage({**stage, "name": f"{start}-rc-best", "input": f"{start}-rc"}, data, sizes)
+             for start, stage in best.items()]
+    evaluation = {**evaluation, "models": [*evaluation["models"], *(stage["name"] for stage in added)]}
+    return {**recipe, "stages": [*stages, *added, evaluation]}
+
+
+def best_fine_tunes(recipe: dict, output_dir: Path) -> dict[str, dict]:
+    """Per start whose reconstruction ran: its fine-tune with the lowest last-point WikiText-2 *validation* ppl
+    (the held-out Alpaca loss without curve windows): chosen on validation data, never on the test split."""
+    def last_point(stage: dict) -> float:
+        curve = json.loads((output_dir / stage["name"] / "spp.json").read_text())["training"]["curve"]
+        return curve[-1].get("ppl", curve[-1]["held_out_loss"])
+
+    best = {}
+    names = {stage["name"] for stage in recipe["stages"]}
+    for start in STARTS:
+        tuned = [stage for stage in recipe["stages"]
+                 if stage["type"] == "finetune" and stage.get("input") == start
+                 and (output_dir / stage["name"] / "spp.json").is_file()]
+        if f"{start}-rc" in names and tuned:
+            best[start] = min(tuned, key=last_point)
+    return best
+
+
 def study_recipe(profile: str, model: str | None, data: Path, output_dir: Path, rows: tuple[str, ...],
-                 steps: int = 12, windows: int = 40) -> dict:
+                 sizes: Sizes = Sizes()) -> dict:
     recipe = {key: value for key, value in yaml.safe_load(RECIPE.read_text()).items() if not key.startswith("x-")}
     if profile == "gemma":
         recipe = gemma_profile(recipe, model or str(common.REPO.parent / "models" / "gemma3-270m"), data, rows,
-                               steps, windows)
+                               sizes)
     else:
         recipe["stages"][-1]["data_dir"] = str(data)
     return {**recipe, "output_dir": str(output_dir)}
 
 
-def run_study(recipe_path: Path, dry_run: bool) -> float:
-    """`spp run` on the study's recipe in a child process (its output streamed through); its seconds."""
+def run_study(recipe_path: Path, dry_run: bool, timeout: float | None = None) -> tuple[float, bool]:
+    """`spp run` on the study's recipe in a child process (its output streamed through): (its seconds, whether it
+    finished). Past `timeout` seconds the run is stopped (its finished stages stay: a stage is complete only with
+    its spp.json) and reported unfinished."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "spp_cli", "run", str(recipe_path), *(["--dry-run"] if dry_run else [])],
-                   check=True, env=env, cwd=common.REPO)
-    return round(time.perf_counter() - start, 1)
+    command = [sys.executable, "-m", "spp_cli", "run", str(recipe_path), *(["--dry-run"] if dry_run else [])]
+    try:
+        subprocess.run(command, check=True, env=env, cwd=common.REPO, timeout=timeout)
+        finished = True
+    except subprocess.TimeoutExpired:
+        print(f"recovery_study: stopped after {timeout:.0f} s; scoring the rows that finished", flush=True)
+        finished = False
+    return round(time.perf_counter() - start, 1), finished
 
 
 def row_record(stage: dict, output_dir: Path, results: dict) -> dict:
@@ -86,18 +161,23 @@ def row_record(stage: dict, output_dir: Path, results: dict) -> dict:
     if training:
         row |= {"steps": training.get("steps"), "curve": training.get("curve"),
                 "train_tokens": (training.get("curve") or [{}])[-1].get("train_tokens")}
-    scored = results["models"].get(stage["name"], {})
+    if manifest.get("warnings"):
+        row["warnings"] = manifest["warnings"]
+    scored = results.get("models", {}).get(stage["name"], {})
     row["ppl"] = {task: entry["value"] for task, entry in scored.get("perplexity", {}).items()}
     row["acc"] = {task: metrics.get("acc,none") for task, metrics in scored.get("results", {}).items()}
     return row
 
 
 def collect(recipe: dict, output_dir: Path) -> list[dict]:
-    results = json.loads((output_dir / "eval" / "results.json").read_text())
-    dense = results["models"].get("dense", {})
+    """Every row that finished (a stage without its spp.json is left out); no scores when the eval did not run."""
+    scored = output_dir / "eval" / "results.json"
+    results = json.loads(scored.read_text()) if scored.is_file() else {}
+    dense = results.get("models", {}).get("dense", {})
     rows = [{"row": "dense", "ppl": {t: e["value"] for t, e in dense.get("perplexity", {}).items()},
              "acc": {t: m.get("acc,none") for t, m in dense.get("results", {}).items()}}]
-    return rows + [row_record(stage, output_dir, results) for stage in recipe["stages"] if stage["type"] != "eval"]
+    return rows + [row_record(stage, output_dir, results) for stage in recipe["stages"]
+                   if stage["type"] != "eval" and (output_dir / stage["name"] / "spp.json").is_file()]
 
 
 def markdown_table(report: dict) -> str:
@@ -116,31 +196,137 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def gpu_name() -> str | None:
+    """The GPU the study ran on (nvidia-smi's name and memory), None on a machine without one."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    return subprocess.run(query, capture_output=True, text=True).stdout.strip() or None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=("tiny", "gemma"), default="tiny")
     parser.add_argument("--model", help="gemma: the built model folder (../shared/models/gemma3-270m.sh)")
-    parser.add_argument("--rows", default=",".join(GEMMA_ROWS), help="gemma: the stages to run")
-    parser.add_argument("--steps", type=int, default=12, help="gemma: fine-tune steps (4 examples x 256 tokens each)")
-    parser.add_argument("--eval-windows", type=int, default=40, help="gemma: WikiText-2 windows of 512 tokens")
+    parser.add_argument("--rows", default=",".join(GEMMA_ROWS), help="gemma: the stages to run ('all': every row)")
+    parser.add_argument("--steps", type=int, default=Sizes.steps, help="gemma: fine-tune steps")
+    parser.add_argument("--batch", type=int, default=Sizes.batch, help="gemma: Alpaca examples per step")
+    parser.add_argument("--seqlen", type=int, default=Sizes.seqlen, help="gemma: fine-tune sequence length")
+    parser.add_argument("--val-size", type=int, default=Sizes.val_size, help="gemma: held-out Alpaca examples")
+    parser.add_argument("--points", type=int, default=Sizes.points, help="gemma: curve points after step 0")
+    parser.add_argument("--curve-windows", type=int, default=0,
+                        help="gemma: WikiText-2 validation windows scored at each curve point")
+    parser.add_argument("--eval-windows", type=int, default=Sizes.eval_windows,
+                        help="gemma: WikiText-2 test windows of 512 tokens (and examples per zero-shot task)")
+    parser.add_argument("--eval-batch", type=int, default=None, help="gemma: the eval's sequences per forward")
+    parser.add_argument("--zero-shot", default="", help="gemma: comma-separated lm-eval tasks (local data)")
+    parser.add_argument("--reconstruct-epochs", type=int, default=Sizes.reconstruct_epochs,
+                        help="gemma: reconstruction passes per block (0: EBFT's 10)")
+    parser.add_argument("--rc-best", action="store_true",
+                        help="gemma: then fine-tune each reconstructed prune the way that scored best from the plain "
+                             "prune (lowest last-point validation ppl)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="gemma: seconds for the whole study: training stops in time for the eval's reserve, "
+                             "and the eval scores the rows that finished")
+    parser.add_argument("--eval-reserve", type=float, default=0.0, help="gemma: seconds kept for the eval")
     parser.add_argument("--data-dir", default=str(common.SHARED_DATA))
     parser.add_argument("--work", default=None, help="the run's output folder (default: a folder under runs/)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--table", help="print README's table from this JSON and stop")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def sizes_of(args: argparse.Namespace) -> Sizes:
+    return Sizes(steps=args.steps, batch=args.batch, seqlen=args.seqlen, val_size=args.val_size, points=args.points,
+                 curve_windows=args.curve_windows, eval_windows=args.eval_windows,
+                 zero_shot=tuple(task for task in args.zero_shot.split(",") if task),
+                 eval_batch=args.eval_batch or Sizes.eval_batch,
+                 reconstruct_epochs=args.reconstruct_epochs or None)
+
+
+def finished(stage: dict, output_dir: Path) -> bool:
+    return (output_dir / stage["name"] / "spp.json").is_file()
+
+
+class Phases:
+    """The study run in phases, within an optional deadline: the training stages; with --rc-best, the chosen
+    fine-tune from each reconstructed prune (if the slowest fine-tune so far fits twice in the time left before
+    the eval's reserve); then the eval of every row that finished."""
+
+    def __init__(self, args: argparse.Namespace, work: Path):
+        self.args, self.work, self.started = args, work, time.perf_counter()
+        self.chosen: dict[str, str] = {}
+        self.stopped: list[str] = []
+
+    def left(self, reserve: bool = True) -> float | None:
+        """Seconds left before the deadline (less the eval's reserve, unless `reserve` is False)."""
+        if self.args.deadline is None:
+            return None
+        kept = self.args.eval_reserve if reserve else 0.0
+        return self.args.deadline - kept - (time.perf_counter() - self.started)
+
+    def run(self, recipe: dict, name: str, reserve: bool = True) -> None:
+        path = self.work / f"recipe-{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        left = self.left(reserve)
+        if not run_study(path, dry_run=False, timeout=None if left is None else max(left, 1.0))[1]:
+            self.stopped.append(name)
+
+    def __call__(self, recipe: dict) -> dict:
+        """Run `recipe`; the recipe of what ran (its eval scores the rows that finished)."""
+        output_dir = Path(recipe["output_dir"])
+        *training, evaluation = recipe["stages"]
+        self.run({**recipe, "stages": training}, "training")
+        if self.args.rc_best:
+            training, evaluation = self.add_best_after_reconstruct(recipe, training, evaluation, output_dir)
+        done = [stage for stage in training if finished(stage, output_dir)]
+        names = {stage["name"] for stage in done}
+        evaluation = {**evaluation, "models": [m for m in evaluation["models"] if m == "dense" or m in names]}
+        ran = {**recipe, "stages": [*done, evaluation]}
+        self.run(ran, "eval", reserve=False)
+        return ran
+
+    def add_best_after_reconstruct(self, recipe, training, evaluation, output_dir) -> tuple[list[dict], dict]:
+        best = best_fine_tunes({**recipe, "stages": training}, output_dir)
+        slowest = max((json.loads((output_dir / s["name"] / "spp.json").read_text()).get("seconds") or 0
+                       for s in training if s["type"] == "finetune" and finished(s, output_dir)), default=0)
+        left = self.left()
+        if not best or (left is not None and left < 2 * slowest):
+            return training, evaluation
+        data = Path(self.args.data_dir).resolve()
+        with_best = with_best_after_reconstruct({**recipe, "stages": [*training, evaluation]}, best, data,
+                                                sizes_of(self.args))
+        self.chosen = {start: stage["name"] for start, stage in best.items()}
+        added = with_best["stages"][len(training):-1]
+        self.run({**recipe, "stages": [*training, *added]}, "rc-best")
+        return [*training, *added], with_best["stages"][-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.table:
         print(markdown_table(json.loads(Path(args.table).read_text())))
         return 0
     work = Path(args.work or common.REPO / "runs" / f"recovery-study-{args.profile}").resolve()
     work.mkdir(parents=True, exist_ok=True)
-    recipe = study_recipe(args.profile, args.model, Path(args.data_dir).resolve(), work / "run",
-                          tuple(args.rows.split(",")), args.steps, args.eval_windows)
-    recipe_path = work / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    seconds = run_study(recipe_path, dry_run=args.smoke)
+    rows = ALL_ROWS if args.rows == "all" else tuple(args.rows.split(","))
+    sizes = sizes_of(args)
+    recipe = study_recipe(args.profile, args.model, Path(args.data_dir).resolve(), work / "run", rows, sizes)
+    started = time.perf_counter()
+    if args.smoke or args.profile == "tiny":
+        (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        run_study(work / "recipe.yaml", dry_run=args.smoke)
+        chosen, stopped = {}, []
+    else:
+        phases = Phases(args, work)
+        recipe = phases(recipe)
+        chosen, stopped = phases.chosen, phases.stopped
+    seconds = round(time.perf_counter() - started, 1)
     report = {"benchmark": "recovery study: which recovery buys the most per training token",
               "profile": args.profile, "recipe": recipe, "seconds": seconds,
+              "budget": sizes.train_tokens_stated if args.profile == "gemma" else None,
+              "rc_best_chosen_from": chosen, "stopped_at_deadline": stopped, "gpu": gpu_name(),
               "machine": common.machine_info(loadavg_after=os.getloadavg()[0]),
               "rows": [] if args.smoke else collect(recipe, work / "run")}
     common.write_json(report, args.out or common.default_out(f"recovery_study_{args.profile}", args.smoke))

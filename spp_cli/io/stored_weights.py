@@ -67,15 +67,17 @@ def converted_names(keys: list[str], model_type: str | None) -> dict[str, str]:
     Only the stacking spp's expert slices assume is mapped: MergeModulelist(dim=0), then for gate_up_proj
     Concatenate(dim=1) of [gate, up]; any other converter's keys stay unmapped (their layers then read as absent)."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, apply_converters, apply_renamings
+    from transformers.core_model_loading import WeightConverter
+
+    from spp_cli.io.key_renames import converted_key, renamed_key
 
     transforms = (get_checkpoint_conversion_mapping(model_type) if model_type else None) or []
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter) and _stacks_experts(t)]
     names = {}
     for key in keys:
-        renamed = apply_renamings(key, renamings)
-        target, pattern = apply_converters(renamed, converters)
+        renamed = renamed_key(key, renamings)
+        target, pattern = converted_key(renamed, converters)
         if pattern is None:
             if renamed != key and renamed.endswith(".weight"):
                 names[renamed.removesuffix(".weight")] = key

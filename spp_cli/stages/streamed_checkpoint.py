@@ -160,17 +160,18 @@ def loaded_conversions(model, keys: list[str]) -> list:
     """The weight conversions from_pretrained would record on `model` loading a checkpoint with these `keys`: those
     of the model's conversion mapping that match one of them (renamings first, as loading applies them)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, apply_converters, apply_renamings
+    from transformers.core_model_loading import WeightConverter
+
+    from spp_cli.io.key_renames import converted_key, renamed_key
 
     mapping = get_model_conversion_mapping(model)
     renamings = [transform for transform in mapping if not isinstance(transform, WeightConverter)]
     used = []
     for transform in mapping:
         if isinstance(transform, WeightConverter):
-            matches = any(apply_converters(apply_renamings(key, renamings), [transform])[1] is not None
-                          for key in keys)
+            matches = any(converted_key(renamed_key(key, renamings), [transform])[1] is not None for key in keys)
         else:
-            matches = any(apply_renamings(key, [transform]) != key for key in keys)
+            matches = any(renamed_key(key, [transform]) != key for key in keys)
         if matches:
             used.append(transform)
     return used
