@@ -26,10 +26,18 @@ def curve_series(manifests: dict, evaluations: dict) -> dict:
             continue
         ppl_record = next((s["ppl"] for s in series.values() if s["ppl"]), None)
         if metric == "ppl" and ppl_record is not None:
-            label = f"{ppl_record['task']} token ppl ({ppl_record['windows']} windows @{ppl_record['seqlen']})"
+            label = (f"{short_task(ppl_record['task'])} token ppl\n"
+                     f"({ppl_record['windows']} windows @{ppl_record['seqlen']})")
         panels.append({"metric": metric, "label": label,
                        "references": _references(metric, series, evaluations, ppl_record)})
     return {"series": series, "panels": panels}
+
+
+def short_task(task: str) -> str:
+    """A perplexity task short enough for an axis: ppl:/a/long/path/wikitext/valid.jsonl -> ppl:wikitext/valid.jsonl."""
+    if task.startswith("ppl:") and "/" in task:
+        return "ppl:" + "/".join(Path(task[len("ppl:"):]).parts[-2:])
+    return task
 
 
 def _references(metric: str, series: dict, evaluations: dict, ppl_record: dict | None) -> dict[str, float]:
