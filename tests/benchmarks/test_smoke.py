@@ -160,3 +160,29 @@ def test_recovery_study(tmp_path, test_data):
     assert [stage["name"] for stage in gemma["stages"]] == [*recovery_study.GEMMA_ROWS, "eval"]
     assert gemma["stages"][-1]["models"] == ["dense", *recovery_study.GEMMA_ROWS]
     assert all(stage["max_steps"] == 12 for stage in gemma["stages"] if stage["type"] == "finetune")
+
+
+def test_recovery_study_reconstructs_then_trains_the_best_fine_tune(tmp_path, test_data):
+    """--rc-best: per start, the fine-tune with the lowest last-point validation ppl is trained again from the
+    reconstructed prune, and the eval scores it; every row of the full study is planned with the asked sizes."""
+    from benchmarks import recovery_study
+
+    sizes = recovery_study.Sizes(steps=48, batch=8, curve_windows=16, zero_shot=("boolq", "rte"))
+    recipe = recovery_study.study_recipe("gemma", "/models/g", test_data, tmp_path, recovery_study.ALL_ROWS, sizes)
+    names = [stage["name"] for stage in recipe["stages"]]
+    assert names == [*recovery_study.ALL_ROWS, "eval"] and len(names) == 15
+    assert recipe["stages"][-1]["tasks"] == ["wikitext2", "boolq", "rte"]
+    tuned = [stage for stage in recipe["stages"] if stage["type"] == "finetune"]
+    assert {(stage["max_steps"], stage["eval_steps"], stage["eval_ppl_windows"]) for stage in tuned} == {(48, 16, 16)}
+    last_ppl = {"w24-spp-sft": 271.0, "w24-spp-distill": 257.0, "w24-mlora-sft": 187.2, "w24-mlora-distill": 171.6}
+    for name, ppl in last_ppl.items():  # the w70 fine-tunes did not finish: no spp.json
+        (tmp_path / name).mkdir()
+        curve = [{"step": 0, "held_out_loss": 4.6, "ppl": 323.0}, {"step": 48, "held_out_loss": 2.0, "ppl": ppl}]
+        (tmp_path / name / "spp.json").write_text(json.dumps({"training": {"curve": curve}}))
+    best = recovery_study.best_fine_tunes(recipe, tmp_path)
+    assert {start: stage["name"] for start, stage in best.items()} == {"w24": "w24-mlora-distill"}
+    with_best = recovery_study.with_best_after_reconstruct(recipe, best, test_data, sizes)
+    added = with_best["stages"][-2]
+    assert (added["name"], added["input"], added["method"], added["objective"]) == \
+        ("w24-rc-best", "w24-rc", "masked-lora", "distill")
+    assert with_best["stages"][-1]["models"][-1] == "w24-rc-best" and len(with_best["stages"]) == 16
