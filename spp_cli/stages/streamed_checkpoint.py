@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from spp_cli.io.safetensors_header import read_header
+
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 _DTYPE_NAMES = {
@@ -41,12 +43,6 @@ class NotStreamable(Exception):
     """The model cannot be written tensor by tensor exactly like save_pretrained does (the reason is the text)."""
 
 
-def _read_header(path: Path) -> dict:
-    with path.open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        return json.loads(handle.read(size))
-
-
 class SafetensorsSource:
     """The tensors of a local HF model directory: the shards its index names, or its single model.safetensors."""
 
@@ -60,9 +56,8 @@ class SafetensorsSource:
         self.files = [directory / name for name in files]
         self.entries: dict[str, tuple[Path, torch.dtype, list[int]]] = {}  # name -> (file, dtype, shape)
         for path in self.files:
-            for name, entry in _read_header(path).items():
-                if name != "__metadata__":
-                    self.entries[name] = (path, _TORCH_DTYPES.get(entry["dtype"]), entry["shape"])
+            for name, entry in read_header(path)[0].items():
+                self.entries[name] = (path, _TORCH_DTYPES.get(entry["dtype"]), entry["shape"])
 
     @staticmethod
     def usable(directory: Path) -> bool:
