@@ -46,9 +46,6 @@ from spp_cli.stages.streamed_checkpoint import (
 )
 
 SAVE_EVERY_BYTES = 256 * 2**20  # resume.json is rewritten once this much more is written (and never more often)
-# how torch words a shape mismatch (an adapter tensor that does not fit its base layer)
-SHAPE_ERRORS = ("must match the size of tensor", "shapes cannot be multiplied", "is invalid for input of size",
-                "expanded size of the tensor", "size mismatch", "mismatch in shape")
 EXPERT_PROJECTIONS = {"gate_up_proj": (("gate_proj", 0), ("up_proj", 1)), "down_proj": (("down_proj", None),)}
 
 
@@ -207,14 +204,17 @@ class StreamingMerge:
 
     def run(self, on_event: Listener | None = None) -> dict[str, dict]:
         """Write every parameter, merged where adapted; spp.json's layer records in `pruned` order. CheckFailed when
-        a zero-keeping merge lost a zero, BadInput when the adapter does not fit the base (nothing is left)."""
+        a zero-keeping merge lost a zero, BadInput when the adapter does not fit the base (nothing is left): its
+        layers and their tensors' shapes are checked against the base's before the staging dir is opened."""
         from safetensors import safe_open
 
+        from spp_cli.adapters.base import fitting_layers
+
+        layers = fitting_layers(self.adapter, self.adapter_weights, self.input.shapes)
+        units = merge_units(self.input, layers, self.adapter_weights)
         self._open()
         try:
             with safe_open(str(self.adapter_weights), framework="pt", device="cpu") as adapter_file:
-                layers = self.adapter.file_layers(list(adapter_file.keys()))
-                units = merge_units(self.input, layers, self.adapter_weights)
                 written = 0
                 for index, unit in enumerate(units):
                     if index < self.next_unit:
@@ -240,17 +240,9 @@ class StreamingMerge:
         if unit.layer is not None:
             weight_name = next(name for name in unit.parameters if not name.endswith(".bias"))
             bias_name = next((name for name in unit.parameters if name.endswith(".bias")), None)
-            try:
-                weight, bias = self.adapter.merged_layer(
-                    unit.layer, base[weight_name].to(self.device), None if bias_name is None else base[bias_name].to(
-                        self.device), {role: tensor.to(self.device) for role, tensor in tensors.items()})
-            except RuntimeError as error:
-                if not any(text in str(error) for text in SHAPE_ERRORS):
-                    raise
-                shapes = ", ".join(f"{role} {list(tensor.shape)}" for role, tensor in tensors.items())
-                raise BadInput(f"adapter {self.adapter_weights} does not fit this base: layer {unit.layer}'s tensors "
-                               f"({shapes}) do not fit its weight {list(base[weight_name].shape)}; the adapter is "
-                               f"damaged or for another base: merge it into the model it was trained on") from None
+            weight, bias = self.adapter.merged_layer(
+                unit.layer, base[weight_name].to(self.device), None if bias_name is None else base[bias_name].to(
+                    self.device), {role: tensor.to(self.device) for role, tensor in tensors.items()})
             merged[weight_name] = weight.cpu()
             if bias_name is not None:
                 merged[bias_name] = bias.cpu()
