@@ -275,7 +275,7 @@ def test_finetune_merges_streaming_into_the_in_memory_merge_s_bytes(tmp_path, mo
                         _open: (opened.append(self.staging), _open(self))[1])
     streamed = finetune_stage.finetune(str(pruned), tmp_path / "stream", **train)
     assert opened == [atomic.work_dir(tmp_path / "stream") / "merged"]
-    monkeypatch.setattr(finetune_merge, "_streaming_merge", lambda plan, base, result: None)
+    monkeypatch.setattr(finetune_merge, "_streaming_merge", lambda plan, base, result, merge_input: None)
     in_memory = finetune_stage.finetune(str(pruned), tmp_path / "memory", **train)
     assert_same_output(tmp_path / "stream", tmp_path / "memory", timings="run.json")
     assert streamed["manifest_sha256"] == in_memory["manifest_sha256"]
