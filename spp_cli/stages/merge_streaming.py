@@ -17,7 +17,6 @@ device, versions), so a killed run leaves nothing that looks complete and a reru
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import shutil
@@ -38,6 +37,7 @@ from spp_cli.stages.streamed_checkpoint import (
     OutputPlan,
     SafetensorsSource,
     ShardWriter,
+    StagedRun,
     in_memory_state_dict,
     loaded_conversions,
     plan_output,
@@ -179,7 +179,7 @@ def merge_units(merge_input: MergeInput, layers: dict[str, dict[str, str]], weig
     return units
 
 
-class StreamingMerge:
+class StreamingMerge(StagedRun):
     """Merges `adapter` (the method's Adapter, its config loaded) from `adapter_weights` into `merge_input` in the
     staging directory `staging`: `run` writes the shards and returns the layers' records, `publish` adds the rest
     and moves it to the output, `discard` removes it."""
@@ -200,7 +200,6 @@ class StreamingMerge:
         self.records: dict[str, dict] = {}
         self.lost: list[str] = []
         self.next_unit = 0
-        self.lock = None
 
     def run(self, on_event: Listener | None = None) -> dict[str, dict]:
         """Write every parameter, merged where adapted; spp.json's layer records in `pruned` order. CheckFailed when
@@ -277,25 +276,12 @@ class StreamingMerge:
 
     def _open(self) -> None:
         """Take the staging dir: resume it when it holds this very run, else lay the shards out afresh."""
-        self.staging.mkdir(parents=True, exist_ok=True)
-        self.lock = (self.staging / LOCK_FILE).open("a")
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock.close()
-            self.lock = None
-            raise BadInput(f"another spp merge is writing '{self.staging}' right now: wait for it or choose another "
-                           "--out") from None
-        try:
-            state = json.loads((self.staging / RESUME_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            state = None
+        state = self._take_staging(f"another spp merge is writing '{self.staging}' right now: wait for it or "
+                                   "choose another --out")
         if state is not None and state.get("fingerprint") == self.fingerprint and self.writer.laid_out():
             self.next_unit, self.records, self.lost = state["next_unit"], state["records"], state["lost"]
             return
-        for entry in self.staging.iterdir():
-            if entry.name != LOCK_FILE:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        self._clear_staging()
         self.writer.lay_out()
         self._save_state()
 
@@ -303,16 +289,6 @@ class StreamingMerge:
         state = {"fingerprint": self.fingerprint, "next_unit": self.next_unit, "records": self.records,
                  "lost": self.lost}
         write_resume_state(self.staging, state)
-
-    def close(self) -> None:
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
-
-    def discard(self) -> None:
-        """Remove the staging dir: nothing is left behind."""
-        self.close()
-        shutil.rmtree(self.staging, ignore_errors=True)
 
     def publish(self, out: Path, manifest: dict, tokenizer, started: float,
                 extra_dirs: dict[str, Path] | None = None, configured=None) -> dict:
