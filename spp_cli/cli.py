@@ -156,16 +156,11 @@ def root(
 )
 def prune(options, *, model, out, overwrite, trust_remote_code, allow_pickle, output_format) -> None:
     """Prune a model one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M) into an HF checkpoint + spp.json."""
-    from spp_cli.render import event_printer, render_prune
+    from spp_cli.render import render_prune
     from spp_cli.stages.prune import prune as run_prune
 
-    validate_options(PruneStage, options, flags=True)
-    _quiet_libraries()
-    manifest = run_prune(
-        model, out, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-        on_event=event_printer(_console(stderr=True)), **options,
-    )
-    _emit(manifest, output_format, lambda console, result: render_prune(console, result, out))
+    _run_stage(PruneStage, run_prune, render_prune, model, out, options, output_format, overwrite=overwrite,
+               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 
 @app.command(
@@ -185,17 +180,24 @@ def prune(options, *, model, out, overwrite, trust_remote_code, allow_pickle, ou
 )
 def finetune(options, *, model_dir, out, overwrite, trust_remote_code, allow_pickle, output_format) -> None:
     """Fine-tune a pruned model (SPP, or another recovery method) and merge; zero-keeping methods keep every zero."""
-    from spp_cli.render import event_printer, render_finetune
+    from spp_cli.render import render_finetune
     from spp_cli.stages.finetune import finetune as run_finetune
 
-    validate_options(FinetuneStage, options, flags=True)
+    _run_stage(FinetuneStage, run_finetune, render_finetune, model_dir, out, options, output_format,
+               overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+
+def _run_stage(stage, run, render, model: str, out: Path, options: dict, output_format: OutputFormat,
+               **loading) -> None:
+    """`spp prune` and `spp finetune`: the schema's options checked, the libraries quiet, the stage run with its
+    events on stderr, its manifest shown (under torchrun/accelerate only rank 0 merges, saves and reports)."""
+    from spp_cli.render import event_printer
+
+    validate_options(stage, options, flags=True)
     _quiet_libraries()
-    manifest = run_finetune(
-        model_dir, out, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-        on_event=event_printer(_console(stderr=True)), **options,
-    )
-    if "rank" not in manifest:  # under torchrun/accelerate only rank 0 merges, saves and reports
-        _emit(manifest, output_format, lambda console, result: render_finetune(console, result, out))
+    manifest = run(model, out, **loading, on_event=event_printer(_console(stderr=True)), **options)
+    if "rank" not in manifest:
+        _emit(manifest, output_format, lambda console, result: render(console, result, out))
 
 
 @app.command(cls=SppCommand, epilog="Example:\n\n    spp finetune runs/w50 --data d.jsonl --no-merge --out runs/w50-spp && spp merge runs/w50-spp/adapter --out runs/w50-merged")

@@ -90,6 +90,11 @@ class Adapter:
         merge computes in) and the layer's adapter tensors by role (file_layers). Pure: nothing is mutated."""
         raise NotImplementedError
 
+    def fits(self, layer: str, weight: tuple[int, ...], shapes: dict[str, tuple[int, ...]]) -> bool:
+        """Whether the layer's adapter tensors (their shapes by role, file_layers) fit a base weight of shape
+        `weight`, so merged_layer can run on them: checked for every layer before anything is merged."""
+        raise NotImplementedError
+
     def record(self) -> dict:
         """spp.json's "adapter": the config dataclass as JSON (adapter_config.json adds peft_type and the base)."""
         return json_safe(dataclasses.asdict(self.config))
@@ -330,6 +335,29 @@ def layers_by_suffix(keys: list[str], roles: dict[str, str]) -> dict[str, dict[s
         for suffix, role in roles.items():
             if key.endswith(suffix):
                 layers.setdefault(key.removesuffix(suffix), {})[role] = key
+    return layers
+
+
+def fitting_layers(adapter: Adapter, weights: Path, parameter_shapes: dict[str, tuple[int, ...]]
+                   ) -> dict[str, dict[str, str]]:
+    """The layers of the adapter file `weights` (file_layers), each checked by its tensors' shapes (from the file's
+    header) against its base weight before anything is merged: BadInput, one line naming the layer, both shapes
+    and the fix, when they do not fit. `parameter_shapes`: the base's parameters by name; a layer's weight is its
+    `<layer>.weight` (a linear) or the parameter named as the layer (fused experts). A layer the base lacks is left
+    to the caller's own check."""
+    from spp_cli.io.safetensors_header import read_header
+
+    tensor_shapes = {name: tuple(entry["shape"]) for name, entry in read_header(weights)[0].items()}
+    layers = adapter.file_layers(sorted(tensor_shapes))
+    for layer, roles in layers.items():
+        weight = parameter_shapes.get(f"{layer}.weight", parameter_shapes.get(layer))
+        shapes = {role: tensor_shapes[key] for role, key in roles.items()}
+        if weight is None or adapter.fits(layer, tuple(weight), shapes):
+            continue
+        listed = ", ".join(f"{role} {list(shape)}" for role, shape in shapes.items())
+        raise BadInput(f"adapter {weights} does not fit this base: layer {layer}'s tensors ({listed}) do not fit its "
+                       f"weight {list(weight)}; the adapter is damaged or for another base: merge it into the model it "
+                       "was trained on")
     return layers
 
 

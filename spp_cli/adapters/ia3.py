@@ -59,6 +59,13 @@ class IA3Adapter(PeftAdapter):
                      tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return merged_layer(weight, bias, tensors["l"], layer in self.config.feedforward_modules)
 
+    def fits(self, layer: str, weight: tuple[int, ...], shapes: dict[str, tuple[int, ...]]) -> bool:
+        """l (1, in) for a feed-forward layer, else (out, 1), of a W (out, in) (PEFT's IA3 Linear)."""
+        if len(weight) != 2:
+            return False
+        feedforward = layer in self.config.feedforward_modules
+        return shapes.get("l") == ((1, weight[1]) if feedforward else (weight[0], 1))
+
     @classmethod
     def make_config(cls, options: dict) -> IA3AdapterConfig:
         return IA3AdapterConfig()

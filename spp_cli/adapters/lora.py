@@ -151,6 +151,14 @@ def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     return merged
 
 
+def lora_fits(weight: tuple[int, ...], shapes: dict[str, tuple[int, ...]]) -> bool:
+    """W (out, in), A (r, in), B (out, r): LoRA's and masked LoRA's tensors fit their weight."""
+    lora_A, lora_B = shapes.get("A"), shapes.get("B")
+    if lora_A is None or lora_B is None or len(weight) != 2 or len(lora_A) != 2:
+        return False
+    return lora_A[1] == weight[1] and lora_B == (weight[0], lora_A[0])
+
+
 class LoRAAdapter(PeftAdapter):
     """PEFT LoRA (dense after the merge). Defaults: r 8, alpha 16, dropout 0.05, lr 3e-4 (alpaca-lora)."""
 
@@ -171,6 +179,9 @@ class LoRAAdapter(PeftAdapter):
     def merged_layer(self, layer: str, weight: torch.Tensor, bias: torch.Tensor | None,
                      tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return merged_weight(weight, tensors["A"], tensors["B"], self.scaling), bias
+
+    def fits(self, layer: str, weight: tuple[int, ...], shapes: dict[str, tuple[int, ...]]) -> bool:
+        return lora_fits(weight, shapes)
 
     @classmethod
     def make_config(cls, options: dict) -> LoRAConfig:

@@ -91,6 +91,10 @@ class MaskedFullAdapter(Adapter):
         """The trained weight (cast to the base's dtype, as loading it into the model does) under the base's mask."""
         return masked_weight(tensors["weight"].to(weight.dtype), (weight != 0).to(weight.dtype)), bias
 
+    def fits(self, layer: str, weight: tuple[int, ...], shapes: dict[str, tuple[int, ...]]) -> bool:
+        """The trained weight has the base weight's shape."""
+        return shapes.get("weight") == weight
+
     def merge(self, model: nn.Module) -> nn.Module:
         self.after_optimizer_step(model)
         for hook in self._hooks:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spp_cli.adapters.base import Adapter, WrappedLinear, layers_by_suffix, resolve_targets, set_submodule
+from spp_cli.adapters.lora import lora_fits
 from spp_cli.adapters.spp import _compute_dtype
 
 
@@ -207,6 +208,9 @@ class MaskedLoRAAdapter(Adapter):
     def merged_layer(self, layer: str, weight: torch.Tensor, bias: torch.Tensor | None,
                      tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return merged_weight(weight, tensors["A"], tensors["B"], self.config.scale), bias
+
+    def fits(self, layer: str, weight: tuple[int, ...], shapes: dict[str, tuple[int, ...]]) -> bool:
+        return lora_fits(weight, shapes)
 
     def merge(self, model: nn.Module) -> nn.Module:
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MaskedLoRALinear)]

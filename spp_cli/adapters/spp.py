@@ -381,6 +381,14 @@ class SPPAdapter(Adapter):
                      tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return merged_weight(weight, tensors["alpha"], tensors["beta"], self.config.scale), bias
 
+    def fits(self, layer: str, weight: tuple[int, ...], shapes: dict[str, tuple[int, ...]]) -> bool:
+        """W (..., out, in), α (..., G, in) with G dividing out, β (..., out) (merged_weight)."""
+        alpha, beta = shapes.get("alpha"), shapes.get("beta")
+        if alpha is None or beta is None or len(weight) < 2 or len(alpha) != len(weight):
+            return False
+        return (alpha[:-2] == weight[:-2] and alpha[-1] == weight[-1] and alpha[-2] > 0
+                and weight[-2] % alpha[-2] == 0 and beta == weight[:-1])
+
 
 def load_spp_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *,
                      base_manifest_sha256: str | None = None) -> SPPConfig:

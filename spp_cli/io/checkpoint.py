@@ -61,19 +61,17 @@ def check_model_dir(path: Path, allow_pickle: bool) -> None:
 
 def _check_safetensors(path: Path) -> None:
     """A truncated or corrupt file fails here with one line instead of deep inside transformers."""
+    from spp_cli.io.safetensors_header import read_header
+
     size = path.stat().st_size
     try:
-        with path.open("rb") as handle:
-            header_size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_size)) if 0 < header_size < size else None
+        header, data_start = read_header(path)
     except (OSError, ValueError):
-        header = None
-    if not isinstance(header, dict):
-        raise BadInput(f"'{path}' is not a readable safetensors file: re-download or re-save it")
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    if 8 + header_size + end > size:
+        raise BadInput(f"'{path}' is not a readable safetensors file: re-download or re-save it") from None
+    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if data_start + end > size:
         raise BadInput(
-            f"'{path}' is truncated ({size} bytes, needs {8 + header_size + end}): re-download or re-save it"
+            f"'{path}' is truncated ({size} bytes, needs {data_start + end}): re-download or re-save it"
         )
 
 

@@ -2,17 +2,18 @@
 
 `ModelShape` is what the memory plan (spp_cli/memory_plan/estimate.py) multiplies: parameter counts, the largest
 block and tensor, the linears of one block (their in/out features: Hessians, adapters) and the bytes on disk. Pure
-Python (json and struct only): `spp --help` and `spp run --dry-run` stay light.
+Python (json only; headers through spp_cli/io/safetensors_header.py): `spp --help` and `spp run --dry-run` stay light.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from spp_cli.io.safetensors_header import read_header
 
 # bytes per element, by torch name and by safetensors name
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "F32": 4, "F16": 2, "BF16": 2, "F64": 8,
@@ -105,15 +106,6 @@ def shape_from_config(config: dict, stored_bytes: int | None = None, stored_dtyp
     )
 
 
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a .safetensors file (its first 8 + n bytes): name -> {dtype, shape, data_offsets}."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header
-
-
 def read_model_shape(directory: str | Path) -> ModelShape | None:
     """The shape of a local model folder (config.json; exact sizes from its safetensors headers), or None when the
     folder has no config.json."""
@@ -124,7 +116,7 @@ def read_model_shape(directory: str | Path) -> ModelShape | None:
     config = json.loads(config_file.read_text(encoding="utf-8"))
     sizes, stored, dtypes = {}, 0, Counter()
     for file in sorted(directory.glob("*.safetensors")):
-        for name, entry in safetensors_header(file).items():
+        for name, entry in read_header(file)[0].items():
             start, end = entry["data_offsets"]
             sizes[name] = (end - start) // DTYPE_BYTES.get(entry["dtype"], 1)
             stored += end - start

@@ -33,7 +33,13 @@ from spp_cli.io.manifest import applied_record, stage_manifest, zeros_sha256
 from spp_cli.io.outputs import check_output_path, existing_output, fingerprint
 from spp_cli.memory_plan.stages import announce_finetune
 from spp_cli.recipe.schema import FinetuneStage
-from spp_cli.stages.finetune_merge import merge_and_check, on_main_process, save_adapter, unchanged_merge_warning
+from spp_cli.stages.finetune_merge import (
+    merge_and_check,
+    on_main_process,
+    parent_merge_input,
+    save_adapter,
+    unchanged_merge_warning,
+)
 from spp_cli.stages.finetune_plan import FinetunePlan, LoadedBase, training_dtype
 from spp_cli.stages.merge import frozen_experts_warnings, not_adapted
 
@@ -106,9 +112,10 @@ def finetune(
     result = train(plan, base, records, on_event)
     if not result.is_main_process:
         return {"stage": "finetune", "rank": int(os.environ.get("RANK", "0"))}  # rank 0 merges, checks, saves
-    result = on_main_process(plan, base, result, on_event)
+    merge_input = parent_merge_input(plan)  # the parent's shards, opened once (None: the merge is in memory)
+    result = on_main_process(plan, base, result, merge_input, on_event)
     run = save_adapter(plan, base, result)
-    model_out, layers = merge_and_check(plan, base, result)
+    model_out, layers = merge_and_check(plan, base, result, merge_input)
     manifest = record(plan, base, result, layers)
     return {**publish(plan, model_out, base.tokenizer, manifest, started, configured=result.model), "run": run}
 

@@ -1,5 +1,6 @@
 """The finetune stage after training, on the main process (spp_cli/stages/finetune.py runs these steps in order):
 
+    parent_merge_input  the parent read lazily for the streaming merge, opened once for the two steps that use it
     on_main_process  the whole adapter on rank 0: after a multi-process run the gathered adapters go on a
                      weightless (streaming merge) or reloaded copy of the frozen base
     save_adapter     the adapter and run.json (this run's statistics, not hashed) into the work dir
@@ -22,11 +23,32 @@ from spp_cli.stages.merge import check_zeros_kept
 RUN_RECORD = "run.json"  # in OUT/adapter/: resumed_from, step seconds, peak memory (not hashed)
 
 
-def on_main_process(plan: FinetunePlan, base: LoadedBase, result, on_event: Listener | None):
+def parent_merge_input(plan: FinetunePlan):
+    """The parent read lazily for a streaming merge (merge_streaming.MergeInput) in the dtype the merge computes
+    in, opened once for on_main_process and merge_and_check; None when it cannot stream, or when neither needs it
+    (--no-merge on one process)."""
+    from spp_cli.stages.merge import streamed_base
+    from spp_cli.training.trainer import world_size
+
+    if plan.options.no_merge and world_size() == 1:
+        return None
+    dtype = training_dtype(plan.options.dtype, _merge_device(plan))
+    return streamed_base("auto", plan.model_path, (plan.parent_manifest or {}).get("layers"), dtype)
+
+
+def _merge_device(plan: FinetunePlan) -> str:
+    """Where the merge computes: the training device, the CPU after a multi-process run."""
+    from spp_cli.training.trainer import world_size
+
+    return plan.options.device if world_size() == 1 else "cpu"
+
+
+def on_main_process(plan: FinetunePlan, base: LoadedBase, result, merge_input, on_event: Listener | None):
     """The result with the whole adapter on rank 0. FSDP / ZeRO-3 leave only shards in result.model: after a
     multi-process run the gathered adapters go on a fresh copy of the frozen base (the base never changes, so the
-    parent's weights are the full weights): a weightless one when the merge streams (saving the adapter needs only
-    the targets' zero hashes, base.parent_zeros), else the parent's full weights reloaded on the CPU."""
+    parent's weights are the full weights): a weightless one when the merge streams (`merge_input`,
+    parent_merge_input; saving the adapter needs only the targets' zero hashes, base.parent_zeros), else the
+    parent's full weights reloaded on the CPU."""
     from spp_cli.training.result import adapted_copy, adapted_weightless
     from spp_cli.training.trainer import world_size
 
@@ -35,8 +57,7 @@ def on_main_process(plan: FinetunePlan, base: LoadedBase, result, on_event: List
                f"{result.parallelism} (it ignores FSDP on CPU): the result is right, only nothing was sharded")
     if world_size() == 1:
         return result
-    dtype = training_dtype(plan.options.dtype, "cpu")
-    merge_input = _merge_input(plan, dtype)
+    dtype = training_dtype(plan.options.dtype, "cpu")  # the merge's: it computes on the CPU after several processes
     if merge_input is not None:
         from spp_cli.stages.streamed_checkpoint import weightless_model
 
@@ -73,16 +94,16 @@ def _known_zeros(plan: FinetunePlan, base: LoadedBase, targets: list[str]) -> di
     return {**base.parent_zeros, **{name: zeros_sha256(stored[name]) for name in missing}}
 
 
-def merge_and_check(plan: FinetunePlan, base: LoadedBase, result):
+def merge_and_check(plan: FinetunePlan, base: LoadedBase, result, merge_input):
     """(what publish saves, spp.json's "layers"): every pruned tensor, the frozen experts too; a zero-keeping method
-    must have kept every zero (CheckFailed). (None, {}) with --no-merge. A local safetensors parent is merged
-    streaming from its shards and the saved adapter (a StreamingMerge whose shards are written; the same bytes), any
-    other in memory (the merged model in the checkpoint's dtype)."""
+    must have kept every zero (CheckFailed). (None, {}) with --no-merge. A local safetensors parent (`merge_input`,
+    parent_merge_input) is merged streaming from its shards and the saved adapter (a StreamingMerge whose shards are
+    written; the same bytes), any other in memory (the merged model in the checkpoint's dtype)."""
     from spp_cli.training.result import merge_trained
 
     if plan.options.no_merge:
         return None, {}
-    streaming = _streaming_merge(plan, base, result)
+    streaming = _streaming_merge(plan, base, result, merge_input)
     if streaming is not None:
         return streaming, streaming.run()
     model_out = merge_trained(result).to(base.stored_dtype)
@@ -92,27 +113,18 @@ def merge_and_check(plan: FinetunePlan, base: LoadedBase, result):
     return model_out, layers
 
 
-def _streaming_merge(plan: FinetunePlan, base: LoadedBase, result):
-    """The streaming merge (stages/merge_streaming.py) of the saved adapter into the parent, computing where the
-    in-memory merge would (the training device and dtype; the CPU after a multi-process run); None when the parent
-    cannot be streamed."""
+def _streaming_merge(plan: FinetunePlan, base: LoadedBase, result, merge_input):
+    """The streaming merge (stages/merge_streaming.py) of the saved adapter into the parent (`merge_input`, opened in
+    the merge's dtype), computing where the in-memory merge would (the training device and dtype; the CPU after a
+    multi-process run); None when the parent cannot be streamed."""
     from spp_cli.stages.merge_streaming import adapter_merge
-    from spp_cli.training.trainer import world_size
 
-    device = plan.options.device if world_size() == 1 else "cpu"
-    dtype = training_dtype(plan.options.dtype, device)
-    merge_input = _merge_input(plan, dtype)
     if merge_input is None:
         return None
+    device = _merge_device(plan)
+    dtype = training_dtype(plan.options.dtype, device)
     return adapter_merge(merge_input, result.adapter, plan.work_dir / "adapter", plan.work_dir / "merged",
                          plan.fingerprint, pruned=base.pruned, dtype=dtype, device=device)
-
-
-def _merge_input(plan: FinetunePlan, dtype: str):
-    """The parent read lazily for a streaming merge in `dtype` (merge.streamed_base), or None: it cannot stream."""
-    from spp_cli.stages.merge import streamed_base
-
-    return streamed_base("auto", plan.model_path, (plan.parent_manifest or {}).get("layers"), dtype)
 
 
 def unchanged_merge_warning(layers: dict, parent_manifest: dict | None, stored_dtype) -> list[str]:

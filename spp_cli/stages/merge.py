@@ -91,7 +91,7 @@ def _merge_in_memory(*, adapter_dir: Path, out: Path, method: str, config: dict,
                      allow_pickle: bool) -> dict:
     from pruners.experts import weight_of
     from spp_cli.adapters import adapter_class
-    from spp_cli.adapters.base import default_targets
+    from spp_cli.adapters.base import default_targets, fitting_layers
 
     model, tokenizer = checkpoint.load_model(base, dtype=MERGE_DTYPE, allow_pickle=allow_pickle)
     stored_dtype = model.spp_stored_dtype
@@ -99,6 +99,9 @@ def _merge_in_memory(*, adapter_dir: Path, out: Path, method: str, config: dict,
     pruned = default_targets(model, parent_manifest)
     # before loading: masked-full's adapter state is the target weights themselves
     parent_zeros = {name: zeros_sha256(weight_of(model, name)) for name in pruned}
+    # the adapter's shapes against the base's before anything is injected or merged (one line on a mismatch)
+    fitting_layers(adapter_class(method).from_file_record(config), adapter_dir / "adapter_model.safetensors",
+                   {name: tuple(parameter.shape) for name, parameter in model.named_parameters()})
     adapter, adapted = adapter_class(method).load(model, adapter_dir)
     model = adapter.merge(adapted).to(stored_dtype)
     layers = layers_record(model, pruned)

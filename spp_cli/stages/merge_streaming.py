@@ -17,7 +17,6 @@ device, versions), so a killed run leaves nothing that looks complete and a reru
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import shutil
@@ -38,6 +37,7 @@ from spp_cli.stages.streamed_checkpoint import (
     OutputPlan,
     SafetensorsSource,
     ShardWriter,
+    StagedRun,
     in_memory_state_dict,
     loaded_conversions,
     plan_output,
@@ -46,9 +46,6 @@ from spp_cli.stages.streamed_checkpoint import (
 )
 
 SAVE_EVERY_BYTES = 256 * 2**20  # resume.json is rewritten once this much more is written (and never more often)
-# how torch words a shape mismatch (an adapter tensor that does not fit its base layer)
-SHAPE_ERRORS = ("must match the size of tensor", "shapes cannot be multiplied", "is invalid for input of size",
-                "expanded size of the tensor", "size mismatch", "mismatch in shape")
 EXPERT_PROJECTIONS = {"gate_up_proj": (("gate_proj", 0), ("up_proj", 1)), "down_proj": (("down_proj", None),)}
 
 
@@ -182,7 +179,7 @@ def merge_units(merge_input: MergeInput, layers: dict[str, dict[str, str]], weig
     return units
 
 
-class StreamingMerge:
+class StreamingMerge(StagedRun):
     """Merges `adapter` (the method's Adapter, its config loaded) from `adapter_weights` into `merge_input` in the
     staging directory `staging`: `run` writes the shards and returns the layers' records, `publish` adds the rest
     and moves it to the output, `discard` removes it."""
@@ -203,18 +200,20 @@ class StreamingMerge:
         self.records: dict[str, dict] = {}
         self.lost: list[str] = []
         self.next_unit = 0
-        self.lock = None
 
     def run(self, on_event: Listener | None = None) -> dict[str, dict]:
         """Write every parameter, merged where adapted; spp.json's layer records in `pruned` order. CheckFailed when
-        a zero-keeping merge lost a zero, BadInput when the adapter does not fit the base (nothing is left)."""
+        a zero-keeping merge lost a zero, BadInput when the adapter does not fit the base (nothing is left): its
+        layers and their tensors' shapes are checked against the base's before the staging dir is opened."""
         from safetensors import safe_open
 
+        from spp_cli.adapters.base import fitting_layers
+
+        layers = fitting_layers(self.adapter, self.adapter_weights, self.input.shapes)
+        units = merge_units(self.input, layers, self.adapter_weights)
         self._open()
         try:
             with safe_open(str(self.adapter_weights), framework="pt", device="cpu") as adapter_file:
-                layers = self.adapter.file_layers(list(adapter_file.keys()))
-                units = merge_units(self.input, layers, self.adapter_weights)
                 written = 0
                 for index, unit in enumerate(units):
                     if index < self.next_unit:
@@ -240,17 +239,9 @@ class StreamingMerge:
         if unit.layer is not None:
             weight_name = next(name for name in unit.parameters if not name.endswith(".bias"))
             bias_name = next((name for name in unit.parameters if name.endswith(".bias")), None)
-            try:
-                weight, bias = self.adapter.merged_layer(
-                    unit.layer, base[weight_name].to(self.device), None if bias_name is None else base[bias_name].to(
-                        self.device), {role: tensor.to(self.device) for role, tensor in tensors.items()})
-            except RuntimeError as error:
-                if not any(text in str(error) for text in SHAPE_ERRORS):
-                    raise
-                shapes = ", ".join(f"{role} {list(tensor.shape)}" for role, tensor in tensors.items())
-                raise BadInput(f"adapter {self.adapter_weights} does not fit this base: layer {unit.layer}'s tensors "
-                               f"({shapes}) do not fit its weight {list(base[weight_name].shape)}; the adapter is "
-                               f"damaged or for another base: merge it into the model it was trained on") from None
+            weight, bias = self.adapter.merged_layer(
+                unit.layer, base[weight_name].to(self.device), None if bias_name is None else base[bias_name].to(
+                    self.device), {role: tensor.to(self.device) for role, tensor in tensors.items()})
             merged[weight_name] = weight.cpu()
             if bias_name is not None:
                 merged[bias_name] = bias.cpu()
@@ -285,25 +276,12 @@ class StreamingMerge:
 
     def _open(self) -> None:
         """Take the staging dir: resume it when it holds this very run, else lay the shards out afresh."""
-        self.staging.mkdir(parents=True, exist_ok=True)
-        self.lock = (self.staging / LOCK_FILE).open("a")
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock.close()
-            self.lock = None
-            raise BadInput(f"another spp merge is writing '{self.staging}' right now: wait for it or choose another "
-                           "--out") from None
-        try:
-            state = json.loads((self.staging / RESUME_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            state = None
+        state = self._take_staging(f"another spp merge is writing '{self.staging}' right now: wait for it or "
+                                   "choose another --out")
         if state is not None and state.get("fingerprint") == self.fingerprint and self.writer.laid_out():
             self.next_unit, self.records, self.lost = state["next_unit"], state["records"], state["lost"]
             return
-        for entry in self.staging.iterdir():
-            if entry.name != LOCK_FILE:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        self._clear_staging()
         self.writer.lay_out()
         self._save_state()
 
@@ -311,16 +289,6 @@ class StreamingMerge:
         state = {"fingerprint": self.fingerprint, "next_unit": self.next_unit, "records": self.records,
                  "lost": self.lost}
         write_resume_state(self.staging, state)
-
-    def close(self) -> None:
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
-
-    def discard(self) -> None:
-        """Remove the staging dir: nothing is left behind."""
-        self.close()
-        shutil.rmtree(self.staging, ignore_errors=True)
 
     def publish(self, out: Path, manifest: dict, tokenizer, started: float,
                 extra_dirs: dict[str, Path] | None = None, configured=None) -> dict:

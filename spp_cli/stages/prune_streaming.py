@@ -23,7 +23,6 @@ there is no RNG state to keep. A lock (flock) keeps two live runs off one stagin
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -49,6 +48,7 @@ from spp_cli.stages.streamed_checkpoint import (
     OutputPlan,
     SafetensorsSource,
     ShardWriter,
+    StagedRun,
     write_resume_state,
 )
 
@@ -169,7 +169,7 @@ def _check_source_covers(source: SafetensorsSource, plan: OutputPlan, prefix: st
                            f"needs {spot.shape}: re-save the model with a matching config.json")
 
 
-class StreamingStore:
+class StreamingStore(StagedRun):
     """The BlockStore that reads blocks from the input's shards and writes them into the output's staging dir."""
 
     def __init__(self, streamed: StreamedModel, out: Path, run_fingerprint: str) -> None:
@@ -183,7 +183,6 @@ class StreamingStore:
         self.done_blocks: list[int] = []
         self.reports: list[dict] = []  # LayerReport fields of the finished blocks, in order
         self.layers: dict[str, dict] = {}  # spp.json layer entries of the finished blocks
-        self.lock = None
         self.resumed_from: int | None = None  # the first block of this run, when it continues a killed one
         self.owl_profile: dict | None = None  # OwlProfile fields, once OWL's dense pass has run
 
@@ -191,25 +190,15 @@ class StreamingStore:
 
     def open(self) -> None:
         """Take the staging dir: resume it when it holds this very run, else start it afresh."""
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.staging.mkdir(exist_ok=True)
-        self.lock = (self.staging / LOCK_FILE).open("a")
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock.close()
-            raise BadInput(f"another spp prune is writing '{self.out}' right now: wait for it or choose another "
-                           "--out") from None
-        state = self._read_state()
+        state = self._take_staging(f"another spp prune is writing '{self.out}' right now: wait for it or choose "
+                                   "another --out")
         if state is not None and state.get("fingerprint") == self.fingerprint and self.writer.laid_out():
             self.first_block = state["next_block"]
             self.done_blocks, self.reports, self.layers = state["done_blocks"], state["reports"], state["layers"]
             self.owl_profile = state.get("owl_profile")
             self.resumed_from = self.first_block if self.first_block > 0 else None
             return
-        for entry in self.staging.iterdir():
-            if entry.name != LOCK_FILE:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        self._clear_staging()
         self.writer.lay_out()
         self._write_state(next_inputs_file=None)
 
@@ -225,12 +214,6 @@ class StreamingStore:
         return (f"resuming at block {self.resumed_from + 1} of {total} ({kept} kept from the interrupted run at "
                 f"{self.staging})")
 
-    def _read_state(self) -> dict | None:
-        try:
-            return json.loads((self.staging / RESUME_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-
     def _write_state(self, next_inputs_file: str | None) -> None:
         state = {"fingerprint": self.fingerprint, "next_block": self.first_block, "done_blocks": self.done_blocks,
                  "inputs": next_inputs_file, "reports": self.reports, "layers": self.layers,
@@ -238,15 +221,9 @@ class StreamingStore:
         write_resume_state(self.staging, state)
 
     def close(self) -> None:
+        """Wait for the writer thread, then release the lock."""
         self.jobs.close()
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
-
-    def discard(self) -> None:
-        """Remove the staging dir (a bad input found after it was opened: nothing is left behind)."""
-        self.close()
-        shutil.rmtree(self.staging, ignore_errors=True)
+        super().close()
 
     # -- the BlockStore protocol --------------------------------------------------------------------------------
 

@@ -16,8 +16,10 @@ while the caller computes the next one.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
@@ -25,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from spp_cli.errors import BadInput
+from spp_cli.io.safetensors_header import read_header
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -41,12 +46,6 @@ class NotStreamable(Exception):
     """The model cannot be written tensor by tensor exactly like save_pretrained does (the reason is the text)."""
 
 
-def _read_header(path: Path) -> dict:
-    with path.open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        return json.loads(handle.read(size))
-
-
 class SafetensorsSource:
     """The tensors of a local HF model directory: the shards its index names, or its single model.safetensors."""
 
@@ -60,9 +59,8 @@ class SafetensorsSource:
         self.files = [directory / name for name in files]
         self.entries: dict[str, tuple[Path, torch.dtype, list[int]]] = {}  # name -> (file, dtype, shape)
         for path in self.files:
-            for name, entry in _read_header(path).items():
-                if name != "__metadata__":
-                    self.entries[name] = (path, _TORCH_DTYPES.get(entry["dtype"]), entry["shape"])
+            for name, entry in read_header(path)[0].items():
+                self.entries[name] = (path, _TORCH_DTYPES.get(entry["dtype"]), entry["shape"])
 
     @staticmethod
     def usable(directory: Path) -> bool:
@@ -119,6 +117,51 @@ def write_resume_state(staging: Path, state: dict) -> None:
     temporary = staging / (RESUME_FILE + ".tmp")
     temporary.write_text(json.dumps(state), encoding="utf-8")
     os.replace(temporary, staging / RESUME_FILE)
+
+
+class StagedRun:
+    """What a streamed run (prune_streaming.StreamingStore, merge_streaming.StreamingMerge) does with its staging
+    folder `staging`: hold its lock (flock: two live runs never share one), read the resume.json a killed run left,
+    clear it for a fresh start, release it, or remove it."""
+
+    staging: Path
+    lock = None  # the lock file, open while this process holds it
+
+    def _take_staging(self, busy: str) -> dict | None:
+        """Create the folder and hold its lock (BadInput `busy` when another live run holds it); the resume state
+        found there, or None."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.lock = (self.staging / LOCK_FILE).open("a")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            self.lock = None
+            raise BadInput(busy) from None
+        return self._read_state()
+
+    def _read_state(self) -> dict | None:
+        try:
+            return json.loads((self.staging / RESUME_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def _clear_staging(self) -> None:
+        """Remove everything but the lock: a fresh start."""
+        for entry in self.staging.iterdir():
+            if entry.name != LOCK_FILE:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    def close(self) -> None:
+        """Release the lock; the staging folder stays (a rerun resumes from it)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def discard(self) -> None:
+        """Remove the staging folder (a bad input found after it was opened: nothing is left behind)."""
+        self.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def weightless_model(directory: Path, source: SafetensorsSource, dtype: str, trust_remote_code: bool = False):

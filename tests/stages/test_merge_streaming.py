@@ -199,6 +199,34 @@ def test_spp_merge_streaming_on_and_off_write_the_same_bytes_and_on_refuses_in_o
     assert not (tmp_path / "refused").exists() and not atomic.work_dir(tmp_path / "refused").exists()
 
 
+def test_an_adapter_whose_shapes_do_not_fit_the_base_is_one_line_exit_2_before_anything_is_written(tmp_path, capsys):
+    """Every method, streaming and in memory: an adapter tensor a column short (as an adapter of another model's
+    shapes) is found by its shape in the file's header before any merging: exit 2, one line naming the layer, both
+    shapes and the fix, nothing left."""
+    from conftest import run_spp
+    from safetensors.torch import load_file, save_file
+
+    pruned = pruned_model(tmp_path, "builtin")
+    for method in METHODS:
+        adapter = random_adapter(pruned, method, tmp_path / method / "adapter")
+        weights = load_file(adapter / "adapter_model.safetensors")
+        key = sorted(weights)[0]  # one tensor of the first layer, a column short
+        weights[key] = weights[key][..., :-1].contiguous() if weights[key].dim() > 1 else weights[key][:-1].clone()
+        save_file(weights, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+        for streaming in ("on", "off"):
+            out = tmp_path / f"{method}-{streaming}"
+            capsys.readouterr()
+            code, _, err = run_spp(["merge", adapter, "--out", out, "--streaming", streaming], capsys)
+            assert code == 2 and "Traceback" not in err, (method, streaming, err)
+            *before, error = err.splitlines()  # the plan, then one error line: no tensor was merged
+            assert all(line.startswith("spp: plan: ") for line in before), (method, streaming, err)
+            assert error.startswith(f"spp: error: adapter {adapter / 'adapter_model.safetensors'} does not fit this "
+                                    "base: layer "), (method, streaming, err)
+            assert "do not fit its weight [" in error and f" {list(weights[key].shape)}" in error, error
+            assert error.endswith("merge it into the model it was trained on"), error
+            assert not out.exists() and not atomic.work_dir(out).exists()
+
+
 def test_a_base_whose_zeros_differ_is_refused_and_a_lost_zero_fails_with_nothing_left(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -247,7 +275,7 @@ def test_finetune_merges_streaming_into_the_in_memory_merge_s_bytes(tmp_path, mo
                         _open: (opened.append(self.staging), _open(self))[1])
     streamed = finetune_stage.finetune(str(pruned), tmp_path / "stream", **train)
     assert opened == [atomic.work_dir(tmp_path / "stream") / "merged"]
-    monkeypatch.setattr(finetune_merge, "_streaming_merge", lambda plan, base, result: None)
+    monkeypatch.setattr(finetune_merge, "_streaming_merge", lambda plan, base, result, merge_input: None)
     in_memory = finetune_stage.finetune(str(pruned), tmp_path / "memory", **train)
     assert_same_output(tmp_path / "stream", tmp_path / "memory", timings="run.json")
     assert streamed["manifest_sha256"] == in_memory["manifest_sha256"]

@@ -109,26 +109,3 @@ def test_the_background_writer_runs_in_order_and_raises_in_the_caller():
     assert done == [1, 2, 3]
     jobs.start(fail)
     jobs.close()  # quiet: the caller is already failing, or waited
-
-
-@pytest.mark.parametrize("method", ["lora", "spp"])
-def test_an_adapter_whose_shapes_do_not_fit_the_base_is_one_line_exit_2_on_the_streaming_merge(tmp_path, capsys,
-                                                                                                method):
-    from safetensors.torch import load_file, save_file
-    from test_merge_streaming import pruned_model, random_adapter
-
-    pruned = pruned_model(tmp_path, "builtin")
-    adapter = random_adapter(pruned, method, tmp_path / "tuned" / "adapter")
-    weights = load_file(adapter / "adapter_model.safetensors")
-    key = sorted(weights)[0]  # one tensor of the first layer, a column short
-    weights[key] = weights[key][..., :-1].contiguous() if weights[key].dim() > 1 else weights[key][:-1].clone()
-    save_file(weights, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    capsys.readouterr()
-    code, _, err = run_spp(["merge", adapter, "--out", tmp_path / "merged"], capsys)
-    assert code == 2 and "Traceback" not in err, err
-    *before, error = err.splitlines()  # the plan and the tensors merged before the bad one, then one error line
-    assert all(line.startswith(("spp: plan: ", "  tensors ")) for line in before), err
-    assert error.startswith(f"spp: error: adapter {adapter / 'adapter_model.safetensors'} does not fit this base: "
-                            "layer "), err
-    assert err.rstrip().endswith("merge it into the model it was trained on")
-    assert not (tmp_path / "merged").exists() and not staging_path(tmp_path / "merged").exists()
