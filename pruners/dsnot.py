@@ -24,6 +24,11 @@ The reference's sparsegpt initial mask uses a Hessian that its WrappedGPT never 
 input counts as dead and the metric is 0); here it is the real Hessian, and after refinement the kept weights get
 SparseGPT's OBS update for the final mask (`sparsegpt_prune_weight(fixed_mask=...)`): without it, sparsegpt +
 dsnot would throw away SparseGPT's weight reconstruction (10x the block error on the test models).
+Narrow rows (faithful, not a port bug; REPORT-dsnot.md): max_cycles = 50 is sized for LLaMA's 4096-wide rows
+(50 swaps of ~1,230 kept weights at 70%). In a 128-wide row (the tiny model: 38 kept) 50 cycles swap out most
+kept weights, and once a row's kept weights of the sign that cuts |e| are used up, the prune cursor walks on into
+the other sign, highest Wanda score first (the reference's `return_reorder_indice` lists do so too), so |e| grows.
+Both raise the layer's output error: Wanda 70% + DSnoT on the tiny model is worse than Wanda alone.
 In the driver, `DSnoTRefinement` (a hook, pruners/hooks.py) makes a DSnoTPruner of every linear: the refinement
 needs its own statistics and, after SparseGPT, the OBS update for the refined mask, so it cannot run after a
 method's pruner has already updated the weights for the unrefined one.
