@@ -9,6 +9,8 @@ results.json into one JSON:
   nice .venv/bin/python -m benchmarks.recovery_study --profile tiny --out benchmarks/results/recovery_study_tiny.json
   nice .venv/bin/python -m benchmarks.recovery_study --profile gemma --model ~/models/gemma3-270m \
       --out benchmarks/results/recovery_study_gemma.json
+  ... --rows all --rc-best --zero-shot boolq,rte,winogrande,arc_easy --deadline S --eval-reserve R
+                (every row, then reconstruct + the best fine-tune; what scripts/device_study.sh runs on a GPU)
   ... --smoke   (the tiny profile's recipe written and checked by `spp run --dry-run`; nothing trains)
 """
 
