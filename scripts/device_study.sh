@@ -4,6 +4,8 @@
 # (253 MB, the one ../shared/models/gemma3-270m.sh assembles and checks) therefore travels in chunks over several
 # calls of one warm machine, kept in /root/gg between them.
 #
+#   bash scripts/device_study.sh data DATA MODEL    here: make .devdata/ from DATA (../shared/data) and the built
+#                                                     Gemma 3 270M folder MODEL (gemma3-270m.sh's output)
 #   bash scripts/device_study.sh split GGUF MIB...   here: cut GGUF into .gg1/, .gg2/, ... of these sizes (the last
 #                                                     chunk takes the rest); each is one call's `carry`
 #   bash scripts/device_study.sh chunk N              there: keep .ggN/'s chunk in /root/gg
@@ -17,12 +19,12 @@
 #
 # Data: .devdata/, a copy of the shared/data files the study reads (calibration, Alpaca, WikiText-2, 4 tasks),
 # Gemma 3 270M's config.json and its tokenizer files as transformers 5.25 writes them (tokenizer.json xz-compressed:
-# scripts/study_model.py says why), made here from the built model and carried (git ignores it). Everything comes back as $OUT/log.txt,
+# scripts/study_model.py says why), made here by the `data` mode and carried (git ignores it). Everything comes back as $OUT/log.txt,
 # $OUT/<name>.json (benchmarks/recovery_study.py's JSON) and $OUT/<name>-run.tgz (every stage's spp.json, the eval's
 # results.json and report, the recipes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-MODE=${1:?usage: bash scripts/device_study.sh split|chunk|probe|study|probe-cpu ...}
+MODE=${1:?usage: bash scripts/device_study.sh data|split|chunk|probe|study|probe-cpu ...}
 shift
 PY=${PYTHON:-python3}
 OUT=${OUT:-./device-study-out}
@@ -58,6 +60,17 @@ study() {
 }
 
 case $MODE in
+data)
+    source=${1:?data DATA MODEL} model=${2:?data DATA MODEL}
+    rm -rf .devdata && mkdir -p .devdata/gemma3-270m-tokenizer || exit 1
+    (cd "$source" && cp --parents c4/c4-train.00000-of-01024.first1000.jsonl alpaca/alpaca_small.json \
+        wikitext-2-raw-v1/test.jsonl wikitext-2-raw-v1/validation.jsonl boolq/boolq.jsonl rte/validation.parquet \
+        winogrande/winogrande.jsonl arc_easy/arc_easy.jsonl "$OLDPWD/.devdata/") || exit 1
+    cp "$model/config.json" .devdata/gemma3-270m-config.json
+    cp "$model/tokenizer_config.json" .devdata/gemma3-270m-tokenizer/
+    xz -9 -c "$model/tokenizer.json" > .devdata/gemma3-270m-tokenizer/tokenizer.json.xz
+    du -sh .devdata
+    ;;
 split)
     gguf=${1:?split GGUF MIB...}
     shift
@@ -116,7 +129,7 @@ study)
         --deadline $((left - 20)) --eval-reserve "${EVAL_RESERVE:-150}"
     ;;
 *)
-    echo "unknown mode $MODE: use split, chunk, probe, study or probe-cpu" >&2
+    echo "unknown mode $MODE: use data, split, chunk, probe, study or probe-cpu" >&2
     exit 2
     ;;
 esac
