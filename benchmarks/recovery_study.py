@@ -58,7 +58,8 @@ class Sizes:
     reconstruct_epochs: int | None = 2  # None: EBFT's 10
 
     @property
-    def train_tokens_stated(self) -> str:
+    def budget(self) -> str:
+        """Every fine-tune's budget, in words."""
         return f"{self.steps} steps x {self.batch} Alpaca examples (<= {self.seqlen} tokens each)"
 
 
@@ -98,12 +99,24 @@ def gemma_profile(recipe: dict, model: str, data: Path, rows: tuple[str, ...], s
     return {**recipe, "model": model, "stages": stages}
 
 
+def manifest(stage: dict, output_dir: Path) -> dict | None:
+    """The stage's spp.json, None while it has none (a stage is complete only with it)."""
+    path = output_dir / stage["name"] / "spp.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def best_after_reconstruct(best: dict[str, dict], data: Path, sizes: Sizes) -> list[dict]:
+    """Per start in `best` ({start: its best fine-tune's stage}), the row `<start>-rc-best`: the same fine-tune
+    from the reconstructed prune `<start>-rc`."""
+    return [finetune_stage({**stage, "name": f"{start}-rc-best", "input": f"{start}-rc"}, data, sizes)
+            for start, stage in best.items()]
+
+
 def with_best_after_reconstruct(recipe: dict, best: dict[str, dict], data: Path, sizes: Sizes) -> dict:
     """`recipe` with, per start in `best` ({start: its best fine-tune's stage}), a row `<start>-rc-best`: the same
     fine-tune from the reconstructed prune `<start>-rc`, placed before the eval stage, which scores it too."""
     *stages, evaluation = recipe["stages"]
-    added = [finetune_stage({**stage, "name": f"{start}-rc-best", "input": f"{start}-rc"}, data, sizes)
-             for start, stage in best.items()]
+    added = best_after_reconstruct(best, data, sizes)
     evaluation = {**evaluation, "models": [*evaluation["models"], *(stage["name"] for stage in added)]}
     return {**recipe, "stages": [*stages, *added, evaluation]}
 
@@ -111,18 +124,18 @@ def with_best_after_reconstruct(recipe: dict, best: dict[str, dict], data: Path,
 def best_fine_tunes(recipe: dict, output_dir: Path) -> dict[str, dict]:
     """Per start whose reconstruction ran: its fine-tune with the lowest last-point WikiText-2 *validation* ppl
     (the held-out Alpaca loss without curve windows): chosen on validation data, never on the test split."""
-    def last_point(stage: dict) -> float:
-        curve = json.loads((output_dir / stage["name"] / "spp.json").read_text())["training"]["curve"]
-        return curve[-1].get("ppl", curve[-1]["held_out_loss"])
+    def last_point(tuned: tuple[dict, dict]) -> float:
+        point = tuned[1]["training"]["curve"][-1]
+        return point.get("ppl", point["held_out_loss"])
 
     best = {}
     names = {stage["name"] for stage in recipe["stages"]}
     for start in STARTS:
-        tuned = [stage for stage in recipe["stages"]
-                 if stage["type"] == "finetune" and stage.get("input") == start
-                 and (output_dir / stage["name"] / "spp.json").is_file()]
+        tuned = [(stage, manifest(stage, output_dir)) for stage in recipe["stages"]
+                 if stage["type"] == "finetune" and stage.get("input") == start]
+        tuned = [pair for pair in tuned if pair[1] is not None]
         if f"{start}-rc" in names and tuned:
-            best[start] = min(tuned, key=last_point)
+            best[start] = min(tuned, key=last_point)[0]
     return best
 
 
@@ -137,34 +150,32 @@ def study_recipe(profile: str, model: str | None, data: Path, output_dir: Path, 
     return {**recipe, "output_dir": str(output_dir)}
 
 
-def run_study(recipe_path: Path, dry_run: bool, timeout: float | None = None) -> tuple[float, bool]:
-    """`spp run` on the study's recipe in a child process (its output streamed through): (its seconds, whether it
-    finished). Past `timeout` seconds the run is stopped (its finished stages stay: a stage is complete only with
-    its spp.json) and reported unfinished."""
+def run_study(recipe_path: Path, dry_run: bool, timeout: float | None = None) -> bool:
+    """`spp run` on the study's recipe in a child process (its output streamed through); whether it finished.
+    Past `timeout` seconds the run is stopped (its finished stages stay: a stage is complete only with its
+    spp.json) and reported unfinished."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    start = time.perf_counter()
     command = [sys.executable, "-m", "spp_cli", "run", str(recipe_path), *(["--dry-run"] if dry_run else [])]
     try:
         subprocess.run(command, check=True, env=env, cwd=common.REPO, timeout=timeout)
-        finished = True
     except subprocess.TimeoutExpired:
         print(f"recovery_study: stopped after {timeout:.0f} s; scoring the rows that finished", flush=True)
-        finished = False
-    return round(time.perf_counter() - start, 1), finished
+        return False
+    return True
 
 
-def row_record(stage: dict, output_dir: Path, results: dict) -> dict:
-    """One row: what the stage did and cost (its spp.json) and how its model scored (the eval's results.json)."""
-    manifest = json.loads((output_dir / stage["name"] / "spp.json").read_text())
-    training = manifest.get("training", {})
+def row_record(stage: dict, record: dict, results: dict) -> dict:
+    """One row: what the stage did and cost (`record`, its spp.json) and how its model scored (the eval's
+    results.json)."""
+    training = record.get("training", {})
     row = {"row": stage["name"], "stage": stage["type"], "input": stage.get("input"),
            "method": stage.get("method"), "refine": stage.get("refine"), "objective": stage.get("objective", "sft"),
-           "seconds": manifest.get("seconds"), "sparsity": manifest.get("overall_sparsity")}
+           "seconds": record.get("seconds"), "sparsity": record.get("overall_sparsity")}
     if training:
         row |= {"steps": training.get("steps"), "curve": training.get("curve"),
                 "train_tokens": (training.get("curve") or [{}])[-1].get("train_tokens")}
-    if manifest.get("warnings"):
-        row["warnings"] = manifest["warnings"]
+    if record.get("warnings"):
+        row["warnings"] = record["warnings"]
     scored = results.get("models", {}).get(stage["name"], {})
     row["ppl"] = {task: entry["value"] for task, entry in scored.get("perplexity", {}).items()}
     row["acc"] = {task: metrics.get("acc,none") for task, metrics in scored.get("results", {}).items()}
@@ -178,8 +189,8 @@ def collect(recipe: dict, output_dir: Path) -> list[dict]:
     dense = results.get("models", {}).get("dense", {})
     rows = [{"row": "dense", "ppl": {t: e["value"] for t, e in dense.get("perplexity", {}).items()},
              "acc": {t: m.get("acc,none") for t, m in dense.get("results", {}).items()}}]
-    return rows + [row_record(stage, output_dir, results) for stage in recipe["stages"]
-                   if stage["type"] != "eval" and (output_dir / stage["name"] / "spp.json").is_file()]
+    records = [(stage, manifest(stage, output_dir)) for stage in recipe["stages"] if stage["type"] != "eval"]
+    return rows + [row_record(stage, record, results) for stage, record in records if record is not None]
 
 
 def markdown_table(report: dict) -> str:
@@ -247,10 +258,6 @@ def sizes_of(args: argparse.Namespace) -> Sizes:
                  reconstruct_epochs=args.reconstruct_epochs or None)
 
 
-def finished(stage: dict, output_dir: Path) -> bool:
-    return (output_dir / stage["name"] / "spp.json").is_file()
-
-
 class Phases:
     """The study run in phases, within an optional deadline: the training stages; with --rc-best, the chosen
     fine-tune from each reconstructed prune (if the slowest fine-tune so far fits twice in the time left before
@@ -272,7 +279,7 @@ class Phases:
         path = self.work / f"recipe-{name}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         left = self.left(reserve)
-        if not run_study(path, dry_run=False, timeout=None if left is None else max(left, 1.0))[1]:
+        if not run_study(path, dry_run=False, timeout=None if left is None else max(left, 1.0)):
             self.stopped.append(name)
 
     def __call__(self, recipe: dict) -> dict:
@@ -282,7 +289,7 @@ class Phases:
         self.run({**recipe, "stages": training}, "training")
         if self.args.rc_best:
             training, evaluation = self.add_best_after_reconstruct(recipe, training, evaluation, output_dir)
-        done = [stage for stage in training if finished(stage, output_dir)]
+        done = [stage for stage in training if manifest(stage, output_dir) is not None]
         names = {stage["name"] for stage in done}
         evaluation = {**evaluation, "models": [m for m in evaluation["models"] if m == "dense" or m in names]}
         ran = {**recipe, "stages": [*done, evaluation]}
@@ -291,18 +298,15 @@ class Phases:
 
     def add_best_after_reconstruct(self, recipe, training, evaluation, output_dir) -> tuple[list[dict], dict]:
         best = best_fine_tunes({**recipe, "stages": training}, output_dir)
-        slowest = max((json.loads((output_dir / s["name"] / "spp.json").read_text()).get("seconds") or 0
-                       for s in training if s["type"] == "finetune" and finished(s, output_dir)), default=0)
+        records = [manifest(stage, output_dir) for stage in training if stage["type"] == "finetune"]
+        slowest = max((record.get("seconds") or 0 for record in records if record is not None), default=0)
         left = self.left()
         if not best or (left is not None and left < 2 * slowest):
             return training, evaluation
-        data = Path(self.args.data_dir).resolve()
-        with_best = with_best_after_reconstruct({**recipe, "stages": [*training, evaluation]}, best, data,
-                                                sizes_of(self.args))
+        added = best_after_reconstruct(best, Path(self.args.data_dir).resolve(), sizes_of(self.args))
         self.chosen = {start: stage["name"] for start, stage in best.items()}
-        added = with_best["stages"][len(training):-1]
         self.run({**recipe, "stages": [*training, *added]}, "rc-best")
-        return [*training, *added], with_best["stages"][-1]
+        return [*training, *added], {**evaluation, "models": [*evaluation["models"], *(s["name"] for s in added)]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = round(time.perf_counter() - started, 1)
     report = {"benchmark": "recovery study: which recovery buys the most per training token",
               "profile": args.profile, "recipe": recipe, "seconds": seconds,
-              "budget": sizes.train_tokens_stated if args.profile == "gemma" else None,
+              "budget": sizes.budget if args.profile == "gemma" else None,
               "rc_best_chosen_from": chosen, "stopped_at_deadline": stopped, "gpu": gpu_name(),
               "machine": common.machine_info(loadavg_after=os.getloadavg()[0]),
               "rows": [] if args.smoke else collect(recipe, work / "run")}
