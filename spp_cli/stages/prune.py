@@ -77,7 +77,7 @@ def prune(model: str, out: str | Path, *, overwrite: bool = False, trust_remote_
     computed = compute_dtype(plan.stage.dtype, plan.model_path, plan.device, trust_remote_code)
     announce_prune(on_event, plan.model_path, dataclasses.replace(plan.stage, dtype=computed), plan.device, plan.out,
                    trust_remote_code)  # the plan sizes what is computed: auto on a CPU may be fp32
-    loaded = load(plan, trust_remote_code, allow_pickle)
+    loaded = load(plan, computed, trust_remote_code, allow_pickle)
     announce(plan, loaded, on_event)
     reports, blocks_seen = run(plan, loaded, on_event)
     manifest = record(plan, loaded, reports, blocks_seen)
@@ -117,13 +117,12 @@ def check(plan: PrunePlan, overwrite: bool, allow_pickle: bool, trust_remote_cod
     return None
 
 
-def load(plan: PrunePlan, trust_remote_code: bool, allow_pickle: bool) -> LoadedModel:
-    """The model (streamed: a skeleton whose blocks the store fills one at a time), its tokenizer, the calibration
-    windows, and the streaming store (opened: a rerun of a killed prune resumes it)."""
+def load(plan: PrunePlan, dtype: str, trust_remote_code: bool, allow_pickle: bool) -> LoadedModel:
+    """The model in `dtype` (compute_dtype's) (streamed: a skeleton whose blocks the store fills one at a time), its
+    tokenizer, the calibration windows, and the streaming store (opened: a rerun of a killed prune resumes it)."""
     from spp_cli.stages import prune_streaming
 
     stage = plan.stage
-    dtype = compute_dtype(stage.dtype, plan.model_path, plan.device, trust_remote_code)
     streamed = prune_streaming.streamed_model(stage.streaming, plan.model_path, dtype, trust_remote_code)
     if streamed is not None:
         model, stored_dtype = streamed.model, streamed.stored_dtype
